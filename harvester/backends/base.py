@@ -1,0 +1,21 @@
+"""The interface every model backend implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from harvester.stats import StatsSpec
+from harvester.windows import Window
+
+
+class Backend(ABC):
+    """A loaded model that turns windows into per-group neuron statistics."""
+
+    n_layers: int
+    width: int
+
+    @abstractmethod
+    def statistics(self, windows: list[Window], spec: StatsSpec, batch_size: int) -> dict[int, dict[str, np.ndarray]]:
+        """Forward every window once; return ``{group: {"tokens": int, "active": [L, I], ...}}``."""

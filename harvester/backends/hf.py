@@ -1,0 +1,150 @@
+"""Hugging Face transformers backend: any causal LM from a local path, a hub id or ``tiny:ARCH``."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from harvester import arch
+from harvester.backends.base import Backend
+from harvester.errors import HarvestError
+from harvester.stats import NeuronStats, StatsSpec
+from harvester.windows import Window, batches
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_SAMPLE = 1 << 20
+
+
+def resolve_model(spec: str) -> str:
+    """``tiny:ARCH`` -> its cached directory; a path -> checked to exist; anything else is a hub id."""
+    if spec.startswith("tiny:"):
+        from harvester.tiny import tiny_path
+
+        return str(tiny_path(spec))
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise HarvestError(f"model directory {path} has no config.json")
+        return str(path.resolve())
+    if spec.startswith(("/", ".", "~")) or spec.count("/") > 1:
+        raise HarvestError(f"model path not found: {spec}")
+    return spec
+
+
+def load_config(path: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise HarvestError(f"could not load model config '{path}': {first}") from None
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise HarvestError(f"could not load tokenizer '{path}': {first}") from None
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model's positions allow (None: no fixed limit, e.g. ALiBi)."""
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def weights_fingerprint(path: str) -> str | None:
+    """sha256 over each weight file's name, size, first and last MiB; None for hub ids."""
+    root = Path(path)
+    if not root.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for file in sorted(p for p in root.iterdir() if p.suffix in _WEIGHT_SUFFIXES):
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}".encode())
+        with file.open("rb") as f:
+            digest.update(f.read(_SAMPLE))
+            if size > _SAMPLE:
+                f.seek(max(size - _SAMPLE, _SAMPLE))
+                digest.update(f.read())
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _hooks(modules, fn):
+    """Forward hooks calling ``fn(layer, output)``; always removed."""
+    handles = [m.register_forward_hook(partial(_call, fn, layer)) for layer, m in enumerate(modules)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _call(fn, layer, module, inputs, output):
+    fn(layer, output)
+
+
+class HFBackend(Backend):
+    """A transformers causal LM with a forward hook on each layer's activation module."""
+
+    def __init__(self, model: str, dtype: str = "float32", device: str = "cpu",
+                 device_map: str | None = None, site: str | None = None):
+        from transformers import AutoModelForCausalLM
+
+        if dtype not in DTYPES:
+            raise HarvestError(f"unknown dtype '{dtype}'; choose from {', '.join(DTYPES)}")
+        self.path = resolve_model(model)
+        config = load_config(self.path)
+        self.site = arch.resolve_site(config, site)
+        kwargs = {"dtype": DTYPES[dtype]}
+        if device_map:
+            kwargs["device_map"] = device_map
+        self.model = AutoModelForCausalLM.from_pretrained(self.path, **kwargs).eval()
+        if not device_map:
+            self.model.to(device)
+        self.device = next(self.model.parameters()).device
+        self.body = self.model.base_model  # the LM head's logits are not needed
+        self.modules = arch.site_modules(self.model, self.site)
+        self.n_layers = len(self.modules)
+        self.pad_id = config.pad_token_id if isinstance(config.pad_token_id, int) else 0
+        self.width = self._probe_width()
+
+    def _probe_width(self) -> int:
+        """Neurons per layer, read off one two-token forward pass; every layer must fire once."""
+        widths: dict[int, list[int]] = {}
+        with _hooks(self.modules, lambda layer, out: widths.setdefault(layer, []).append(out.shape[-1])):
+            self.forward(np.full((1, 2), self.pad_id, dtype=np.int64), np.ones((1, 2), dtype=np.int64))
+        if sorted(widths) != list(range(self.n_layers)) or any(len(w) != 1 for w in widths.values()):
+            raise HarvestError(f"the modules '{self.site}' did not each fire once per forward pass")
+        if len({w[0] for w in widths.values()}) != 1:
+            raise HarvestError(f"the modules '{self.site}' differ in width between layers")
+        return widths[0][0]
+
+    @torch.inference_mode()
+    def forward(self, ids: np.ndarray, mask: np.ndarray) -> None:
+        """One forward pass of the model body; no attention mask when nothing is padded."""
+        ids_t = torch.from_numpy(ids).to(self.device)
+        mask_t = None if mask.all() else torch.from_numpy(mask).to(self.device)
+        self.body(input_ids=ids_t, attention_mask=mask_t, use_cache=False)
+
+    def statistics(self, windows: list[Window], spec: StatsSpec, batch_size: int) -> dict[int, dict[str, np.ndarray]]:
+        stats = NeuronStats(spec, self.n_layers, self.width, device=self.device)
+        with _hooks(self.modules, stats.update):
+            for ids, mask, groups in batches(windows, batch_size, self.pad_id):
+                stats.begin(torch.from_numpy(groups))
+                self.forward(ids, mask)
+        return stats.result()

@@ -1,0 +1,48 @@
+"""The resolved settings of one harvest."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from harvester.errors import HarvestError
+
+
+@dataclass
+class HarvestConfig:
+    model: str
+    """Local path, hub id, or ``tiny:ARCH`` (a built-in random model)."""
+    corpus: str
+    """Corpus spec: ``text:DIR`` or ``sample[:docs=N,seed=S,langs=a+b]``."""
+    store: str
+    """Zarr store directory; created, or resumed if it holds this same harvest."""
+    backend: str = "hf"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device: str = "cpu"
+    """``cpu``, ``cuda`` or ``cuda:N``; each Ray actor takes one GPU when this is cuda."""
+    device_map: str | None = None
+    """Passed to ``from_pretrained`` (``auto`` spreads a large model over the visible GPUs)."""
+    seq_len: int = 512
+    batch_size: int = 8
+    shard_tokens: int = 1 << 20
+    """Tokens per shard: the unit of work, of resume and of storage."""
+    actors: int | None = None
+    """Ray actors (default: one per GPU, or 1 on CPU)."""
+    address: str | None = None
+    """Ray cluster to join; default ``$RAY_ADDRESS`` or an embedded local instance."""
+    use_ray: bool = True
+    """False: run the worker in this process (debugging, a single GPU)."""
+    stats: tuple[str, ...] = ("active", "sum", "sqsum")
+    hist_edges: tuple[float, ...] | None = None
+    site: str | None = None
+    """Override the activation module, e.g. ``model.layers.{layer}.mlp.act_fn``."""
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("seq_len", "batch_size", "shard_tokens"):
+            if getattr(self, name) <= 0:
+                raise HarvestError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.actors is not None and self.actors <= 0:
+            raise HarvestError(f"--actors must be positive, got {self.actors}")
+        if self.device_map and self.use_ray and (self.actors or 1) > 1:
+            raise HarvestError("--device-map spreads one model over all GPUs: use it with --actors 1")

@@ -1,0 +1,182 @@
+"""Per-neuron statistics, accumulated per token group, layer and neuron.
+
+For every forward pass the token group ids ``[T]`` (``-1`` = padding, never counted) become a one-hot
+matrix ``W [g, T]`` over the ``g`` groups present; each statistic is then one matrix product
+``W @ X`` with ``X [T, I]`` the activation (or a function of it), which reads the activation once
+and attributes every token to its group.
+
+Exactness:
+- ``tokens`` and ``active`` (activation > 0) are exact integers: a float32 sum of 0/1 values is exact
+  below 2**24 terms, and one forward pass holds far fewer tokens; totals accumulate in int64.
+- ``act_sum`` and ``act_sqsum`` are summed in float32 within one forward pass (at most
+  ``batch_size * seq_len`` tokens) and accumulated across passes in float64.
+- ``hist`` counts values per bin of fixed edges ``e``: bin 0 is ``x < e[0]``, bin ``j`` is
+  ``e[j-1] <= x < e[j]``, the last bin is ``x >= e[-1]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from harvester.errors import HarvestError
+
+STATS = ("active", "sum", "sqsum", "hist")
+"""Statistic names on the command line (``--stats``)."""
+
+VARIABLES = {"active": "active", "sum": "act_sum", "sqsum": "act_sqsum", "hist": "hist"}
+"""Statistic name -> variable name in the store."""
+
+_MAX_TOKENS_PER_PASS = 1 << 24  # float32 counts stay exact below this
+
+
+def parse_stats(text: str) -> tuple[str, ...]:
+    """``"active,sum"`` -> ``("active", "sum")`` in canonical order; ``active`` is always kept."""
+    names = {s.strip() for s in text.split(",") if s.strip()}
+    unknown = names - set(STATS)
+    if unknown:
+        raise HarvestError(f"unknown statistic(s) {', '.join(sorted(unknown))}; choose from {', '.join(STATS)}")
+    names.add("active")
+    return tuple(s for s in STATS if s in names)
+
+
+def parse_edges(text: str) -> tuple[float, ...]:
+    """``"lo:hi:n"`` -> ``n + 1`` evenly spaced edges, rounded so that round values (0) are exact."""
+    try:
+        lo, hi, n = text.split(":")
+        lo, hi, n = float(lo), float(hi), int(n)
+    except ValueError:
+        raise HarvestError(f"--hist-edges must be LO:HI:BINS, e.g. -1:4:100, not '{text}'") from None
+    if n <= 0 or not hi > lo:
+        raise HarvestError(f"--hist-edges needs HI > LO and BINS > 0, got '{text}'")
+    return tuple(float(v) for v in np.round(np.linspace(lo, hi, n + 1), 9))
+
+
+@dataclass(frozen=True)
+class StatsSpec:
+    """Which statistics to accumulate."""
+
+    stats: tuple[str, ...] = ("active", "sum", "sqsum")
+    """Canonical subset of :data:`STATS`."""
+    hist_edges: tuple[float, ...] | None = None
+    """Histogram bin edges (ascending), required when ``hist`` is in ``stats``."""
+
+    def __post_init__(self):
+        if "hist" in self.stats and not self.hist_edges:
+            raise HarvestError("the hist statistic needs bin edges")
+        if self.hist_edges is not None and list(self.hist_edges) != sorted(set(self.hist_edges)):
+            raise HarvestError("histogram edges must be strictly increasing")
+
+    @property
+    def n_bins(self) -> int:
+        return len(self.hist_edges) + 1 if "hist" in self.stats else 0
+
+
+class NeuronStats:
+    """Accumulators for one unit of work (a shard): ``{group: {variable: array [L, I(, B)]}}``.
+
+    Call :meth:`begin` with the flattened group ids of a forward pass, then :meth:`update` from each
+    layer's hook with that layer's activation ``[..., I]``. No activation tensor is kept.
+    """
+
+    def __init__(self, spec: StatsSpec, n_layers: int, width: int, device: str | torch.device = "cpu"):
+        self.spec, self.n_layers, self.width = spec, n_layers, width
+        self.device = torch.device(device)
+        self.tokens: dict[int, int] = {}
+        self._slot: dict[int, int] = {}  # group id -> row of the accumulators
+        self._acc: dict[str, torch.Tensor] = {}
+        self._pass: dict[torch.device, tuple] = {}  # per device: (W, slots, token slots, valid)
+        self._buf: dict[tuple, torch.Tensor] = {}
+        self._ids: torch.Tensor | None = None
+
+    def begin(self, group_ids: torch.Tensor) -> None:
+        """Start a forward pass whose flattened tokens carry ``group_ids [T]`` (-1 = padding)."""
+        ids = group_ids.reshape(-1).long()
+        if ids.numel() >= _MAX_TOKENS_PER_PASS:
+            raise HarvestError(f"a forward pass of {ids.numel()} tokens is too large; lower --batch-size")
+        present = torch.unique(ids[ids >= 0]).tolist()
+        for g in present:
+            if g not in self._slot:
+                self._add_slot(g)
+        counts = torch.bincount(ids[ids >= 0], minlength=max(present, default=-1) + 1)
+        for g in present:
+            self.tokens[g] = self.tokens.get(g, 0) + int(counts[g])
+        self._ids, self._present = ids, present
+        self._pass.clear()
+
+    def _add_slot(self, group: int) -> None:
+        self._slot[group] = len(self._slot)
+        L, I = self.n_layers, self.width
+        shapes = {"active": ((L, I), torch.int64), "sum": ((L, I), torch.float64),
+                  "sqsum": ((L, I), torch.float64), "hist": ((L, I, self.spec.n_bins), torch.int64)}
+        for name in self.spec.stats:
+            shape, dtype = shapes[name]
+            row = torch.zeros((1, *shape), dtype=dtype, device=self.device)
+            self._acc[name] = row if name not in self._acc else torch.cat([self._acc[name], row])
+
+    def _pass_on(self, device: torch.device) -> tuple:
+        """The one-hot matrix and slot indices of this pass, on the activation's device (cached)."""
+        if device not in self._pass:
+            ids = self._ids.to(device)
+            groups = torch.tensor(self._present, device=device)
+            onehot = (ids[None, :] == groups[:, None]).to(torch.float32)  # [g, T]
+            slots = torch.tensor([self._slot[g] for g in self._present], device=self.device)
+            valid = ids >= 0
+            token_slot = torch.searchsorted(groups, ids[valid]) if "hist" in self.spec.stats else None
+            self._pass[device] = (onehot, slots, token_slot, valid)
+        return self._pass[device]
+
+    def _buffer(self, like: torch.Tensor) -> torch.Tensor:
+        key = (like.device, tuple(like.shape))
+        if key not in self._buf:
+            self._buf.clear()
+            self._buf[key] = torch.empty_like(like, dtype=torch.float32)
+        return self._buf[key]
+
+    def update(self, layer: int, act: torch.Tensor) -> None:
+        """Add one layer's activation ``[..., I]`` of the current pass to the accumulators."""
+        x = act.detach().reshape(-1, act.shape[-1])  # [T, I]
+        if x.shape != (self._ids.numel(), self.width):
+            raise HarvestError(
+                f"layer {layer}: activation of shape {tuple(act.shape)} does not match "
+                f"{self._ids.numel()} tokens x {self.width} neurons"
+            )
+        if not self._present:
+            return
+        if x.dtype != torch.float32:
+            x = x.float()
+        onehot, slots, token_slot, valid = self._pass_on(x.device)
+        stats = self.spec.stats
+        buf = self._buffer(x)
+        torch.gt(x, 0, out=buf)
+        self._add("active", layer, slots, (onehot @ buf).round_().to(torch.int64))
+        if "sum" in stats:
+            self._add("sum", layer, slots, (onehot @ x).double())
+        if "sqsum" in stats:
+            torch.mul(x, x, out=buf)
+            self._add("sqsum", layer, slots, (onehot @ buf).double())
+        if "hist" in stats:
+            self._add("hist", layer, slots, self._histogram(x[valid], token_slot, len(self._present)))
+
+    def _histogram(self, x: torch.Tensor, token_slot: torch.Tensor, n_groups: int) -> torch.Tensor:
+        edges = torch.tensor(self.spec.hist_edges, dtype=x.dtype, device=x.device)
+        n_bins, width = self.spec.n_bins, self.width
+        bins = torch.bucketize(x, edges, right=True)  # [Tv, I] in 0..n_bins-1
+        cell = token_slot[:, None] * width + torch.arange(width, device=x.device)[None, :]
+        flat = (cell * n_bins + bins).reshape(-1)
+        counts = torch.bincount(flat, minlength=n_groups * width * n_bins)
+        return counts.view(n_groups, width, n_bins)
+
+    def _add(self, name: str, layer: int, slots: torch.Tensor, part: torch.Tensor) -> None:
+        self._acc[name][:, layer].index_add_(0, slots, part.to(self.device))
+
+    def result(self) -> dict[int, dict[str, np.ndarray]]:
+        """``{group: {"tokens": int, "active": [L, I], "act_sum": ..., ...}}`` as NumPy arrays."""
+        out = {}
+        for g, slot in self._slot.items():
+            out[g] = {"tokens": self.tokens.get(g, 0)}
+            for name in self.spec.stats:
+                out[g][VARIABLES[name]] = self._acc[name][slot].cpu().numpy()
+        return out

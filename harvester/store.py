@@ -1,0 +1,200 @@
+"""The harvest store: a Zarr v3 directory that ``xarray.open_zarr`` reads.
+
+Layout::
+
+    STORE/                      root attrs ``lsn``: fingerprint, metadata, completion
+      group, layer, neuron      coordinates (``group`` is a string coordinate)
+      tokens   (group)          int64    totals, reduced from finished shards
+      active   (group, layer, neuron)    int64
+      act_sum  (group, layer, neuron)    float64
+      act_sqsum(group, layer, neuron)    float64
+      hist     (group, layer, neuron, bin) int64, with coords hist_lo / hist_hi (opt-in)
+      shards/
+        tokens (shard, group)             each shard's own chunk row
+        active, act_sum, ... (shard, group, layer, neuron)
+        done   (shard,)                   the completion manifest: 1 once a shard's data is written
+
+Each shard writes whole chunks of its own rows (an idempotent rewrite), then its ``done`` chunk;
+totals are summed from finished shards in shard order, so they are the same however the work
+was scheduled, interrupted and resumed.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from harvester.errors import HarvestError
+from harvester.stats import VARIABLES, StatsSpec
+
+FORMAT = "lsn-harvester-store"
+FORMAT_VERSION = 1
+_CHUNK_ELEMENTS = 1 << 22  # ~32 MiB of float64 per chunk
+_DTYPES = {"active": "int64", "act_sum": "float64", "act_sqsum": "float64", "hist": "int64"}
+
+
+def _zarr():
+    import warnings
+
+    import zarr
+
+    # Consolidated metadata (one read to open the store) is a zarr-python extension of Zarr v3.
+    warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+    return zarr
+
+
+def read_attrs(path: str | Path) -> dict | None:
+    """The store's ``lsn`` attributes; None if nothing is there. Errors for a file or a foreign directory."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    if not path.is_dir():
+        raise HarvestError(f"store path {path} is a file, not a directory")
+    if not (path / "zarr.json").is_file():
+        if any(path.iterdir()):
+            raise HarvestError(f"{path} is a non-empty directory that is not an lsn store")
+        return None
+    attrs = _zarr().open_group(str(path), mode="r", use_consolidated=False).attrs.asdict().get("lsn")
+    if not attrs or attrs.get("format") != FORMAT:
+        raise HarvestError(f"{path} is a Zarr store but not an lsn-harvester store")
+    return attrs
+
+
+def fingerprint_differences(old: dict, new: dict) -> list[str]:
+    """Human-readable ``key: old != new`` lines for every differing fingerprint entry."""
+    lines = []
+    for section in sorted(set(old) | set(new)):
+        a, b = old.get(section, {}), new.get(section, {})
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                lines.append(f"{section}.{key}: store has {a.get(key)!r}, this run has {b.get(key)!r}")
+    return lines
+
+
+def _layer_chunk(n_layers: int, per_layer: int) -> int:
+    return max(1, min(n_layers, _CHUNK_ELEMENTS // max(per_layer, 1)))
+
+
+class Store:
+    """An open harvest store."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.root = _zarr().open_group(str(self.path), mode="r+", use_consolidated=False)
+        self.attrs = self.root.attrs.asdict()["lsn"]
+        self.groups: list[str] = self.attrs["meta"]["corpus"]["groups"]
+        self.variables: list[str] = [VARIABLES[s] for s in self.attrs["fingerprint"]["settings"]["stats"]]
+        self.n_shards = self.root["shards/done"].shape[0]
+
+    # -- creation ---------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | Path, *, fingerprint: dict, meta: dict, n_layers: int, width: int,
+               n_shards: int, spec: StatsSpec) -> "Store":
+        """Build the whole skeleton in a sibling temporary directory, then rename it into place."""
+        path = Path(path)
+        if read_attrs(path) is not None:
+            raise HarvestError(f"store {path} already exists")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.partial-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
+        groups = meta["corpus"]["groups"]
+        _write_totals_skeleton(tmp, groups, n_layers, width, spec)
+        _write_shards_skeleton(tmp, len(groups), n_layers, width, n_shards, spec)
+        root = _zarr().open_group(str(tmp), mode="r+", use_consolidated=False)
+        root.attrs["lsn"] = {"format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": fingerprint,
+                             "meta": meta, "complete": False,
+                             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        _zarr().consolidate_metadata(str(tmp))
+        if path.exists():  # an empty directory given as the store path
+            path.rmdir()
+        tmp.rename(path)
+        return cls(path)
+
+    # -- shards -----------------------------------------------------------------------------
+    def done(self) -> np.ndarray:
+        """Boolean ``[n_shards]``: which shards are recorded as finished."""
+        return self.root["shards/done"][:].astype(bool)
+
+    def write_shard(self, index: int, result: dict[int, dict]) -> None:
+        """Write one shard's statistics (whole chunks), then mark it done."""
+        shards = self.root["shards"]
+        tokens = np.zeros(len(self.groups), dtype=np.int64)
+        for g, values in result.items():
+            tokens[g] = values["tokens"]
+            for var in self.variables:
+                shards[var][index, g] = values[var]
+        shards["tokens"][index] = tokens
+        shards["done"][index] = 1
+
+    # -- totals -----------------------------------------------------------------------------
+    @property
+    def complete(self) -> bool:
+        return bool(self.attrs.get("complete"))
+
+    def reduce(self) -> None:
+        """Sum finished shards into the totals (in shard order: deterministic), then mark complete."""
+        done = self.done()
+        if not done.all():
+            raise HarvestError(f"{int((~done).sum())} of {self.n_shards} shards are not finished")
+        shard_tokens = self.root["shards/tokens"][:]  # [shard, group]
+        self.root["tokens"][:] = shard_tokens.sum(axis=0)
+        for g in range(len(self.groups)):
+            rows = np.flatnonzero(shard_tokens[:, g] > 0)
+            for var in self.variables:
+                source = self.root[f"shards/{var}"]
+                total = np.zeros(source.shape[2:], dtype=source.dtype)
+                for s in rows:
+                    total += source[s, g]
+                self.root[var][g] = total
+        self.set_attrs(complete=True)
+
+    def set_attrs(self, **values) -> None:
+        self.attrs.update(values)
+        self.root.attrs["lsn"] = self.attrs
+        _zarr().consolidate_metadata(str(self.path))
+
+
+def _write_totals_skeleton(path: Path, groups: list[str], n_layers: int, width: int, spec: StatsSpec) -> None:
+    """Coordinates and empty (unwritten, zero-filled) total arrays, written by xarray so it reads them back."""
+    import dask.array as da
+    import xarray as xr
+
+    G, L, I = len(groups), n_layers, width
+    lc = _layer_chunk(L, I)
+    data = {"tokens": (("group",), da.zeros((G,), dtype="int64", chunks=G))}
+    for var in (VARIABLES[s] for s in spec.stats if s != "hist"):
+        data[var] = (("group", "layer", "neuron"), da.zeros((G, L, I), dtype=_DTYPES[var], chunks=(1, lc, I)))
+    coords = {"group": np.array(groups, dtype=object), "layer": np.arange(L), "neuron": np.arange(I)}
+    if "hist" in spec.stats:
+        B = spec.n_bins
+        edges = np.asarray(spec.hist_edges, dtype=np.float64)
+        data["hist"] = (("group", "layer", "neuron", "bin"),
+                        da.zeros((G, L, I, B), dtype="int64", chunks=(1, _layer_chunk(L, I * B), I, B)))
+        coords["hist_lo"] = ("bin", np.concatenate([[-np.inf], edges]))
+        coords["hist_hi"] = ("bin", np.concatenate([edges, [np.inf]]))
+    encoding = {name: {"fill_value": 0} for name in data}
+    xr.Dataset(data, coords=coords).to_zarr(str(path), mode="w-", compute=False, zarr_format=3,
+                                            encoding=encoding, consolidated=False)
+
+
+def _write_shards_skeleton(path: Path, n_groups: int, n_layers: int, width: int, n_shards: int,
+                           spec: StatsSpec) -> None:
+    zarr = _zarr()
+    shards = zarr.open_group(str(path), mode="r+", use_consolidated=False).create_group("shards")
+    L, I = n_layers, width
+    shards.create_array("done", shape=(n_shards,), chunks=(1,), dtype="uint8", fill_value=0,
+                        dimension_names=("shard",))
+    shards.create_array("tokens", shape=(n_shards, n_groups), chunks=(1, n_groups), dtype="int64",
+                        fill_value=0, dimension_names=("shard", "group"))
+    for stat in spec.stats:
+        var = VARIABLES[stat]
+        tail = (spec.n_bins,) if stat == "hist" else ()
+        lc = _layer_chunk(L, I * (tail[0] if tail else 1))
+        shards.create_array(var, shape=(n_shards, n_groups, L, I, *tail), chunks=(1, 1, lc, I, *tail),
+                            dtype=_DTYPES[var], fill_value=0,
+                            dimension_names=("shard", "group", "layer", "neuron", *(("bin",) if tail else ())))

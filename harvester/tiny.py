@@ -1,0 +1,92 @@
+"""Built-in tiny models (``--model tiny:ARCH``): random weights from a config, no download.
+
+A byte-level BPE tokenizer is trained in memory on the sample corpus, the model is built with
+``AutoModelForCausalLM.from_config`` from a seed, and both are saved under the cache directory
+(``$LSN_CACHE``, default ``~/.cache/lsn-harvester``), so they then load through the same
+``from_pretrained`` code as any local or hub model.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from harvester.errors import HarvestError
+
+VOCAB = 1024
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3
+_TINY_VERSION = 1
+
+_GATED = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=512)
+CONFIGS: dict[str, dict] = {
+    "llama": _GATED,
+    "mistral": _GATED,
+    "qwen2": _GATED,
+    "qwen3": dict(_GATED, head_dim=16),
+    "gemma": dict(_GATED, head_dim=16),
+    "gemma2": dict(_GATED, head_dim=16),
+    "cohere": _GATED,
+    "phi3": _GATED,
+    "gpt2": dict(n_embd=64, n_inner=128, n_layer=3, n_head=4, n_positions=512),
+    "bloom": dict(hidden_size=64, n_layer=3, n_head=4),
+    "opt": dict(hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
+                word_embed_proj_dim=64, max_position_embeddings=512),
+    "gpt_neox": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                     max_position_embeddings=512),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LSN_CACHE", Path.home() / ".cache" / "lsn-harvester"))
+
+
+def train_tokenizer(vocab_size: int = VOCAB, seed: int = 0):
+    """A byte-level BPE tokenizer trained on the sample corpus, as a ``PreTrainedTokenizerFast``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from harvester.corpus.sample import SampleCorpus
+
+    corpus = SampleCorpus.from_spec("sample", f"docs=60,seed={seed}")
+    texts = [doc for lang in corpus.groups for doc in corpus.documents(lang)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>", model_max_length=512)
+
+
+def tiny_model(arch: str, seed: int = 0):
+    """A random tiny ``arch`` causal LM (float32) sized for tests and demos."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(arch, vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                  tie_word_embeddings=False, **CONFIGS[arch])
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def tiny_path(spec: str) -> Path:
+    """Resolve ``tiny:ARCH`` to a saved model directory, building it on first use."""
+    arch = spec.partition(":")[2]
+    if arch not in CONFIGS:
+        raise HarvestError(f"unknown built-in model '{spec}'; available: " + ", ".join(f"tiny:{a}" for a in CONFIGS))
+    path = cache_dir() / f"tiny-{arch}-v{_TINY_VERSION}"
+    if (path / "config.json").exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tiny-{arch}-", dir=path.parent))
+    tiny_model(arch).save_pretrained(tmp)
+    train_tokenizer().save_pretrained(tmp)
+    try:
+        tmp.rename(path)  # atomic: concurrent builders race harmlessly
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
