@@ -54,11 +54,18 @@ def site_name(site: str, layer: int) -> str:
     return site.format(layer=layer)
 
 
+# Encoder models that transformers can wrap in a causal-LM head, yet are bidirectional unless
+# configured with ``is_decoder=True``.
+_ENCODERS = {"bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "electra", "ernie", "roformer",
+             "data2vec-text", "bert-generation", "megatron-bert", "rembert", "xmod", "big_bird", "modernbert"}
+
+
 def check_causal(config) -> None:
     """Refuse encoder-only and encoder-decoder models with a clear message."""
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    if getattr(config, "is_encoder_decoder", False) or type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+    encoder = config.model_type in _ENCODERS and not getattr(config, "is_decoder", False)
+    if encoder or getattr(config, "is_encoder_decoder", False) or type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise HarvestError(
             f"model type '{config.model_type}' is not a causal language model; "
             f"supported architectures: {supported()}"

@@ -8,6 +8,8 @@ A byte-level BPE tokenizer is trained in memory on the sample corpus, the model 
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import shutil
 import tempfile
@@ -45,6 +47,11 @@ def cache_dir() -> Path:
 
 def train_tokenizer(vocab_size: int = VOCAB, seed: int = 0):
     """A byte-level BPE tokenizer trained on the sample corpus, as a ``PreTrainedTokenizerFast``."""
+    return copy.deepcopy(_train_tokenizer(vocab_size, seed))
+
+
+@functools.lru_cache(maxsize=2)
+def _train_tokenizer(vocab_size: int, seed: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

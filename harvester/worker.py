@@ -31,10 +31,7 @@ class WorkerConfig:
 class ShardWorker:
     def __init__(self, cfg: WorkerConfig):
         import torch
-        import transformers
 
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.cfg = cfg

@@ -21,8 +21,17 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _SAMPLE = 1 << 20
 
 
+def quiet_transformers() -> None:
+    """Our own progress bar and errors replace transformers' loading bars and warnings."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def resolve_model(spec: str) -> str:
     """``tiny:ARCH`` -> its cached directory; a path -> checked to exist; anything else is a hub id."""
+    quiet_transformers()
     if spec.startswith("tiny:"):
         from harvester.tiny import tiny_path
 
@@ -105,6 +114,7 @@ class HFBackend(Backend):
                  device_map: str | None = None, site: str | None = None):
         from transformers import AutoModelForCausalLM
 
+        quiet_transformers()
         if dtype not in DTYPES:
             raise HarvestError(f"unknown dtype '{dtype}'; choose from {', '.join(DTYPES)}")
         self.path = resolve_model(model)
@@ -127,7 +137,8 @@ class HFBackend(Backend):
         """Neurons per layer, read off one two-token forward pass; every layer must fire once."""
         widths: dict[int, list[int]] = {}
         with _hooks(self.modules, lambda layer, out: widths.setdefault(layer, []).append(out.shape[-1])):
-            self.forward(np.full((1, 2), self.pad_id, dtype=np.int64), np.ones((1, 2), dtype=np.int64))
+            probe = 1 if self.pad_id != 1 else 2  # not the pad id: some models warn about unmasked padding
+            self.forward(np.full((1, 2), probe, dtype=np.int64), np.ones((1, 2), dtype=np.int64))
         if sorted(widths) != list(range(self.n_layers)) or any(len(w) != 1 for w in widths.values()):
             raise HarvestError(f"the modules '{self.site}' did not each fire once per forward pass")
         if len({w[0] for w in widths.values()}) != 1:

@@ -1,0 +1,38 @@
+"""Shared fixtures: a per-session model cache, a small text corpus, and the in-process CLI."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from harvester.corpus.sample import SampleCorpus
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory) -> Path:
+    """Built-in tiny models are built once per test session, in a private cache (subprocesses inherit it)."""
+    path = Path(os.environ.get("LSN_TEST_CACHE") or tmp_path_factory.mktemp("lsn-cache"))
+    os.environ["LSN_CACHE"] = str(path)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    return path
+
+
+def write_text_corpus(directory: Path, langs=("fr", "ru", "zh"), docs=12, seed=3) -> Path:
+    """``{lang}.txt`` files made from the sample generator, with blank lines that must be skipped."""
+    directory.mkdir(parents=True, exist_ok=True)
+    corpus = SampleCorpus.from_spec("sample", f"docs={docs},seed={seed},langs={'+'.join(langs)}")
+    for lang in langs:
+        lines = []
+        for i, doc in enumerate(corpus.documents(lang)):
+            lines.append(doc)
+            if i % 5 == 2:
+                lines.append("   ")
+        (directory / f"{lang}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory) -> Path:
+    return write_text_corpus(tmp_path_factory.mktemp("corpus") / "text")

@@ -1,0 +1,23 @@
+"""Small helpers shared by tests."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    """sha256 of every file under ``path``: proves that nothing in a store changed."""
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def assert_same_totals(a: Path, b: Path) -> None:
+    """Bit-identical totals (floats included) in two stores."""
+    da, db = xr.open_zarr(a), xr.open_zarr(b)
+    assert list(da.data_vars) == list(db.data_vars)
+    for var in da.data_vars:
+        np.testing.assert_array_equal(da[var].values, db[var].values, err_msg=var)
