@@ -75,7 +75,9 @@ def _vocabulary(lang: str) -> tuple[list[str], np.ndarray]:
     """The language's most frequent words and their cumulative sampling probabilities."""
     import wordfreq
 
-    pairs = list(itertools.islice(wordfreq.get_frequency_dict(lang).items(), TOP_WORDS))  # most frequent first
+    table = wordfreq.get_frequency_dict(lang).items()  # most frequent first
+    # words only: the lists also hold digit placeholders such as "0000"
+    pairs = list(itertools.islice(((w, f) for w, f in table if any(c.isalpha() for c in w)), TOP_WORDS))
     freqs = np.array([f for _, f in pairs])
     cumulative = np.cumsum(freqs / freqs.sum())
     cumulative[-1] = 1.0

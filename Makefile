@@ -1,0 +1,31 @@
+# Two entry points: `make demo` (harvest the sample corpus with a tiny model) and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+DEMO   := runs/demo
+
+.PHONY: install demo test test-fast bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+demo: install
+	$(BIN)/lsn harvest --model tiny:llama --corpus sample --store $(DEMO)/store \
+		--seq-len 256 --batch-size 8 --shard-tokens 16384 --actors 2
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not ray"
+
+bench: install
+	$(BIN)/python benchmarks/harvest_overhead.py
+
+clean:
+	rm -rf $(DEMO) .pytest_cache

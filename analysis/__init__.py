@@ -1,0 +1,1 @@
+"""Reserved for the analysis issue (Dask methods over the store)."""

@@ -1,0 +1,87 @@
+"""Cost of the statistics: the same batches with and without them, interleaved, in one process.
+
+A random Llama-shaped model (8 layers, hidden 512, MLP width 1376) is built from a config, saved,
+and loaded through the HF backend. Each repeat times one pass over the batches without hooks (plain)
+and one with the statistics (harvest), alternating so that machine noise hits both alike.
+The last line is ``harvest/plain time ratio: X`` (median over repeats of harvest time / plain time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from harvester.backends.hf import HFBackend, quiet_transformers
+from harvester.stats import StatsSpec, parse_edges, parse_stats
+from harvester.windows import Window, batches
+
+
+def build_model(path: str, layers: int, hidden: int, width: int) -> None:
+    config = AutoConfig.for_model("llama", vocab_size=4096, hidden_size=hidden, intermediate_size=width,
+                                  num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=8,
+                                  max_position_embeddings=2048, pad_token_id=0, eos_token_id=2)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--width", type=int, default=1376)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batches", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--stats", default="active,sum,sqsum")
+    ap.add_argument("--groups", type=int, default=2, help="token groups per batch (languages)")
+    args = ap.parse_args()
+
+    quiet_transformers()
+    with tempfile.TemporaryDirectory() as tmp:
+        build_model(tmp, args.layers, args.hidden, args.width)
+        backend = HFBackend(tmp)
+    stats = parse_stats(args.stats)
+    spec = StatsSpec(stats, parse_edges("-1:4:100") if "hist" in stats else None)
+    rng = np.random.default_rng(0)
+    n = args.batch_size * args.batches
+    windows = [Window(rng.integers(3, 4096, size=args.seq_len).astype(np.int32),
+                      np.full(args.seq_len, i % args.groups, dtype=np.int16)) for i in range(n)]
+
+    def plain() -> None:
+        for ids, mask, _ in batches(windows, args.batch_size, backend.pad_id):
+            backend.forward(ids, mask)
+
+    def harvest() -> None:
+        backend.statistics(windows, spec, args.batch_size)
+
+    plain(), harvest()  # warm-up
+    ratios, times = [], {"plain": [], "harvest": []}
+    for r in range(args.repeats):
+        pair = {}
+        for name, fn in ((("plain", plain), ("harvest", harvest)) if r % 2 == 0 else (("harvest", harvest), ("plain", plain))):
+            t = time.perf_counter()
+            fn()
+            pair[name] = time.perf_counter() - t
+            times[name].append(pair[name])
+        ratios.append(pair["harvest"] / pair["plain"])
+    tokens = n * args.seq_len
+    print(f"model: llama {args.layers} layers, hidden {args.hidden}, width {args.width}; "
+          f"{args.batches} batches of {args.batch_size}x{args.seq_len} tokens; stats {','.join(stats)}; "
+          f"torch threads {torch.get_num_threads()}")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"{name:>8}: median {med * 1000:8.1f} ms per pass, {tokens / med:9.0f} tokens/s")
+    medians = statistics.median(times["harvest"]) / statistics.median(times["plain"])
+    print(f"ratio of medians: {medians:.3f}; per-repeat ratios: {' '.join(f'{r:.3f}' for r in ratios)}")
+    print(f"harvest/plain time ratio: {statistics.median(ratios):.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Reserved for the interventions and LoRA jobs."""
