@@ -16,6 +16,7 @@ def model_cache(tmp_path_factory) -> Path:
     path = Path(os.environ.get("LSN_TEST_CACHE") or tmp_path_factory.mktemp("lsn-cache"))
     os.environ["LSN_CACHE"] = str(path)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach the hub
     return path
 
 

@@ -53,6 +53,7 @@ def cases(tmp, corpus, models):
         "missing model path": (["--model", str(tmp / "nope"), "--corpus", f"text:{corpus}"], "model path not found"),
         "non-causal model": (["--model", str(models / "bert"), "--corpus", f"text:{corpus}"], "not a causal language model"),
         "unsupported model": (["--model", str(models / "falcon"), "--corpus", f"text:{corpus}"], "unsupported architecture 'falcon'"),
+        "hub id, offline": (["--model", "someorg/no-such-model", "--corpus", f"text:{corpus}"], "could not load model config"),
         "unknown built-in": (["--model", "tiny:t5", "--corpus", f"text:{corpus}"], "unknown built-in model"),
         "missing corpus dir": (["--model", "tiny:llama", "--corpus", f"text:{tmp / 'none'}"], "corpus directory not found"),
         "empty corpus dir": (["--model", "tiny:llama", "--corpus", f"text:{empty_dir}"], "has no {lang}.txt files"),

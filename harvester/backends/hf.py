@@ -23,10 +23,12 @@ _SAMPLE = 1 << 20
 
 def quiet_transformers() -> None:
     """Our own progress bar and errors replace transformers' loading bars and warnings."""
+    import huggingface_hub
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.logging.set_verbosity_error()
 
 
 def resolve_model(spec: str) -> str:
@@ -49,21 +51,22 @@ def resolve_model(spec: str) -> str:
 def load_config(path: str):
     from transformers import AutoConfig
 
-    try:
-        return AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise HarvestError(f"could not load model config '{path}': {first}") from None
+    return _load("model config", AutoConfig.from_pretrained, path)
 
 
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
+    return _load("tokenizer", AutoTokenizer.from_pretrained, path)
+
+
+def _load(what: str, loader, path: str):
+    """``loader(path)``, with a failure (no such hub id, no network, bad files) as one clear line."""
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return loader(path)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise HarvestError(f"could not load tokenizer '{path}': {first}") from None
+        raise HarvestError(f"could not load {what} '{path}': {first}") from None
 
 
 def max_positions(config) -> int | None:
