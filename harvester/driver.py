@@ -142,18 +142,15 @@ def _actor_class(cfg: HarvestConfig, ray):
 
 
 def _ray_get(ray, ref):
-    """``ray.get`` that re-raises our own errors from inside actors as they are."""
+    """``ray.get`` that re-raises our own errors from inside actors (method or constructor) as they are."""
     try:
         return ray.get(ref)
-    except ray.exceptions.RayTaskError as err:
-        cause = getattr(err, "cause", None)
-        if isinstance(cause, HarvestError):
-            raise HarvestError(str(cause)) from None
-        raise
-    except ray.exceptions.ActorDiedError as err:
-        cause = getattr(getattr(err, "cause", None), "cause", None) or getattr(err, "cause", None)
-        if isinstance(cause, HarvestError):
-            raise HarvestError(str(cause)) from None
+    except (ray.exceptions.RayTaskError, ray.exceptions.ActorDiedError) as err:
+        cause = err
+        for _ in range(3):  # RayTaskError.cause, or ActorDiedError -> creation task error -> cause
+            cause = getattr(cause, "cause", None)
+            if isinstance(cause, HarvestError):
+                raise HarvestError(str(cause)) from None
         raise
 
 
