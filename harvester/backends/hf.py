@@ -117,7 +117,6 @@ class HFBackend(Backend):
                  device_map: str | None = None, site: str | None = None):
         from transformers import AutoModelForCausalLM
 
-        quiet_transformers()
         if dtype not in DTYPES:
             raise HarvestError(f"unknown dtype '{dtype}'; choose from {', '.join(DTYPES)}")
         self.path = resolve_model(model)
