@@ -58,7 +58,7 @@ def _train_tokenizer(vocab_size: int, seed: int):
     from harvester.corpus.sample import SampleCorpus
 
     corpus = SampleCorpus.from_spec("sample", f"docs=60,seed={seed}")
-    texts = [doc for lang in corpus.groups for doc in corpus.documents(lang)]
+    texts = [doc for lang in corpus.groups for doc in corpus.texts(lang)]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -26,7 +26,7 @@ def write_text_corpus(directory: Path, langs=("fr", "ru", "zh"), docs=12, seed=3
     corpus = SampleCorpus.from_spec("sample", f"docs={docs},seed={seed},langs={'+'.join(langs)}")
     for lang in langs:
         lines = []
-        for i, doc in enumerate(corpus.documents(lang)):
+        for i, doc in enumerate(corpus.texts(lang)):
             lines.append(doc)
             if i % 5 == 2:
                 lines.append("   ")

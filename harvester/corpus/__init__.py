@@ -1,30 +1,90 @@
-"""Corpus specs: ``text:DIR`` and ``sample[:docs=N,seed=S,langs=a+b+c]``.
+"""Corpus specs and the interface every corpus kind implements.
 
-A corpus yields, for each of its groups (for plain text: languages), an iterator of documents.
+A corpus has **groups** (what the store counts per: a language, a direction side ``en-fr:src``, a
+role ``de:response``, a condition ``S``) and **streams** (independent units of tokenization, each
+cut into its own token shards: a language's text, one translation direction, one condition).
+A stream yields **documents**; a document is a list of segments ``(group, text)`` that follow each
+other in one sequence (a translation example: source then target; an instruction: prompt then
+response). Each segment is tokenized on its own, without special tokens, so the same text gives the
+same ids whatever it is paired with; the document ends with the tokenizer's EOS token.
+
+Packing (per stream): ``pack`` concatenates documents and cuts the stream into windows of
+``seq_len`` tokens (plain text, Wikipedia); ``sequence`` gives each document its own window (paired
+data and stimuli, whose context must not leak across examples).
+
+Several specs combine into one harvest (:func:`parse_corpora`); group names must not collide.
 """
 
 from __future__ import annotations
 
-from typing import Iterator, Protocol
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Literal, Protocol
 
 from harvester.errors import HarvestError
+
+Segment = tuple[str, str]
+"""``(group name, text)``."""
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One unit of tokenization: its documents are tokenized in order into consecutive shards."""
+
+    name: str
+    packing: Literal["pack", "sequence"] = "pack"
+    max_tokens: int | None = None
+    """Stop the stream after this many tokens (the last window is cut there)."""
+
+
+@dataclass
+class CorpusOptions:
+    """Options that apply to the corpus kinds that use them (CLI flags or YAML keys)."""
+
+    pairs: str | None = None
+    """EC40 directions: ``en-fr,fr-en,...`` or ``all`` (default all 80)."""
+    split: str = "train"
+    """EC40 split: train, validation (NTREX-128) or test (FLORES-200)."""
+    max_pairs: int = 30_000
+    """EC40 examples per direction."""
+    max_tokens_per_lang: int | None = None
+    """Wikipedia tokens per language."""
+    pooling: Literal["token", "last", "mean"] = "token"
+    """``last``/``mean``: one pooled sample per document segment instead of one per token."""
+
+    def __post_init__(self):
+        if self.split not in ("train", "validation", "test"):
+            raise HarvestError(f"--split must be train, validation or test, not '{self.split}'")
+        if self.max_pairs <= 0:
+            raise HarvestError(f"--max-pairs must be positive, got {self.max_pairs}")
+        if self.max_tokens_per_lang is not None and self.max_tokens_per_lang <= 0:
+            raise HarvestError(f"--max-tokens-per-lang must be positive, got {self.max_tokens_per_lang}")
+        if self.pooling not in ("token", "last", "mean"):
+            raise HarvestError(f"--pooling must be token, last or mean, not '{self.pooling}'")
 
 
 class Corpus(Protocol):
     spec: str
     """The spec as given; recorded in the store."""
     groups: list[str]
-    """Group names in harvest order."""
+    """Group names in store order."""
+    streams: list[Stream]
+    """Streams in shard order."""
 
-    def documents(self, group: str) -> Iterator[str]:
-        """The group's documents, in order."""
+    def documents(self, stream: str) -> Iterator[list[Segment]]:
+        """The stream's documents, in order, each a list of ``(group, text)`` segments."""
+
+    def source(self) -> dict:
+        """A JSON-able identity of the inputs (files with sizes and hashes, hub ids and revisions)."""
 
 
-KINDS = ("text", "sample")
+KINDS = ("text", "sample", "ec40", "wikipedia", "instruct", "stimuli")
 
 
-def parse_corpus(spec: str) -> Corpus:
+def parse_corpus(spec: str, options: CorpusOptions | None = None) -> Corpus:
     """Build the corpus named by ``spec``; a clear error for an unknown kind or missing data."""
+    options = options or CorpusOptions()
     kind, _, arg = spec.partition(":")
     if kind == "text":
         from harvester.corpus.text import TextCorpus
@@ -34,4 +94,83 @@ def parse_corpus(spec: str) -> Corpus:
         from harvester.corpus.sample import SampleCorpus
 
         return SampleCorpus.from_spec(spec, arg)
+    if kind == "ec40":
+        from harvester.corpus.ec40 import EC40Corpus
+
+        return EC40Corpus(spec, arg, options)
+    if kind == "wikipedia":
+        from harvester.corpus.wikipedia import WikipediaCorpus
+
+        return WikipediaCorpus(spec, arg, options)
+    if kind == "instruct":
+        from harvester.corpus.instruct import InstructCorpus
+
+        return InstructCorpus(spec, arg)
+    if kind == "stimuli":
+        from harvester.corpus.stimuli import StimuliCorpus
+
+        return StimuliCorpus(spec, arg)
     raise HarvestError(f"unknown corpus kind '{kind}' in '{spec}'; known kinds: {', '.join(KINDS)}")
+
+
+@dataclass
+class Corpora:
+    """Several corpora harvested together: their groups and streams, in the order given."""
+
+    parts: list[Corpus]
+    options: CorpusOptions = field(default_factory=CorpusOptions)
+
+    def __post_init__(self):
+        seen: dict[str, str] = {}
+        for part in self.parts:
+            for group in part.groups:
+                if group in seen:
+                    raise HarvestError(f"group '{group}' comes from both '{seen[group]}' and '{part.spec}'; "
+                                       "harvest them into separate stores")
+                seen[group] = part.spec
+        self.groups = [g for part in self.parts for g in part.groups]
+        self._streams = [(part, s) for part in self.parts for s in part.streams]
+        if self.options.pooling != "token":  # a pooled sample is one document segment: never pack
+            self._streams = [(part, Stream(s.name, "sequence", s.max_tokens)) for part, s in self._streams]
+
+    @property
+    def spec(self) -> str:
+        return " + ".join(p.spec for p in self.parts)
+
+    @property
+    def streams(self) -> list[Stream]:
+        return [s for _, s in self._streams]
+
+    def documents(self, index: int) -> Iterator[list[Segment]]:
+        """Documents of stream number ``index`` (streams are numbered across all parts)."""
+        part, stream = self._streams[index]
+        return part.documents(stream.name)
+
+    def source(self) -> list[dict]:
+        return [p.source() for p in self.parts]
+
+
+def parse_corpora(specs: list[str] | str, options: CorpusOptions | None = None) -> Corpora:
+    specs = [specs] if isinstance(specs, str) else list(specs)
+    if not specs:
+        raise HarvestError("no corpus given: --corpus SPEC (repeatable)")
+    options = options or CorpusOptions()
+    return Corpora([parse_corpus(s, options) for s in specs], options)
+
+
+_SAMPLE = 1 << 20
+
+
+def file_identity(path: Path) -> dict:
+    """Name, size and sha256 of a file (of its first and last MiB when it is larger than 4 MiB)."""
+    path = Path(path)
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        if size <= 4 * _SAMPLE:
+            digest.update(f.read())
+        else:
+            digest.update(f.read(_SAMPLE))
+            f.seek(size - _SAMPLE)
+            digest.update(f.read())
+    return {"file": path.name, "size": size, "sha256": digest.hexdigest()}

@@ -14,6 +14,7 @@ from typing import Iterator
 
 import numpy as np
 
+from harvester.corpus import Segment, Stream
 from harvester.errors import HarvestError
 
 LANGUAGES = ("en", "de", "fr", "es", "ru", "uk", "el", "ar", "hi", "zh", "ja", "ko")
@@ -56,7 +57,21 @@ class SampleCorpus:
             raise HarvestError("sample corpus sizes (docs, sentences) must be positive")
         return cls(spec=spec, groups=langs, **opts)
 
-    def documents(self, group: str) -> Iterator[str]:
+    @property
+    def streams(self) -> list[Stream]:
+        return [Stream(g) for g in self.groups]
+
+    def source(self) -> dict:
+        from importlib.metadata import version
+
+        return {"kind": "sample", "wordfreq": version("wordfreq")}
+
+    def documents(self, group: str) -> Iterator[list[Segment]]:
+        for text in self.texts(group):
+            yield [(group, text)]
+
+    def texts(self, group: str) -> Iterator[str]:
+        """The language's documents as plain strings."""
         words, cumulative = _vocabulary(group)
         rng = np.random.default_rng([self.seed, LANGUAGES.index(group)])
         sep = "" if group in _NO_SPACES else " "

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
+from harvester.corpus import Segment, Stream, file_identity
 from harvester.errors import HarvestError
 
 
@@ -25,10 +26,14 @@ class TextCorpus:
             if not any(line.strip() for line in f.open(encoding="utf-8")):
                 raise HarvestError(f"corpus file {f} is empty")
         self.groups = [f.stem for f in files]
+        self.streams = [Stream(g) for g in self.groups]
 
-    def documents(self, group: str) -> Iterator[str]:
-        with (self.dir / f"{group}.txt").open(encoding="utf-8") as f:
+    def documents(self, stream: str) -> Iterator[list[Segment]]:
+        with (self.dir / f"{stream}.txt").open(encoding="utf-8") as f:
             for line in f:
                 line = line.rstrip("\n")
                 if line.strip():
-                    yield line
+                    yield [(stream, line)]
+
+    def source(self) -> dict:
+        return {"kind": "text", "files": [file_identity(self.dir / f"{g}.txt") for g in self.groups]}
