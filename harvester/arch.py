@@ -1,4 +1,4 @@
-"""Where each architecture's MLP neuron activation lives.
+"""Where each architecture's MLP neuron activation (and residual stream) lives.
 
 A neuron's activation is the value the statistics count:
 - gated MLPs (Llama, Mistral, Qwen2/3, Gemma/Gemma 2, Cohere/Aya, Phi-3): ``act_fn(gate_proj(x))``,
@@ -7,6 +7,9 @@ A neuron's activation is the value the statistics count:
   projection.
 In every supported Hugging Face implementation that value is the output of one activation module
 per layer, so one forward hook on it sees exactly the statistic, ``[batch, seq, neurons]``.
+
+The residual-stream units (``--site residual``, as the language-localizer study used) are the
+outputs of each transformer block, of width ``hidden_size``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ class Adapter:
     name: str
     site: str  # dotted path with ``{layer}``, relative to the causal-LM model
     gated: bool
+    block: str = "model.layers.{layer}"
+    """The transformer block, whose output is the residual stream (``--site residual``)."""
 
 
 _GATED = "model.layers.{layer}.mlp.act_fn"
@@ -38,10 +43,10 @@ ADAPTERS: dict[str, Adapter] = {
     "gemma2": Adapter("gemma2", _GATED, True),
     "cohere": Adapter("cohere", _GATED, True),
     "phi3": Adapter("phi3", "model.layers.{layer}.mlp.activation_fn", True),
-    "gpt2": Adapter("gpt2", "transformer.h.{layer}.mlp.act", False),
-    "bloom": Adapter("bloom", "transformer.h.{layer}.mlp.gelu_impl", False),
-    "opt": Adapter("opt", "model.decoder.layers.{layer}.activation_fn", False),
-    "gpt_neox": Adapter("gpt_neox", "gpt_neox.layers.{layer}.mlp.act", False),
+    "gpt2": Adapter("gpt2", "transformer.h.{layer}.mlp.act", False, "transformer.h.{layer}"),
+    "bloom": Adapter("bloom", "transformer.h.{layer}.mlp.gelu_impl", False, "transformer.h.{layer}"),
+    "opt": Adapter("opt", "model.decoder.layers.{layer}.activation_fn", False, "model.decoder.layers.{layer}"),
+    "gpt_neox": Adapter("gpt_neox", "gpt_neox.layers.{layer}.mlp.act", False, "gpt_neox.layers.{layer}"),
 }
 
 
@@ -72,9 +77,15 @@ def check_causal(config) -> None:
         )
 
 
-def resolve_site(config, site: str | None) -> str:
-    """The activation-module pattern for ``config``: the registry's, or the one given by the user."""
+UNITS = ("mlp", "residual")
+
+
+def resolve_site(config, site: str | None, unit: str = "mlp") -> str:
+    """The hooked module pattern for ``config``: the user's, or the registry's MLP activation
+    (``unit="mlp"``) or transformer block, whose output is the residual stream (``unit="residual"``)."""
     check_causal(config)
+    if unit not in UNITS:
+        raise HarvestError(f"--site must be mlp or residual, not '{unit}'")
     if site:
         if "{layer}" not in site:
             raise HarvestError(f"--site-module '{site}' must contain '{{layer}}', e.g. model.layers.{{layer}}.mlp.act_fn")
@@ -85,7 +96,7 @@ def resolve_site(config, site: str | None) -> str:
             f"unsupported architecture '{config.model_type}'; supported: {supported()}; "
             "or name the activation module yourself with --site-module 'model.layers.{layer}.mlp.act_fn'"
         )
-    return adapter.site
+    return adapter.site if unit == "mlp" else adapter.block
 
 
 def site_modules(model: torch.nn.Module, site: str) -> list[torch.nn.Module]:

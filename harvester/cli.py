@@ -24,9 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lsn", description="Exact per-neuron MLP statistics for language-specific neuron research.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     h = sub.add_parser("harvest", help="harvest per-neuron statistics into a Zarr store (resumable)")
-    h.add_argument("--model", required=True, help="local path, hub id, or tiny:ARCH (built-in random model)")
-    h.add_argument("--corpus", required=True, help="text:DIR | sample[:docs=N,seed=S,langs=a+b]")
-    h.add_argument("--store", required=True, help="Zarr store directory (created, or resumed)")
+    h.add_argument("--config", default=None, help="YAML file of these options (keys as below); flags override it")
+    h.add_argument("--model", help="local path, hub id, or tiny:ARCH (built-in random model)")
+    h.add_argument("--corpus", action="append", help="corpus spec, repeatable: text:DIR | sample[:...] | ec40[:DIR] | "
+                   "wikipedia:DATE:LANGS[:DIR] | instruct:FILE.jsonl | stimuli:FILE.csv")
+    h.add_argument("--store", help="Zarr store directory or fsspec URL (created, or resumed)")
     h.add_argument("--backend", default="hf")
     h.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     h.add_argument("--device", default="cpu", help="cpu | cuda")
@@ -35,37 +37,101 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--batch-size", type=_positive, default=8)
     h.add_argument("--shard-tokens", type=_positive, default=1 << 20)
     h.add_argument("--actors", type=_positive, default=None, help="Ray actors (default: one per GPU, 1 on CPU)")
+    h.add_argument("--tokenize-tasks", type=_positive, default=None, help="concurrent tokenization tasks")
     h.add_argument("--address", default=None, help="Ray cluster address (default $RAY_ADDRESS or embedded)")
     h.add_argument("--no-ray", action="store_true", help="run in this process, without Ray")
-    h.add_argument("--stats", default="active,sum,sqsum", help="any of active,sum,sqsum,hist")
+    h.add_argument("--stats", default=None, help="any of active,sum,sqsum,abs,hist (default active,sum,sqsum; "
+                   "with --pooling last|mean also abs)")
     h.add_argument("--hist-edges", default="-1:4:100", help="histogram bins LO:HI:BINS (with --stats ...,hist)")
-    h.add_argument("--site-module", default=None, help="activation module pattern, e.g. model.layers.{layer}.mlp.act_fn")
+    h.add_argument("--site", default="mlp", choices=["mlp", "residual"], help="MLP neurons or block outputs")
+    h.add_argument("--site-module", default=None, help="hooked module pattern, e.g. model.layers.{layer}.mlp.act_fn")
+    h.add_argument("--pooling", default="token", choices=["token", "last", "mean"],
+                   help="token statistics, or one pooled sample per document segment (stimulus)")
+    h.add_argument("--pairs", default=None, help="EC40 directions: en-fr,fr-en,... | all")
+    h.add_argument("--split", default="train", choices=["train", "validation", "test"], help="EC40 split")
+    h.add_argument("--max-pairs", type=_positive, default=30_000, help="EC40 examples per direction")
+    h.add_argument("--max-tokens-per-lang", type=_positive, default=None, help="Wikipedia tokens per language")
     h.add_argument("--no-progress", action="store_true")
     s = sub.add_parser("summary", help="per-group summary of a store")
     s.add_argument("--store", required=True)
     return parser
 
 
+def _valid(action: argparse.Action, value) -> bool:
+    if isinstance(action, argparse._StoreTrueAction):  # noqa: SLF001
+        return isinstance(value, bool)
+    if action.type is _positive:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    if action.choices:
+        return value in action.choices
+    return isinstance(value, str)
+
+
+def _apply_config(parser: argparse.ArgumentParser, argv: list[str] | None):
+    """Parse ``argv``; values from ``--config FILE.yaml`` replace the defaults, flags replace both."""
+    args = parser.parse_args(argv)
+    if args.command != "harvest" or not args.config:
+        return args
+    import yaml
+
+    try:
+        with open(args.config, encoding="utf-8") as f:
+            values = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise HarvestError(f"cannot read config {args.config}: {str(err).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise HarvestError(f"config {args.config} must be a mapping of option names to values")
+    harvest = parser._subparsers._group_actions[0].choices["harvest"]  # noqa: SLF001
+    known = {a.dest: a for a in harvest._actions if a.dest not in ("help", "config")}  # noqa: SLF001
+    defaults = {}
+    for key, value in values.items():
+        dest = str(key).replace("-", "_")
+        if dest not in known:
+            raise HarvestError(f"config {args.config}: unknown option '{key}'; known: "
+                               f"{', '.join(sorted(d.replace('_', '-') for d in known))}")
+        if dest == "corpus":
+            value = [value] if isinstance(value, str) else value
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise HarvestError(f"config {args.config}: corpus must be a spec or a list of specs")
+        elif not _valid(known[dest], value):
+            raise HarvestError(f"config {args.config}: bad value {value!r} for '{key}'")
+        defaults[dest] = value
+    corpus = defaults.pop("corpus", None)
+    harvest.set_defaults(**defaults)
+    args = parser.parse_args(argv)
+    if args.corpus is None:
+        args.corpus = corpus
+    return args
+
+
 def _harvest(args) -> None:
     from harvester.config import HarvestConfig
+    from harvester.corpus import CorpusOptions
     from harvester.driver import harvest
     from harvester.stats import parse_edges, parse_stats
     from harvester.summary import summarize
 
-    stats = parse_stats(args.stats)
-    cfg = HarvestConfig(model=args.model, corpus=args.corpus, store=args.store, backend=args.backend,
-                        dtype=args.dtype, device=args.device, device_map=args.device_map, seq_len=args.seq_len,
-                        batch_size=args.batch_size, shard_tokens=args.shard_tokens, actors=args.actors,
-                        address=args.address, use_ray=not args.no_ray, stats=stats,
+    for name in ("model", "corpus", "store"):
+        if not getattr(args, name):
+            raise HarvestError(f"--{name} is required (on the command line or in --config)")
+    pooled = args.pooling != "token"
+    stats = parse_stats(args.stats or ("active,sum,sqsum,abs" if pooled else "active,sum,sqsum"))
+    options = CorpusOptions(pairs=args.pairs, split=args.split, max_pairs=args.max_pairs,
+                            max_tokens_per_lang=args.max_tokens_per_lang, pooling=args.pooling)
+    cfg = HarvestConfig(model=args.model, corpus=args.corpus, store=args.store, corpus_options=options,
+                        backend=args.backend, dtype=args.dtype, device=args.device, device_map=args.device_map,
+                        seq_len=args.seq_len, batch_size=args.batch_size, shard_tokens=args.shard_tokens,
+                        actors=args.actors, address=args.address, use_ray=not args.no_ray, stats=stats,
                         hist_edges=parse_edges(args.hist_edges) if "hist" in stats else None,
-                        site=args.site_module, progress=not args.no_progress)
+                        site=args.site_module, unit=args.site, tokenize_tasks=args.tokenize_tasks,
+                        progress=not args.no_progress)
     store = harvest(cfg)
     print(summarize(str(store.path)))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = _apply_config(build_parser(), argv)
         if args.command == "harvest":
             _harvest(args)
         elif args.command == "summary":

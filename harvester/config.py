@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
+from harvester.corpus import CorpusOptions
 from harvester.errors import HarvestError
 
 
@@ -12,10 +13,11 @@ from harvester.errors import HarvestError
 class HarvestConfig:
     model: str
     """Local path, hub id, or ``tiny:ARCH`` (a built-in random model)."""
-    corpus: str
-    """Corpus spec: ``text:DIR`` or ``sample[:docs=N,seed=S,langs=a+b]``."""
+    corpus: list[str] | str
+    """Corpus specs (see :mod:`harvester.corpus`); several are harvested together."""
     store: str
-    """Zarr store directory; created, or resumed if it holds this same harvest."""
+    """Zarr store directory or fsspec URL; created, or resumed if it holds this same harvest."""
+    corpus_options: CorpusOptions = field(default_factory=CorpusOptions)
     backend: str = "hf"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: str = "cpu"
@@ -35,10 +37,21 @@ class HarvestConfig:
     stats: tuple[str, ...] = ("active", "sum", "sqsum")
     hist_edges: tuple[float, ...] | None = None
     site: str | None = None
-    """Override the activation module, e.g. ``model.layers.{layer}.mlp.act_fn``."""
+    """Override the hooked module, e.g. ``model.layers.{layer}.mlp.act_fn``."""
+    unit: str = "mlp"
+    """``mlp`` neurons, or ``residual``: the transformer blocks' outputs."""
+    tokenize_tasks: int | None = None
+    """Concurrent tokenization tasks (default: the CPUs the model actors leave free, at least 1)."""
     progress: bool = True
 
     def __post_init__(self):
+        if isinstance(self.corpus, str):
+            self.corpus = [self.corpus]
+        self.corpus = list(self.corpus)
+        if not self.corpus:
+            raise HarvestError("no corpus given: --corpus SPEC (repeatable)")
+        if self.tokenize_tasks is not None and self.tokenize_tasks <= 0:
+            raise HarvestError(f"--tokenize-tasks must be positive, got {self.tokenize_tasks}")
         for name in ("seq_len", "batch_size", "shard_tokens"):
             if getattr(self, name) <= 0:
                 raise HarvestError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")

@@ -9,34 +9,41 @@ import hashlib
 import os
 import sys
 from collections import deque
+from dataclasses import asdict, dataclass
+
+import numpy as np
 
 from harvester import __version__, arch
 from harvester.backends.hf import load_config, load_tokenizer, max_positions, resolve_model, weights_fingerprint
 from harvester.config import HarvestConfig
-from harvester.corpus import parse_corpus
+from harvester.corpus import parse_corpora
 from harvester.errors import HarvestError
 from harvester.stats import StatsSpec
 from harvester.store import Store, fingerprint_differences, read_attrs
-from harvester.windows import Plan, plan_shards
-from harvester.worker import ShardWorker, WorkerConfig
+from harvester.windows import SHARDS_PER_STREAM, ShardInfo, TokenSettings, read_manifest
+from harvester.worker import ShardWorker, TokenizeJob, WorkerConfig, tokenize
 
 _MAX_ATTEMPTS = 3
 
 
 def harvest(cfg: HarvestConfig) -> Store:
     """Run (or resume) the harvest ``cfg`` describes; returns the completed store."""
+    pooling = cfg.corpus_options.pooling
     spec = StatsSpec(cfg.stats, cfg.hist_edges if "hist" in cfg.stats else None)
     existing = read_attrs(cfg.store)  # a file, or a foreign directory, is refused before any work
     model_path = resolve_model(cfg.model)
     config = load_config(model_path)
-    site = arch.resolve_site(config, cfg.site)
+    site = arch.resolve_site(config, cfg.site, cfg.unit)
     limit = max_positions(config)
     if limit is not None and cfg.seq_len > limit:
         raise HarvestError(f"--seq-len {cfg.seq_len} exceeds the model's maximum of {limit} positions")
     tokenizer = load_tokenizer(model_path)
-    corpus = parse_corpus(cfg.corpus)
-    plan = plan_shards(corpus, tokenizer, cfg.seq_len, cfg.shard_tokens, progress=cfg.progress)
-    fingerprint = _fingerprint(cfg, config, model_path, site, tokenizer, plan, spec)
+    if tokenizer.eos_token_id is None and pooling == "token":
+        raise HarvestError("the tokenizer has no EOS token; documents cannot be separated")
+    corpora = parse_corpora(cfg.corpus, cfg.corpus_options)  # reads and checks every local input
+    if len(corpora.groups) > np.iinfo(np.int16).max:
+        raise HarvestError(f"too many groups ({len(corpora.groups)})")
+    fingerprint = _fingerprint(cfg, config, model_path, site, tokenizer, corpora, spec)
     if existing is not None:
         diffs = fingerprint_differences(existing["fingerprint"], fingerprint)
         if diffs:
@@ -46,56 +53,99 @@ def harvest(cfg: HarvestConfig) -> Store:
         if store.complete:
             _say(cfg, f"store {cfg.store} is already complete")
             return store
-    meta = _meta(cfg, config, model_path, plan, fingerprint)
-    wcfg = WorkerConfig(cfg.backend, model_path, cfg.dtype, cfg.device, cfg.device_map, site, cfg.store,
-                        spec, cfg.batch_size)
+    meta = _meta(cfg, config, corpora, fingerprint)
+    portable = cfg.model if cfg.model.startswith("tiny:") else model_path  # what every node can resolve
+    wcfg = WorkerConfig(cfg.backend, portable, cfg.dtype, cfg.device, cfg.device_map, cfg.site, cfg.store,
+                        spec, cfg.batch_size, unit=cfg.unit, pooling=pooling)
+    settings = TokenSettings(cfg.seq_len, cfg.shard_tokens, pooling, fingerprint["tokenizer"]["sha256"],
+                             tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1)
+    job = TokenizeJob(portable, tuple(cfg.corpus), cfg.corpus_options, settings,
+                      f"{str(cfg.store).rstrip('/')}/tokens")
+    n_streams = len(corpora.streams)
+
+    def open_store(shape) -> Store:
+        layers, width = shape
+        if read_attrs(cfg.store) is None:
+            meta["model"].update(layers=layers, width=width)
+            return Store.create(cfg.store, fingerprint=fingerprint, meta=meta, n_layers=layers, width=width,
+                                n_shards=n_streams * SHARDS_PER_STREAM, spec=spec)
+        return Store(cfg.store)
+
     runner = _run_ray if cfg.use_ray else _run_local
-    runner(cfg, wcfg, plan, lambda shape: _open_or_create(cfg.store, fingerprint, meta, shape, plan, spec))
+    infos = runner(cfg, wcfg, job, n_streams, open_store)
     store = Store(cfg.store)
-    store.reduce()
+    store.reduce([i.index for i in infos], _corpus_meta(job.root, corpora, infos))
     return store
 
 
-def _open_or_create(path, fingerprint, meta, shape, plan: Plan, spec) -> Store:
-    layers, width = shape
-    if read_attrs(path) is None:
-        meta["model"].update(layers=layers, width=width)
-        return Store.create(path, fingerprint=fingerprint, meta=meta, n_layers=layers, width=width,
-                            n_shards=len(plan.shards), spec=spec)
-    return Store(path)
+def _corpus_meta(root: str, corpora, infos: list[ShardInfo]) -> dict:
+    """What the plan turned out to be: tokens per group, digest, truncation (from the stream manifests)."""
+    manifests = [read_manifest(f"{root}/{s:05d}.json") for s in range(len(corpora.streams))]
+    tokens = [0] * len(corpora.groups)
+    for info in infos:
+        for g, n in info.tokens.items():
+            tokens[g] += n
+    digest = hashlib.sha256("".join(m["digest"] for m in manifests).encode()).hexdigest()
+    return {"tokens_per_group": tokens, "digest": digest, "tokens": sum(tokens), "shards": len(infos),
+            "windows": sum(i.n_windows for i in infos),
+            "truncated_tokens": sum(m["truncated_tokens"] for m in manifests),
+            "truncated_documents": sum(m["truncated_documents"] for m in manifests)}
 
 
-def _progress(cfg: HarvestConfig, plan: Plan, done_tokens: int):
-    from tqdm.auto import tqdm
+class _Progress:
+    """A tqdm bar over harvested tokens whose total grows as tokenization finds more."""
 
-    return tqdm(total=plan.n_tokens, initial=done_tokens, unit="tok", unit_scale=True, desc="harvest",
-                disable=not cfg.progress, smoothing=0.1, file=sys.stderr)
+    def __init__(self, cfg: HarvestConfig):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=0, unit="tok", unit_scale=True, desc="harvest", disable=not cfg.progress,
+                        smoothing=0.1, file=sys.stderr)
+        self.streams_done = 0
+
+    def planned(self, info: ShardInfo) -> None:
+        self.bar.total += info.n_tokens
+        self.bar.refresh()
+
+    def update(self, n: int) -> None:
+        self.bar.update(n)
+
+    def stream_done(self, n_streams: int) -> None:
+        self.streams_done += 1
+        self.bar.set_postfix_str(f"tokenized {self.streams_done}/{n_streams} streams")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
 
 
-def _todo(store: Store, plan: Plan):
-    done = store.done()
-    todo = [s for s in plan.shards if not done[s.index]]
-    return todo, plan.n_tokens - sum(s.n_tokens for s in todo)
-
-
-def _run_local(cfg: HarvestConfig, wcfg: WorkerConfig, plan: Plan, open_store) -> None:
+def _run_local(cfg: HarvestConfig, wcfg: WorkerConfig, job: TokenizeJob, n_streams: int, open_store) -> list:
     worker = ShardWorker(wcfg)
-    todo, done_tokens = _todo(open_store(worker.shape()), plan)
-    with _progress(cfg, plan, done_tokens) as bar:
-        for shard in todo:
-            bar.update(worker.run(shard))
+    store = open_store(worker.shape())
+    infos = []
+    with _Progress(cfg) as bar:
+        for stream in range(n_streams):
+            for info in tokenize(job, stream):
+                infos.append(info)
+                bar.planned(info)
+                bar.update(info.n_tokens if store.done([info.index])[0] else worker.run(info))
+            bar.stream_done(n_streams)
+    return infos
 
 
-def _run_ray(cfg: HarvestConfig, wcfg: WorkerConfig, plan: Plan, open_store) -> None:
+def _run_ray(cfg: HarvestConfig, wcfg: WorkerConfig, job: TokenizeJob, n_streams: int, open_store) -> list:
     import ray
 
     started = _ray_init(cfg)
     try:
-        actor_cls, n_actors = _actor_class(cfg, ray)
-        actors = [actor_cls.remote(wcfg) for _ in range(n_actors)]
-        todo, done_tokens = _todo(open_store(_ray_get(ray, actors[0].shape.remote())), plan)
-        with _progress(cfg, plan, done_tokens) as bar:
-            _dispatch(ray, actors, actor_cls, wcfg, todo, bar)
+        res = _resources(cfg, ray)
+        actors = [res.actor_cls.remote(wcfg) for _ in range(res.n_actors)]
+        store = open_store(_ray_get(ray, actors[0].shape.remote()))
+        task = ray.remote(num_returns="streaming", num_cpus=res.tokenize_cpus, max_retries=2,
+                          _generator_backpressure_num_objects=2)(tokenize)
+        with _Progress(cfg) as bar:
+            return _Dispatcher(ray, store, actors, res, wcfg, task, job, n_streams, bar).run()
     finally:
         if started:
             ray.shutdown()
@@ -120,25 +170,37 @@ def _ray_init(cfg: HarvestConfig) -> bool:
     return True
 
 
-def _actor_class(cfg: HarvestConfig, ray):
-    """The actor class with its resources: one GPU each on cuda, an equal share of CPUs otherwise."""
+@dataclass
+class _Resources:
+    actor_cls: type
+    n_actors: int
+    tokenize_cpus: float
+    tokenize_tasks: int
+
+
+def _resources(cfg: HarvestConfig, ray) -> _Resources:
+    """Model actors take one GPU each on cuda (an equal share of the CPUs otherwise); tokenization
+    tasks take the CPUs left over, or, when the actors hold every CPU, run beside them one at a time."""
+    cpus = int(ray.cluster_resources().get("CPU", 1))
     if cfg.device.startswith("cuda"):
         gpus = int(ray.cluster_resources().get("GPU", 0))
         if gpus == 0:
             raise HarvestError("--device cuda, but the Ray cluster has no GPUs")
         n = cfg.actors or gpus
         per_actor = dict(num_gpus=gpus if cfg.device_map else 1, num_cpus=1)
+        tokenize_cpus, free = 1, cpus - n
     else:
-        cpus = int(ray.cluster_resources().get("CPU", 1))
         n = cfg.actors or 1
         per_actor = dict(num_cpus=max(1, cpus // n))
+        tokenize_cpus, free = 0, 1
     threads = None if cfg.device.startswith("cuda") else per_actor["num_cpus"]
 
     class ShardActor(ShardWorker):
         def __init__(self, wcfg):
             super().__init__(WorkerConfig(**{**wcfg.__dict__, "threads": threads}))
 
-    return ray.remote(max_restarts=0, **per_actor)(ShardActor), n
+    return _Resources(ray.remote(max_restarts=0, **per_actor)(ShardActor), n, tokenize_cpus,
+                      cfg.tokenize_tasks or max(1, free))
 
 
 def _ray_get(ray, ref):
@@ -154,31 +216,88 @@ def _ray_get(ray, ref):
         raise
 
 
-def _dispatch(ray, actors, actor_cls, wcfg, todo, bar) -> None:
-    """Keep two shards in flight per actor; replace a dead actor and re-run its shard."""
-    pending, inflight, attempts = deque(todo), {}, {}
-    load = {id(a): 0 for a in actors}
-    while pending or inflight:
-        for actor in list(actors):
-            while pending and load[id(actor)] < 2:
-                shard = pending.popleft()
-                inflight[actor.run.remote(shard)] = (actor, shard)
-                load[id(actor)] += 1
-        (ref,), _ = ray.wait(list(inflight), num_returns=1)
-        actor, shard = inflight.pop(ref)
-        load[id(actor)] -= 1
+class _Dispatcher:
+    """The work queue: tokenization tasks stream token shards in, model actors take them out.
+
+    Each actor has at most two shards in flight; at most ``2 * actors + 2`` tokenized shards wait
+    for an actor, and beyond that the tokenization tasks are not read, so Ray's generator
+    backpressure pauses them (memory stays bounded whatever the corpus size). A shard whose actor
+    died (killed, out of memory) is re-run on a fresh actor, up to three tries.
+    """
+
+    def __init__(self, ray, store, actors, res: _Resources, wcfg, task, job, n_streams, bar):
+        self.ray, self.store, self.actors, self.res, self.wcfg = ray, store, actors, res, wcfg
+        self.task, self.job, self.n_streams, self.bar = task, job, n_streams, bar
+        self.streams = deque(range(n_streams))
+        self.generators: dict = {}  # generator -> stream
+        self.ready: deque[ShardInfo] = deque()
+        self.inflight: dict = {}  # ref -> (actor, shard info)
+        self.load = {id(a): 0 for a in actors}
+        self.attempts: dict[int, int] = {}
+        self.infos: list[ShardInfo] = []
+
+    def run(self) -> list[ShardInfo]:
+        ray = self.ray
+        while self.streams or self.generators or self.ready or self.inflight:
+            while self.streams and len(self.generators) < self.res.tokenize_tasks:
+                stream = self.streams.popleft()
+                self.generators[self.task.remote(self.job, stream)] = stream
+            self._feed()
+            waitables = list(self.inflight)
+            if len(self.ready) < 2 * len(self.actors) + 2:
+                waitables += list(self.generators)
+            (ref,), _ = ray.wait(waitables, num_returns=1)
+            if isinstance(ref, ray.ObjectRefGenerator):
+                self._tokenized(ref)
+            else:
+                self._finished(ref)
+        return self.infos
+
+    def _feed(self) -> None:
+        for actor in list(self.actors):
+            while self.ready and self.load[id(actor)] < 2:
+                info = self.ready.popleft()
+                self.inflight[actor.run.remote(info)] = (actor, info)
+                self.load[id(actor)] += 1
+
+    def _tokenized(self, generator) -> None:
         try:
-            bar.update(_ray_get(ray, ref))
-        except ray.exceptions.RayActorError:
-            attempts[shard.index] = attempts.get(shard.index, 0) + 1
-            if attempts[shard.index] >= _MAX_ATTEMPTS:
+            ref = next(generator)
+        except StopIteration:
+            del self.generators[generator]
+            self.bar.stream_done(self.n_streams)
+            return
+        info = _ray_get(self.ray, ref)
+        self.infos.append(info)
+        self.bar.planned(info)
+        if self.store.done([info.index])[0]:
+            self.bar.update(info.n_tokens)
+        else:
+            self.ready.append(info)
+
+    def _finished(self, ref) -> None:
+        actor, info = self.inflight.pop(ref)
+        self.load[id(actor)] -= 1
+        try:
+            self.bar.update(_ray_get(self.ray, ref))
+        except self.ray.exceptions.RayActorError:
+            self._replace(actor, info)
+
+    def _replace(self, actor, info: ShardInfo) -> None:
+        """Re-queue every shard the dead actor held, and start a fresh actor in its place."""
+        lost = [info] + [i for r, (a, i) in list(self.inflight.items()) if a is actor]
+        self.inflight = {r: (a, i) for r, (a, i) in self.inflight.items() if a is not actor}
+        for shard in reversed(sorted(lost, key=lambda i: i.index)):
+            self.attempts[shard.index] = self.attempts.get(shard.index, 0) + 1
+            if self.attempts[shard.index] >= _MAX_ATTEMPTS:
                 raise HarvestError(f"shard {shard.index} failed {_MAX_ATTEMPTS} times; its actor kept dying")
-            pending.appendleft(shard)
-            if actor in actors:
-                actors.remove(actor)
-                replacement = actor_cls.remote(wcfg)
-                actors.append(replacement)
-                load[id(replacement)] = 0
+            self.ready.appendleft(shard)
+        self.actors.remove(actor)
+        replacement = self.res.actor_cls.remote(self.wcfg)
+        self.actors.append(replacement)
+        self.load[id(replacement)] = 0
+        _log(f"an actor died with shard(s) {', '.join(str(i.index) for i in sorted(lost, key=lambda i: i.index))} "
+             "in flight; replaced it, and they run again")
 
 
 def _tokenizer_hash(tokenizer) -> str:
@@ -187,36 +306,41 @@ def _tokenizer_hash(tokenizer) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _fingerprint(cfg, config, model_path, site, tokenizer, plan: Plan, spec: StatsSpec) -> dict:
+def _fingerprint(cfg, config, model_path, site, tokenizer, corpora, spec: StatsSpec) -> dict:
     """Everything that decides the numbers in the store; a resumed run must match it exactly."""
     return {
         "model": {"id": cfg.model, "revision": getattr(config, "_commit_hash", None),
                   "weights": weights_fingerprint(model_path), "architecture": config.model_type,
-                  "site": site, "dtype": cfg.dtype, "device": cfg.device.split(":")[0],
+                  "site": site, "unit": cfg.unit, "dtype": cfg.dtype, "device": cfg.device.split(":")[0],
                   "device_map": cfg.device_map},
         "tokenizer": {"name": tokenizer.name_or_path if not cfg.model.startswith("tiny:") else cfg.model,
                       "vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
                       "sha256": _tokenizer_hash(tokenizer)},
-        "corpus": {"spec": cfg.corpus, "groups": plan.groups, "digest": plan.digest, "tokens": plan.n_tokens,
-                   "windows": plan.n_windows, "shards": len(plan.shards)},
+        "corpus": {"spec": corpora.spec, "groups": corpora.groups, "streams": [s.name for s in corpora.streams],
+                   "source": corpora.source(), "options": asdict(cfg.corpus_options)},
         "settings": {"backend": cfg.backend, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
                      "shard_tokens": cfg.shard_tokens, "stats": list(spec.stats),
-                     "hist_edges": list(spec.hist_edges) if spec.hist_edges else None},
+                     "hist_edges": list(spec.hist_edges) if spec.hist_edges else None,
+                     "pooling": cfg.corpus_options.pooling},
     }
 
 
-def _meta(cfg, config, model_path, plan: Plan, fingerprint: dict) -> dict:
+def _meta(cfg, config, corpora, fingerprint: dict) -> dict:
     import torch
     import transformers
 
     return {
         "model": {**fingerprint["model"], "architectures": list(getattr(config, "architectures", None) or [])},
         "tokenizer": fingerprint["tokenizer"],
-        "corpus": {**fingerprint["corpus"], "tokens_per_group": plan.tokens_per_group},
+        "corpus": {**fingerprint["corpus"], "specs": list(cfg.corpus)},
         "settings": fingerprint["settings"],
         "versions": {"lsn-harvester": __version__, "torch": torch.__version__,
                      "transformers": transformers.__version__},
     }
+
+
+def _log(text: str) -> None:
+    print(f"lsn: {text}", file=sys.stderr)
 
 
 def _say(cfg: HarvestConfig, text: str) -> None:

@@ -8,7 +8,7 @@ and attributes every token to its group.
 Exactness:
 - ``tokens`` and ``active`` (activation > 0) are exact integers: a float32 sum of 0/1 values is exact
   below 2**24 terms, and one forward pass holds far fewer tokens; totals accumulate in int64.
-- ``act_sum`` and ``act_sqsum`` are summed in float32 within one forward pass (at most
+- ``act_sum``, ``act_sqsum`` and ``act_abssum`` (sum of ``|x|``, for t-tests on absolute values) are summed in float32 within one forward pass (at most
   ``batch_size * seq_len`` tokens) and accumulated across passes in float64.
 - ``hist`` counts values per bin of fixed edges ``e``: bin 0 is ``x < e[0]``, bin ``j`` is
   ``e[j-1] <= x < e[j]``, the last bin is ``x >= e[-1]``.
@@ -23,10 +23,10 @@ import torch
 
 from harvester.errors import HarvestError
 
-STATS = ("active", "sum", "sqsum", "hist")
+STATS = ("active", "sum", "sqsum", "abs", "hist")
 """Statistic names on the command line (``--stats``)."""
 
-VARIABLES = {"active": "active", "sum": "act_sum", "sqsum": "act_sqsum", "hist": "hist"}
+VARIABLES = {"active": "active", "sum": "act_sum", "sqsum": "act_sqsum", "abs": "act_abssum", "hist": "hist"}
 """Statistic name -> variable name in the store."""
 
 _MAX_TOKENS_PER_PASS = 1 << 24  # float32 counts stay exact below this
@@ -110,7 +110,7 @@ class NeuronStats:
         self._slot[group] = len(self._slot)
         L, I = self.n_layers, self.width
         shapes = {"active": ((L, I), torch.int64), "sum": ((L, I), torch.float64),
-                  "sqsum": ((L, I), torch.float64), "hist": ((L, I, self.spec.n_bins), torch.int64)}
+                  "sqsum": ((L, I), torch.float64), "abs": ((L, I), torch.float64), "hist": ((L, I, self.spec.n_bins), torch.int64)}
         for name in self.spec.stats:
             shape, dtype = shapes[name]
             row = torch.zeros((1, *shape), dtype=dtype, device=self.device)
@@ -157,6 +157,9 @@ class NeuronStats:
         if "sqsum" in stats:
             torch.mul(x, x, out=buf)
             self._add("sqsum", layer, slots, (onehot @ buf).double())
+        if "abs" in stats:
+            torch.abs(x, out=buf)
+            self._add("abs", layer, slots, (onehot @ buf).double())
         if "hist" in stats:
             self._add("hist", layer, slots, self._histogram(x[valid], token_slot, len(self._present)))
 

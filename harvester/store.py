@@ -1,4 +1,4 @@
-"""The harvest store: a Zarr v3 directory that ``xarray.open_zarr`` reads.
+"""The harvest store: a Zarr v3 directory (local, or an fsspec URL) that ``xarray.open_zarr`` reads.
 
 Layout::
 
@@ -8,14 +8,19 @@ Layout::
       active   (group, layer, neuron)    int64
       act_sum  (group, layer, neuron)    float64
       act_sqsum(group, layer, neuron)    float64
+      act_abssum (group, layer, neuron)  float64   sum of |x| (opt-in, default with pooled stimuli)
       hist     (group, layer, neuron, bin) int64, with coords hist_lo / hist_hi (opt-in)
       shards/
         tokens (shard, group)             each shard's own chunk row
         active, act_sum, ... (shard, group, layer, neuron)
         done   (shard,)                   the completion manifest: 1 once a shard's data is written
+      tokens/                       token shards (Parquet) and per-stream manifests, see windows.py
+
+The shard dimension has room for ``SHARDS_PER_STREAM`` shards per corpus stream (shard ``k`` of
+stream ``s`` is row ``s * SHARDS_PER_STREAM + k``); chunks never written take no space.
 
 Each shard writes whole chunks of its own rows (an idempotent rewrite), then its ``done`` chunk;
-totals are summed from finished shards in shard order, so they are the same however the work
+totals are summed from the plan's shards in shard order, so they are the same however the work
 was scheduled, interrupted and resumed.
 """
 
@@ -28,13 +33,14 @@ from pathlib import Path
 
 import numpy as np
 
+from harvester import fs
 from harvester.errors import HarvestError
 from harvester.stats import VARIABLES, StatsSpec
 
 FORMAT = "lsn-harvester-store"
 FORMAT_VERSION = 1
 _CHUNK_ELEMENTS = 1 << 22  # ~32 MiB of float64 per chunk
-_DTYPES = {"active": "int64", "act_sum": "float64", "act_sqsum": "float64", "hist": "int64"}
+_DTYPES = {"active": "int64", "act_sum": "float64", "act_sqsum": "float64", "act_abssum": "float64", "hist": "int64"}
 
 
 def _zarr():
@@ -47,18 +53,31 @@ def _zarr():
     return zarr
 
 
+def zarr_store(path: str | Path, read_only: bool = False):
+    """A Zarr store object for a local path or an fsspec URL (``s3://...``, ``file://...``)."""
+    zarr = _zarr()
+    if fs.is_url(str(path)):
+        options = {"auto_mkdir": True} if str(path).startswith("file://") else {}
+        try:
+            return zarr.storage.FsspecStore.from_url(str(path), storage_options=options, read_only=read_only)
+        except (ImportError, ValueError) as err:
+            raise HarvestError(f"cannot open store {path}: {str(err).splitlines()[0]}") from None
+    return zarr.storage.LocalStore(str(path), read_only=read_only)
+
+
 def read_attrs(path: str | Path) -> dict | None:
     """The store's ``lsn`` attributes; None if nothing is there. Errors for a file or a foreign directory."""
-    path = Path(path)
-    if not path.exists():
+    fsys, p = fs.filesystem(str(path))
+    if not fsys.exists(p):
         return None
-    if not path.is_dir():
+    if fsys.isfile(p):
         raise HarvestError(f"store path {path} is a file, not a directory")
-    if not (path / "zarr.json").is_file():
-        if any(path.iterdir()):
+    if not fsys.isfile(f"{p}/zarr.json"):
+        if fsys.ls(p):
             raise HarvestError(f"{path} is a non-empty directory that is not an lsn store")
         return None
-    attrs = _zarr().open_group(str(path), mode="r", use_consolidated=False).attrs.asdict().get("lsn")
+    root = _zarr().open_group(store=zarr_store(path, read_only=True), mode="r", use_consolidated=False)
+    attrs = root.attrs.asdict().get("lsn")
     if not attrs or attrs.get("format") != FORMAT:
         raise HarvestError(f"{path} is a Zarr store but not an lsn-harvester store")
     return attrs
@@ -83,42 +102,51 @@ class Store:
     """An open harvest store."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.root = _zarr().open_group(str(self.path), mode="r+", use_consolidated=False)
+        self.path = str(path)
+        self._zstore = zarr_store(self.path)
+        self.root = _zarr().open_group(store=self._zstore, mode="r+", use_consolidated=False)
         self.attrs = self.root.attrs.asdict()["lsn"]
         self.groups: list[str] = self.attrs["meta"]["corpus"]["groups"]
         self.variables: list[str] = [VARIABLES[s] for s in self.attrs["fingerprint"]["settings"]["stats"]]
-        self.n_shards = self.root["shards/done"].shape[0]
+
+    @property
+    def tokens_dir(self) -> str:
+        """Where the token shards and stream manifests live: ``STORE/tokens``."""
+        return f"{self.path.rstrip('/')}/tokens"
 
     # -- creation ---------------------------------------------------------------------------
     @classmethod
     def create(cls, path: str | Path, *, fingerprint: dict, meta: dict, n_layers: int, width: int,
                n_shards: int, spec: StatsSpec) -> "Store":
-        """Build the whole skeleton in a sibling temporary directory, then rename it into place."""
-        path = Path(path)
+        """Build the whole skeleton; on local disk in a sibling temporary directory renamed into place,
+        elsewhere (fsspec URLs) in place, with the ``lsn`` attributes that make it a store written last.
+
+        ``n_shards`` is the capacity of the shard dimension: unwritten chunks take no space.
+        """
         if read_attrs(path) is not None:
             raise HarvestError(f"store {path} already exists")
+        groups = meta["corpus"]["groups"]
+        attrs = {"format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": fingerprint, "meta": meta,
+                 "complete": False, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        if fs.is_url(str(path)):
+            _write_skeleton(zarr_store(path), groups, n_layers, width, n_shards, spec, attrs)
+            return cls(path)
+        path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         for stale in path.parent.glob(f".{path.name}.partial-*"):
             shutil.rmtree(stale, ignore_errors=True)
         tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
-        groups = meta["corpus"]["groups"]
-        _write_totals_skeleton(tmp, groups, n_layers, width, spec)
-        _write_shards_skeleton(tmp, len(groups), n_layers, width, n_shards, spec)
-        root = _zarr().open_group(str(tmp), mode="r+", use_consolidated=False)
-        root.attrs["lsn"] = {"format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": fingerprint,
-                             "meta": meta, "complete": False,
-                             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-        _zarr().consolidate_metadata(str(tmp))
+        _write_skeleton(zarr_store(tmp), groups, n_layers, width, n_shards, spec, attrs)
         if path.exists():  # an empty directory given as the store path
             path.rmdir()
         tmp.rename(path)
         return cls(path)
 
     # -- shards -----------------------------------------------------------------------------
-    def done(self) -> np.ndarray:
-        """Boolean ``[n_shards]``: which shards are recorded as finished."""
-        return self.root["shards/done"][:].astype(bool)
+    def done(self, indices: list[int]) -> list[bool]:
+        """Which of the shards ``indices`` are recorded as finished (one small read each)."""
+        done = self.root["shards/done"]
+        return [bool(done[i]) for i in indices]
 
     def write_shard(self, index: int, result: dict[int, dict]) -> None:
         """Write one shard's statistics (whole chunks), then mark it done."""
@@ -136,30 +164,43 @@ class Store:
     def complete(self) -> bool:
         return bool(self.attrs.get("complete"))
 
-    def reduce(self) -> None:
-        """Sum finished shards into the totals (in shard order: deterministic), then mark complete."""
-        done = self.done()
-        if not done.all():
-            raise HarvestError(f"{int((~done).sum())} of {self.n_shards} shards are not finished")
-        shard_tokens = self.root["shards/tokens"][:]  # [shard, group]
+    def reduce(self, indices: list[int], corpus_meta: dict | None = None) -> None:
+        """Sum the shards ``indices`` into the totals (in index order: deterministic), record
+        ``corpus_meta`` (digest, tokens per group, ...), and mark the store complete."""
+        indices = sorted(indices)
+        missing = [i for i, d in zip(indices, self.done(indices)) if not d]
+        if missing:
+            raise HarvestError(f"{len(missing)} of {len(indices)} shards are not finished")
+        tokens = self.root["shards/tokens"]
+        shard_tokens = np.stack([tokens[i] for i in indices]) if indices else np.zeros((0, len(self.groups)), int)
         self.root["tokens"][:] = shard_tokens.sum(axis=0)
         for g in range(len(self.groups)):
-            rows = np.flatnonzero(shard_tokens[:, g] > 0)
+            rows = [i for i, n in zip(indices, shard_tokens[:, g]) if n > 0]
             for var in self.variables:
                 source = self.root[f"shards/{var}"]
                 total = np.zeros(source.shape[2:], dtype=source.dtype)
                 for s in rows:
                     total += source[s, g]
                 self.root[var][g] = total
+        if corpus_meta:
+            self.attrs["meta"]["corpus"].update(corpus_meta)
         self.set_attrs(complete=True)
 
     def set_attrs(self, **values) -> None:
         self.attrs.update(values)
         self.root.attrs["lsn"] = self.attrs
-        _zarr().consolidate_metadata(str(self.path))
+        _zarr().consolidate_metadata(self._zstore)
 
 
-def _write_totals_skeleton(path: Path, groups: list[str], n_layers: int, width: int, spec: StatsSpec) -> None:
+def _write_skeleton(zstore, groups, n_layers, width, n_shards, spec, attrs) -> None:
+    _write_totals_skeleton(zstore, groups, n_layers, width, spec)
+    _write_shards_skeleton(zstore, len(groups), n_layers, width, n_shards, spec)
+    root = _zarr().open_group(store=zstore, mode="r+", use_consolidated=False)
+    root.attrs["lsn"] = attrs
+    _zarr().consolidate_metadata(zstore)
+
+
+def _write_totals_skeleton(zstore, groups: list[str], n_layers: int, width: int, spec: StatsSpec) -> None:
     """Coordinates and empty (unwritten, zero-filled) total arrays, written by xarray so it reads them back."""
     import dask.array as da
     import xarray as xr
@@ -178,14 +219,14 @@ def _write_totals_skeleton(path: Path, groups: list[str], n_layers: int, width: 
         coords["hist_lo"] = ("bin", np.concatenate([[-np.inf], edges]))
         coords["hist_hi"] = ("bin", np.concatenate([edges, [np.inf]]))
     encoding = {name: {"fill_value": 0} for name in data}
-    xr.Dataset(data, coords=coords).to_zarr(str(path), mode="w-", compute=False, zarr_format=3,
+    xr.Dataset(data, coords=coords).to_zarr(zstore, mode="w-", compute=False, zarr_format=3,
                                             encoding=encoding, consolidated=False)
 
 
-def _write_shards_skeleton(path: Path, n_groups: int, n_layers: int, width: int, n_shards: int,
+def _write_shards_skeleton(zstore, n_groups: int, n_layers: int, width: int, n_shards: int,
                            spec: StatsSpec) -> None:
     zarr = _zarr()
-    shards = zarr.open_group(str(path), mode="r+", use_consolidated=False).create_group("shards")
+    shards = zarr.open_group(store=zstore, mode="r+", use_consolidated=False).create_group("shards")
     L, I = n_layers, width
     shards.create_array("done", shape=(n_shards,), chunks=(1,), dtype="uint8", fill_value=0,
                         dimension_names=("shard",))

@@ -1,26 +1,42 @@
-"""Corpus -> token windows -> shards: the deterministic plan of a harvest.
+"""Corpus -> token windows -> token shards (Parquet): the deterministic plan of a harvest.
 
-Per group, each document is tokenized without special tokens and followed by the tokenizer's EOS
-token; the group's tokens are concatenated and cut into consecutive windows of ``seq_len`` tokens
-(the last may be shorter). Every corpus token lands in exactly one window, and every window is an
-independent forward pass. Consecutive windows of one group form a shard of at most ``shard_tokens``
-tokens (at least one window). Same corpus and settings -> same shards, same ids, same digest.
+Each stream of the corpus is tokenized on its own, streaming (one shard of tokens in memory at a
+time), into Parquet files ``TOKENS/{stream:05d}/{k:06d}.parquet`` with one row per window (columns
+``ids`` list<int32> and ``groups`` list<int16>: every token carries its group id), and, once the
+stream is finished, a manifest ``TOKENS/{stream:05d}.json`` listing its shards.
+
+Documents (lists of ``(group, text)`` segments): each segment is tokenized without special tokens;
+with token pooling the document then ends with the tokenizer's EOS token, attributed to the last
+segment's group. With ``pack`` packing a stream's documents are concatenated and cut into consecutive
+windows of ``seq_len`` tokens (the last may be shorter): every token lands in exactly one window.
+With ``sequence`` packing each document is its own window; a longer document is cut at ``seq_len``
+(the tokens cut off are counted in the manifest), except with pooled statistics, where the last
+token matters and a too-long document is an error.
+
+Consecutive windows form a shard of at most ``shard_tokens`` tokens (at least one window). Shard
+``k`` of stream ``s`` has the global index ``s * SHARDS_PER_STREAM + k``: same inputs and settings
+-> same shards, same ids, same digests, on any machine and in any order of work.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 from typing import Iterable, Iterator
 
 import numpy as np
 
+from harvester import fs
 from harvester.errors import HarvestError
+
+SHARDS_PER_STREAM = 1 << 20
+TOKENS_FORMAT = 1
 
 
 @dataclass
 class Window:
-    """One forward pass worth of tokens; every token carries its group id."""
+    """One forward pass worth of tokens (one row of a batch); every token carries its group id."""
 
     ids: np.ndarray  # int32 [n]
     groups: np.ndarray  # int16 [n]
@@ -28,7 +44,7 @@ class Window:
 
 @dataclass
 class Shard:
-    """The unit of work, of resume and of storage: consecutive windows."""
+    """The unit of work, of resume and of storage: consecutive windows of one stream."""
 
     index: int
     windows: list[Window] = field(default_factory=list)
@@ -39,79 +55,226 @@ class Shard:
 
 
 @dataclass
-class Plan:
-    groups: list[str]
-    shards: list[Shard]
-    tokens_per_group: list[int]
+class ShardInfo:
+    """What the driver knows of a token shard: where it is and what it holds, not its tokens."""
+
+    index: int
+    stream: int
+    path: str
+    n_tokens: int
+    n_windows: int
+    tokens: dict[int, int]
+    """Group id -> tokens of that group in the shard."""
     digest: str
-    """sha256 over every window's group ids and token ids, in order."""
-
-    @property
-    def n_tokens(self) -> int:
-        return sum(self.tokens_per_group)
-
-    @property
-    def n_windows(self) -> int:
-        return sum(len(s.windows) for s in self.shards)
+    """sha256 over each window's group ids and token ids, in order."""
 
 
-def document_tokens(tokenizer, docs: Iterable[str], eos_id: int, batch: int = 256) -> Iterator[list[int]]:
-    """Each document's ids, without special tokens, followed by EOS (tokenized in batches)."""
-    chunk: list[str] = []
+@dataclass(frozen=True)
+class TokenSettings:
+    """Everything that decides the token shards; recorded in each stream manifest."""
+
+    seq_len: int
+    shard_tokens: int
+    pooling: str
+    tokenizer_sha256: str
+    eos_id: int
+
+
+def shard_index(stream: int, k: int) -> int:
+    if k >= SHARDS_PER_STREAM:
+        raise HarvestError(f"stream {stream} needs more than {SHARDS_PER_STREAM} shards; raise --shard-tokens")
+    return stream * SHARDS_PER_STREAM + k
+
+
+# -- tokenization -------------------------------------------------------------------------------
+def document_tokens(tokenizer, docs: Iterable[list[tuple[str, str]]], group_ids: dict[str, int],
+                    eos_id: int | None, batch: int = 256) -> Iterator[tuple[list[int], list[int]]]:
+    """Each document's ``(ids, groups)``: segments tokenized on their own, then EOS (if given)."""
+    chunk: list[list[tuple[str, str]]] = []
     for doc in docs:
         chunk.append(doc)
         if len(chunk) == batch:
-            yield from _encode(tokenizer, chunk, eos_id)
+            yield from _encode(tokenizer, chunk, group_ids, eos_id)
             chunk = []
     if chunk:
-        yield from _encode(tokenizer, chunk, eos_id)
+        yield from _encode(tokenizer, chunk, group_ids, eos_id)
 
 
-def _encode(tokenizer, docs: list[str], eos_id: int) -> Iterator[list[int]]:
-    for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]:
-        yield list(ids) + [eos_id]
+def _encode(tokenizer, docs, group_ids, eos_id):
+    texts = [text for doc in docs for _, text in doc]
+    encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
+    for doc in docs:
+        ids: list[int] = []
+        groups: list[int] = []
+        for group, _ in doc:
+            seg = next(encoded)
+            ids.extend(seg)
+            groups.extend([group_ids[group]] * len(seg))
+        if eos_id is not None and groups:
+            ids.append(eos_id)
+            groups.append(groups[-1])
+        if ids:
+            yield ids, groups
 
 
 def windows_of(token_lists: Iterable[list[int]], seq_len: int) -> Iterator[np.ndarray]:
     """Concatenate ``token_lists`` and cut the stream into consecutive windows of ``seq_len``."""
-    pending: list[int] = []
-    for ids in token_lists:
-        pending.extend(ids)
-        while len(pending) >= seq_len:
-            yield np.asarray(pending[:seq_len], dtype=np.int32)
-            del pending[:seq_len]
-    if pending:
-        yield np.asarray(pending, dtype=np.int32)
+    for ids, _ in pack(((t, [0] * len(t)) for t in token_lists), seq_len):
+        yield ids
 
 
-def plan_shards(corpus, tokenizer, seq_len: int, shard_tokens: int, progress: bool = False) -> Plan:
-    """Tokenize ``corpus`` into windows and group them into shards."""
-    from tqdm.auto import tqdm
-
-    eos_id = tokenizer.eos_token_id
-    if eos_id is None:
-        raise HarvestError("the tokenizer has no EOS token; documents cannot be separated")
-    if len(corpus.groups) > np.iinfo(np.int16).max:
-        raise HarvestError(f"too many groups ({len(corpus.groups)})")
-    digest, shards, counts = hashlib.sha256(), [], []
-    for g, name in enumerate(tqdm(corpus.groups, desc="tokenizing", unit="group", disable=not progress)):
-        shard, total = Shard(len(shards)), 0
-        for ids in windows_of(document_tokens(tokenizer, corpus.documents(name), eos_id), seq_len):
-            if shard.windows and shard.n_tokens + len(ids) > shard_tokens:
-                shards.append(shard)
-                shard = Shard(len(shards))
-            groups = np.full(len(ids), g, dtype=np.int16)
-            shard.windows.append(Window(ids, groups))
-            digest.update(groups.tobytes())
-            digest.update(ids.tobytes())
-            total += len(ids)
-        if not shard.windows:
-            raise HarvestError(f"corpus group '{name}' has no tokens")
-        shards.append(shard)
-        counts.append(total)
-    return Plan(list(corpus.groups), shards, counts, digest.hexdigest())
+def pack(docs: Iterable[tuple[list[int], list[int]]], seq_len: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Concatenate documents and cut into consecutive windows of ``seq_len`` (the last may be shorter)."""
+    ids: list[int] = []
+    groups: list[int] = []
+    for doc_ids, doc_groups in docs:
+        ids.extend(doc_ids)
+        groups.extend(doc_groups)
+        while len(ids) >= seq_len:
+            yield np.asarray(ids[:seq_len], dtype=np.int32), np.asarray(groups[:seq_len], dtype=np.int16)
+            del ids[:seq_len], groups[:seq_len]
+    if ids:
+        yield np.asarray(ids, dtype=np.int32), np.asarray(groups, dtype=np.int16)
 
 
+class _Truncation:
+    def __init__(self):
+        self.tokens = 0
+        self.documents = 0
+
+
+def sequences(docs, seq_len: int, pooled: bool, stream: str, cut: _Truncation):
+    """One window per document; longer documents are cut (an error when pooling)."""
+    for n, (ids, groups) in enumerate(docs, start=1):
+        if len(ids) > seq_len:
+            if pooled:
+                raise HarvestError(f"document {n} of stream '{stream}' has {len(ids)} tokens, more than "
+                                   f"--seq-len {seq_len}; pooled statistics need whole documents")
+            cut.tokens += len(ids) - seq_len
+            cut.documents += 1
+            ids, groups = ids[:seq_len], groups[:seq_len]
+        yield np.asarray(ids, dtype=np.int32), np.asarray(groups, dtype=np.int16)
+
+
+def _limit(windows, max_tokens: int | None):
+    """Stop after ``max_tokens`` tokens, cutting the last window there."""
+    if max_tokens is None:
+        yield from windows
+        return
+    left = max_tokens
+    for ids, groups in windows:
+        if left <= 0:
+            return
+        yield ids[:left], groups[:left]
+        left -= len(ids)
+
+
+def stream_windows(corpora, index: int, tokenizer, settings: TokenSettings, cut: _Truncation):
+    """Windows ``(ids, groups)`` of stream ``index`` of ``corpora``, in order."""
+    stream = corpora.streams[index]
+    pooled = settings.pooling != "token"
+    group_ids = {g: i for i, g in enumerate(corpora.groups)}
+    docs = document_tokens(tokenizer, corpora.documents(index), group_ids, None if pooled else settings.eos_id)
+    if stream.packing == "pack":
+        windows = pack(docs, settings.seq_len)
+    else:
+        windows = sequences(docs, settings.seq_len, pooled, stream.name, cut)
+    return _limit(windows, stream.max_tokens)
+
+
+def tokenize_stream(corpora, index: int, tokenizer, settings: TokenSettings, root: str) -> Iterator[ShardInfo]:
+    """Tokenize stream ``index`` into Parquet shards under ``root``, yielding each as it is written.
+
+    A stream whose manifest already exists (same settings) is not tokenized again: its shards are
+    yielded from the manifest.
+    """
+    stream = corpora.streams[index]
+    manifest_path = f"{root}/{index:05d}.json"
+    manifest = read_manifest(manifest_path)
+    if manifest is not None:
+        if manifest["settings"] != asdict(settings) or manifest["stream"] != stream.name:
+            raise HarvestError(f"token manifest {manifest_path} was made with other settings; use a new --store")
+        for info in manifest["shards"]:  # JSON object keys are strings
+            yield ShardInfo(**{**info, "tokens": {int(g): n for g, n in info["tokens"].items()}})
+        return
+    cut, infos, k = _Truncation(), [], 0
+    current: list[tuple[np.ndarray, np.ndarray]] = []
+    n_current = 0
+    for ids, groups in stream_windows(corpora, index, tokenizer, settings, cut):
+        if current and n_current + len(ids) > settings.shard_tokens:
+            infos.append(_write_shard(root, index, k, current))
+            yield infos[-1]
+            current, n_current, k = [], 0, k + 1
+        current.append((ids, groups))
+        n_current += len(ids)
+    if current:
+        infos.append(_write_shard(root, index, k, current))
+        yield infos[-1]
+    if not infos:
+        raise HarvestError(f"corpus stream '{stream.name}' has no tokens")
+    fs.write_text(manifest_path, json.dumps({
+        "format": TOKENS_FORMAT, "stream": stream.name, "settings": asdict(settings),
+        "shards": [asdict(i) for i in infos], "truncated_tokens": cut.tokens, "truncated_documents": cut.documents,
+        "digest": stream_digest(infos),
+    }))
+
+
+def read_manifest(path: str) -> dict | None:
+    text = fs.read_text(path)
+    return None if text is None else json.loads(text)
+
+
+def stream_digest(infos: list[ShardInfo]) -> str:
+    digest = hashlib.sha256()
+    for info in infos:
+        digest.update(info.digest.encode())
+    return digest.hexdigest()
+
+
+def _write_shard(root: str, stream: int, k: int, windows: list[tuple[np.ndarray, np.ndarray]]) -> ShardInfo:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    digest = hashlib.sha256()
+    counts: dict[int, int] = {}
+    for ids, groups in windows:
+        digest.update(groups.tobytes())
+        digest.update(ids.tobytes())
+        values, n = np.unique(groups, return_counts=True)
+        for g, c in zip(values.tolist(), n.tolist()):
+            counts[g] = counts.get(g, 0) + c
+    table = pa.table({
+        "ids": pa.array([w[0] for w in windows], type=pa.list_(pa.int32())),
+        "groups": pa.array([w[1] for w in windows], type=pa.list_(pa.int16())),
+    })
+    path = f"{root}/{stream:05d}/{k:06d}.parquet"
+    with fs.atomic_write(path) as f:
+        pq.write_table(table, f, compression="zstd")
+    return ShardInfo(index=shard_index(stream, k), stream=stream, path=path, n_tokens=sum(counts.values()),
+                     n_windows=len(windows), tokens=counts, digest=digest.hexdigest())
+
+
+def load_shard(info: ShardInfo) -> Shard:
+    """The shard's windows, read back from its Parquet file and checked against its digest."""
+    import pyarrow.parquet as pq
+
+    with fs.open_read(info.path) as f:
+        table = pq.read_table(f)
+    digest = hashlib.sha256()
+    windows = []
+    for ids, groups in zip(table.column("ids").to_numpy(zero_copy_only=False),
+                           table.column("groups").to_numpy(zero_copy_only=False)):
+        w = Window(np.asarray(ids, dtype=np.int32), np.asarray(groups, dtype=np.int16))
+        digest.update(w.groups.tobytes())
+        digest.update(w.ids.tobytes())
+        windows.append(w)
+    if digest.hexdigest() != info.digest:
+        raise HarvestError(f"token shard {info.path} does not match its manifest; delete the store's tokens/ "
+                           "directory of that stream and resume")
+    return Shard(info.index, windows)
+
+
+# -- batching -----------------------------------------------------------------------------------
 def batches(windows: list[Window], batch_size: int, pad_id: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Right-padded batches ``(ids [B, S], attention_mask [B, S], groups [B, S])``; padding has group -1."""
     for start in range(0, len(windows), batch_size):

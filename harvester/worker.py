@@ -1,17 +1,49 @@
-"""One harvest worker: loads the model once, turns shards into statistics, writes them to the store.
+"""Harvest workers: tokenization of a corpus stream, and model workers that turn token shards into
+statistics in the store.
 
-Used directly in-process (``--no-ray``) and wrapped as a Ray actor by :mod:`harvester.driver`;
-it imports no Ray itself.
+Used directly in-process (``--no-ray``) and wrapped as Ray tasks and actors by
+:mod:`harvester.driver`; nothing here imports Ray.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
 
 from harvester.backends import backend_class
+from harvester.corpus import CorpusOptions, parse_corpora
 from harvester.stats import StatsSpec
 from harvester.store import Store
-from harvester.windows import Shard
+from harvester.windows import ShardInfo, TokenSettings, load_shard, tokenize_stream
+
+FAULT_ENV = "LSN_FAULT_INJECT"
+"""Fault injection for tests: ``SHARD:MARKER`` -- the worker that first runs shard ``SHARD`` writes
+garbage into part of the shard's rows and kills its own process (SIGKILL, as the kernel's OOM killer
+does); ``MARKER`` (a file it creates) makes the fault happen once."""
+
+
+@dataclass(frozen=True)
+class TokenizeJob:
+    """What a tokenization task needs, small enough to ship to any node."""
+
+    model: str
+    corpus: tuple[str, ...]
+    options: CorpusOptions
+    settings: TokenSettings
+    root: str
+
+
+def tokenize(job: TokenizeJob, stream: int) -> Iterator[ShardInfo]:
+    """Tokenize one corpus stream into token shards; yields each shard as it is written."""
+    from harvester.backends.hf import load_tokenizer, resolve_model
+
+    tokenizer = load_tokenizer(resolve_model(job.model))
+    corpora = parse_corpora(list(job.corpus), job.options)
+    yield from tokenize_stream(corpora, stream, tokenizer, job.settings, job.root)
 
 
 @dataclass(frozen=True)
@@ -26,6 +58,8 @@ class WorkerConfig:
     spec: StatsSpec
     batch_size: int
     threads: int | None = None
+    unit: str = "mlp"
+    pooling: str = "token"
 
 
 class ShardWorker:
@@ -36,17 +70,32 @@ class ShardWorker:
             torch.set_num_threads(cfg.threads)
         self.cfg = cfg
         self.backend = backend_class(cfg.backend)(cfg.model, dtype=cfg.dtype, device=cfg.device,
-                                                  device_map=cfg.device_map, site=cfg.site)
+                                                  device_map=cfg.device_map, site=cfg.site, unit=cfg.unit)
         self._store: Store | None = None
 
     def shape(self) -> tuple[int, int]:
-        """``(layers, neurons per layer)`` of the loaded model."""
+        """``(layers, units per layer)`` of the loaded model."""
         return self.backend.n_layers, self.backend.width
 
-    def run(self, shard: Shard) -> int:
-        """Harvest one shard into the store; returns its token count."""
-        result = self.backend.statistics(shard.windows, self.cfg.spec, self.cfg.batch_size)
+    def run(self, info: ShardInfo) -> int:
+        """Harvest one token shard into the store; returns its token count."""
+        shard = load_shard(info)
+        result = self.backend.statistics(shard.windows, self.cfg.spec, self.cfg.batch_size, self.cfg.pooling)
         if self._store is None:
             self._store = Store(self.cfg.store)
+        _maybe_fail(self._store, info.index)
         self._store.write_shard(shard.index, result)
-        return shard.n_tokens
+        return info.n_tokens
+
+
+def _maybe_fail(store: Store, index: int) -> None:
+    fault = os.environ.get(FAULT_ENV)
+    if not fault:
+        return
+    shard, _, marker = fault.partition(":")
+    if int(shard) != index or os.path.exists(marker):
+        return
+    open(marker, "w").close()
+    var = store.variables[0]
+    store.root[f"shards/{var}"][index, 0] = np.full(store.root[f"shards/{var}"].shape[2:], 7)  # a torn write
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -16,6 +16,7 @@ def reference(passes, n_groups, n_layers, width, edges):
     active = np.zeros((n_groups, n_layers, width), dtype=np.int64)
     act_sum = np.zeros((n_groups, n_layers, width))
     act_sqsum = np.zeros((n_groups, n_layers, width))
+    abs_sum = np.zeros((n_groups, n_layers, width))
     hist = np.zeros((n_groups, n_layers, width, len(edges) + 1), dtype=np.int64)
     for groups, acts in passes:
         for t, g in enumerate(groups):
@@ -28,8 +29,9 @@ def reference(passes, n_groups, n_layers, width, edges):
                     active[g, layer, i] += x > 0
                     act_sum[g, layer, i] += x
                     act_sqsum[g, layer, i] += x * x
+                    abs_sum[g, layer, i] += abs(x)
                     hist[g, layer, i, np.searchsorted(edges, x, side="right")] += 1
-    return tokens, active, act_sum, act_sqsum, hist
+    return tokens, active, act_sum, act_sqsum, abs_sum, hist
 
 
 def make_passes(rng, n_groups, n_layers, width, sizes):
@@ -53,12 +55,12 @@ def test_stats_match_plain_loops(dtype):
     passes = make_passes(rng, G, L, I, sizes=[13, 1, 29, 8])
     if dtype != torch.float32:  # compare against exactly the values the kernel sees
         passes = [(g, [torch.from_numpy(a).to(dtype).float().numpy() for a in acts]) for g, acts in passes]
-    stats = NeuronStats(StatsSpec(("active", "sum", "sqsum", "hist"), EDGES), L, I)
+    stats = NeuronStats(StatsSpec(("active", "sum", "sqsum", "abs", "hist"), EDGES), L, I)
     for groups, acts in passes:
         stats.begin(torch.from_numpy(groups))
         for layer, a in enumerate(acts):
             stats.update(layer, torch.from_numpy(a).to(dtype).reshape(1, -1, I))
-    tokens, active, act_sum, act_sqsum, hist = reference(passes, G, L, I, np.array(EDGES))
+    tokens, active, act_sum, act_sqsum, abs_sum, hist = reference(passes, G, L, I, np.array(EDGES))
     result = stats.result()
     assert sorted(result) == [g for g in range(G) if tokens[g] > 0]
     for g, values in result.items():
@@ -67,6 +69,7 @@ def test_stats_match_plain_loops(dtype):
         np.testing.assert_array_equal(values["hist"], hist[g])
         np.testing.assert_allclose(values["act_sum"], act_sum[g], rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(values["act_sqsum"], act_sqsum[g], rtol=1e-6)
+        np.testing.assert_allclose(values["act_abssum"], abs_sum[g], rtol=1e-6)
 
 
 def test_padding_only_pass_counts_nothing():

@@ -17,5 +17,10 @@ class Backend(ABC):
     width: int
 
     @abstractmethod
-    def statistics(self, windows: list[Window], spec: StatsSpec, batch_size: int) -> dict[int, dict[str, np.ndarray]]:
-        """Forward every window once; return ``{group: {"tokens": int, "active": [L, I], ...}}``."""
+    def statistics(self, windows: list[Window], spec: StatsSpec, batch_size: int,
+                   pooling: str = "token") -> dict[int, dict[str, np.ndarray]]:
+        """Forward every window once; return ``{group: {"tokens": int, "active": [L, I], ...}}``.
+
+        ``pooling`` ``last``/``mean``: each document segment (a run of one group in a window) is one
+        sample, its last token's or its mean activation; ``tokens`` then counts samples.
+        """

@@ -107,21 +107,58 @@ def _hooks(modules, fn):
 
 
 def _call(fn, layer, module, inputs, output):
-    fn(layer, output)
+    fn(layer, output[0] if isinstance(output, tuple) else output)  # decoder blocks may return tuples
+
+
+class _Pooling:
+    """One sample per document segment (a run of one group in a row): its ``last`` token, or the ``mean``."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    def begin(self, groups: np.ndarray) -> torch.Tensor:
+        """Find the segments of a batch ``groups [B, S]``; returns each segment's group id."""
+        B, S = groups.shape
+        seg_groups, starts, ends = [], [], []
+        for row in range(B):
+            g = groups[row]
+            cuts = np.flatnonzero(np.diff(g)) + 1
+            for start, end in zip(np.r_[0, cuts], np.r_[cuts, S]):
+                if g[start] >= 0:
+                    seg_groups.append(int(g[start]))
+                    starts.append(row * S + int(start))
+                    ends.append(row * S + int(end))
+        self.n_tokens = B * S
+        self.starts, self.ends = starts, ends
+        self._on: dict = {}
+        return torch.tensor(seg_groups, dtype=torch.long)
+
+    def __call__(self, act: torch.Tensor) -> torch.Tensor:
+        x = act.detach().reshape(-1, act.shape[-1])
+        if self.mode == "last":
+            if x.device not in self._on:
+                self._on[x.device] = torch.tensor([e - 1 for e in self.ends], device=x.device)
+            return x.index_select(0, self._on[x.device])
+        if x.device not in self._on:
+            weights = torch.zeros((len(self.starts), self.n_tokens), dtype=torch.float32)
+            for k, (a, b) in enumerate(zip(self.starts, self.ends)):
+                weights[k, a:b] = 1.0 / (b - a)
+            self._on[x.device] = weights.to(x.device)
+        return self._on[x.device] @ x.float()
 
 
 class HFBackend(Backend):
     """A transformers causal LM with a forward hook on each layer's activation module."""
 
     def __init__(self, model: str, dtype: str = "float32", device: str = "cpu",
-                 device_map: str | None = None, site: str | None = None):
+                 device_map: str | None = None, site: str | None = None, unit: str = "mlp"):
         from transformers import AutoModelForCausalLM
 
         if dtype not in DTYPES:
             raise HarvestError(f"unknown dtype '{dtype}'; choose from {', '.join(DTYPES)}")
         self.path = resolve_model(model)
         config = load_config(self.path)
-        self.site = arch.resolve_site(config, site)
+        self.site = arch.resolve_site(config, site, unit)
         kwargs = {"dtype": DTYPES[dtype]}
         if device_map:
             kwargs["device_map"] = device_map
@@ -154,10 +191,13 @@ class HFBackend(Backend):
         mask_t = None if mask.all() else torch.from_numpy(mask).to(self.device)
         self.body(input_ids=ids_t, attention_mask=mask_t, use_cache=False)
 
-    def statistics(self, windows: list[Window], spec: StatsSpec, batch_size: int) -> dict[int, dict[str, np.ndarray]]:
+    def statistics(self, windows: list[Window], spec: StatsSpec, batch_size: int,
+                   pooling: str = "token") -> dict[int, dict[str, np.ndarray]]:
         stats = NeuronStats(spec, self.n_layers, self.width, device=self.device)
-        with _hooks(self.modules, stats.update):
+        pool = _Pooling(pooling) if pooling != "token" else None
+        update = stats.update if pool is None else (lambda layer, out: stats.update(layer, pool(out)))
+        with _hooks(self.modules, update):
             for ids, mask, groups in batches(windows, batch_size, self.pad_id):
-                stats.begin(torch.from_numpy(groups))
+                stats.begin(torch.from_numpy(groups) if pool is None else pool.begin(groups))
                 self.forward(ids, mask)
         return stats.result()

@@ -1,0 +1,74 @@
+"""``instruct:FILE.jsonl``: instruction data, one JSON object per line.
+
+Each line is ``{"lang": "de", "prompt": "...", "response": "..."}`` (other fields are ignored); blank
+lines are skipped. A language is one ``sequence`` stream (an example's prompt must not see another
+example) with groups ``{lang}:prompt`` and ``{lang}:response``, languages in order of first appearance.
+A document is ``[(lang:prompt, prompt), (lang:response, response)]``, in file order.
+
+The whole file is checked when the corpus is opened, one line at a time: a line that is not a JSON
+object, lacks a field, has a non-string or blank field (an empty segment has no token to count) is
+an error ``FILE:LINE: ...``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+from harvester.corpus import Segment, Stream, file_identity
+from harvester.errors import HarvestError
+
+FIELDS = ("lang", "prompt", "response")
+
+
+class InstructCorpus:
+    """Prompt/response pairs per language."""
+
+    def __init__(self, spec: str, path: str):
+        if not path:
+            raise HarvestError("instruct corpus needs a file: --corpus instruct:FILE.jsonl")
+        self.spec = spec
+        self.file = Path(path).expanduser()
+        if not self.file.is_file():
+            raise HarvestError(f"instruct file not found: {self.file}")
+        langs = dict.fromkeys(lang for lang, _, _ in self._examples())
+        if not langs:
+            raise HarvestError(f"instruct file {self.file} has no examples")
+        self.groups = [f"{lang}:{role}" for lang in langs for role in ("prompt", "response")]
+        self.streams = [Stream(lang, packing="sequence") for lang in langs]
+
+    def documents(self, stream: str) -> Iterator[list[Segment]]:
+        for lang, prompt, response in self._examples():
+            if lang == stream:
+                yield [(f"{lang}:prompt", prompt), (f"{lang}:response", response)]
+
+    def source(self) -> dict:
+        return {"kind": "instruct", "files": [file_identity(self.file)]}
+
+    def _examples(self) -> Iterator[tuple[str, str, str]]:
+        """``(lang, prompt, response)`` per non-blank line, each checked."""
+        with self.file.open("rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if raw.strip():
+                    yield _parse(raw, f"{self.file}:{lineno}")
+
+
+def _parse(raw: bytes, where: str) -> tuple[str, str, str]:
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise HarvestError(f"{where}: not UTF-8 text") from None
+    except json.JSONDecodeError as err:
+        raise HarvestError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(record, dict):
+        raise HarvestError(f"{where}: expected a JSON object with lang, prompt and response, "
+                           f"got {type(record).__name__}")
+    for key in FIELDS:
+        if key not in record:
+            raise HarvestError(f"{where}: missing field '{key}'")
+        if not isinstance(record[key], str):
+            raise HarvestError(f"{where}: field '{key}' must be a string, got {type(record[key]).__name__}")
+        if not record[key].strip():
+            raise HarvestError(f"{where}: field '{key}' is empty")
+    return record["lang"], record["prompt"], record["response"]

@@ -1,0 +1,69 @@
+"""Paths and fsspec URLs alike: a store (and its token shards) may live on local disk, a shared
+filesystem, or an object store (``s3://bucket/run``, ``gs://...``; the protocol's fsspec package,
+e.g. ``s3fs``, must be installed). Local paths keep atomic renames; elsewhere a write is one put.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+
+
+def is_url(path: str) -> bool:
+    return "://" in str(path)
+
+
+def filesystem(path: str):
+    """``(fsspec filesystem, path within it)``; a clear error when the protocol's package is missing."""
+    import fsspec
+
+    from harvester.errors import HarvestError
+
+    try:
+        return fsspec.core.url_to_fs(str(path))
+    except (ImportError, ValueError) as err:
+        raise HarvestError(f"cannot open {path}: {str(err).splitlines()[0]}") from None
+
+
+def read_text(path: str) -> str | None:
+    """The file's text, or None if it does not exist."""
+    fsys, p = filesystem(path)
+    try:
+        with fsys.open(p, "r", encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def write_text(path: str, text: str) -> None:
+    with atomic_write(path) as f:
+        f.write(text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_write(path: str):
+    """A binary file handle whose content appears at ``path`` only when the block succeeds."""
+    fsys, p = filesystem(path)
+    parent = p.rsplit("/", 1)[0]
+    if not _local(fsys):
+        with fsys.open(p, "wb") as f:  # object stores: a put is atomic
+            yield f
+        return
+    fsys.makedirs(parent, exist_ok=True)
+    tmp = f"{parent}/.{p.rsplit('/', 1)[1]}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with fsys.open(tmp, "wb") as f:
+            yield f
+        fsys.mv(tmp, p)
+    finally:
+        if fsys.exists(tmp):
+            fsys.rm(tmp)
+
+
+def _local(fsys) -> bool:
+    return "file" in (fsys.protocol if isinstance(fsys.protocol, tuple) else (fsys.protocol,))
+
+
+def open_read(path: str):
+    fsys, p = filesystem(path)
+    return fsys.open(p, "rb")
