@@ -20,7 +20,8 @@ ARGS = ["--model", "tiny:llama", "--corpus", CORPUS, "--seq-len", "64", "--batch
 
 def done_indices(store: Path) -> list[int]:
     chunks = store / "shards" / "done" / "c"
-    return sorted(int(p.name) for p in chunks.iterdir()) if chunks.is_dir() else []
+    names = [p.name for p in chunks.iterdir()] if chunks.is_dir() else []
+    return sorted(int(n) for n in names if n.isdigit())  # not the temporary files of writes in progress
 
 
 def done_shards(store: Path) -> int:

@@ -1,0 +1,74 @@
+"""Tiny local copies of the corpus formats, in their real layouts, for corpus and end-to-end tests.
+
+Texts come from the sample generator, so each language has its own script and words; everything is
+deterministic and small enough that a harvest with a tiny model takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from harvester.corpus import sample
+from harvester.corpus.ec40 import split_files
+from harvester.corpus.sample import SampleCorpus
+
+
+def sentences(langs, n: int, seed: int = 5, sentences_per_doc: int = 1) -> dict[str, list[str]]:
+    """``n`` sample documents per language."""
+    corpus = SampleCorpus(spec="sample", groups=list(langs), docs=n, seed=seed, sentences=sentences_per_doc)
+    return {lang: list(corpus.texts(lang)) for lang in langs}
+
+
+def write_ec40(root: Path, langs=("fr", "ru", "zh"), n: int = 12, split: str = "train") -> Path:
+    """``root`` laid out like the hub's ``ShaomuTan/EC40``: ``en-xx.en``/``en-xx.xx`` of ``n`` lines,
+    line i of both sides made from document i (so a pair is recognisable)."""
+    texts = sentences(("en", *langs), n)
+    for lang in langs:
+        en_name, xx_name = split_files(split, lang)
+        (root / en_name).parent.mkdir(parents=True, exist_ok=True)
+        (root / en_name).write_text("".join(f"{t}\n" for t in texts["en"]), encoding="utf-8")
+        (root / xx_name).write_text("".join(f"{t}\n" for t in texts[lang]), encoding="utf-8")
+    return root
+
+
+def write_wikipedia(root: Path, date: str = "20231101", langs=("de", "fr"), docs: int = 20) -> Path:
+    """``root/DATE.LANG/train-*.parquet`` like ``wikimedia/wikipedia``: the first language in two
+    files (the first with a blank article), the others in one; small row groups."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = sentences(langs, docs, sentences_per_doc=3)
+    for k, lang in enumerate(langs):
+        rows = texts[lang]
+        if k == 0:
+            rows = rows[:2] + ["  "] + rows[2:]
+        parts = [rows[: len(rows) // 2], rows[len(rows) // 2:]] if k == 0 else [rows]
+        folder = root / f"{date}.{lang}"
+        folder.mkdir(parents=True, exist_ok=True)
+        start = 0
+        for i, part in enumerate(parts):
+            ids = [str(start + j) for j in range(len(part))]
+            table = pa.table({"id": ids, "url": [f"https://{lang}.wikipedia.org/wiki?curid={x}" for x in ids],
+                              "title": [f"Article {x}" for x in ids], "text": part})
+            pq.write_table(table, folder / f"train-{i:05d}-of-{len(parts):05d}.parquet", row_group_size=4)
+            start += len(part)
+    return root
+
+
+def write_instruct(path: Path, langs=("en", "de", "zh"), n: int = 8) -> Path:
+    """``n`` prompt/response lines per language, languages interleaved, one blank line."""
+    prompts = sentences(langs, n, seed=6)
+    responses = sentences(langs, n, seed=7, sentences_per_doc=2)
+    lines = [json.dumps({"lang": lang, "prompt": prompts[lang][i], "response": responses[lang][i]},
+                        ensure_ascii=False) for i in range(n) for lang in langs]
+    lines.insert(len(langs), "")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def write_stimuli(path: Path, lang: str = "en", n: int = 10) -> Path:
+    """``n`` sentences (``S``) and ``n`` non-word strings (``N``), alternating."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return sample.write_stimuli(path, lang, n)
