@@ -151,6 +151,20 @@ def _run_ray(cfg: HarvestConfig, wcfg: WorkerConfig, job: TokenizeJob, n_streams
             ray.shutdown()
 
 
+def _check_reachable(address: str) -> None:
+    """Fail fast, with one line, when nothing listens at ``host:port`` (Ray itself retries for minutes)."""
+    import socket
+
+    target = address.split("://", 1)[-1]
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto", or an address form Ray resolves itself
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as err:
+        raise HarvestError(f"cannot reach the Ray cluster at {address}: {err.strerror or err}") from None
+
+
 def _ray_init(cfg: HarvestConfig) -> bool:
     """Join ``--address``/``$RAY_ADDRESS``, or start an embedded local instance on loopback."""
     import ray
@@ -159,11 +173,14 @@ def _ray_init(cfg: HarvestConfig) -> bool:
         return False
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     kwargs = dict(include_dashboard=False, logging_level="warning", log_to_driver=False)
+    if address:
+        _check_reachable(address)
     try:
         if address:
             ray.init(address=address, **kwargs)
         else:
-            ray.init(num_cpus=os.cpu_count(), _node_ip_address="127.0.0.1", **kwargs)
+            # "local": always a new instance, never one that `ray start` left running on this machine
+            ray.init(address="local", num_cpus=os.cpu_count(), _node_ip_address="127.0.0.1", **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise HarvestError(f"could not connect to Ray at {address or 'a new local instance'}: "
                            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None

@@ -167,13 +167,20 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 @pytest.mark.ray
-@pytest.mark.skipif(not os.environ.get("LSN_TEST_LOCAL_CLUSTER"),
-                    reason="starts a Ray head (about a minute); set LSN_TEST_LOCAL_CLUSTER=1")
-def test_local_script_runs(tmp_path):
-    env = dict(os.environ, LSN_RAY_PORT=str(_free_port()), LSN_DASHBOARD_PORT=str(_free_port()),
+def test_ray_job_submit_end_to_end(tmp_path):
+    """clusters/local.sh: a loopback head, `ray job submit` of a harvest, success, a complete store, and
+    the head it started stopped afterwards."""
+    from harvester.store import read_attrs
+
+    gcs, dashboard = _free_port(), _free_port()
+    env = dict(os.environ, LSN_RAY_PORT=str(gcs), LSN_DASHBOARD_PORT=str(dashboard),
                LSN_STORE=str(tmp_path / "store"))
     proc = subprocess.run(["bash", str(LOCAL_SH), "--seq-len", "128", "--shard-tokens", "20000"], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in proc.stderr.lower() and "total" in proc.stdout + proc.stderr
-    assert (tmp_path / "store").is_dir()
+    attrs = read_attrs(tmp_path / "store")
+    assert attrs["complete"] and sum(attrs["meta"]["corpus"]["tokens_per_group"]) > 0
+    for port in (gcs, dashboard):  # the cluster it started is gone
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still open"
