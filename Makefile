@@ -26,6 +26,7 @@ test-fast: install
 
 bench: install
 	$(BIN)/python benchmarks/harvest_overhead.py
+	$(BIN)/python benchmarks/corpus_scale.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -41,6 +41,13 @@ def good_store(tmp_path_factory, text_corpus):
 
 
 def cases(tmp, corpus, models):
+    from tests import fixtures
+
+    ec40 = fixtures.write_ec40(tmp / "ec40", langs=("fr",), n=3)
+    bad_jsonl = tmp / "bad.jsonl"
+    bad_jsonl.write_text('{"lang": "en", "prompt": "a", "response": "b"}\n{"lang": "en", "prompt": "a"\n')
+    bad_csv = tmp / "bad.csv"
+    bad_csv.write_text("text,condition\nthe cat sat,S\nno condition here\n")
     empty_dir = tmp / "empty"
     empty_dir.mkdir(exist_ok=True)
     blank = tmp / "blank"
@@ -60,6 +67,13 @@ def cases(tmp, corpus, models):
         "empty corpus file": (["--model", "tiny:llama", "--corpus", f"text:{blank}"], "is empty"),
         "unknown corpus kind": (["--model", "tiny:llama", "--corpus", "json:/x"], "unknown corpus kind 'json'"),
         "bad sample option": (["--model", "tiny:llama", "--corpus", "sample:docs=x"], "must be an integer"),
+        "unknown direction": (["--model", "tiny:llama", "--corpus", f"ec40:{ec40}", "--pairs", "fr-de"], "fr-de"),
+        "unknown language": (["--model", "tiny:llama", "--corpus", f"ec40:{ec40}", "--pairs", "en-xx"], "en-xx"),
+        "missing EC40 file": (["--model", "tiny:llama", "--corpus", f"ec40:{ec40}", "--pairs", "en-de"], "en-de"),
+        "malformed jsonl": (["--model", "tiny:llama", "--corpus", f"instruct:{bad_jsonl}"], f"{bad_jsonl}:2:"),
+        "malformed csv": (["--model", "tiny:llama", "--corpus", f"stimuli:{bad_csv}"], f"{bad_csv}:3:"),
+        "colliding groups": (["--model", "tiny:llama", "--corpus", "sample:docs=1", "--corpus", "sample:docs=2"],
+                             "comes from both"),
         "store is a file": (ok, "is a file", a_file),
         "seq-len too long": ([*ok, "--seq-len", "100000"], "exceeds the model's maximum of 512"),
         "zero seq-len": ([*ok, "--seq-len", "0"], "--seq-len must be positive"),
@@ -116,3 +130,10 @@ def test_foreign_directory_is_refused(tmp_path, capsys):
 def test_summary_of_missing_store(tmp_path, capsys):
     rc = main(["summary", "--store", str(tmp_path / "nothing")])
     assert_clean_error(subprocess.CompletedProcess([], rc, "", capsys.readouterr().err), "no store at")
+
+
+def test_unreachable_cluster_address(tmp_path):
+    proc = run_cli("harvest", "--store", str(tmp_path / "s"), "--model", "tiny:llama", "--corpus", "sample:docs=2",
+                   "--address", "127.0.0.1:1", "--no-progress")
+    assert_clean_error(proc, "cannot reach the Ray cluster at 127.0.0.1:1")
+    assert not (tmp_path / "s").exists()
