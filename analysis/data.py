@@ -1,0 +1,143 @@
+"""Open a harvest store lazily and choose the groups an analysis runs over.
+
+``open_counts(store, langs, response_only)`` gives Dask arrays of shape ``[K, L, I]`` (language,
+layer, neuron) in the store's own chunks (one group, several layers, all neurons): nothing is read
+until a method computes. Languages are named by ``--langs``, in that order, each
+
+- a group of the store (``de``, ``en-fr:tgt``, ``S``);
+- ``NAME=G1+G2+...``: the groups' counts summed (``fr=en-fr:tgt+fr-en:src`` pools both sides of
+  EC40 that are French);
+- with ``--response-only``, a language ``L`` whose store has ``L:response`` (harvested prompt and
+  response in one pass: the response group is already response-only), or ``L:full`` and
+  ``L:prompt`` (imported from two runs: ``max(active_full - active_prompt, 0)`` over
+  ``max(tokens_full - tokens_prompt, 1)``).
+
+Default languages: every group (per language for text and Wikipedia, per direction side for EC40),
+or with ``--response-only`` every language that has response counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from harvester.errors import HarvestError
+from harvester.store import read_attrs
+
+from analysis.masks import fingerprint_sha
+
+
+@dataclass
+class Counts:
+    names: list[str]
+    numer: object
+    """Dask int64 ``[K, L, I]``: active counts (response-only: clipped differences)."""
+    denom: np.ndarray
+    """int64 ``[K]``: the probability's denominator (tokens, at least 1)."""
+    tokens: np.ndarray
+    """int64 ``[K]``: tokens (or samples) counted."""
+    n_layers: int
+    width: int
+    store: str
+    attrs: dict
+    groups: list[list[str]]
+    """The store groups behind each language."""
+
+    def probabilities(self):
+        """Dask float64 ``[K, L, I]``: ``P = numer / denom``."""
+        return self.numer / self.denom[:, None, None].astype(np.float64)
+
+    def source(self) -> dict:
+        return {"store": self.store, "fingerprint_sha256": fingerprint_sha(self.attrs["fingerprint"]),
+                "model": self.attrs["meta"]["model"].get("id"), "groups": self.groups}
+
+    def variable(self, name: str):
+        """Another statistic ``[K, L, I(, B)]`` summed over each language's groups (not response-only)."""
+        return _stack(self._ds, name, self._index)
+
+
+def open_counts(store: str, langs: list[str] | None = None, response_only: bool = False) -> Counts:
+    import xarray as xr
+
+    attrs = read_attrs(store)
+    if attrs is None:
+        raise HarvestError(f"no store at {store}")
+    if not attrs.get("complete"):
+        raise HarvestError(f"store {store} is not complete; finish the harvest first")
+    from harvester.store import zarr_store
+
+    ds = xr.open_zarr(zarr_store(store, read_only=True), consolidated=True)
+    groups = [str(g) for g in ds["group"].values]
+    tokens = ds["tokens"].values.astype(np.int64)
+    position = {g: i for i, g in enumerate(groups)}
+    if response_only:
+        spec = langs or _response_languages(groups)
+        if not spec:
+            raise HarvestError(f"store {store} has no response groups (LANG:response, or LANG:full with LANG:prompt)")
+        rows, denom, toks, behind = [], [], [], []
+        for lang in spec:
+            if f"{lang}:response" in position:
+                g = position[f"{lang}:response"]
+                rows.append(ds["active"].data[g])
+                toks.append(tokens[g])
+                denom.append(max(tokens[g], 1))
+                behind.append([f"{lang}:response"])
+            elif f"{lang}:full" in position and f"{lang}:prompt" in position:
+                f, p = position[f"{lang}:full"], position[f"{lang}:prompt"]
+                import dask.array as da
+
+                rows.append(da.maximum(ds["active"].data[f] - ds["active"].data[p], 0))
+                toks.append(max(tokens[f] - tokens[p], 0))
+                denom.append(max(tokens[f] - tokens[p], 1))
+                behind.append([f"{lang}:full", f"{lang}:prompt"])
+            else:
+                raise HarvestError(f"language '{lang}' has no response counts in {store} "
+                                   f"(needs group {lang}:response, or {lang}:full and {lang}:prompt)")
+        import dask.array as da
+
+        counts = Counts(list(spec), da.stack(rows), np.array(denom, np.int64), np.array(toks, np.int64),
+                        ds.sizes["layer"], ds.sizes["neuron"], str(store), attrs, behind)
+        counts._ds, counts._index = ds, [[position[g] for g in b] for b in behind]
+        return counts
+    names, index = [], []
+    for item in (langs or groups):
+        name, sep, expr = item.partition("=")
+        members = expr.split("+") if sep else [item]
+        missing = [m for m in members if m not in position]
+        if missing or not name:
+            raise HarvestError(f"unknown group '{missing[0] if missing else item}' in {store}; "
+                               f"groups: {', '.join(groups)}")
+        names.append(name if sep else item)
+        index.append([position[m] for m in members])
+    if len(set(names)) != len(names):
+        raise HarvestError(f"a language is named twice in --langs: {', '.join(names)}")
+    toks = np.array([sum(int(tokens[g]) for g in idx) for idx in index], np.int64)
+    counts = Counts(names, _stack(ds, "active", index), np.maximum(toks, 1), toks, ds.sizes["layer"],
+                    ds.sizes["neuron"], str(store), attrs, [[groups[g] for g in idx] for idx in index])
+    counts._ds, counts._index = ds, index
+    return counts
+
+
+def _stack(ds, name: str, index: list[list[int]]):
+    import dask.array as da
+
+    if name not in ds:
+        raise HarvestError(f"the store has no '{name}' statistic; harvest with --stats including it")
+    data = ds[name].data
+    rows = []
+    for idx in index:
+        row = data[idx[0]]
+        for g in idx[1:]:
+            row = row + data[g]
+        rows.append(row)
+    return da.stack(rows)
+
+
+def _response_languages(groups: list[str]) -> list[str]:
+    langs = []
+    for g in groups:
+        lang, _, role = g.rpartition(":")
+        if lang and (role == "response" or (role == "full" and f"{lang}:prompt" in groups)) and lang not in langs:
+            langs.append(lang)
+    return langs

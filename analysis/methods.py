@@ -1,0 +1,337 @@
+"""The published neuron-selection methods, exactly as ../shared/METHODS.md defines them, out of core.
+
+Inputs are Dask arrays ``[K, L, I]`` (language, layer, neuron) read chunk by chunk from the store.
+What is large (``P`` over all languages, layers and neurons: 183M values for a Llama-3-70B-shaped
+store of 80 groups) is never held in memory: per-neuron scores are reduced over languages block by
+block (``[L, I]``, 2.3M values for 70B, is small), and the global quantiles ``τ`` and ``β`` are found
+exactly by histogram refinement (:func:`kth_smallest`). Top-k selections then run in memory on the
+per-neuron scores, with ties going to the smaller flat index ``l * I + i``.
+
+Conventions where the papers are silent are those of ``tests/method_reference.py`` (the plain-loop
+reference every method is tested against): ``round`` is Python's; the r-th smallest is
+``sorted(values)[r-1]`` and a rank outside ``1..N`` is an error; entropy-λ's Ĥ is 0 when K = 1; a
+group with 0 tokens has P = 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from harvester.errors import HarvestError
+
+_GATHER = 1 << 21  # values gathered into memory at the end of a quantile search (16 MiB)
+_BINS = 4096
+
+
+def _compute(*arrays):
+    import dask
+
+    return dask.compute(*arrays)
+
+
+# -- exact order statistics --------------------------------------------------------------------
+def kth_smallest(x, r: int) -> float:
+    """``sorted(x.ravel())[r - 1]``, exactly, reading ``x`` (a Dask array) a few times, never whole.
+
+    Each pass histograms the values of the current bracket ``[lo, hi)`` into 4096 bins and narrows the
+    bracket to the bin holding rank ``r``; when a bracket holds at most 2M values they are gathered
+    and sorted, and when all its values are equal, that value is the answer.
+    """
+    import dask.array as da
+
+    n = int(np.prod(x.shape))
+    if not 1 <= r <= n:
+        raise HarvestError(f"rank {r} is outside 1..{n}: the rate gives no value to take")
+    lo = hi = None
+    closed = True  # the bracket [lo, hi] (last bin) or [lo, hi)
+    for _ in range(64):
+        if lo is None:
+            inside, count = x, n
+        else:
+            cond = (x >= lo) & ((x <= hi) if closed else (x < hi))
+            inside, count = x[cond], da.count_nonzero(cond)
+        count, vmin, vmax = _compute(count, inside.min(), inside.max())
+        if float(vmin) == float(vmax):
+            return float(vmin)
+        if int(count) <= _GATHER:
+            (values,) = _compute(inside)
+            return float(np.sort(np.asarray(values, dtype=np.float64).ravel())[r - 1])
+        edges = np.linspace(float(vmin), float(vmax), _BINS + 1)
+        (hist,) = _compute(da.histogram(inside, bins=edges)[0])
+        cumulative = np.cumsum(hist)
+        j = int(np.searchsorted(cumulative, r))  # the first bin whose cumulative count reaches r
+        r -= int(cumulative[j - 1]) if j > 0 else 0
+        lo, hi, closed = float(edges[j]), float(edges[j + 1]), j == _BINS - 1
+    raise HarvestError("quantile search did not converge")  # pragma: no cover: 64 passes of 4096 bins
+
+
+def smallest(score: np.ndarray, count: int) -> np.ndarray:
+    """Flat indices of the ``count`` smallest of ``score`` (ties: smaller flat index first)."""
+    flat = np.asarray(score, dtype=np.float64).ravel()
+    if not 0 <= count <= flat.size:
+        raise HarvestError(f"cannot select {count} of {flat.size} units")
+    return np.argsort(flat, kind="stable")[:count]
+
+
+def largest(score: np.ndarray, count: int) -> np.ndarray:
+    """Flat indices of the ``count`` largest (ties: smaller flat index first); NaN never selected."""
+    flat = np.asarray(score, dtype=np.float64).ravel()
+    valid = np.flatnonzero(~np.isnan(flat))
+    order = valid[np.argsort(-flat[valid], kind="stable")]
+    return order[:max(count, 0)]
+
+
+def _by_neuron(P):
+    """``P`` rechunked so that each block holds every language of its neurons."""
+    K, L, I = P.shape
+    per_block = max(1, (1 << 23) // max(K, 1))  # ~64 MiB of float64 per block
+    return P.rechunk((K, 1, min(I, per_block)))
+
+
+def _membership(P, selected: np.ndarray, beta: float) -> list[np.ndarray]:
+    """LAPE step 5: language k gets the selected neurons with ``P > β`` (sorted flat indices)."""
+    K, L, I = P.shape
+    selected = np.sort(selected)
+    if selected.size == 0:
+        return [np.zeros(0, np.int64) for _ in range(K)]
+    (values,) = _compute(P.reshape(K, L * I)[:, selected])
+    return [selected[values[k] > beta].astype(np.int64) for k in range(K)]
+
+
+def appear_counts(selected: list[np.ndarray], K: int) -> list[int]:
+    """``appear[c]``: units in exactly ``c`` of the masks, counting units in at least one."""
+    allsel = np.concatenate(selected) if selected else np.zeros(0, np.int64)
+    _, per_unit = np.unique(allsel, return_counts=True)
+    appear = np.bincount(per_unit, minlength=K + 1).tolist()
+    appear[0] = 0
+    return appear[:K + 1]
+
+
+# -- LAPE ------------------------------------------------------------------------------------
+def _lape_block(block, tau):
+    total = block.sum(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(total > 0, block / total, 0.0)
+        terms = np.where(q > 0, q * np.log(np.where(q > 0, q, 1.0)), 0.0)
+    H = -terms.sum(axis=0)
+    return np.where((block > tau).any(axis=0), H, np.inf)[None]
+
+
+def lape_entropy(P, tau: float) -> np.ndarray:
+    """LAPE steps 1-3: ``H [L, I]`` (natural log; +inf without any ``P > τ``)."""
+    Pn = _by_neuron(P)
+    (H,) = _compute(Pn.map_blocks(_lape_block, tau, dtype=np.float64, chunks=((1,), *Pn.chunks[1:])))
+    return H[0]
+
+
+def lape(P, top_rate: float = 0.01, filter_rate: float = 0.95, bar_ratio: float = 0.95) -> dict:
+    """LAPE (Tang et al. 2024): ``{"selected": [per-language flat indices], "tau", "beta"}``."""
+    K, L, I = P.shape
+    N = K * L * I
+    tau = kth_smallest(P, round(filter_rate * N))  # step 3
+    beta = tau if round(bar_ratio * N) == round(filter_rate * N) else kth_smallest(P, round(bar_ratio * N))
+    H = lape_entropy(P, tau)
+    chosen = smallest(H, round(top_rate * L * I))  # step 4
+    return {"selected": _membership(P, chosen, beta), "tau": tau, "beta": beta}  # steps 5-6
+
+
+def lape_variant(P, rate: float = 0.01, filter_rate: float = 0.95, bar_ratio: float = 0.95) -> dict:
+    """Mondal et al.'s LAPE variant: every neuron with ``H <=`` the m-th smallest H (ties included)."""
+    K, L, I = P.shape
+    N = K * L * I
+    tau = kth_smallest(P, round(filter_rate * N))
+    H = lape_entropy(P, tau)
+    m = round(rate * L * I)
+    if m == 0:
+        return {"selected": [np.zeros(0, np.int64) for _ in range(K)], "threshold": None, "tau": tau}
+    threshold = float(np.sort(H.ravel())[m - 1])
+    chosen = np.flatnonzero(H.ravel() <= threshold)
+    beta = kth_smallest(P, round(bar_ratio * N))
+    return {"selected": _membership(P, chosen, beta), "threshold": threshold, "tau": tau, "beta": beta}
+
+
+# -- entropy-λ -------------------------------------------------------------------------------
+def harmonic_c(K: int) -> float:
+    return sum(1.0 / j for j in range(1, K + 1)) / K
+
+
+def _entropy_block(block, beta):
+    K = block.shape[0]
+    total = block.sum(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(total > 0, block / total, 1.0 / K)  # step 1
+    q = np.maximum(q, 1e-12)  # step 2
+    q = q / q.sum(axis=0)
+    H = -(q * np.log(q + 1e-30)).sum(axis=0) / math.log(K) if K > 1 else np.zeros(block.shape[1:])
+    return np.stack([H, block.max(axis=0), (block > beta).sum(axis=0).astype(np.float64)])
+
+
+class EntropyLambda:
+    """Entropy-λ (Zhang et al. 2025), with everything that does not depend on λ computed once:
+    Ĥ, ``max_k P`` and, per neuron, how many languages have ``P > β`` (which is all ``appear`` needs)."""
+
+    def __init__(self, P, top_rate: float = 0.01, bar_ratio: float = 0.95):
+        K, L, I = P.shape
+        self.P, self.K, self.top_rate = P, K, top_rate
+        self.beta = kth_smallest(P, round(bar_ratio * K * L * I))  # step 5
+        Pn = _by_neuron(P)
+        (parts,) = _compute(Pn.map_blocks(_entropy_block, self.beta, dtype=np.float64,
+                                          chunks=((3,), Pn.chunks[1], Pn.chunks[2])))
+        self.H, self.maxP, self.n_langs = parts[0], parts[1], parts[2].astype(np.int64)
+        self.count = round(top_rate * L * I)
+
+    def chosen(self, lam: float) -> np.ndarray:
+        score = self.H - lam * self.maxP / harmonic_c(self.K)  # step 3
+        return smallest(score, self.count)  # step 4
+
+    def appear(self, lam: float) -> list[int]:
+        langs = self.n_langs.ravel()[self.chosen(lam)]
+        appear = np.bincount(langs, minlength=self.K + 1).tolist()[:self.K + 1]
+        appear[0] = 0
+        return appear
+
+    def masks(self, lam: float) -> list[np.ndarray]:
+        return _membership(self.P, self.chosen(lam), self.beta)
+
+    def autosweep(self, lo: float = 0.0, hi: float = 0.2, eps: float = 1e-3) -> tuple[float | None, list[int]]:
+        """Step 7: the largest λ in ``[lo, hi]`` with ``appear[K] = 0``; ``(None, appear at lo)`` if none."""
+        if lo > hi:
+            raise HarvestError(f"--lo {lo} is above --hi {hi}")
+        K = self.K
+        appear = self.appear(hi)
+        if appear[K] == 0:
+            return hi, appear
+        appear_lo = self.appear(lo)
+        if appear_lo[K] != 0:
+            return None, appear_lo
+        best, best_appear = lo, appear_lo
+        for _ in range(64):
+            if not hi - lo > eps:
+                break
+            mid = (lo + hi) / 2
+            appear = self.appear(mid)
+            if appear[K] == 0:
+                best, best_appear, lo = mid, appear, mid
+            else:
+                hi = mid
+        return best, best_appear
+
+
+# -- activation-probability thresholds ---------------------------------------------------------
+def top_per_language(score_rows, m: int) -> list[np.ndarray]:
+    """Each language's ``m`` largest scores over all layers (ties by flat index, zeros included)."""
+    return [np.sort(largest(row, m)).astype(np.int64) for row in score_rows]
+
+
+def act_prob_zero(P, rate: float = 0.00125) -> dict:
+    K, L, I = P.shape
+    m = round(rate * L * I)
+    selected = []
+    for k in range(K):
+        (row,) = _compute(P[k])
+        selected.append(top_per_language([row], m)[0])
+    return {"selected": selected}
+
+
+def _percentile_bin(pooled, percent):
+    total = pooled.sum(axis=-1, keepdims=True)
+    cumulative = np.cumsum(pooled, axis=-1)
+    return np.argmax(100 * cumulative >= percent * total, axis=-1)  # first bin reaching the percentile
+
+
+def act_prob_90p(hist, tokens: np.ndarray, percent: int = 90, rate: float = 0.00125) -> dict:
+    """Share of each language's tokens above the neuron's pooled percentile bin, at bin resolution;
+    each language keeps its top ``round(rate * L * I)``. ``hist`` is Dask ``[K, L, I, B]``."""
+    K, L, I, B = hist.shape
+    (bins,) = _compute(hist.sum(axis=0).map_blocks(_percentile_bin, percent, drop_axis=2, dtype=np.int64))
+    m = round(rate * L * I)
+    selected = []
+    above = np.arange(B)[None, None, :] > bins[:, :, None]
+    for k in range(K):
+        (h,) = _compute(hist[k])
+        score = (h * above).sum(axis=-1) / max(int(tokens[k]), 1)
+        selected.append(top_per_language([score], m)[0])
+    return {"selected": selected, "percentile_bin": bins}
+
+
+# -- coverage --------------------------------------------------------------------------------
+def _coverage_block(block, k):
+    out = np.zeros(block.shape, dtype=bool)
+    for g in range(block.shape[0]):
+        for l in range(block.shape[1]):
+            counts = block[g, l].astype(np.int64)
+            order = np.lexsort((np.arange(counts.size), -counts))  # largest first, ties by index
+            cumulative = np.concatenate([[0], np.cumsum(counts[order])])
+            target = k * counts.sum()
+            n_keep = int(np.argmax(cumulative >= target))  # shortest prefix reaching the target
+            out[g, l, order[:n_keep]] = True
+    return out
+
+
+def coverage(active, k: float = 0.95) -> dict:
+    """Per group and layer: the shortest prefix of neurons by count reaching ``k`` of the layer's total."""
+    if not 0 <= k <= 1:
+        raise HarvestError(f"--coverage {k} must lie in [0, 1]")
+    K, L, I = active.shape
+    blocks = active.rechunk((1, active.chunks[1], I)).map_blocks(_coverage_block, k, dtype=bool)
+    selected = []
+    for g in range(K):
+        (dense,) = _compute(blocks[g])
+        selected.append(np.flatnonzero(dense.ravel()).astype(np.int64))
+    return {"selected": selected}
+
+
+# -- localizer -------------------------------------------------------------------------------
+def welch_t(n_a: int, s_a, ss_a, n_b: int, s_b, ss_b) -> np.ndarray:
+    """Welch's t from moments (unbiased variances, clipped at 0); NaN with n < 2 or a zero denominator."""
+    s_a, ss_a, s_b, ss_b = (np.asarray(v, dtype=np.float64) for v in (s_a, ss_a, s_b, ss_b))
+    if n_a < 2 or n_b < 2:
+        return np.full(s_a.shape, np.nan)
+    mean_a, mean_b = s_a / n_a, s_b / n_b
+    var_a = np.maximum((ss_a - s_a * s_a / n_a) / (n_a - 1), 0.0)
+    var_b = np.maximum((ss_b - s_b * s_b / n_b) / (n_b - 1), 0.0)
+    denominator = np.sqrt(var_a / n_a + var_b / n_b)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(denominator > 0, (mean_a - mean_b) / denominator, np.nan)
+
+
+def localizer(count: np.ndarray, sums, sqsums, a: list[int], b: list[int], top_percent: float,
+              per_layer: bool = False, statistic: str = "t") -> dict:
+    """Units whose statistic (Welch ``t``, or ``mean-diff``) of A (groups ``a`` pooled) over B is in
+    the top ``top_percent`` %, globally or per layer. ``sums``/``sqsums`` Dask ``[K, L, U]``."""
+    n_a, n_b = int(sum(count[g] for g in a)), int(sum(count[g] for g in b))
+    s_a, ss_a, s_b, ss_b = _compute(sums[a].sum(axis=0), sqsums[a].sum(axis=0),
+                                    sums[b].sum(axis=0), sqsums[b].sum(axis=0))
+    if statistic == "t":
+        score = welch_t(n_a, s_a, ss_a, n_b, s_b, ss_b)
+    elif statistic == "mean-diff":
+        score = s_a / n_a - s_b / n_b if n_a and n_b else np.full(s_a.shape, np.nan)
+    else:
+        raise HarvestError(f"unknown localizer statistic '{statistic}'; choose t or mean-diff")
+    L, U = score.shape
+    if per_layer:
+        chosen = np.concatenate([largest(score[l], round(top_percent * U / 100)) + l * U for l in range(L)])
+    else:
+        chosen = largest(score, round(top_percent * L * U / 100))
+    return {"selected": [np.sort(chosen).astype(np.int64)], "score": score, "n_a": n_a, "n_b": n_b}
+
+
+# -- random controls -------------------------------------------------------------------------
+def random_control(mask_selected: list[np.ndarray], n_layers: int, width: int, seed: int) -> list[np.ndarray]:
+    """Per language and layer, as many neurons as the mask has, drawn uniformly without replacement
+    from the layer's neurons not in that language's mask (``numpy.random.default_rng(seed)``)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for sel in mask_selected:
+        layer_of = sel // width
+        drawn = []
+        for layer in range(n_layers):
+            taken = sel[layer_of == layer] - layer * width
+            free = np.setdiff1d(np.arange(width), taken, assume_unique=True)
+            if taken.size > free.size:
+                raise HarvestError(f"layer {layer}: cannot draw {taken.size} of {free.size} free neurons")
+            drawn.append(np.sort(rng.choice(free, size=taken.size, replace=False)) + layer * width)
+        out.append(np.concatenate(drawn).astype(np.int64) if drawn else np.zeros(0, np.int64))
+    return out

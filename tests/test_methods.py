@@ -1,0 +1,162 @@
+"""Every method, out of core on Dask, against the plain-loop references of tests/method_reference.py."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pytest
+
+from analysis import methods
+from harvester.errors import HarvestError
+from tests import method_reference as ref
+
+
+def flat(mask_layers, I):
+    """Reference ``mask[k][l]`` -> per-language sorted flat indices."""
+    return [np.array(sorted(l * I + i for l, layer in enumerate(lang) for i in layer), dtype=np.int64)
+            for lang in mask_layers]
+
+
+def counts_case(seed, K=4, L=3, I=40, tokens=None):
+    """Counts with ties (identical neurons), all-zero neurons and one near-silent language."""
+    rng = np.random.default_rng(seed)
+    tokens = np.array(tokens or [1000, 700, 1300, 50][:K], dtype=np.int64)
+    p = rng.beta(0.5, 2.0, size=(K, L, I))
+    p[:, :, 3] = 0.0  # all-zero neurons
+    p[:, 1, 7] = 0.0
+    p[:, :, 5] = p[:, :, 4]  # identical probabilities: ties broken by flat index
+    active = np.floor(p * tokens[:, None, None]).astype(np.int64)
+    active[:, :, 6] = active[:, :, 4] * 0 + active[:, :, 4]
+    if K > 2:
+        active[1, :, 10:14] = tokens[1]  # neurons active on every token of one language
+    return active, tokens
+
+
+def lazy(a):
+    return da.from_array(a, chunks=(1, 2, a.shape[2]) if a.ndim == 3 else (1, 2, a.shape[2], a.shape[3]))
+
+
+def P_of(active, tokens):
+    return lazy(active) / np.maximum(tokens, 1)[:, None, None].astype(np.float64)
+
+
+@pytest.mark.parametrize("gather,bins", [(1 << 21, 4096), (7, 3), (50, 16)])
+def test_kth_smallest_is_exact(gather, bins, monkeypatch):
+    monkeypatch.setattr(methods, "_GATHER", gather)
+    monkeypatch.setattr(methods, "_BINS", bins)
+    active, tokens = counts_case(0)
+    P = P_of(active, tokens)
+    values = np.sort(P.compute().ravel())
+    for r in (1, 2, 17, len(values) // 2, round(0.95 * len(values)), len(values)):
+        assert methods.kth_smallest(P, r) == values[r - 1]
+    with pytest.raises(HarvestError, match="outside"):
+        methods.kth_smallest(P, 0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_lape(seed):
+    active, tokens = counts_case(seed)
+    P = P_of(active, tokens)
+    Pr = ref.probabilities(active, tokens)
+    for args in [(0.01, 0.95, 0.95), (0.05, 0.9, 0.95), (0.2, 0.5, 0.7)]:
+        want, tau, beta = ref.lape(Pr, *args)
+        got = methods.lape(P, *args)
+        assert (got["tau"], got["beta"]) == (tau, beta)
+        for g, w in zip(got["selected"], flat(want, Pr.shape[1])):
+            np.testing.assert_array_equal(g, w)
+
+
+def test_lape_variant():
+    active, tokens = counts_case(3)
+    Pr = ref.probabilities(active, tokens)
+    for rate in (0.01, 0.1):
+        want, threshold = ref.lape_variant(Pr, rate)
+        got = methods.lape_variant(P_of(active, tokens), rate)
+        assert got["threshold"] == threshold
+        for g, w in zip(got["selected"], flat(want, Pr.shape[1])):
+            np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize("K", [1, 2, 4])
+def test_entropy_lambda_and_autosweep(K):
+    active, tokens = counts_case(4, K=K)
+    P, Pr = P_of(active, tokens), ref.probabilities(active, tokens)
+    model = methods.EntropyLambda(P, top_rate=0.1)
+    for lam in (0.0, 0.05, 0.3):
+        want, appear = ref.entropy_lambda(Pr, lam, top_rate=0.1)
+        assert model.appear(lam) == appear
+        for g, w in zip(model.masks(lam), flat(want, Pr.shape[1])):
+            np.testing.assert_array_equal(g, w)
+    for lo, hi in [(0.0, 0.2), (0.0, 5.0), (0.3, 0.4)]:
+        assert model.autosweep(lo, hi, 1e-3) == ref.autosweep(Pr, 0.1, lo, hi, 1e-3)
+
+
+def test_autosweep_bisects():
+    """A case where hi fails and lo holds, so the sweep bisects."""
+    active, tokens = counts_case(5, K=2)
+    active[:, :, 20:26] = tokens[:, None, None]  # shared neurons: chosen by a large λ, in both masks
+    P, Pr = P_of(active, tokens), ref.probabilities(active, tokens)
+    lam, appear = ref.autosweep(Pr, 0.1, 0.0, 50.0, 1e-3, bar_ratio=0.8)
+    assert lam is not None and 0 < lam < 50
+    assert methods.EntropyLambda(P, top_rate=0.1, bar_ratio=0.8).autosweep(0.0, 50.0, 1e-3) == (lam, appear)
+
+
+def test_act_prob_zero_and_90p():
+    rng = np.random.default_rng(6)
+    K, L, I, B = 3, 2, 9, 6
+    hist = rng.integers(0, 20, size=(K, L, I, B))
+    hist[:, 0, 2] = 0  # an empty histogram
+    hist[:, 1, 4, :-1] = 0  # everything in the last bin
+    tokens = hist.sum(axis=(2, 3))[:, 0] // I + 1
+    edges = np.linspace(-1, 3, B - 1)
+    score, _, _ = ref.act_prob_90p(hist, edges, tokens)
+    for rate in (0.1, 0.3):
+        got = methods.act_prob_90p(lazy(hist), tokens, rate=rate)
+        for g, w in zip(got["selected"], flat(ref.act_prob_90p_mask(score, rate), I)):
+            np.testing.assert_array_equal(g, w)
+    active, tokens = counts_case(7)
+    Pr = ref.probabilities(active, tokens)
+    got = methods.act_prob_zero(P_of(active, tokens), rate=0.05)
+    for g, w in zip(got["selected"], flat(ref.act_prob_zero_mask(Pr, 0.05), active.shape[2])):
+        np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize("k", [0.0, 0.5, 0.95, 1.0])
+def test_coverage(k):
+    active, _ = counts_case(8)
+    active[2, 0] = 0  # a layer with no activity keeps nothing
+    got = methods.coverage(lazy(active), k)
+    for g, w in zip(got["selected"], flat(ref.coverage(active, k), active.shape[2])):
+        np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_localizer(per_layer):
+    rng = np.random.default_rng(9)
+    K, L, U = 3, 4, 10
+    samples = [rng.normal(loc=g * 0.3, size=(n, L, U)) for g, n in enumerate([12, 9, 15])]
+    samples[0][:, 0, 0] = 1.0  # zero variance in A ...
+    samples[1][:, 0, 0] = 1.0  # ... and B: t is undefined, never selected
+    count = np.array([len(s) for s in samples])
+    sums = np.stack([np.abs(s).sum(axis=0) for s in samples])
+    sqsums = np.stack([(s ** 2).sum(axis=0) for s in samples])
+    for a, b in [([0], [1]), ([0, 2], [1])]:
+        want, t = ref.localizer(count, sums, sqsums, a, b, 10, per_layer)
+        got = methods.localizer(count, da.from_array(sums, chunks=(1, 2, U)), da.from_array(sqsums, chunks=(1, 2, U)),
+                                a, b, 10, per_layer)
+        np.testing.assert_allclose(got["score"], t, rtol=1e-12, equal_nan=True)
+        np.testing.assert_array_equal(got["selected"][0], flat([want], U)[0])
+    diff = methods.localizer(count, da.from_array(sums), da.from_array(sqsums), [0], [1], 10, statistic="mean-diff")
+    np.testing.assert_allclose(diff["score"], ref.mean_difference(count[0], sums[0], count[1], sums[1]))
+
+
+def test_random_control_keeps_counts_and_avoids_the_mask():
+    active, tokens = counts_case(10)
+    L, I = active.shape[1:]
+    mask = methods.lape(P_of(active, tokens), top_rate=0.2)["selected"]
+    first = methods.random_control(mask, L, I, seed=3)
+    assert [a.tolist() for a in first] == [a.tolist() for a in methods.random_control(mask, L, I, seed=3)]
+    assert any(a.tolist() != b.tolist() for a, b in zip(first, methods.random_control(mask, L, I, seed=4)) if a.size)
+    for m, r in zip(mask, first):
+        np.testing.assert_array_equal(np.bincount(m // I, minlength=L), np.bincount(r // I, minlength=L))
+        assert not np.intersect1d(m, r).size and np.all(np.diff(r) > 0)
