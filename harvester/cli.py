@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--no-progress", action="store_true")
     s = sub.add_parser("summary", help="per-group summary of a store")
     s.add_argument("--store", required=True)
+    from analysis.cli import add_commands
+
+    add_commands(sub, _positive)
     return parser
 
 
@@ -138,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
             from harvester.summary import summarize
 
             print(summarize(args.store))
+        else:
+            from analysis.cli import run
+
+            run(args)
     except HarvestError as err:
         print(f"lsn: error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,213 @@
+"""A mask's report: per-language and per-layer counts, language overlaps and ``appear[]`` as CSV,
+two heatmaps (PNG) and a Markdown summary that links them.
+
+Everything works on the masks' sorted flat indices ``layer * width + neuron``; nothing builds the
+dense ``[K, L, I]`` array, so a report of 80 languages x 80 layers x 28672 neurons takes a second.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from analysis.masks import Mask
+from harvester.errors import HarvestError
+
+TOP_PAIRS = 10
+MAX_LAYER_TABLE = 40
+
+
+# -- statistics ----------------------------------------------------------------------------------
+def appear_counts(mask: Mask) -> list[int]:
+    """``appear[c]``, ``c = 0..K``: units ``(layer, neuron)`` in exactly ``c`` languages' masks,
+    counting only units in at least one (so ``appear[0] = 0``), as METHODS.md (Entropy-λ step 6)."""
+    K = len(mask.languages)
+    flat = np.concatenate(mask.selected) if K else np.zeros(0, np.int64)
+    if not flat.size:
+        return [0] * (K + 1)
+    _, in_masks = np.unique(flat, return_counts=True)  # [units in some mask]: languages holding it
+    appear = np.bincount(in_masks, minlength=K + 1)
+    appear[0] = 0
+    return [int(a) for a in appear]
+
+
+def overlap(mask: Mask) -> np.ndarray:
+    """``[K, K]`` int64: units selected for both languages; the diagonal is each language's own count."""
+    K = len(mask.languages)
+    out = np.zeros((K, K), dtype=np.int64)
+    if not K:
+        return out
+    flat = np.concatenate(mask.selected)  # [all selections]
+    owner = np.repeat(np.arange(K), [s.size for s in mask.selected])  # [all selections]: language
+    member = np.zeros(mask.n_layers * mask.width, dtype=bool)  # [layer * neuron] of one language
+    for j, sel in enumerate(mask.selected):
+        member[sel] = True
+        # column j: how many of each language's units language j also holds (exact: counts < 2**53)
+        out[:, j] = np.bincount(owner, weights=member[flat], minlength=K).astype(np.int64)
+        member[sel] = False
+    return out
+
+
+def jaccard(shared: np.ndarray) -> np.ndarray:
+    """``|A ∩ B| / |A ∪ B|`` from an overlap matrix; 0 where both sets are empty."""
+    own = np.diag(shared).astype(np.float64)
+    union = own[:, None] + own[None, :] - shared
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, shared / np.where(union > 0, union, 1), 0.0)
+
+
+def checked_appear(mask: Mask) -> list[int]:
+    """``appear[]`` from the selections; a different ``extra["appear"]`` means the mask's writer is wrong."""
+    appear = appear_counts(mask)
+    recorded = mask.extra.get("appear")
+    if recorded is not None and [int(a) for a in recorded] != appear:
+        raise HarvestError(f"the mask records appear = {list(recorded)}, but its selections give {appear}")
+    return appear
+
+
+# -- text ----------------------------------------------------------------------------------------
+def describe(mask: Mask) -> str:
+    """``method (name=value, ...)`` with the parameters and the recorded thresholds, for titles."""
+    items = dict(mask.params)
+    items.update({k: mask.extra[k] for k in ("tau", "beta", "lambda") if k in mask.extra})
+    text = ", ".join(f"{k}={_short(v)}" for k, v in items.items())
+    return f"{mask.method} ({text})" if text else mask.method
+
+
+def _short(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, sort_keys=True, default=str)
+    return str(value)
+
+
+def _cell(value) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: list, rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+
+
+def top_pairs(mask: Mask, shared: np.ndarray, n: int = TOP_PAIRS) -> list[tuple[str, str, int, float]]:
+    """The ``n`` language pairs sharing the most units by Jaccard (then by count, then mask order)."""
+    jac = jaccard(shared)
+    K = len(mask.languages)
+    pairs = [(a, b) for a in range(K) for b in range(a + 1, K) if shared[a, b] > 0]
+    pairs.sort(key=lambda p: (-jac[p], -shared[p], p))
+    return [(mask.languages[a], mask.languages[b], int(shared[a, b]), float(jac[a, b])) for a, b in pairs[:n]]
+
+
+# -- files ---------------------------------------------------------------------------------------
+def _write_csv(path: Path, header: list, rows: list[list]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def write_tables(mask: Mask, out: Path, counts: np.ndarray, shared: np.ndarray, appear: list[int]) -> None:
+    langs = mask.languages
+    _write_csv(out / "counts.csv", ["language", *(f"layer_{l}" for l in range(mask.n_layers)), "total"],
+               [[lang, *map(int, row), int(row.sum())] for lang, row in zip(langs, counts)])
+    _write_csv(out / "overlap.csv", ["language", *langs],
+               [[lang, *map(int, row)] for lang, row in zip(langs, shared)])
+    _write_csv(out / "overlap_jaccard.csv", ["language", *langs],
+               [[lang, *(repr(float(v)) for v in row)] for lang, row in zip(langs, jaccard(shared))])
+    _write_csv(out / "appear.csv", ["c", "appear"], [[c, a] for c, a in enumerate(appear)])
+
+
+def _heatmap(path: Path, data: np.ndarray, rows: list[str], cols: list[str], title: str, xlabel: str,
+             ylabel: str, bar: str) -> None:
+    """One labelled heatmap; sizes and tick fonts scale so that 80 x 80 stays legible."""
+    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no global state and no display, Agg renders PNG
+
+    n_rows, n_cols = data.shape
+    width = min(max(6.0, 4 + 0.16 * n_cols), 18)
+    fig = Figure(figsize=(width, min(max(4.5, 3 + 0.16 * n_rows), 18)), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
+    image = ax.imshow(np.ma.masked_invalid(data), aspect="auto", interpolation="nearest", cmap=cmap)
+    for axis, labels, count in ((ax.xaxis, cols, n_cols), (ax.yaxis, rows, n_rows)):
+        step = max(1, math.ceil(count / 80))
+        axis.set_ticks(range(0, count, step), [labels[i] for i in range(0, count, step)],
+                       fontsize=max(4, min(9, 400 // max(count, 1))))
+    ax.tick_params(axis="x", labelrotation=90)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title("\n".join(_wrap(title, int(width * 11))), fontsize=9)
+    fig.colorbar(image, ax=ax, label=bar, shrink=0.8)
+    fig.savefig(path, format="png", backend="agg")
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width) or [""]
+
+
+def write_plots(mask: Mask, out: Path, counts: np.ndarray, shared: np.ndarray) -> None:
+    what = describe(mask)
+    layers = [str(l) for l in range(mask.n_layers)]
+    _heatmap(out / "layers.png", counts.astype(float), mask.languages, layers,
+             f"Selected neurons per layer: {what}", "layer", "language", "selected neurons")
+    jac = jaccard(shared)
+    np.fill_diagonal(jac, np.nan)  # the diagonal (1) would flatten the colour scale of the pairs
+    _heatmap(out / "overlap.png", jac, mask.languages, mask.languages,
+             f"Language overlap (Jaccard, diagonal omitted): {what}", "language", "language", "Jaccard")
+
+
+def markdown(mask: Mask, title: str, counts: np.ndarray, shared: np.ndarray, appear: list[int]) -> str:
+    units = mask.n_layers * mask.width
+    lines = [f"# {title}", "", f"- method: `{mask.method}`", f"- parameters: {_short(mask.params)}"]
+    lines += [f"- {k}: {_short(mask.extra[k])}" for k in ("tau", "beta", "lambda") if k in mask.extra]
+    src = mask.source
+    lines += [f"- source store: {src.get('store') or src.get('file') or 'not recorded'}"]
+    lines += [f"- source {k}: {_short(src[k])}" for k in src if k not in ("store", "file")]
+    lines += [f"- model: {mask.n_layers} layers x {mask.width} neurons = {units} units (L·I)",
+              f"- languages ({len(mask.languages)}): {', '.join(mask.languages)}",
+              f"- units in at least one language: {sum(appear)}", "", "## Neurons per language", ""]
+    lines += _table(["language", "neurons", "share of L·I"],
+                    [[lang, int(row.sum()), f"{100 * row.sum() / units:.4f}%"]
+                     for lang, row in zip(mask.languages, counts)])
+    lines += ["", "## Neurons per layer", ""]
+    if mask.n_layers <= MAX_LAYER_TABLE:
+        lines += _table(["language", *range(mask.n_layers)],
+                        [[lang, *map(int, row)] for lang, row in zip(mask.languages, counts)])
+    else:
+        lines += [f"{mask.n_layers} layers are too many for a table: see [counts.csv](counts.csv) "
+                  "and [layers.png](layers.png)."]
+    lines += ["", "## Units by number of languages (appear[c])", ""]
+    lines += _table(["c", "appear"], [[c, a] for c, a in enumerate(appear)])
+    lines += ["", f"## Top overlapping language pairs (by Jaccard, up to {TOP_PAIRS})", ""]
+    pairs = top_pairs(mask, shared)
+    lines += _table(["language", "language", "shared", "Jaccard"], [[a, b, n, f"{j:.4f}"] for a, b, n, j in pairs]) \
+        if pairs else ["No two languages share a unit."]
+    lines += ["", "## Files", "", "![neurons per layer](layers.png)", "", "![language overlap](overlap.png)", ""]
+    lines += [f"- [{name}]({name})" for name in ("counts.csv", "overlap.csv", "overlap_jaccard.csv",
+                                                 "appear.csv", "layers.png", "overlap.png")]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(mask: Mask, out: str | Path, title: str | None = None) -> Path:
+    """Write the CSVs, the two PNGs and ``report.md`` into directory ``out``; returns ``report.md``."""
+    if not mask.languages:
+        raise HarvestError("the mask has no languages; there is nothing to report")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    appear = checked_appear(mask)
+    counts = mask.counts()  # [language, layer]
+    shared = overlap(mask)  # [language, language]
+    write_tables(mask, out, counts, shared, appear)
+    write_plots(mask, out, counts, shared)
+    path = out / "report.md"
+    path.write_text(markdown(mask, title or f"Mask report: {mask.method}", counts, shared, appear),
+                    encoding="utf-8")
+    return path
