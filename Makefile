@@ -17,6 +17,8 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/lsn harvest --model tiny:llama --corpus sample --store $(DEMO)/store \
 		--seq-len 256 --batch-size 8 --shard-tokens 16384 --actors 2
+	$(BIN)/lsn analyze lape --store $(DEMO)/store --out $(DEMO)/lape.npz --report $(DEMO)/lape-report
+	$(BIN)/lsn mask export --format rucaibox $(DEMO)/lape.npz $(DEMO)/lape.pt
 
 test: install
 	$(BIN)/python -m pytest -q
