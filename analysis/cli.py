@@ -25,6 +25,7 @@ def add_commands(sub, positive) -> None:
             m.add_argument("--mask", required=True, help="the mask to control for")
             m.add_argument("--seed", type=int, default=0)
             m.add_argument("--out", required=True)
+            m.add_argument("--store", default=None, help="check that the mask fits this store")
             continue
         m.add_argument("--store", required=True)
         m.add_argument("--out", required=name != "autosweep", help="mask file to write (.npz)")
@@ -87,6 +88,7 @@ def add_commands(sub, positive) -> None:
     r = sub.add_parser("report", help="tables and PNG plots of a mask")
     r.add_argument("--mask", required=True)
     r.add_argument("--out", required=True)
+    r.add_argument("--store", default=None, help="check that the mask fits this store")
 
 
 @contextlib.contextmanager
@@ -129,7 +131,10 @@ def run(args) -> None:
         from analysis.masks import Mask
         from analysis.report import write_report
 
-        print(f"wrote {write_report(Mask.load(args.mask), args.out)}")
+        mask = Mask.load(args.mask)
+        if args.store:
+            mask.check_store(args.store)
+        print(f"wrote {write_report(mask, args.out)}")
 
 
 def _describe(mask) -> str:
@@ -143,6 +148,8 @@ def _analyze(args) -> None:
 
     if args.method == "random":
         base = Mask.load(args.mask)
+        if args.store:
+            base.check_store(args.store)
         selected = methods.random_control(base.selected, base.n_layers, base.width, args.seed)
         mask = Mask(base.languages, base.n_layers, base.width, selected, "random",
                     {"seed": args.seed, "controls": base.method, "of": args.mask}, base.source)

@@ -96,6 +96,21 @@ class Mask:
             raise HarvestError(f"language '{language}' is not in the mask; it has {', '.join(self.languages)}")
         return self.languages.index(language)
 
+    def check_store(self, store: str) -> None:
+        """Refuse a store of another shape or another model than the mask was selected on."""
+        from harvester.store import read_attrs
+
+        attrs = read_attrs(store)
+        if attrs is None:
+            raise HarvestError(f"no store at {store}")
+        model = attrs["meta"]["model"]
+        if (model.get("layers"), model.get("width")) != (self.n_layers, self.width):
+            raise HarvestError(f"the mask is for {self.n_layers} layers x {self.width} units, but store {store} "
+                               f"has {model.get('layers')} x {model.get('width')}")
+        if self.source.get("model") and model.get("id") and self.source["model"] != model["id"]:
+            raise HarvestError(f"the mask was selected on model {self.source['model']}, store {store} holds "
+                               f"{model['id']}")
+
     # -- files ---------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         path = Path(path)

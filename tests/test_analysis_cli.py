@@ -152,3 +152,18 @@ def test_malformed_mask_files(tmp_path, capsys):
     torch.save([[torch.tensor([0.5])]], tmp_path / "float.pt")
     assert main(["mask", "import", str(tmp_path / "float.pt"), str(tmp_path / "o.npz")]) == 2
     assert "1-d integer tensors" in capsys.readouterr().err
+
+
+def test_mask_of_another_model_or_shape_is_refused(store, tmp_path, capsys):
+    other, residual = tmp_path / "gpt2", tmp_path / "residual"
+    assert main(["harvest", *BASE, "--model", "tiny:gpt2", "--corpus", "sample:docs=2,langs=en", "--store",
+                 str(other)]) == 0
+    assert main(["harvest", *BASE, "--site", "residual", "--corpus", "sample:docs=2,langs=en", "--store",
+                 str(residual)]) == 0
+    assert main(["analyze", "lape", "--store", str(store), "--out", str(tmp_path / "m.npz"), "--top-rate", "0.05"]) == 0
+    capsys.readouterr()
+    for target, message in [(other, "was selected on model tiny:llama"), (residual, "the mask is for 3 layers x 128")]:
+        assert main(["report", "--mask", str(tmp_path / "m.npz"), "--out", str(tmp_path / "r"),
+                     "--store", str(target)]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "r").exists()
