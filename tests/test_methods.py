@@ -160,3 +160,17 @@ def test_random_control_keeps_counts_and_avoids_the_mask():
     for m, r in zip(mask, first):
         np.testing.assert_array_equal(np.bincount(m // I, minlength=L), np.bincount(r // I, minlength=L))
         assert not np.intersect1d(m, r).size and np.all(np.diff(r) > 0)
+
+
+def test_one_language_and_a_language_with_nothing_selected():
+    active, tokens = counts_case(11, K=1)
+    Pr = ref.probabilities(active, tokens)
+    want, tau, beta = ref.lape(Pr, top_rate=0.05)
+    got = methods.lape(P_of(active, tokens), top_rate=0.05)
+    assert (got["tau"], got["beta"]) == (tau, beta)
+    np.testing.assert_array_equal(got["selected"][0], flat(want, active.shape[2])[0])
+    active, tokens = counts_case(12)
+    active[3] = 0  # a silent language: never above β, so its mask is empty
+    got = methods.lape(P_of(active, tokens), top_rate=0.05)
+    assert got["selected"][3].size == 0
+    assert [g.tolist() for g in got["selected"]] == [w.tolist() for w in flat(ref.lape(ref.probabilities(active, tokens), 0.05)[0], active.shape[2])]
