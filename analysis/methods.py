@@ -2,8 +2,9 @@
 
 Inputs are Dask arrays ``[K, L, I]`` (language, layer, neuron) read chunk by chunk from the store.
 What is large (``P`` over all languages, layers and neurons: 183M values for a Llama-3-70B-shaped
-store of 80 groups) is never held in memory: per-neuron scores are reduced over languages block by
-block (``[L, I]``, 2.3M values for 70B, is small), and the global quantiles ``τ`` and ``β`` are found
+store of 80 groups) is never held in memory: per-neuron scores are reduced over languages one
+language at a time (``[L, I]``, 2.3M values for 70B, is small; the sums run in language order, as
+the reference's), and the global quantiles ``τ`` and ``β`` are found
 exactly by histogram refinement (:func:`kth_smallest`). Top-k selections then run in memory on the
 per-neuron scores, with ties going to the smaller flat index ``l * I + i``.
 
@@ -83,11 +84,12 @@ def largest(score: np.ndarray, count: int) -> np.ndarray:
     return order[:max(count, 0)]
 
 
-def _by_neuron(P):
-    """``P`` rechunked so that each block holds every language of its neurons."""
-    K, L, I = P.shape
-    per_block = max(1, (1 << 23) // max(K, 1))  # ~64 MiB of float64 per block
-    return P.rechunk((K, 1, min(I, per_block)))
+def _rows(P):
+    """Each language's ``P[k]`` (``[L, I]``, small) in turn: reductions over languages run as plain
+    loops in language order, in the same order as the reference, holding a few ``[L, I]`` arrays."""
+    for k in range(P.shape[0]):
+        (row,) = _compute(P[k])
+        yield np.asarray(row, dtype=np.float64)
 
 
 def _membership(P, selected: np.ndarray, beta: float) -> list[np.ndarray]:
@@ -110,20 +112,18 @@ def appear_counts(selected: list[np.ndarray], K: int) -> list[int]:
 
 
 # -- LAPE ------------------------------------------------------------------------------------
-def _lape_block(block, tau):
-    total = block.sum(axis=0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(total > 0, block / total, 0.0)
-        terms = np.where(q > 0, q * np.log(np.where(q > 0, q, 1.0)), 0.0)
-    H = -terms.sum(axis=0)
-    return np.where((block > tau).any(axis=0), H, np.inf)[None]
-
-
 def lape_entropy(P, tau: float) -> np.ndarray:
-    """LAPE steps 1-3: ``H [L, I]`` (natural log; +inf without any ``P > τ``)."""
-    Pn = _by_neuron(P)
-    (H,) = _compute(Pn.map_blocks(_lape_block, tau, dtype=np.float64, chunks=((1,), *Pn.chunks[1:])))
-    return H[0]
+    """LAPE steps 1-3: ``H [L, I]`` (natural log; +inf without any ``P > τ``). Two passes over the store."""
+    total, above = None, None
+    for row in _rows(P):
+        total = row.copy() if total is None else total + row
+        above = row > tau if above is None else above | (row > tau)
+    H = np.zeros_like(total)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for row in _rows(P):
+            q = np.where(total > 0, row / total, 0.0)  # step 1
+            H -= np.where(q > 0, q * np.log(np.where(q > 0, q, 1.0)), 0.0)  # step 2: 0 ln 0 = 0
+    return np.where(above, H, np.inf)  # step 3
 
 
 def lape(P, top_rate: float = 0.01, filter_rate: float = 0.95, bar_ratio: float = 0.95) -> dict:
@@ -157,17 +157,6 @@ def harmonic_c(K: int) -> float:
     return sum(1.0 / j for j in range(1, K + 1)) / K
 
 
-def _entropy_block(block, beta):
-    K = block.shape[0]
-    total = block.sum(axis=0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(total > 0, block / total, 1.0 / K)  # step 1
-    q = np.maximum(q, 1e-12)  # step 2
-    q = q / q.sum(axis=0)
-    H = -(q * np.log(q + 1e-30)).sum(axis=0) / math.log(K) if K > 1 else np.zeros(block.shape[1:])
-    return np.stack([H, block.max(axis=0), (block > beta).sum(axis=0).astype(np.float64)])
-
-
 class EntropyLambda:
     """Entropy-λ (Zhang et al. 2025), with everything that does not depend on λ computed once:
     Ĥ, ``max_k P`` and, per neuron, how many languages have ``P > β`` (which is all ``appear`` needs)."""
@@ -176,11 +165,26 @@ class EntropyLambda:
         K, L, I = P.shape
         self.P, self.K, self.top_rate = P, K, top_rate
         self.beta = kth_smallest(P, round(bar_ratio * K * L * I))  # step 5
-        Pn = _by_neuron(P)
-        (parts,) = _compute(Pn.map_blocks(_entropy_block, self.beta, dtype=np.float64,
-                                          chunks=((3,), Pn.chunks[1], Pn.chunks[2])))
-        self.H, self.maxP, self.n_langs = parts[0], parts[1], parts[2].astype(np.int64)
+        self.H, self.maxP, self.n_langs = self._scores(P, K)
         self.count = round(top_rate * L * I)
+
+    def _scores(self, P, K: int):
+        """Ĥ, ``max_k P`` and the number of languages with ``P > β``, in three passes over the store."""
+        total = maxP = n_langs = None
+        for row in _rows(P):
+            total = row.copy() if total is None else total + row
+            maxP = row.copy() if maxP is None else np.maximum(maxP, row)
+            n_langs = (row > self.beta).astype(np.int64) if n_langs is None else n_langs + (row > self.beta)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            floor_sum = np.zeros_like(total)
+            for row in _rows(P):
+                floor_sum += np.maximum(np.where(total > 0, row / total, 1.0 / K), 1e-12)  # steps 1-2
+            acc = np.zeros_like(total)
+            for row in _rows(P):
+                q = np.maximum(np.where(total > 0, row / total, 1.0 / K), 1e-12) / floor_sum
+                acc += q * np.log(q + 1e-30)
+        H = -acc / math.log(K) if K > 1 else np.zeros_like(total)
+        return H, maxP, n_langs
 
     def chosen(self, lam: float) -> np.ndarray:
         score = self.H - lam * self.maxP / harmonic_c(self.K)  # step 3
