@@ -19,7 +19,7 @@ from harvester.config import HarvestConfig
 from harvester.corpus import parse_corpora
 from harvester.errors import HarvestError
 from harvester.stats import StatsSpec
-from harvester.store import Store, fingerprint_differences, read_attrs
+from harvester.store import Store, fingerprint_differences, read_attrs, tokens_dir
 from harvester.windows import SHARDS_PER_STREAM, ShardInfo, TokenSettings, read_manifest
 from harvester.worker import ShardWorker, TokenizeJob, WorkerConfig, tokenize
 
@@ -59,8 +59,7 @@ def harvest(cfg: HarvestConfig) -> Store:
                         spec, cfg.batch_size, unit=cfg.unit, pooling=pooling)
     settings = TokenSettings(cfg.seq_len, cfg.shard_tokens, pooling, fingerprint["tokenizer"]["sha256"],
                              tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1)
-    job = TokenizeJob(portable, tuple(cfg.corpus), cfg.corpus_options, settings,
-                      f"{str(cfg.store).rstrip('/')}/tokens")
+    job = TokenizeJob(portable, tuple(cfg.corpus), cfg.corpus_options, settings, tokens_dir(cfg.store))
     n_streams = len(corpora.streams)
 
     def open_store(shape) -> Store:

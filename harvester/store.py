@@ -65,6 +65,11 @@ def zarr_store(path: str | Path, read_only: bool = False):
     return zarr.storage.LocalStore(str(path), read_only=read_only)
 
 
+def tokens_dir(path: str | Path) -> str:
+    """Where a store's token shards and stream manifests live: ``STORE/tokens``."""
+    return f"{str(path).rstrip('/')}/tokens"
+
+
 def read_attrs(path: str | Path) -> dict | None:
     """The store's ``lsn`` attributes; None if nothing is there. Errors for a file or a foreign directory."""
     fsys, p = fs.filesystem(str(path))
@@ -108,11 +113,6 @@ class Store:
         self.attrs = self.root.attrs.asdict()["lsn"]
         self.groups: list[str] = self.attrs["meta"]["corpus"]["groups"]
         self.variables: list[str] = [VARIABLES[s] for s in self.attrs["fingerprint"]["settings"]["stats"]]
-
-    @property
-    def tokens_dir(self) -> str:
-        """Where the token shards and stream manifests live: ``STORE/tokens``."""
-        return f"{self.path.rstrip('/')}/tokens"
 
     # -- creation ---------------------------------------------------------------------------
     @classmethod
