@@ -18,8 +18,9 @@ or with ``--response-only`` every language that has response counts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import dask.array as da
 import numpy as np
 
 from harvester.errors import HarvestError
@@ -43,6 +44,12 @@ class Counts:
     attrs: dict
     groups: list[list[str]]
     """The store groups behind each language."""
+    dataset: object = field(repr=False, default=None)
+    """The store's lazy xarray Dataset."""
+    index: list[list[int]] = field(default_factory=list)
+    """Positions of :attr:`groups` in the store."""
+    subtracted: list[bool] = field(default_factory=list)
+    """Per language: counts are ``full - prompt`` (imported from two runs), not a sum of groups."""
 
     def probabilities(self):
         """Dask float64 ``[K, L, I]``: ``P = numer / denom``."""
@@ -53,8 +60,11 @@ class Counts:
                 "model": self.attrs["meta"]["model"].get("id"), "groups": self.groups}
 
     def variable(self, name: str):
-        """Another statistic ``[K, L, I(, B)]`` summed over each language's groups (not response-only)."""
-        return _stack(self._ds, name, self._index)
+        """Another statistic ``[K, L, I(, B)]`` summed over each language's groups."""
+        if any(self.subtracted):
+            raise HarvestError(f"'{name}' cannot be taken for full-minus-prompt languages; "
+                               "only activation counts can")
+        return _stack(self.dataset, name, self.index)
 
 
 def open_counts(store: str, langs: list[str] | None = None, response_only: bool = False) -> Counts:
@@ -75,7 +85,7 @@ def open_counts(store: str, langs: list[str] | None = None, response_only: bool 
         spec = langs or _response_languages(groups)
         if not spec:
             raise HarvestError(f"store {store} has no response groups (LANG:response, or LANG:full with LANG:prompt)")
-        rows, denom, toks, behind = [], [], [], []
+        rows, denom, toks, behind, subtracted = [], [], [], [], []
         for lang in spec:
             if f"{lang}:response" in position:
                 g = position[f"{lang}:response"]
@@ -83,23 +93,20 @@ def open_counts(store: str, langs: list[str] | None = None, response_only: bool 
                 toks.append(tokens[g])
                 denom.append(max(tokens[g], 1))
                 behind.append([f"{lang}:response"])
+                subtracted.append(False)
             elif f"{lang}:full" in position and f"{lang}:prompt" in position:
                 f, p = position[f"{lang}:full"], position[f"{lang}:prompt"]
-                import dask.array as da
-
                 rows.append(da.maximum(ds["active"].data[f] - ds["active"].data[p], 0))
                 toks.append(max(tokens[f] - tokens[p], 0))
                 denom.append(max(tokens[f] - tokens[p], 1))
                 behind.append([f"{lang}:full", f"{lang}:prompt"])
+                subtracted.append(True)
             else:
                 raise HarvestError(f"language '{lang}' has no response counts in {store} "
                                    f"(needs group {lang}:response, or {lang}:full and {lang}:prompt)")
-        import dask.array as da
-
-        counts = Counts(list(spec), da.stack(rows), np.array(denom, np.int64), np.array(toks, np.int64),
-                        ds.sizes["layer"], ds.sizes["neuron"], str(store), attrs, behind)
-        counts._ds, counts._index = ds, [[position[g] for g in b] for b in behind]
-        return counts
+        return Counts(list(spec), da.stack(rows), np.array(denom, np.int64), np.array(toks, np.int64),
+                      ds.sizes["layer"], ds.sizes["neuron"], str(store), attrs, behind, ds,
+                      [[position[g] for g in b] for b in behind], subtracted)
     names, index = [], []
     for item in (langs or groups):
         name, sep, expr = item.partition("=")
@@ -113,15 +120,12 @@ def open_counts(store: str, langs: list[str] | None = None, response_only: bool 
     if len(set(names)) != len(names):
         raise HarvestError(f"a language is named twice in --langs: {', '.join(names)}")
     toks = np.array([sum(int(tokens[g]) for g in idx) for idx in index], np.int64)
-    counts = Counts(names, _stack(ds, "active", index), np.maximum(toks, 1), toks, ds.sizes["layer"],
-                    ds.sizes["neuron"], str(store), attrs, [[groups[g] for g in idx] for idx in index])
-    counts._ds, counts._index = ds, index
-    return counts
+    return Counts(names, _stack(ds, "active", index), np.maximum(toks, 1), toks, ds.sizes["layer"],
+                  ds.sizes["neuron"], str(store), attrs, [[groups[g] for g in idx] for idx in index], ds, index,
+                  [False] * len(names))
 
 
 def _stack(ds, name: str, index: list[list[int]]):
-    import dask.array as da
-
     if name not in ds:
         raise HarvestError(f"the store has no '{name}' statistic; harvest with --stats including it")
     data = ds[name].data

@@ -167,3 +167,28 @@ def test_mask_of_another_model_or_shape_is_refused(store, tmp_path, capsys):
                      "--store", str(target)]) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / "r").exists()
+
+
+def test_full_minus_prompt_languages(tmp_path):
+    """Imported alignment-study runs: response-only P from full minus prompt; other statistics refused."""
+    from analysis.data import open_counts
+    from harvester.errors import HarvestError
+
+    rng = np.random.default_rng(1)
+    src = tmp_path / "lna"
+    src.mkdir()
+    full, prompt = {}, {}
+    for lang in ("en", "zh"):
+        full[lang] = rng.integers(0, 400, size=(2, 6))
+        prompt[lang] = rng.integers(0, 300, size=(2, 6))
+        torch.save({"total_tokens": 500, "over_zero": torch.from_numpy(full[lang])}, src / f"activation.{lang}.x.pt")
+        torch.save({"total_tokens": 320, "over_zero": torch.from_numpy(prompt[lang])},
+                   src / f"prefix.activation.{lang}.x.pt")
+    assert main(["import", "--format", "lna", "--src", str(src), "--store", str(tmp_path / "s")]) == 0
+    counts = open_counts(str(tmp_path / "s"), response_only=True)
+    assert counts.names == ["en", "zh"] and counts.subtracted == [True, True]
+    want = ref.response_only(np.stack([full["en"], full["zh"]]), [500, 500],
+                             np.stack([prompt["en"], prompt["zh"]]), [320, 320])
+    np.testing.assert_array_equal(counts.probabilities().compute().transpose(1, 2, 0), want)
+    with pytest.raises(HarvestError, match="full-minus-prompt"):
+        counts.variable("active")
