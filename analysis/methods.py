@@ -102,15 +102,6 @@ def _membership(P, selected: np.ndarray, beta: float) -> list[np.ndarray]:
     return [selected[values[k] > beta].astype(np.int64) for k in range(K)]
 
 
-def appear_counts(selected: list[np.ndarray], K: int) -> list[int]:
-    """``appear[c]``: units in exactly ``c`` of the masks, counting units in at least one."""
-    allsel = np.concatenate(selected) if selected else np.zeros(0, np.int64)
-    _, per_unit = np.unique(allsel, return_counts=True)
-    appear = np.bincount(per_unit, minlength=K + 1).tolist()
-    appear[0] = 0
-    return appear[:K + 1]
-
-
 # -- LAPE ------------------------------------------------------------------------------------
 def lape_entropy(P, tau: float) -> np.ndarray:
     """LAPE steps 1-3: ``H [L, I]`` (natural log; +inf without any ``P > τ``). Two passes over the store."""
@@ -224,19 +215,15 @@ class EntropyLambda:
 
 
 # -- activation-probability thresholds ---------------------------------------------------------
-def top_per_language(score_rows, m: int) -> list[np.ndarray]:
-    """Each language's ``m`` largest scores over all layers (ties by flat index, zeros included)."""
-    return [np.sort(largest(row, m)).astype(np.int64) for row in score_rows]
+def _top(row: np.ndarray, m: int) -> np.ndarray:
+    """One language's ``m`` largest scores over all layers (ties by flat index, zeros included), sorted."""
+    return np.sort(largest(row, m)).astype(np.int64)
 
 
 def act_prob_zero(P, rate: float = 0.00125) -> dict:
-    K, L, I = P.shape
+    _, L, I = P.shape
     m = round(rate * L * I)
-    selected = []
-    for k in range(K):
-        (row,) = _compute(P[k])
-        selected.append(top_per_language([row], m)[0])
-    return {"selected": selected}
+    return {"selected": [_top(row, m) for row in _rows(P)]}
 
 
 def _percentile_bin(pooled, percent):
@@ -256,7 +243,7 @@ def act_prob_90p(hist, tokens: np.ndarray, percent: int = 90, rate: float = 0.00
     for k in range(K):
         (h,) = _compute(hist[k])
         score = (h * above).sum(axis=-1) / max(int(tokens[k]), 1)
-        selected.append(top_per_language([score], m)[0])
+        selected.append(_top(score, m))
     return {"selected": selected, "percentile_bin": bins}
 
 
