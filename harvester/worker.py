@@ -7,6 +7,7 @@ Used directly in-process (``--no-ray``) and wrapped as Ray tasks and actors by
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 from dataclasses import dataclass
@@ -39,11 +40,17 @@ class TokenizeJob:
 
 def tokenize(job: TokenizeJob, stream: int) -> Iterator[ShardInfo]:
     """Tokenize one corpus stream into token shards; yields each shard as it is written."""
+    tokenizer, corpora = _prepared(job)
+    yield from tokenize_stream(corpora, stream, tokenizer, job.settings, job.root)
+
+
+@functools.lru_cache(maxsize=2)
+def _prepared(job: TokenizeJob):
+    """The job's tokenizer and checked corpora, once per process: every stream of a harvest (and every
+    task a Ray worker process runs) shares them instead of reloading and re-reading all inputs."""
     from harvester.backends.hf import load_tokenizer, resolve_model
 
-    tokenizer = load_tokenizer(resolve_model(job.model))
-    corpora = parse_corpora(list(job.corpus), job.options)
-    yield from tokenize_stream(corpora, stream, tokenizer, job.settings, job.root)
+    return load_tokenizer(resolve_model(job.model)), parse_corpora(list(job.corpus), job.options)
 
 
 @dataclass(frozen=True)

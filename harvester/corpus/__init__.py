@@ -38,7 +38,7 @@ class Stream:
     """Stop the stream after this many tokens (the last window is cut there)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class CorpusOptions:
     """Options that apply to the corpus kinds that use them (CLI flags or YAML keys)."""
 
