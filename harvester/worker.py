@@ -67,6 +67,10 @@ class WorkerConfig:
     threads: int | None = None
     unit: str = "mlp"
     pooling: str = "token"
+    tensor_parallel: int = 1
+    """vLLM: ranks per model."""
+    seq_len: int = 512
+    """vLLM: ``max_model_len`` (no window is longer)."""
 
 
 class ShardWorker:
@@ -76,9 +80,15 @@ class ShardWorker:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.cfg = cfg
+        extra = {}
+        if cfg.backend == "vllm":
+            extra = dict(tensor_parallel=cfg.tensor_parallel, seq_len=cfg.seq_len, batch_size=cfg.batch_size)
         self.backend = backend_class(cfg.backend)(cfg.model, dtype=cfg.dtype, device=cfg.device,
-                                                  device_map=cfg.device_map, site=cfg.site, unit=cfg.unit)
+                                                  device_map=cfg.device_map, site=cfg.site, unit=cfg.unit, **extra)
         self._store: Store | None = None
+
+    def close(self) -> None:
+        self.backend.close()
 
     def shape(self) -> tuple[int, int]:
         """``(layers, units per layer)`` of the loaded model."""

@@ -7,7 +7,7 @@ import importlib
 
 from harvester.errors import HarvestError
 
-BACKENDS = {"hf": "harvester.backends.hf:HFBackend"}
+BACKENDS = {"hf": "harvester.backends.hf:HFBackend", "vllm": "harvester.backends.vllm_engine:VLLMBackend"}
 
 
 def backend_class(name: str):

