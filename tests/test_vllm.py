@@ -98,6 +98,9 @@ def test_a_token_counted_wrongly_is_an_error_and_the_engine_goes_on(engine):
     bad = Window(np.arange(4, 40, dtype=np.int32), np.zeros(10, dtype=np.int16))
     with pytest.raises(HarvestError, match="beyond its 10 tokens"):
         engine.statistics([bad], SPEC, batch_size=BATCH)
+    too_long = Window(np.full(SEQ + 5, 7, dtype=np.int32), np.zeros(SEQ + 5, dtype=np.int16))
+    with pytest.raises(HarvestError, match="vLLM refused a window"):
+        engine.statistics(make_windows(n=2) + [too_long], SPEC, batch_size=BATCH)
     good = make_windows(n=2, seed=9)
     assert sum(r["tokens"] for r in engine.statistics(good, SPEC, batch_size=BATCH).values()) == sum(
         int((w.groups >= 0).sum()) for w in good)

@@ -430,12 +430,13 @@ class VLLMBackend(Backend):
     def prefill(self, windows: list[Window], keys: list[str] | None = None) -> None:
         """Run each window as a prompt-only request (``max_tokens=1``) to completion."""
         from vllm.exceptions import VLLMValidationError
+        from vllm.inputs.engine import tokens_input
 
         engine = self.llm.llm_engine
         keys = keys or [f"plain{next(self._counter)}w{k}" for k in range(len(windows))]
         try:
             for key, w in zip(keys, windows):
-                engine.add_request(key, {"prompt_token_ids": w.ids.tolist()}, self._params)
+                engine.add_request(key, tokens_input(w.ids.tolist()), self._params)
         except VLLMValidationError as err:
             engine.abort_request(keys, internal=False)
             raise HarvestError(f"vLLM refused a window: {str(err).splitlines()[0]}") from None
