@@ -62,9 +62,18 @@ def main() -> None:
     def harvest() -> None:
         backend.statistics(windows, spec, args.batch_size)
 
+    print(f"model: llama {args.layers} layers, hidden {args.hidden}, width {args.width}; "
+          f"{args.batches} batches of {args.batch_size}x{args.seq_len} tokens; stats {','.join(stats)}; "
+          f"torch threads {torch.get_num_threads()}")
+    interleaved(plain, harvest, args.repeats, n * args.seq_len)
+
+
+def interleaved(plain, harvest, repeats: int, tokens: int) -> None:
+    """Time ``plain`` and ``harvest`` alternately (after one warm-up each), print the figures, and as
+    the last line ``harvest/plain time ratio: X``, the median of the per-repeat ratios."""
     plain(), harvest()  # warm-up
     ratios, times = [], {"plain": [], "harvest": []}
-    for r in range(args.repeats):
+    for r in range(repeats):
         pair = {}
         for name, fn in ((("plain", plain), ("harvest", harvest)) if r % 2 == 0 else (("harvest", harvest), ("plain", plain))):
             t = time.perf_counter()
@@ -72,10 +81,6 @@ def main() -> None:
             pair[name] = time.perf_counter() - t
             times[name].append(pair[name])
         ratios.append(pair["harvest"] / pair["plain"])
-    tokens = n * args.seq_len
-    print(f"model: llama {args.layers} layers, hidden {args.hidden}, width {args.width}; "
-          f"{args.batches} batches of {args.batch_size}x{args.seq_len} tokens; stats {','.join(stats)}; "
-          f"torch threads {torch.get_num_threads()}")
     for name, ts in times.items():
         med = statistics.median(ts)
         print(f"{name:>8}: median {med * 1000:8.1f} ms per pass, {tokens / med:9.0f} tokens/s")
@@ -84,7 +89,6 @@ def main() -> None:
     print(f"ratio of medians: {medians:.3f}; ratio of fastest passes: {fastest:.3f}")
     print(f"per-repeat ratios: {' '.join(f'{r:.3f}' for r in ratios)}")
     print(f"harvest/plain time ratio: {statistics.median(ratios):.3f}")
-
 
 if __name__ == "__main__":
     main()

@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harvest_overhead import interleaved  # noqa: E402
 
 
 def build_model(path: str, layers: int, hidden: int, width: int, dtype: str) -> None:
@@ -82,29 +83,13 @@ def main() -> None:
     def harvest() -> None:
         backend.statistics(windows, spec, args.batch_size)
 
-    plain(), harvest()  # warm-up
-    ratios, times = [], {"plain": [], "harvest": []}
-    for r in range(args.repeats):
-        pair = {}
-        for name, fn in ((("plain", plain), ("harvest", harvest)) if r % 2 == 0 else (("harvest", harvest), ("plain", plain))):
-            t = time.perf_counter()
-            fn()
-            pair[name] = time.perf_counter() - t
-            times[name].append(pair[name])
-        ratios.append(pair["harvest"] / pair["plain"])
-    backend.close()
-    tokens = args.prompts * args.seq_len
     print(f"model: llama {args.layers} layers, hidden {args.hidden}, width {args.width}, {args.dtype}, "
           f"tensor parallel {args.tensor_parallel}, {device}; {args.prompts} prompts x {args.seq_len} tokens, "
           f"max_num_seqs {args.batch_size}; stats {','.join(spec.stats)}")
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        print(f"{name:8s} median {med * 1e3:8.1f} ms  min {min(ts) * 1e3:8.1f} ms  {tokens / med:9.0f} tok/s")
-    print(f"ratio of medians {statistics.median(times['harvest']) / statistics.median(times['plain']):.3f}; "
-          f"of minima {min(times['harvest']) / min(times['plain']):.3f}; paired ratios "
-          f"{min(ratios):.3f}..{max(ratios):.3f}")
-    print(f"harvest/plain time ratio: {statistics.median(ratios):.3f}")
-
+    try:
+        interleaved(plain, harvest, args.repeats, args.prompts * args.seq_len)
+    finally:
+        backend.close()
 
 if __name__ == "__main__":
     main()

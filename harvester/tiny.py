@@ -29,7 +29,7 @@ CONFIGS: dict[str, dict] = {
     "qwen2": _GATED,
     "qwen3": dict(_GATED, head_dim=32),
     "gemma": dict(_GATED, head_dim=32),
-    "gemma2": dict(_GATED, head_dim=32),
+    "gemma2": dict(_GATED, head_dim=32, tie_word_embeddings=True),  # as released; vLLM's Gemma 2 needs it
     "cohere": _GATED,
     "phi3": _GATED,
     "gpt2": dict(n_embd=64, n_inner=128, n_layer=3, n_head=2, n_positions=512),
@@ -75,7 +75,7 @@ def tiny_model(arch: str, seed: int = 0):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(arch, vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                                  tie_word_embeddings=False, **CONFIGS[arch])
+                                  **{"tie_word_embeddings": False, **CONFIGS[arch]})
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
