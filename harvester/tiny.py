@@ -33,7 +33,7 @@ CONFIGS: dict[str, dict] = {
     "cohere": _GATED,
     "phi3": _GATED,
     "gpt2": dict(n_embd=64, n_inner=128, n_layer=3, n_head=2, n_positions=512),
-    "bloom": dict(hidden_size=64, n_layer=3, n_head=2),
+    "bloom": dict(hidden_size=64, n_layer=3, n_head=2, tie_word_embeddings=True),  # as released; vLLM needs it
     "opt": dict(hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=2,
                 word_embed_proj_dim=64, max_position_embeddings=512),
     "gpt_neox": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
