@@ -57,8 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("summary", help="per-group summary of a store")
     s.add_argument("--store", required=True)
     from analysis.cli import add_commands
+    from jobs.cli import add_commands as add_jobs
 
     add_commands(sub, _positive)
+    add_jobs(sub, _positive)
     return parser
 
 
@@ -143,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
             from harvester.summary import summarize
 
             print(summarize(args.store))
+        elif args.command in ("intervene", "demo"):
+            from jobs.cli import run
+
+            run(args)
         else:
             from analysis.cli import run
 

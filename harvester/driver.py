@@ -140,11 +140,11 @@ def _run_local(cfg: HarvestConfig, wcfg: WorkerConfig, job: TokenizeJob, n_strea
 def _run_ray(cfg: HarvestConfig, wcfg: WorkerConfig, job: TokenizeJob, n_streams: int, open_store) -> list:
     import ray
 
-    started = _ray_init(cfg)
+    started = ray_init(cfg.address)
     try:
         res = _resources(cfg, ray)
         actors = [res.spawn(wcfg) for _ in range(res.n_actors)]
-        store = open_store(_ray_get(ray, actors[0].shape.remote()))
+        store = open_store(ray_get(ray, actors[0].shape.remote()))
         task = ray.remote(num_returns="streaming", num_cpus=res.tokenize_cpus, max_retries=2,
                           _generator_backpressure_num_objects=2)(tokenize)
         with _Progress(cfg) as bar:
@@ -168,13 +168,13 @@ def _check_reachable(address: str) -> None:
         raise HarvestError(f"cannot reach the Ray cluster at {address}: {err.strerror or err}") from None
 
 
-def _ray_init(cfg: HarvestConfig) -> bool:
+def ray_init(address: str | None) -> bool:
     """Join ``--address``/``$RAY_ADDRESS``, or start an embedded local instance on loopback."""
     import ray
 
     if ray.is_initialized():
         return False
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    address = address or os.environ.get("RAY_ADDRESS")
     kwargs = dict(include_dashboard=False, logging_level="warning", log_to_driver=False)
     if address:
         _check_reachable(address)
@@ -246,7 +246,7 @@ def _resources(cfg: HarvestConfig, ray) -> _Resources:
     return _Resources(spawn, n, tokenize_cpus, cfg.tokenize_tasks or max(1, free))
 
 
-def _ray_get(ray, ref):
+def ray_get(ray, ref):
     """``ray.get`` that re-raises our own errors from inside actors (method or constructor) as they are."""
     try:
         return ray.get(ref)
@@ -312,7 +312,7 @@ class _Dispatcher:
             del self.generators[generator]
             self.bar.stream_done(self.n_streams)
             return
-        info = _ray_get(self.ray, ref)
+        info = ray_get(self.ray, ref)
         self.infos.append(info)
         self.bar.planned(info)
         if self.store.done([info.index])[0]:
@@ -324,7 +324,7 @@ class _Dispatcher:
         actor, info = self.inflight.pop(ref)
         self.load[id(actor)] -= 1
         try:
-            self.bar.update(_ray_get(self.ray, ref))
+            self.bar.update(ray_get(self.ray, ref))
         except self.ray.exceptions.RayActorError:
             self._replace(actor, info)
 

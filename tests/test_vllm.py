@@ -240,7 +240,7 @@ def test_tensor_parallel_actors_get_placement_groups_of_one_gpu_bundles(tmp_path
     import ray
 
     from harvester.config import HarvestConfig
-    from harvester.driver import _ray_get, _resources
+    from harvester.driver import ray_get, _resources
     from harvester.worker import WorkerConfig
 
     ray.init(num_cpus=2, num_gpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
@@ -256,7 +256,7 @@ def test_tensor_parallel_actors_get_placement_groups_of_one_gpu_bundles(tmp_path
                             StatsSpec(), 4, tensor_parallel=2, seq_len=128)
         actor = res.spawn(wcfg)
         with pytest.raises(HarvestError, match="CPU build"):
-            _ray_get(ray, actor.shape.remote())
+            ray_get(ray, actor.shape.remote())
         groups = [g for g in ray.util.placement_group_table().values() if g["state"] == "CREATED"]
         assert len(groups) == 1 and list(groups[0]["bundles"].values()) == [{"GPU": 1.0, "CPU": 1.0}] * 2
         with pytest.raises(HarvestError, match="need 8 GPUs; the cluster has 4"):

@@ -1,0 +1,87 @@
+"""``lsn intervene ppl|generate`` and ``lsn demo``."""
+
+from __future__ import annotations
+
+from harvester.errors import HarvestError
+
+COMMANDS = ("intervene", "demo")
+
+
+def _common(p, positive) -> None:
+    p.add_argument("--model", required=True, help="local path, hub id, or tiny:ARCH")
+    p.add_argument("--mask", required=True, help="mask file (.npz, from lsn analyze or lsn mask import)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--mode", default="zero", help="zero | mean | p10 | p90 | value:X | add:X")
+    p.add_argument("--controls", type=int, default=1, help="random-control rows per language (0: none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random controls")
+    p.add_argument("--langs", default=None, help="comma-separated mask languages (rows) and evaluated languages")
+    p.add_argument("--store", default=None, help="store for mean/p10/p90 and the site (default: the mask's)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--actors", type=positive, default=None, help="Ray actors (default: one per GPU, 1 on CPU)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default $RAY_ADDRESS or embedded)")
+    p.add_argument("--no-ray", action="store_true", help="run every row in this process")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def add_commands(sub, positive) -> None:
+    i = sub.add_parser("intervene", help="switch a mask's neurons off (or set, or steer them) and measure")
+    what = i.add_subparsers(dest="intervene_command", required=True, parser_class=type(i))
+    p = what.add_parser("ppl", help="perplexity matrix: rows intervened languages, columns evaluated languages")
+    _common(p, positive)
+    p.add_argument("--corpus", action="append", required=True, help="evaluation corpus spec (repeatable)")
+    p.add_argument("--seq-len", type=positive, default=256)
+    p.add_argument("--batch-size", type=positive, default=8)
+    p.add_argument("--max-tokens-per-lang", type=positive, default=None)
+    d = sub.add_parser("demo", help="train (once) the demo model, then harvest, LAPE, PPL matrix, generation, report")
+    d.add_argument("--out", required=True, help="output directory")
+    d.add_argument("--actors", type=positive, default=2)
+    d.add_argument("--no-progress", action="store_true")
+    g = what.add_parser("generate", help="generation per prompt language, without and with each language's neurons")
+    _common(g, positive)
+    g.add_argument("--prompts", required=True, help='JSONL file, one {"lang": ..., "prompt": ...} per line')
+    g.add_argument("--max-new-tokens", type=positive, default=32)
+    g.add_argument("--sample", action="store_true", help="sample (seeded) instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+
+
+def _langs(text: str | None) -> list[str] | None:
+    langs = [x.strip() for x in text.split(",") if x.strip()] if text is not None else None
+    if text is not None and not langs:
+        raise HarvestError("--langs is empty")
+    return langs
+
+
+def run(args) -> None:
+    if args.command == "demo":
+        from jobs.demo import known_answer, run_demo
+
+        report = run_demo(args.out, actors=args.actors, progress=not args.no_progress)
+        check = known_answer(report.parent / "ppl" / "ppl.csv")
+        print(f"own neurons hit their language hardest for {100 * check['diagonal_share']:.0f}% of languages; "
+              f"random controls under half of that: {sum(check['below_half'].values())} of {len(check['below_half'])}")
+        print(f"wrote {report}")
+    elif args.command == "intervene" and args.intervene_command == "generate":
+        from jobs.generate import GenerateJob, flat_table, markdown, run_generate
+
+        result = run_generate(GenerateJob(
+            model=args.model, mask=args.mask, prompts=args.prompts, out=args.out, mode=args.mode,
+            controls=args.controls, seed=args.seed, langs=_langs(args.langs), store=args.store, dtype=args.dtype,
+            device=args.device, max_new_tokens=args.max_new_tokens,
+            sample=args.sample, temperature=args.temperature, top_p=args.top_p, actors=args.actors,
+            use_ray=not args.no_ray, address=args.address, progress=not args.no_progress))
+        print(markdown(flat_table(result["table"])[["intervened", "prompt_lang", "in_prompt_lang", "length"]]), end="")
+        print(f"wrote {args.out}/generate.csv, generate.md, generate.json")
+    elif args.command == "intervene" and args.intervene_command == "ppl":
+        from jobs.ppl import PPLJob, run_ppl, summary
+
+        langs = _langs(args.langs)
+        result = run_ppl(PPLJob(model=args.model, mask=args.mask, corpus=args.corpus, out=args.out, mode=args.mode,
+                                controls=args.controls, seed=args.seed, langs=langs, store=args.store,
+                                dtype=args.dtype, device=args.device, seq_len=args.seq_len,
+                                batch_size=args.batch_size, max_tokens_per_lang=args.max_tokens_per_lang,
+                                actors=args.actors, use_ray=not args.no_ray, address=args.address,
+                                progress=not args.no_progress))
+        print(summary(result))
+        print(f"wrote {args.out}/ppl.csv, ppl_change.csv, ppl_relative.csv, ppl_change.png, ppl.json")

@@ -1,0 +1,216 @@
+"""The demo model, and ``lsn demo``: the whole chain on a model the project trains itself.
+
+The demo model is a small Llama trained from scratch on the built-in sample corpus (12 languages in 8
+scripts, pseudo-sentences of real words; :mod:`harvester.corpus.sample`). Training is seeded and takes
+minutes on 2 CPU cores. The model is saved under the cache directory (``$LSN_CACHE``) and reused.
+Training uses its own documents (``seed=11``); the harvest uses the default sample documents
+(``seed=0``) and the evaluation other ones (``seed=7``), so the three never share a document.
+
+``lsn demo --out DIR`` runs train or load → harvest → LAPE masks → perplexity matrix with random
+controls → generation table → ``DIR/report.md`` with the PNG plots.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from harvester.errors import HarvestError
+
+DEMO_VERSION = 1
+CONFIG = dict(hidden_size=64, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=2,
+              num_key_value_heads=2, max_position_embeddings=512)
+TRAIN = dict(docs=400, seed=11, seq_len=128, batch_size=32, steps=800, lr=3e-3, warmup=0.1)
+HARVEST_CORPUS = "sample"
+EVAL_CORPUS = "sample:docs=40,seed=7"
+LAPE_TOP_RATE = 0.05
+
+
+def demo_path() -> Path:
+    from harvester.tiny import cache_dir
+
+    return cache_dir() / f"demo-llama-v{DEMO_VERSION}"
+
+
+def demo_model(progress: bool = True) -> Path:
+    """The trained demo model's directory, trained on first use."""
+    path = demo_path()
+    if (path / "config.json").exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=path.parent))
+    try:
+        train(tmp, progress=progress)
+        tmp.rename(path)  # atomic: a concurrent trainer loses the race harmlessly
+    except OSError:
+        if not (path / "config.json").exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def training_windows(tokenizer, docs: int, seed: int, seq_len: int):
+    """Each language's documents (each followed by EOS) packed into windows of ``seq_len`` tokens; a
+    window never mixes languages."""
+    import torch
+
+    from harvester.corpus.sample import LANGUAGES, SampleCorpus
+    from harvester.windows import windows_of
+
+    corpus = SampleCorpus.from_spec("sample", f"docs={docs},seed={seed}")
+    rows = []
+    for lang in LANGUAGES:
+        docs_ids = [ids + [tokenizer.eos_token_id] for ids in
+                    tokenizer(list(corpus.texts(lang)), add_special_tokens=False)["input_ids"]]
+        rows += [w for w in windows_of(docs_ids, seq_len) if len(w) == seq_len]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def train(out: Path, progress: bool = True) -> None:
+    """Train the demo model from a seed into ``out`` (weights and tokenizer)."""
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from harvester.tiny import VOCAB, train_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = train_tokenizer()
+    data = training_windows(tokenizer, TRAIN["docs"], TRAIN["seed"], TRAIN["seq_len"])
+    config = AutoConfig.for_model("llama", vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                  tie_word_embeddings=False, **CONFIG)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).train()
+    steps = TRAIN["steps"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=TRAIN["lr"], weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=TRAIN["lr"], total_steps=steps,
+                                                   pct_start=TRAIN["warmup"])
+    draw = torch.Generator().manual_seed(0)
+    bar = tqdm(range(steps), desc="train demo model", unit="step", disable=not progress, file=sys.stderr)
+    for _ in bar:
+        batch = data[torch.randint(0, len(data), (TRAIN["batch_size"],), generator=draw)]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    model.eval().save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "lsn-demo.json").write_text(json.dumps({"version": DEMO_VERSION, "config": CONFIG, "train": TRAIN,
+                                                   "final_loss": loss.item()}, indent=2))
+
+
+def write_prompts(path: Path, per_lang: int = 4, words: int = 6) -> Path:
+    """Prompts: the first words of held-out sample documents (``seed=5``), ``per_lang`` per language."""
+    from harvester.corpus.sample import LANGUAGES, SampleCorpus
+
+    corpus = SampleCorpus.from_spec("sample", f"docs={per_lang},seed=5")
+    with path.open("w", encoding="utf-8") as f:
+        for lang in LANGUAGES:
+            for text in corpus.texts(lang):
+                prompt = text[: 3 * words] if lang in ("zh", "ja") else " ".join(text.split()[:words])
+                f.write(json.dumps({"lang": lang, "prompt": prompt}, ensure_ascii=False) + "\n")
+    return path
+
+
+def run_demo(out: str, actors: int = 2, progress: bool = True) -> Path:
+    """The whole chain into ``out``; returns the report's path."""
+    from harvester.cli import main
+
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    model = str(demo_model(progress))
+    quiet = [] if progress else ["--no-progress"]
+
+    def step(argv: list[str]) -> None:
+        if main(argv) != 0:
+            raise HarvestError(f"the demo stopped at: lsn {' '.join(argv)}")
+
+    step(["harvest", "--model", model, "--corpus", HARVEST_CORPUS, "--store", str(root / "store"),
+          "--seq-len", "128", "--batch-size", "8", "--shard-tokens", "16384", "--actors", str(actors),
+          "--stats", "active,sum,sqsum,hist", *quiet])
+    step(["analyze", "lape", "--store", str(root / "store"), "--out", str(root / "lape.npz"),
+          "--top-rate", str(LAPE_TOP_RATE), "--report", str(root / "lape-report")])
+    step(["mask", "export", "--format", "rucaibox", str(root / "lape.npz"), str(root / "lape.pt")])
+    step(["intervene", "ppl", "--model", model, "--mask", str(root / "lape.npz"), "--corpus", EVAL_CORPUS,
+          "--out", str(root / "ppl"), "--seq-len", "128", "--controls", "1", "--actors", str(actors), *quiet])
+    prompts = write_prompts(root / "prompts.jsonl")
+    step(["intervene", "generate", "--model", model, "--mask", str(root / "lape.npz"), "--prompts", str(prompts),
+          "--out", str(root / "generate"), "--max-new-tokens", "24", "--controls", "1", "--actors", str(actors),
+          *quiet])
+    return write_report(root, model)
+
+
+def known_answer(ppl_csv: Path) -> dict:
+    """The demo's check: per language L, is L's relative PPL rise the largest in row L, and is the
+    random control's rise of L's PPL under half of L's own?"""
+    import pandas as pd
+
+    table = pd.read_csv(ppl_csv, index_col=0)
+    relative = table / table.loc["none"] - 1
+    langs = [c for c in table.columns if c in table.index]
+    own = {lang: float(relative.loc[lang, lang]) for lang in langs}
+    diagonal = {lang: own[lang] > max(float(relative.loc[lang, c]) for c in table.columns if c != lang) for lang in langs}
+    control = {lang: float(relative.loc[f"random:{lang}", lang]) for lang in langs if f"random:{lang}" in relative.index}
+    below_half = {lang: control[lang] < 0.5 * own[lang] for lang in control}
+    return {"own": own, "diagonal": diagonal, "control": control, "below_half": below_half,
+            "diagonal_share": sum(diagonal.values()) / len(langs), "controls_below_half": all(below_half.values())}
+
+
+def write_report(root: Path, model: str) -> Path:
+    import pandas as pd
+
+    from jobs.generate import markdown
+
+    check = known_answer(root / "ppl" / "ppl.csv")
+    relative = pd.read_csv(root / "ppl" / "ppl_relative.csv", index_col=0)
+    generation = pd.read_csv(root / "generate" / "generate.csv")
+    lines = [
+        "# lsn demo",
+        "",
+        f"Model: the demo model (`{model}`), trained on the sample corpus; harvest of `{HARVEST_CORPUS}`, "
+        f"LAPE masks (top rate {LAPE_TOP_RATE}), perplexity on `{EVAL_CORPUS}`, neurons set to zero.",
+        "",
+        "## Perplexity: relative change when a language's neurons are switched off",
+        "",
+        "Rows: intervened neurons (`random:L` has as many random neurons per layer as L's mask). "
+        "Columns: evaluated language. `ppl/ppl.csv` has the perplexities, `ppl/ppl_change.csv` the PPXC.",
+        "",
+        "![relative PPL change](ppl/ppl_change.png)",
+        "",
+        markdown(relative.reset_index()),
+        "## Known answer",
+        "",
+        f"- L's own neurons raise L's perplexity relatively more than any other language's: "
+        f"{sum(check['diagonal'].values())} of {len(check['diagonal'])} languages "
+        f"({100 * check['diagonal_share']:.0f}%).",
+        f"- The random control raises L's perplexity by less than half as much as L's own neurons: "
+        f"{sum(check['below_half'].values())} of {len(check['below_half'])} languages.",
+        "",
+        markdown(pd.DataFrame({"language": list(check["own"]), "own": list(check["own"].values()),
+                               "random": [check["control"].get(k, float("nan")) for k in check["own"]],
+                               "largest in row": list(check["diagonal"].values()),
+                               "random < own / 2": [check["below_half"].get(k, False) for k in check["own"]]})),
+        "## Generation",
+        "",
+        "Per intervened row and prompt language: share of outputs in the prompt's language (lingua), "
+        "mean length in tokens, stop-word share, overlap with the prompt (`generate/generate.md` has every column, "
+        "`generate/generate.json` every output).",
+        "",
+        markdown(generation[["intervened", "prompt_lang", "in_prompt_lang", "length", "stopwords", "prompt_overlap"]]),
+        "## Masks",
+        "",
+        "![neurons per layer](lape-report/layers.png) ![overlap](lape-report/overlap.png)",
+        "",
+        "`lape.npz` (this tool's format), `lape.pt` (the published list-of-LongTensor format), `lape-report/`.",
+        "",
+    ]
+    path = root / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    (root / "known_answer.json").write_text(json.dumps(check, indent=2))
+    return path

@@ -1,0 +1,250 @@
+"""Generation under interventions: what language a model answers in when a language's neurons are changed.
+
+Prompts come from a JSONL file, one ``{"lang": "fr", "prompt": "..."}`` per line. Rows are built as
+for the perplexity matrix: ``none``, each mask language, then random controls. Every row generates a
+continuation of every prompt, greedy or sampled (seeded per prompt, the same seeds in every row).
+Per row and prompt language the table gives:
+
+| column | meaning |
+| --- | --- |
+| ``prompts`` | prompts of that language |
+| ``in_prompt_lang`` | share of outputs whose detected language is the prompt's |
+| ``lang:{xx}`` | share of outputs detected as ``xx`` (``lang:?`` when the detector abstains, e.g. empty output) |
+| ``length`` | mean output length in tokens |
+| ``stopwords`` | share of output words that are stop words of the prompt language (stopwordsiso) |
+| ``prompt_overlap`` | share of output words that also occur in the prompt |
+
+Language identification is lingua (``lingua-language-detector``), offline, restricted to the
+languages of the prompts and the mask when lingua knows them all (all of lingua's languages
+otherwise). Words are whitespace-separated tokens of letters, and characters for Chinese and Japanese.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from harvester.errors import HarvestError
+from jobs.interventions import Mode, intervene, unit_statistic
+from jobs.ppl import load_mask, mask_groups, site_of
+from jobs.rows import Row, build_rows, intervention_for, run_rows
+
+_CHARACTER_WORDS = {"zh", "ja"}
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    lang: str
+    text: str
+
+
+@dataclass
+class GenerateJob:
+    model: str
+    mask: str
+    prompts: str
+    out: str
+    mode: str = "zero"
+    controls: int = 1
+    seed: int = 0
+    langs: list[str] | None = None
+    store: str | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    max_new_tokens: int = 32
+    sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    actors: int | None = None
+    use_ray: bool = True
+    address: str | None = None
+    progress: bool = True
+
+
+def read_prompts(path: str) -> list[Prompt]:
+    """``{"lang", "prompt"}`` per line; a malformed line is an error naming ``FILE:LINE``."""
+    if not Path(path).is_file():
+        raise HarvestError(f"prompts file not found: {path}")
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise HarvestError(f"{path}:{n}: not JSON ({err.msg})") from None
+            if not isinstance(item, dict) or not isinstance(item.get("lang"), str) or not isinstance(item.get("prompt"), str):
+                raise HarvestError(f"{path}:{n}: each line needs string fields 'lang' and 'prompt'")
+            if not item["prompt"].strip():
+                raise HarvestError(f"{path}:{n}: empty prompt")
+            prompts.append(Prompt(item["lang"], item["prompt"]))
+    if not prompts:
+        raise HarvestError(f"prompts file {path} has no prompts")
+    return prompts
+
+
+def words(text: str, lang: str) -> list[str]:
+    found = _WORD.findall(text.lower())
+    if lang in _CHARACTER_WORDS:
+        return [c for w in found for c in w]
+    return found
+
+
+class Detector:
+    """lingua restricted to ``langs`` when it knows every one of them (ISO 639-1 codes)."""
+
+    def __init__(self, langs: list[str]):
+        from lingua import IsoCode639_1, LanguageDetectorBuilder
+
+        codes = [getattr(IsoCode639_1, lang.upper(), None) for lang in sorted(set(langs))]
+        if len(codes) >= 2 and all(codes):
+            self.detector = LanguageDetectorBuilder.from_iso_codes_639_1(*codes).build()
+        else:
+            self.detector = LanguageDetectorBuilder.from_all_languages().build()
+
+    def __call__(self, text: str) -> str:
+        if not text.strip():
+            return "?"
+        found = self.detector.detect_language_of(text)
+        return found.iso_code_639_1.name.lower() if found is not None else "?"
+
+
+def stopword_set(lang: str) -> frozenset[str]:
+    import stopwordsiso
+
+    return frozenset(stopwordsiso.stopwords(lang)) if stopwordsiso.has_lang(lang) else frozenset()
+
+
+class GenerateWorker:
+    """One loaded model; generates a row's continuations (used directly, or as a Ray actor)."""
+
+    def __init__(self, model: str, dtype: str, device: str, site: str, threads: int | None = None):
+        import torch
+
+        from harvester.backends.hf import HFBackend, load_tokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.backend = HFBackend(model, dtype=dtype, device=device, site=site)
+        self.tokenizer = load_tokenizer(self.backend.path)
+
+    def shape(self) -> tuple[int, int]:
+        return self.backend.n_layers, self.backend.width
+
+    def row(self, row: Row, mode: Mode, width: int, values, settings: dict, prompts: list[Prompt]) -> list[dict]:
+        """Each prompt's continuation: ``{"text", "tokens"}`` in prompt order."""
+        import torch
+
+        b, tok = self.backend, self.tokenizer
+        out = []
+        with torch.inference_mode(), intervene(b.model, b.site, intervention_for(row, mode, width, values)):
+            for k, prompt in enumerate(prompts):
+                ids = torch.tensor([tok(prompt.text, add_special_tokens=False)["input_ids"]], device=b.device)
+                kwargs = dict(max_new_tokens=settings["max_new_tokens"], pad_token_id=b.pad_id,
+                              eos_token_id=tok.eos_token_id)
+                if settings["sample"]:
+                    torch.manual_seed(settings["seed"] * 1_000_003 + k)  # the same draw in every row
+                    kwargs.update(do_sample=True, temperature=settings["temperature"], top_p=settings["top_p"])
+                else:
+                    kwargs.update(do_sample=False)
+                new = b.model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)[0, ids.shape[1]:]
+                if tok.eos_token_id is not None and (new == tok.eos_token_id).any():
+                    new = new[: int((new == tok.eos_token_id).nonzero()[0, 0])]
+                out.append({"text": tok.decode(new.tolist(), skip_special_tokens=True), "tokens": int(new.numel())})
+        return out
+
+
+def metrics(prompts: list[Prompt], outputs: list[dict], detector: Detector, languages: list[str]) -> dict:
+    """Per prompt language: the table's columns (see the module docstring)."""
+    table = {}
+    for lang in sorted({p.lang for p in prompts}, key=[p.lang for p in prompts].index):
+        pairs = [(p, o) for p, o in zip(prompts, outputs) if p.lang == lang]
+        detected = [detector(o["text"]) for _, o in pairs]
+        stops = stopword_set(lang)
+        stop_share, overlap = [], []
+        for p, o in pairs:
+            ws = words(o["text"], lang)
+            if ws:
+                stop_share.append(sum(w in stops for w in ws) / len(ws))
+                prompt_words = set(words(p.text, lang))
+                overlap.append(sum(w in prompt_words for w in ws) / len(ws))
+        row = {"prompts": len(pairs), "in_prompt_lang": float(np.mean([d == lang for d in detected])),
+               "length": float(np.mean([o["tokens"] for _, o in pairs])),
+               "stopwords": float(np.mean(stop_share)) if stop_share else 0.0,
+               "prompt_overlap": float(np.mean(overlap)) if overlap else 0.0}
+        for code in [*languages, *sorted(set(detected) - set(languages))]:
+            row[f"lang:{code}"] = detected.count(code) / len(detected)
+        table[lang] = row
+    return table
+
+
+def run_generate(job: GenerateJob) -> dict:
+    from harvester.backends.hf import load_config, resolve_model
+
+    mode = Mode.parse(job.mode)
+    mask = load_mask(job.mask)
+    prompts = read_prompts(job.prompts)
+    langs = job.langs or list(mask.languages)
+    unknown = [lang for lang in langs if lang not in mask.languages]
+    if unknown:
+        raise HarvestError(f"language {', '.join(unknown)} is not in the mask; it has {', '.join(mask.languages)}")
+    if job.max_new_tokens <= 0:
+        raise HarvestError(f"--max-new-tokens must be positive, got {job.max_new_tokens}")
+    store = job.store or mask.source.get("store")
+    if mode.needs_store and not store:
+        raise HarvestError(f"--mode {mode} needs the store the mask was made from; pass --store")
+    site = site_of(store, load_config(resolve_model(job.model)))
+    values = {lang: unit_statistic(store, mask_groups(mask, lang), mode) for lang in langs} if mode.needs_store else {}
+    rows = build_rows(mask, langs, job.controls, job.seed)
+    settings = {"max_new_tokens": job.max_new_tokens, "sample": job.sample, "temperature": job.temperature,
+                "top_p": job.top_p, "seed": job.seed}
+    calls = [(row, mode, mask.width, values.get(row.language), settings) for row in rows]
+    outputs = run_rows(GenerateWorker, (job.model, job.dtype, job.device, site), "row", calls, mask,
+                       use_ray=job.use_ray, device=job.device, actors=job.actors, address=job.address,
+                       progress=job.progress, desc="generate rows", shared=prompts)
+    prompt_langs = list(dict.fromkeys(p.lang for p in prompts))
+    detector = Detector(prompt_langs + list(mask.languages))
+    table = {row.name: metrics(prompts, out, detector, prompt_langs) for row, out in zip(rows, outputs)}
+    result = {"settings": {"model": job.model, "mask": job.mask, "mode": str(mode), "site": site,
+                           "controls": job.controls, **settings, "prompts": job.prompts,
+                           "units": {r.name: len(r.selected) for r in rows}},
+              "table": table,
+              "outputs": {row.name: [{"lang": p.lang, "prompt": p.text, **o} for p, o in zip(prompts, out)]
+                          for row, out in zip(rows, outputs)}}
+    write_outputs(Path(job.out), result)
+    return result
+
+
+def flat_table(table: dict):
+    """``DataFrame`` with one row per (intervened, prompt language)."""
+    import pandas as pd
+
+    records = [{"intervened": row, "prompt_lang": lang, **values}
+               for row, per_lang in table.items() for lang, values in per_lang.items()]
+    return pd.DataFrame.from_records(records).fillna(0.0)
+
+
+def markdown(frame) -> str:
+    """A pipe table; numbers with three decimals (counts as integers)."""
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return f"{v:.3f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in rec) + " |" for rec in frame.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(out: Path, result: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    frame = flat_table(result["table"])
+    frame.to_csv(out / "generate.csv", index=False, float_format="%.4g")
+    (out / "generate.md").write_text(markdown(frame), encoding="utf-8")
+    (out / "generate.json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")

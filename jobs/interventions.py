@@ -1,0 +1,165 @@
+"""Interventions on a mask's units: set them to zero, to a per-language statistic, to a value, or steer them.
+
+The units are changed at the site the statistics were taken:
+- MLP neurons: the activation module's output, ``act_fn(gate_proj(x))``. This is the value that
+  multiplies ``up_proj(x)`` (gated MLPs) or feeds the output projection (non-gated MLPs).
+- ``residual`` units: a transformer block's output.
+
+Modes (``--mode``):
+
+| mode | each selected unit becomes |
+| --- | --- |
+| ``zero`` | 0 (deactivation, as in LAPE) |
+| ``mean`` | the language's mean activation, ``act_sum / tokens`` |
+| ``p10``, ``p90`` | the language's 10th or 90th percentile, from the store's histogram (see :func:`hist_quantile`) |
+| ``value:X`` | ``X`` |
+| ``add:X`` | its own value plus ``X`` (steering) |
+
+:func:`intervene` is a context manager that always removes its hooks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+
+from harvester import arch
+from harvester.errors import HarvestError
+
+STATISTIC_MODES = ("mean", "p10", "p90")
+MODES = ("zero", *STATISTIC_MODES, "value:X", "add:X")
+
+
+@dataclass(frozen=True)
+class Mode:
+    kind: str
+    """``zero``, ``mean``, ``p10``, ``p90``, ``value`` or ``add``."""
+    value: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "Mode":
+        kind, sep, value = text.partition(":")
+        if kind in ("zero", *STATISTIC_MODES) and not sep:
+            return cls(kind)
+        if kind in ("value", "add") and sep:
+            try:
+                return cls(kind, float(value))
+            except ValueError:
+                pass
+        raise HarvestError(f"--mode must be one of {', '.join(MODES)} (X a number), not '{text}'")
+
+    @property
+    def needs_store(self) -> bool:
+        return self.kind in STATISTIC_MODES
+
+    def __str__(self) -> str:
+        return self.kind if self.value is None else f"{self.kind}:{self.value:g}"
+
+
+def hist_quantile(hist: np.ndarray, edges: np.ndarray, q: float) -> np.ndarray:
+    """Per unit, the ``q`` quantile of a histogram ``hist [..., B]`` over bins with ``edges [B-1]``.
+
+    Bin 0 is ``x < e[0]``, bin j is ``e[j-1] <= x < e[j]``, and the last bin is ``x >= e[-1]``.
+    Inside a closed bin, the quantile is interpolated linearly from the rank ``q * n``. The
+    open-ended first and last bins give their one edge. A unit with no counts gives NaN.
+    """
+    hist = np.asarray(hist, dtype=np.float64)
+    n = hist.sum(axis=-1, keepdims=True)
+    cum = np.cumsum(hist, axis=-1)
+    target = q * n
+    j = np.minimum((cum < target).sum(axis=-1, keepdims=True), hist.shape[-1] - 1)  # first bin reaching the rank
+    before = np.take_along_axis(cum, j, -1) - np.take_along_axis(hist, j, -1)
+    inside = np.take_along_axis(hist, j, -1)
+    lo = np.concatenate([[edges[0]], edges])[j]
+    hi = np.concatenate([edges, [edges[-1]]])[j]
+    frac = np.divide(target - before, inside, out=np.zeros_like(target), where=inside > 0)
+    out = lo + np.clip(frac, 0, 1) * (hi - lo)
+    out = np.where(n > 0, out, np.nan)
+    return out[..., 0]
+
+
+def unit_statistic(store: str, groups: list[str], mode: Mode) -> np.ndarray:
+    """``[L, I]``: the mode's statistic of the language made of store ``groups``."""
+    import xarray as xr
+
+    ds = xr.open_zarr(store)
+    names = list(ds["group"].values)
+    missing = [g for g in groups if g not in names]
+    if missing:
+        raise HarvestError(f"store {store} has no group {', '.join(missing)}; it has {', '.join(names)}")
+    pos = [names.index(g) for g in groups]
+    tokens = int(ds["tokens"].values[pos].sum())
+    if tokens == 0:
+        raise HarvestError(f"store {store} counted no tokens for {'+'.join(groups)}")
+    if mode.kind == "mean":
+        return ds["act_sum"].values[pos].sum(axis=0) / tokens
+    if "hist" not in ds:
+        raise HarvestError(f"--mode {mode} needs histograms, and store {store} has none; harvest with "
+                           "--stats active,sum,sqsum,hist")
+    edges = ds["hist_lo"].values[1:]  # hist_lo is (-inf, e0, e1, ...)
+    q = {"p10": 0.10, "p90": 0.90}[mode.kind]
+    return hist_quantile(ds["hist"].values[pos].sum(axis=0), edges, q)
+
+
+@dataclass
+class Intervention:
+    """Units to change (flat indices ``layer * width + unit``) and how."""
+
+    selected: np.ndarray
+    mode: Mode
+    width: int
+    values: np.ndarray | None = None
+    """``[L, I]`` per-unit values for the statistic modes."""
+
+    def per_layer(self, n_layers: int, device) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
+        out = {}
+        for layer in range(n_layers):
+            units = self.selected[self.selected // self.width == layer] - layer * self.width
+            if units.size == 0:
+                continue
+            if self.mode.kind in STATISTIC_MODES:
+                vals = torch.as_tensor(self.values[layer, units], dtype=torch.float32)
+            elif self.mode.kind in ("value", "add"):
+                vals = torch.full((units.size,), self.mode.value, dtype=torch.float32)
+            else:
+                vals = None
+            out[layer] = (torch.as_tensor(units, dtype=torch.long, device=device),
+                          None if vals is None else vals.to(device))
+        return out
+
+
+@contextlib.contextmanager
+def intervene(model: torch.nn.Module, site: str, intervention: Intervention | None):
+    """Forward hooks on ``site``'s modules that change the selected units; always removed.
+    ``None`` intervenes on nothing (the baseline row)."""
+    if intervention is None:
+        yield
+        return
+    modules = arch.site_modules(model, site)
+    device = next(model.parameters()).device
+    plans = intervention.per_layer(len(modules), device)
+    handles = [modules[layer].register_forward_hook(partial(_apply, intervention.mode.kind, *plan))
+               for layer, plan in plans.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _apply(kind: str, units: torch.Tensor, values: torch.Tensor | None, module, inputs, output):
+    out = output[0] if isinstance(output, tuple) else output
+    if kind == "zero":
+        new = out.index_fill(-1, units, 0.0)
+    else:
+        new = out.clone()
+        vals = values.to(out.dtype)
+        if kind == "add":
+            new[..., units] += vals
+        else:
+            new[..., units] = vals
+    return (new, *output[1:]) if isinstance(output, tuple) else new

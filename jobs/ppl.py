@@ -1,0 +1,218 @@
+"""Perplexity matrices: each language's neurons intervened, every language evaluated.
+
+Rows (intervened): ``none`` (no intervention), then one row per mask language, then random controls
+``random:{lang}``: the same number of units per layer as that language's mask, drawn from the other
+units of the layer (:func:`analysis.methods.random_control`, seeded). With ``--controls N > 1`` they
+are ``random:{lang}:{k}``. Columns (evaluated): the evaluation corpus' groups.
+
+Perplexity is the exponential of the mean next-token negative log-likelihood over a column's tokens.
+The evaluation corpus is tokenized and windowed exactly as a harvest does it, and a token belongs to
+the group of the token it predicts. ``PPXC`` (``ppl_change.csv``) is the PPL with the intervention
+minus the PPL without. ``ppl_relative.csv`` is that change divided by the PPL without.
+
+Rows run in parallel on Ray actors that each load the model once (or in this process with
+``--no-ray``); each row is an independent job.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from harvester.errors import HarvestError
+from jobs.interventions import Intervention, Mode, intervene, unit_statistic
+from jobs.rows import Row, build_rows, intervention_for, run_rows
+
+
+@dataclass
+class PPLJob:
+    model: str
+    mask: str
+    corpus: list[str]
+    out: str
+    mode: str = "zero"
+    controls: int = 1
+    seed: int = 0
+    langs: list[str] | None = None
+    store: str | None = None
+    """For the statistic modes and the site; default: the store the mask was made from."""
+    dtype: str = "float32"
+    device: str = "cpu"
+    seq_len: int = 256
+    batch_size: int = 8
+    max_tokens_per_lang: int | None = None
+    actors: int | None = None
+    use_ray: bool = True
+    address: str | None = None
+    progress: bool = True
+
+
+def load_mask(path: str):
+    from analysis.masks import Mask
+
+    if not Path(path).is_file():
+        raise HarvestError(f"mask file not found: {path}")
+    return Mask.load(path)
+
+
+def mask_groups(mask, language: str) -> list[str]:
+    """The store groups a mask language was summed from (its own name when the mask does not say)."""
+    groups = mask.source.get("groups")
+    if groups and len(groups) == len(mask.languages):
+        return list(groups[mask.languages.index(language)])
+    return [language]
+
+
+def site_of(store: str | None, config) -> str:
+    """The module the statistics were taken at: the store's recorded site, else the MLP activation."""
+    from harvester import arch
+    from harvester.store import read_attrs
+
+    attrs = read_attrs(store) if store else None
+    if attrs is not None:
+        return attrs["fingerprint"]["model"]["site"]
+    return arch.resolve_site(config, None, "mlp")
+
+
+def eval_windows(model: str, corpus: list[str], seq_len: int, max_tokens_per_lang: int | None):
+    """``(groups, windows)`` of the evaluation corpus, windowed as a harvest windows it."""
+    from harvester.backends.hf import load_tokenizer, resolve_model
+    from harvester.corpus import CorpusOptions, parse_corpora
+    from harvester.windows import TokenSettings, Window, _Truncation, stream_windows
+
+    tokenizer = load_tokenizer(resolve_model(model))
+    corpora = parse_corpora(corpus, CorpusOptions(max_tokens_per_lang=max_tokens_per_lang))
+    settings = TokenSettings(seq_len, 1, "token", "", tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1)
+    windows = [Window(ids, groups) for s in range(len(corpora.streams))
+               for ids, groups in stream_windows(corpora, s, tokenizer, settings, _Truncation())]
+    if not windows:
+        raise HarvestError(f"the evaluation corpus {' '.join(corpus)} has no text")
+    return list(corpora.groups), windows
+
+
+class RowWorker:
+    """One loaded model; evaluates rows (used directly, or as a Ray actor)."""
+
+    def __init__(self, model: str, dtype: str, device: str, site: str, threads: int | None = None):
+        import torch
+
+        from harvester.backends.hf import HFBackend
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.backend = HFBackend(model, dtype=dtype, device=device, site=site)
+
+    def shape(self) -> tuple[int, int]:
+        return self.backend.n_layers, self.backend.width
+
+    def nll(self, windows, n_groups: int, batch_size: int, intervention: Intervention | None):
+        """Per evaluated group: (sum of next-token NLL, number of predicted tokens)."""
+        import torch
+
+        from harvester.windows import batches
+
+        b = self.backend
+        total = np.zeros(n_groups, dtype=np.float64)
+        count = np.zeros(n_groups, dtype=np.int64)
+        with torch.inference_mode(), intervene(b.model, b.site, intervention):
+            for ids, mask, groups in batches(windows, batch_size, b.pad_id):
+                ids_t = torch.from_numpy(ids).to(b.device)
+                mask_t = torch.from_numpy(mask).to(b.device)
+                logits = b.model(input_ids=ids_t, attention_mask=None if mask.all() else mask_t,
+                                 use_cache=False).logits[:, :-1].float()
+                nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids_t[:, 1:], reduction="none")
+                target = torch.from_numpy(groups[:, 1:]).to(b.device)
+                keep = target >= 0
+                total += torch.bincount(target[keep], weights=nll[keep].double(), minlength=n_groups).cpu().numpy()
+                count += torch.bincount(target[keep], minlength=n_groups).cpu().numpy()
+        return total, count
+
+    def row(self, row: Row, mode: Mode, width: int, values, n_groups: int, batch_size: int, windows):
+        return self.nll(windows, n_groups, batch_size, intervention_for(row, mode, width, values))
+
+
+def run_ppl(job: PPLJob) -> dict:
+    """Compute and write the matrix; returns the settings and the matrices."""
+    from harvester.backends.hf import load_config, resolve_model
+
+    mode = Mode.parse(job.mode)
+    mask = load_mask(job.mask)
+    langs = job.langs or list(mask.languages)
+    unknown = [lang for lang in langs if lang not in mask.languages]
+    if unknown:
+        raise HarvestError(f"language {', '.join(unknown)} is not in the mask; it has {', '.join(mask.languages)}")
+    store = job.store or mask.source.get("store")
+    if mode.needs_store and not store:
+        raise HarvestError(f"--mode {mode} needs the store the mask was made from; pass --store")
+    site = site_of(store, load_config(resolve_model(job.model)))
+    values = {lang: unit_statistic(store, mask_groups(mask, lang), mode) for lang in langs} if mode.needs_store else {}
+    groups, windows = eval_windows(job.model, job.corpus, job.seq_len, job.max_tokens_per_lang)
+    columns = [g for g in groups if job.langs is None or g in job.langs] or groups
+    rows = build_rows(mask, langs, job.controls, job.seed)
+    calls = [(row, mode, mask.width, values.get(row.language), len(groups), job.batch_size) for row in rows]
+    results = run_rows(RowWorker, (job.model, job.dtype, job.device, site), "row", calls, mask, use_ray=job.use_ray,
+                       device=job.device, actors=job.actors, address=job.address, progress=job.progress,
+                       desc="ppl rows", shared=windows)
+    base_nll, base_n = results[0]
+    if (base_n == 0).any():
+        empty = [g for g, n in zip(groups, base_n) if n == 0]
+        raise HarvestError(f"the evaluation corpus has no predicted tokens for {', '.join(empty)}")
+    ppl = np.stack([np.exp(nll / n) for nll, n in results])
+    col = [groups.index(c) for c in columns]
+    ppl = ppl[:, col]
+    settings = {"model": job.model, "mask": job.mask, "mask_method": mask.method, "mode": str(mode),
+                "site": site, "store": store, "corpus": job.corpus, "controls": job.controls, "seed": job.seed,
+                "seq_len": job.seq_len, "batch_size": job.batch_size, "dtype": job.dtype,
+                "units": {r.name: len(r.selected) for r in rows}, "tokens": {g: int(base_n[groups.index(g)]) for g in columns}}
+    write_outputs(Path(job.out), [r.name for r in rows], columns, ppl, settings)
+    return {"rows": [r.name for r in rows], "columns": columns, "ppl": ppl, "settings": settings}
+
+
+def write_outputs(out: Path, rows: list[str], columns: list[str], ppl: np.ndarray, settings: dict) -> None:
+    import pandas as pd
+
+    out.mkdir(parents=True, exist_ok=True)
+    table = pd.DataFrame(ppl, index=pd.Index(rows, name="intervened"), columns=columns)
+    change = table - table.loc["none"]
+    relative = change / table.loc["none"]
+    table.to_csv(out / "ppl.csv", float_format="%.10g")
+    change.to_csv(out / "ppl_change.csv", float_format="%.10g")
+    relative.to_csv(out / "ppl_relative.csv", float_format="%.10g")
+    (out / "ppl.json").write_text(json.dumps({"settings": settings, "ppl": table.to_dict(orient="index")}, indent=2))
+    heatmap(relative, out / "ppl_change.png", f"relative PPL change, mode {settings['mode']}")
+
+
+def heatmap(relative, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = relative.values
+    fig, ax = plt.subplots(figsize=(0.6 * len(relative.columns) + 3, 0.35 * len(relative.index) + 2))
+    bound = np.nanmax(np.abs(data)) or 1.0
+    im = ax.imshow(data, cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto")
+    ax.set_xticks(range(len(relative.columns)), relative.columns, rotation=90)
+    ax.set_yticks(range(len(relative.index)), relative.index)
+    ax.set_xlabel("evaluated language")
+    ax.set_ylabel("intervened neurons")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label="(PPL - PPL none) / PPL none")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def summary(result: dict) -> str:
+    """The relative change as a text table, rows x columns."""
+    ppl = result["ppl"]
+    rel = ppl / ppl[0] - 1
+    cols = result["columns"]
+    lines = ["intervened      " + " ".join(f"{c:>8s}" for c in cols)]
+    for name, r in zip(result["rows"], rel):
+        lines.append(f"{name:15s} " + " ".join(f"{v:+8.3f}" for v in r))
+    return "\n".join(lines)
+

@@ -1,0 +1,113 @@
+"""Independent rows of a job (one intervention each) on Ray actors that load the model once.
+
+Shared by the perplexity matrix and the generation table. Without Ray the rows run one after another
+in this process.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+from harvester.errors import HarvestError
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    language: str | None
+    """The mask language whose statistics the statistic modes use (None: the ``none`` row)."""
+    selected: tuple[int, ...] = ()
+
+
+def build_rows(mask, langs: list[str], controls: int, seed: int) -> list[Row]:
+    """``none``, one row per language, then ``random:{lang}`` controls with the same per-layer counts
+    (``random:{lang}:{k}`` when there are several per language)."""
+    from analysis.methods import random_control
+
+    if controls < 0:
+        raise HarvestError(f"--controls must be 0 or more, got {controls}")
+    rows = [Row("none", None)]
+    index = [mask.index(lang) for lang in langs]
+    rows += [Row(lang, lang, tuple(int(u) for u in mask.selected[k])) for lang, k in zip(langs, index)]
+    for c in range(controls):
+        drawn = random_control([mask.selected[k] for k in index], mask.n_layers, mask.width, seed + c)
+        for lang, sel in zip(langs, drawn):
+            name = f"random:{lang}" if controls == 1 else f"random:{lang}:{c + 1}"
+            rows.append(Row(name, lang, tuple(int(u) for u in sel)))
+    return rows
+
+
+def check_shape(shape: tuple[int, int], mask) -> None:
+    layers, width = shape
+    if (layers, width) != (mask.n_layers, mask.width):
+        raise HarvestError(f"the mask is for {mask.n_layers} layers x {mask.width} units, the model has "
+                           f"{layers} x {width}: a mask from another model")
+
+
+def run_rows(worker_cls, init: tuple, method: str, calls: list[tuple], mask, *, use_ray: bool, device: str,
+             actors: int | None, address: str | None, progress: bool, desc: str, shared=None) -> list:
+    """``getattr(worker, method)(*call, shared)`` for every call, in order; ``shared`` (large, the same
+    for every row) goes once into Ray's object store."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(calls), unit="row", desc=desc, disable=not progress, file=sys.stderr)
+    try:
+        if not use_ray:
+            worker = worker_cls(*init)
+            check_shape(worker.shape(), mask)
+            out = []
+            for call in calls:
+                out.append(getattr(worker, method)(*call, shared))
+                bar.update()
+            return out
+        return _on_ray(worker_cls, init, method, calls, mask, device, actors, address, bar, shared)
+    finally:
+        bar.close()
+
+
+def _on_ray(worker_cls, init, method, calls, mask, device, actors, address, bar, shared) -> list:
+    import ray
+
+    from harvester.driver import ray_get, ray_init
+
+    started = ray_init(address)
+    try:
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        if device.startswith("cuda"):
+            n = actors or max(1, int(ray.cluster_resources().get("GPU", 0)))
+            options, threads = dict(num_gpus=1, num_cpus=1), None
+        else:
+            n = actors or 1
+            options = dict(num_cpus=max(1, cpus // n))
+            threads = options["num_cpus"]
+        remote = ray.remote(max_restarts=0, **options)(worker_cls)
+        pool = [remote.remote(*init, threads) for _ in range(min(n, len(calls)))]
+        check_shape(ray_get(ray, pool[0].shape.remote()), mask)
+        shared_ref = ray.put(shared)
+        out: list = [None] * len(calls)
+        pending: dict = {}
+        queue = list(range(len(calls)))
+        while queue or pending:
+            while queue and pool:
+                i, actor = queue.pop(0), pool.pop()
+                pending[getattr(actor, method).remote(*calls[i], shared_ref)] = (i, actor)
+            (done,), _ = ray.wait(list(pending), num_returns=1)
+            i, actor = pending.pop(done)
+            out[i] = ray_get(ray, done)
+            pool.append(actor)
+            bar.update()
+        return out
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def intervention_for(row: Row, mode, width: int, values: np.ndarray | None):
+    from jobs.interventions import Intervention
+
+    if row.language is None:
+        return None
+    return Intervention(np.asarray(row.selected, dtype=np.int64), mode, width, values)
