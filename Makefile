@@ -1,4 +1,5 @@
-# Two entry points: `make demo` (harvest the sample corpus with a tiny model) and `make test`.
+# Two entry points: `make demo` (train the demo model once, harvest, LAPE, perplexity matrix,
+# generation table, report) and `make test`.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -20,10 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(BIN)/lsn harvest --model tiny:llama --corpus sample --store $(DEMO)/store \
-		--seq-len 256 --batch-size 8 --shard-tokens 16384 --actors 2
-	$(BIN)/lsn analyze lape --store $(DEMO)/store --out $(DEMO)/lape.npz --report $(DEMO)/lape-report
-	$(BIN)/lsn mask export --format rucaibox $(DEMO)/lape.npz $(DEMO)/lape.pt
+	$(BIN)/lsn demo --out $(DEMO)
 
 test: install
 	$(BIN)/python -m pytest -q
