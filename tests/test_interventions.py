@@ -223,6 +223,9 @@ def test_bad_input(harvested, tmp_path, capsys):
     assert main(base + ["--mask", str(mask_path), "--out", str(tmp_path / "c"), "--mode", "p90", "--store", str(no_hist),
                         "--langs", "en,ru"]) == 2
     assert "needs histograms" in capsys.readouterr().err
+    assert main(base + ["--mask", str(mask_path), "--out", str(tmp_path / "c"), "--mode", "mean", "--store", str(no_hist),
+                        "--langs", "zh"]) == 2
+    assert "has no group zh" in capsys.readouterr().err
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(HarvestError, match="has no prompts"):
