@@ -29,9 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from harvester.errors import HarvestError
-from jobs.interventions import Mode, intervene, unit_statistic
-from jobs.ppl import load_mask, mask_groups, site_of
-from jobs.rows import Row, build_rows, intervention_for, run_rows
+from jobs.interventions import Mode, intervene
+from jobs.rows import Job, Row, intervention_for, make_plan, run_rows
 
 _CHARACTER_WORDS = {"zh", "ja"}
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -43,27 +42,13 @@ class Prompt:
     text: str
 
 
-@dataclass
-class GenerateJob:
-    model: str
-    mask: str
+@dataclass(kw_only=True)
+class GenerateJob(Job):
     prompts: str
-    out: str
-    mode: str = "zero"
-    controls: int = 1
-    seed: int = 0
-    langs: list[str] | None = None
-    store: str | None = None
-    dtype: str = "float32"
-    device: str = "cpu"
     max_new_tokens: int = 32
     sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
-    actors: int | None = None
-    use_ray: bool = True
-    address: str | None = None
-    progress: bool = True
 
 
 def read_prompts(path: str) -> list[Prompt]:
@@ -185,33 +170,21 @@ def metrics(prompts: list[Prompt], outputs: list[dict], detector: Detector, lang
 
 
 def run_generate(job: GenerateJob) -> dict:
-    from harvester.backends.hf import load_config, resolve_model
-
-    mode = Mode.parse(job.mode)
-    mask = load_mask(job.mask)
-    prompts = read_prompts(job.prompts)
-    langs = job.langs or list(mask.languages)
-    unknown = [lang for lang in langs if lang not in mask.languages]
-    if unknown:
-        raise HarvestError(f"language {', '.join(unknown)} is not in the mask; it has {', '.join(mask.languages)}")
     if job.max_new_tokens <= 0:
         raise HarvestError(f"--max-new-tokens must be positive, got {job.max_new_tokens}")
-    store = job.store or mask.source.get("store")
-    if mode.needs_store and not store:
-        raise HarvestError(f"--mode {mode} needs the store the mask was made from; pass --store")
-    site = site_of(store, load_config(resolve_model(job.model)))
-    values = {lang: unit_statistic(store, mask_groups(mask, lang), mode) for lang in langs} if mode.needs_store else {}
-    rows = build_rows(mask, langs, job.controls, job.seed)
+    plan = make_plan(job.model, job.mask, job.langs, job.store, job.mode, job.controls, job.seed)
+    mask, mode, rows = plan.mask, plan.mode, plan.rows
+    prompts = read_prompts(job.prompts)
     settings = {"max_new_tokens": job.max_new_tokens, "sample": job.sample, "temperature": job.temperature,
                 "top_p": job.top_p, "seed": job.seed}
-    calls = [(row, mode, mask.width, values.get(row.language), settings) for row in rows]
-    outputs = run_rows(GenerateWorker, (job.model, job.dtype, job.device, site), "row", calls, mask,
+    calls = [(row, mode, mask.width, plan.values.get(row.language), settings) for row in rows]
+    outputs = run_rows(GenerateWorker, (job.model, job.dtype, job.device, plan.site), "row", calls, mask,
                        use_ray=job.use_ray, device=job.device, actors=job.actors, address=job.address,
                        progress=job.progress, desc="generate rows", shared=prompts)
     prompt_langs = list(dict.fromkeys(p.lang for p in prompts))
     detector = Detector(prompt_langs + list(mask.languages))
     table = {row.name: metrics(prompts, out, detector, prompt_langs) for row, out in zip(rows, outputs)}
-    result = {"settings": {"model": job.model, "mask": job.mask, "mode": str(mode), "site": site,
+    result = {"settings": {"model": job.model, "mask": job.mask, "mode": str(mode), "site": plan.site,
                            "controls": job.controls, **settings, "prompts": job.prompts,
                            "units": {r.name: len(r.selected) for r in rows}},
               "table": table,

@@ -23,58 +23,16 @@ from pathlib import Path
 import numpy as np
 
 from harvester.errors import HarvestError
-from jobs.interventions import Intervention, Mode, intervene, unit_statistic
-from jobs.rows import Row, build_rows, intervention_for, run_rows
+from jobs.interventions import Intervention, Mode, intervene
+from jobs.rows import Job, Row, intervention_for, make_plan, run_rows
 
 
-@dataclass
-class PPLJob:
-    model: str
-    mask: str
+@dataclass(kw_only=True)
+class PPLJob(Job):
     corpus: list[str]
-    out: str
-    mode: str = "zero"
-    controls: int = 1
-    seed: int = 0
-    langs: list[str] | None = None
-    store: str | None = None
-    """For the statistic modes and the site; default: the store the mask was made from."""
-    dtype: str = "float32"
-    device: str = "cpu"
     seq_len: int = 256
     batch_size: int = 8
     max_tokens_per_lang: int | None = None
-    actors: int | None = None
-    use_ray: bool = True
-    address: str | None = None
-    progress: bool = True
-
-
-def load_mask(path: str):
-    from analysis.masks import Mask
-
-    if not Path(path).is_file():
-        raise HarvestError(f"mask file not found: {path}")
-    return Mask.load(path)
-
-
-def mask_groups(mask, language: str) -> list[str]:
-    """The store groups a mask language was summed from (its own name when the mask does not say)."""
-    groups = mask.source.get("groups")
-    if groups and len(groups) == len(mask.languages):
-        return list(groups[mask.languages.index(language)])
-    return [language]
-
-
-def site_of(store: str | None, config) -> str:
-    """The module the statistics were taken at: the store's recorded site, else the MLP activation."""
-    from harvester import arch
-    from harvester.store import read_attrs
-
-    attrs = read_attrs(store) if store else None
-    if attrs is not None:
-        return attrs["fingerprint"]["model"]["site"]
-    return arch.resolve_site(config, None, "mlp")
 
 
 def eval_windows(model: str, corpus: list[str], seq_len: int, max_tokens_per_lang: int | None):
@@ -136,24 +94,12 @@ class RowWorker:
 
 def run_ppl(job: PPLJob) -> dict:
     """Compute and write the matrix; returns the settings and the matrices."""
-    from harvester.backends.hf import load_config, resolve_model
-
-    mode = Mode.parse(job.mode)
-    mask = load_mask(job.mask)
-    langs = job.langs or list(mask.languages)
-    unknown = [lang for lang in langs if lang not in mask.languages]
-    if unknown:
-        raise HarvestError(f"language {', '.join(unknown)} is not in the mask; it has {', '.join(mask.languages)}")
-    store = job.store or mask.source.get("store")
-    if mode.needs_store and not store:
-        raise HarvestError(f"--mode {mode} needs the store the mask was made from; pass --store")
-    site = site_of(store, load_config(resolve_model(job.model)))
-    values = {lang: unit_statistic(store, mask_groups(mask, lang), mode) for lang in langs} if mode.needs_store else {}
+    plan = make_plan(job.model, job.mask, job.langs, job.store, job.mode, job.controls, job.seed)
+    mask, mode, rows = plan.mask, plan.mode, plan.rows
     groups, windows = eval_windows(job.model, job.corpus, job.seq_len, job.max_tokens_per_lang)
     columns = [g for g in groups if job.langs is None or g in job.langs] or groups
-    rows = build_rows(mask, langs, job.controls, job.seed)
-    calls = [(row, mode, mask.width, values.get(row.language), len(groups), job.batch_size) for row in rows]
-    results = run_rows(RowWorker, (job.model, job.dtype, job.device, site), "row", calls, mask, use_ray=job.use_ray,
+    calls = [(row, mode, mask.width, plan.values.get(row.language), len(groups), job.batch_size) for row in rows]
+    results = run_rows(RowWorker, (job.model, job.dtype, job.device, plan.site), "row", calls, mask, use_ray=job.use_ray,
                        device=job.device, actors=job.actors, address=job.address, progress=job.progress,
                        desc="ppl rows", shared=windows)
     base_nll, base_n = results[0]
@@ -164,7 +110,7 @@ def run_ppl(job: PPLJob) -> dict:
     col = [groups.index(c) for c in columns]
     ppl = ppl[:, col]
     settings = {"model": job.model, "mask": job.mask, "mask_method": mask.method, "mode": str(mode),
-                "site": site, "store": store, "corpus": job.corpus, "controls": job.controls, "seed": job.seed,
+                "site": plan.site, "store": plan.store, "corpus": job.corpus, "controls": job.controls, "seed": job.seed,
                 "seq_len": job.seq_len, "batch_size": job.batch_size, "dtype": job.dtype,
                 "units": {r.name: len(r.selected) for r in rows}, "tokens": {g: int(base_n[groups.index(g)]) for g in columns}}
     write_outputs(Path(job.out), [r.name for r in rows], columns, ppl, settings)

@@ -1,17 +1,38 @@
-"""Independent rows of a job (one intervention each) on Ray actors that load the model once.
-
-Shared by the perplexity matrix and the generation table. Without Ray the rows run one after another
-in this process.
+"""What the intervention jobs share: checking their inputs (:func:`make_plan`), their rows (one
+intervention each), and running the rows on Ray actors that load the model once (without Ray, one
+after another in this process).
 """
 
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from harvester.errors import HarvestError
+
+
+@dataclass(kw_only=True)
+class Job:
+    """Settings every intervention job has."""
+
+    model: str
+    mask: str
+    out: str
+    mode: str = "zero"
+    controls: int = 1
+    seed: int = 0
+    langs: list[str] | None = None
+    store: str | None = None
+    """For the statistic modes and the site; default: the store the mask was made from."""
+    dtype: str = "float32"
+    device: str = "cpu"
+    actors: int | None = None
+    use_ray: bool = True
+    address: str | None = None
+    progress: bool = True
 
 
 @dataclass(frozen=True)
@@ -20,6 +41,73 @@ class Row:
     language: str | None
     """The mask language whose statistics the statistic modes use (None: the ``none`` row)."""
     selected: tuple[int, ...] = ()
+
+
+def load_mask(path: str):
+    from analysis.masks import Mask
+
+    if not Path(path).is_file():
+        raise HarvestError(f"mask file not found: {path}")
+    return Mask.load(path)
+
+
+def mask_groups(mask, language: str) -> list[str]:
+    """The store groups a mask language was summed from (its own name when the mask does not say)."""
+    groups = mask.source.get("groups")
+    if groups and len(groups) == len(mask.languages):
+        return list(groups[mask.languages.index(language)])
+    return [language]
+
+
+def site_of(store: str | None, config, required: bool = False) -> str:
+    """The module the statistics were taken at: the store's recorded site, else (no store, or the
+    mask's store moved away) the MLP activation, which the mask's shape is then checked against."""
+    import sys
+
+    from harvester import arch
+    from harvester.store import read_attrs
+
+    attrs = read_attrs(store) if store else None
+    if attrs is not None:
+        return attrs["fingerprint"]["model"]["site"]
+    if store and required:
+        raise HarvestError(f"no store at {store}")
+    if store:
+        print(f"lsn: the mask's store {store} is not here; intervening on the MLP neurons", file=sys.stderr)
+    return arch.resolve_site(config, None, "mlp")
+
+
+@dataclass
+class Plan:
+    """What a job intervenes on: the mask, its languages, the mode, the site and per-unit values."""
+
+    mask: object
+    langs: list[str]
+    mode: object
+    store: str | None
+    site: str
+    values: dict
+    rows: list[Row]
+
+
+def make_plan(model: str, mask_path: str, langs: list[str] | None, store: str | None, mode_text: str,
+              controls: int, seed: int) -> Plan:
+    """Check a job's inputs (before any output is written) and resolve what it needs."""
+    from harvester.backends.hf import load_config, resolve_model
+    from jobs.interventions import Mode, unit_statistic
+
+    mode = Mode.parse(mode_text)
+    mask = load_mask(mask_path)
+    langs = langs or list(mask.languages)
+    unknown = [lang for lang in langs if lang not in mask.languages]
+    if unknown:
+        raise HarvestError(f"language {', '.join(unknown)} is not in the mask; it has {', '.join(mask.languages)}")
+    resolved = store or mask.source.get("store")
+    if mode.needs_store and not resolved:
+        raise HarvestError(f"--mode {mode} needs the store the mask was made from; pass --store")
+    site = site_of(resolved, load_config(resolve_model(model)), required=store is not None or mode.needs_store)
+    values = {lang: unit_statistic(resolved, mask_groups(mask, lang), mode) for lang in langs} if mode.needs_store else {}
+    return Plan(mask, langs, mode, resolved, site, values, build_rows(mask, langs, controls, seed))
 
 
 def build_rows(mask, langs: list[str], controls: int, seed: int) -> list[Row]:
