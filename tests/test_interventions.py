@@ -237,3 +237,42 @@ def test_bad_input(harvested, tmp_path, capsys):
     assert main(["intervene", "generate", "--model", MODEL, "--mask", str(mask_path), "--prompts", str(empty),
                  "--out", str(tmp_path / "d"), "--no-ray", "--no-progress"]) == 2
     assert not any((tmp_path / d).exists() for d in "abcd")
+
+
+def test_residual_masks_act_on_block_outputs(tmp_path):
+    """A mask of residual units (a --site residual store) changes the blocks' outputs, and only them."""
+    from harvester.backends.hf import load_config, resolve_model
+    from jobs.rows import site_of
+
+    store = tmp_path / "res"
+    assert main(["harvest", "--model", MODEL, "--corpus", "sample:docs=3,langs=en+ru", "--store", str(store),
+                 "--site", "residual", "--seq-len", "64", "--no-ray", "--no-progress"]) == 0
+    site = site_of(str(store), load_config(resolve_model(MODEL)))
+    assert site == "model.layers.{layer}"
+    backend = HFBackend(MODEL, site=site)
+    units = [5, 40]
+    iv = Intervention(np.array([backend.width + u for u in units]), Mode("value", 3.0), backend.width)
+    ids = torch.tensor([[5, 9, 200, 31, 7]])
+
+    def outputs(run):
+        """Each block's output as the next block receives it (hooks registered after the intervention's)."""
+        seen = {}
+        handles = [m.register_forward_hook(lambda m, i, o, k=k: seen.__setitem__(k, o[0] if isinstance(o, tuple) else o))
+                   for k, m in enumerate(backend.modules)]
+        try:
+            run()
+        finally:
+            for h in handles:
+                h.remove()
+        return seen
+
+    with torch.no_grad():
+        plain = outputs(lambda: backend.model(ids))
+        with intervene(backend.model, site, iv):
+            changed = outputs(lambda: backend.model(ids))
+            logits = backend.model(ids).logits
+    torch.testing.assert_close(changed[0], plain[0])  # block 0's output is untouched
+    assert (changed[1][..., units] == 3.0).all()  # block 1's output, the residual stream, at the units
+    others = [u for u in range(backend.width) if u not in units]
+    torch.testing.assert_close(changed[1][..., others], plain[1][..., others])
+    assert not torch.allclose(changed[2], plain[2]) and not torch.allclose(logits, backend.model(ids).logits)
