@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             from harvester.summary import summarize
 
             print(summarize(args.store))
-        elif args.command in ("intervene", "demo"):
+        elif args.command in ("intervene", "demo", "finetune"):
             from jobs.cli import run
 
             run(args)

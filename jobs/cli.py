@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from harvester.errors import HarvestError
 
-COMMANDS = ("intervene", "demo")
+COMMANDS = ("intervene", "demo", "finetune")
 
 
 def _common(p, positive) -> None:
@@ -33,6 +33,35 @@ def add_commands(sub, positive) -> None:
     p.add_argument("--seq-len", type=positive, default=256)
     p.add_argument("--batch-size", type=positive, default=8)
     p.add_argument("--max-tokens-per-lang", type=positive, default=None)
+    f = sub.add_parser("finetune", help="LoRA on a language's neurons vs random neurons, full LoRA and no fine-tuning")
+    f.add_argument("--model", required=True)
+    f.add_argument("--mask", required=True, help="mask file (.npz)")
+    f.add_argument("--lang", required=True, help="mask language(s) whose neurons are trained, comma-separated")
+    f.add_argument("--task", required=True, help="clm | xnli | xquad")
+    f.add_argument("--data", required=True, help="clm: a corpus spec; xnli/xquad: a hub id or DIR/{lang}/{split}.jsonl")
+    f.add_argument("--out", required=True)
+    f.add_argument("--control", default="none", help="comma-separated: none (the language's neurons) | random | "
+                   "full | base (no fine-tuning)")
+    f.add_argument("--train-lang", default="en", help="xnli/xquad: the language trained on")
+    f.add_argument("--eval-langs", default=None, help="xnli/xquad: comma-separated languages evaluated zero-shot")
+    f.add_argument("--eval-data", default=None, help="evaluation data (default: --data)")
+    f.add_argument("--steps", type=positive, default=100)
+    f.add_argument("--rank", type=positive, default=8)
+    f.add_argument("--alpha", type=float, default=16.0)
+    f.add_argument("--lr", type=float, default=1e-3)
+    f.add_argument("--batch-size", type=positive, default=8)
+    f.add_argument("--seq-len", type=positive, default=256)
+    f.add_argument("--attention-lora", action="store_true", help="also ordinary LoRA on attention")
+    f.add_argument("--intervene", default="zero", help="test-time intervention on the evaluated language's neurons "
+                   "(a --mode of lsn intervene), or none")
+    f.add_argument("--max-train", type=positive, default=None)
+    f.add_argument("--max-eval", type=positive, default=None)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    f.add_argument("--device", default="cpu")
+    f.add_argument("--address", default=None)
+    f.add_argument("--no-ray", action="store_true")
+    f.add_argument("--no-progress", action="store_true")
     d = sub.add_parser("demo", help="train (once) the demo model, then harvest, LAPE, PPL matrix, generation, report")
     d.add_argument("--out", required=True, help="output directory")
     d.add_argument("--actors", type=positive, default=2)
@@ -54,7 +83,24 @@ def _langs(text: str | None) -> list[str] | None:
 
 
 def run(args) -> None:
-    if args.command == "demo":
+    if args.command == "finetune":
+        from jobs.finetune import FinetuneJob, gather, run_finetune
+        from jobs.generate import markdown
+
+        import pandas as pd
+
+        result = run_finetune(FinetuneJob(
+            model=args.model, mask=args.mask, langs=_langs(args.lang), task=args.task, data=args.data, out=args.out,
+            controls=_langs(args.control), train_lang=args.train_lang, eval_langs=_langs(args.eval_langs),
+            eval_data=args.eval_data, steps=args.steps, rank=args.rank, alpha=args.alpha, lr=args.lr,
+            batch_size=args.batch_size, seq_len=args.seq_len, attention_lora=args.attention_lora,
+            intervene=None if args.intervene == "none" else args.intervene, max_train=args.max_train,
+            max_eval=args.max_eval, seed=args.seed, dtype=args.dtype, device=args.device, use_ray=not args.no_ray,
+            address=args.address, progress=not args.no_progress))
+        frame = pd.DataFrame.from_records(gather(result["results"]))
+        print(markdown(frame[["lang", "condition", "eval_lang", "metric", "value", "intervened"]]), end="")
+        print(f"wrote {args.out}/results.json, results.csv, results.md and one adapter per condition")
+    elif args.command == "demo":
         from jobs.demo import known_answer, run_demo
 
         report = run_demo(args.out, actors=args.actors, progress=not args.no_progress)

@@ -68,28 +68,35 @@ class RowWorker:
 
     def nll(self, windows, n_groups: int, batch_size: int, intervention: Intervention | None):
         """Per evaluated group: (sum of next-token NLL, number of predicted tokens)."""
-        import torch
-
-        from harvester.windows import batches
-
         b = self.backend
-        total = np.zeros(n_groups, dtype=np.float64)
-        count = np.zeros(n_groups, dtype=np.int64)
-        with torch.inference_mode(), intervene(b.model, b.site, intervention):
-            for ids, mask, groups in batches(windows, batch_size, b.pad_id):
-                ids_t = torch.from_numpy(ids).to(b.device)
-                mask_t = torch.from_numpy(mask).to(b.device)
-                logits = b.model(input_ids=ids_t, attention_mask=None if mask.all() else mask_t,
-                                 use_cache=False).logits[:, :-1].float()
-                nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids_t[:, 1:], reduction="none")
-                target = torch.from_numpy(groups[:, 1:]).to(b.device)
-                keep = target >= 0
-                total += torch.bincount(target[keep], weights=nll[keep].double(), minlength=n_groups).cpu().numpy()
-                count += torch.bincount(target[keep], minlength=n_groups).cpu().numpy()
-        return total, count
+        with intervene(b.model, b.site, intervention):
+            return group_nll(b.model, windows, n_groups, batch_size, b.pad_id)
 
     def row(self, row: Row, mode: Mode, width: int, values, n_groups: int, batch_size: int, windows):
         return self.nll(windows, n_groups, batch_size, intervention_for(row, mode, width, values))
+
+
+def group_nll(model, windows, n_groups: int, batch_size: int, pad_id: int):
+    """Per group: (sum of next-token NLL, number of predicted tokens); a token counts for the group of
+    the token it predicts."""
+    import torch
+
+    from harvester.windows import batches
+
+    device = next(model.parameters()).device
+    total = np.zeros(n_groups, dtype=np.float64)
+    count = np.zeros(n_groups, dtype=np.int64)
+    with torch.inference_mode():
+        for ids, mask, groups in batches(windows, batch_size, pad_id):
+            ids_t = torch.from_numpy(ids).to(device)
+            attention = None if mask.all() else torch.from_numpy(mask).to(device)
+            logits = model(input_ids=ids_t, attention_mask=attention, use_cache=False).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids_t[:, 1:], reduction="none")
+            target = torch.from_numpy(groups[:, 1:]).to(device)
+            keep = target >= 0
+            total += torch.bincount(target[keep], weights=nll[keep].double(), minlength=n_groups).cpu().numpy()
+            count += torch.bincount(target[keep], minlength=n_groups).cpu().numpy()
+    return total, count
 
 
 def run_ppl(job: PPLJob) -> dict:

@@ -72,3 +72,40 @@ def write_stimuli(path: Path, lang: str = "en", n: int = 10) -> Path:
     """``n`` sentences (``S``) and ``n`` non-word strings (``N``), alternating."""
     path.parent.mkdir(parents=True, exist_ok=True)
     return sample.write_stimuli(path, lang, n)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def write_xnli(root: Path, langs=("en", "de", "ru"), n: int = 12) -> Path:
+    """``root/{lang}/{train,test}.jsonl`` in ``facebook/xnli``'s schema (premise, hypothesis, label).
+    The hypothesis repeats the premise (0, entailment), cuts it in half (1, neutral), or is another
+    document (2, contradiction)."""
+    for split, seed in (("train", 5), ("test", 6)):
+        texts = sentences(langs, n + 1, seed=seed)
+        for lang in langs:
+            rows = []
+            for i in range(n):
+                premise, label = texts[lang][i], i % 3
+                words = premise.split()
+                hypothesis = [premise, " ".join(words[: max(1, len(words) // 2)]), texts[lang][i + 1]][label]
+                rows.append({"premise": premise, "hypothesis": hypothesis, "label": label})
+            _write_jsonl(root / lang / f"{split}.jsonl", rows)
+    return root
+
+
+def write_xquad(root: Path, langs=("en", "de", "ru"), n: int = 8) -> Path:
+    """``root/{lang}/{train,validation}.jsonl`` in ``google/xquad``'s (SQuAD's) schema: the answer is
+    the context's first word, found at character 0."""
+    for split, seed in (("train", 5), ("validation", 6)):
+        texts = sentences(langs, n, seed=seed)
+        for lang in langs:
+            rows = []
+            for i, context in enumerate(texts[lang]):
+                first = context.split()[0]
+                rows.append({"id": f"{lang}-{split}-{i}", "context": context, "question": "Which word comes first?",
+                             "answers": {"text": [first], "answer_start": [0]}})
+            _write_jsonl(root / lang / f"{split}.jsonl", rows)
+    return root

@@ -1,0 +1,378 @@
+"""``lsn finetune``: LoRA on a language's neurons against random neurons, ordinary LoRA and no fine-tuning.
+
+One condition per (language, control):
+
+| control | trains |
+| --- | --- |
+| ``none`` | LoRA restricted to the language's neurons (:mod:`jobs.lora`) |
+| ``random`` | LoRA restricted to a random mask with the same per-layer counts (seeded) |
+| ``full`` | ordinary LoRA on the same modules, every neuron |
+| ``base`` | nothing: the model as it is |
+
+``--attention-lora`` adds ordinary LoRA on attention to the three LoRA conditions.
+
+For ``xnli`` and ``xquad`` the model trains on English (``--train-lang``) and is evaluated zero-shot
+on every ``--eval-langs``. For ``clm`` it trains on the ``--data`` corpus and is evaluated by
+perplexity on ``--eval-data``.
+
+Each evaluation runs twice: as trained, and with a test-time intervention on the evaluated
+language's own neurons (``--intervene MODE``, default ``zero``; :mod:`jobs.interventions`).
+
+Each condition saves its adapter in peft's format under ``OUT/{lang}-{control}/adapter``. It also
+writes ``results.json`` with the metrics, the steps, the final loss, the trainable parameters, the
+optimizer state's bytes, and the peak memory (CUDA's peak allocation on GPUs, the process's peak RSS
+on CPU). On top of that it records whether, after merging, only the selected neurons' weights
+changed. Conditions run as Ray tasks, one per condition in a fresh worker process, so each one's
+peak memory is its own. The table is gathered into ``OUT/results.{json,csv,md}``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from harvester.errors import HarvestError
+from jobs.tasks import check_task
+
+CONTROLS = ("none", "random", "full", "base")
+CONDITION = {"none": "language neurons", "random": "random neurons", "full": "full LoRA", "base": "no fine-tuning"}
+
+
+@dataclass(kw_only=True)
+class FinetuneJob:
+    model: str
+    mask: str
+    langs: list[str]
+    task: str
+    data: str
+    out: str
+    controls: list[str] = field(default_factory=lambda: ["none"])
+    train_lang: str = "en"
+    eval_langs: list[str] | None = None
+    eval_data: str | None = None
+    steps: int = 100
+    rank: int = 8
+    alpha: float = 16.0
+    lr: float = 1e-3
+    batch_size: int = 8
+    seq_len: int = 256
+    attention_lora: bool = False
+    intervene: str | None = "zero"
+    max_train: int | None = None
+    max_eval: int | None = None
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "cpu"
+    use_ray: bool = True
+    address: str | None = None
+    progress: bool = True
+
+
+def check(job: FinetuneJob):
+    """Every input checked before anything runs or is written; returns the mask."""
+    from jobs.interventions import Mode
+    from jobs.rows import load_mask
+
+    check_task(job.task)
+    bad = [c for c in job.controls if c not in CONTROLS]
+    if bad or not job.controls:
+        raise HarvestError(f"--control must be from {', '.join(CONTROLS)}, not '{','.join(bad or job.controls)}'")
+    for name in ("steps", "rank", "batch_size", "seq_len"):
+        if getattr(job, name) <= 0:
+            raise HarvestError(f"--{name.replace('_', '-')} must be positive, got {getattr(job, name)}")
+    if job.intervene is not None:
+        Mode.parse(job.intervene)
+    mask = load_mask(job.mask)
+    unknown = [lang for lang in job.langs if lang not in mask.languages]
+    if unknown or not job.langs:
+        raise HarvestError(f"language {', '.join(unknown) or '(none)'} is not in the mask; it has {', '.join(mask.languages)}")
+    empty = [lang for lang in job.langs if mask.selected[mask.index(lang)].size == 0 and set(job.controls) & {"none", "random"}]
+    if empty:
+        raise HarvestError(f"the mask selects no neuron for {', '.join(empty)}: nothing to train")
+    return mask
+
+
+def run_finetune(job: FinetuneJob) -> dict:
+    mask = check(job)
+    from harvester.backends.hf import load_config, resolve_model
+    from jobs.lora import mlp_names
+
+    config = load_config(resolve_model(job.model))
+    mlp_names(config)  # refuses architectures without separate gate/up/down projections
+    if (mask.n_layers, mask.width) != (config.num_hidden_layers, getattr(config, "intermediate_size", -1)):
+        raise HarvestError(f"the mask is for {mask.n_layers} layers x {mask.width} neurons, the model has "
+                           f"{config.num_hidden_layers} x {getattr(config, 'intermediate_size', '?')}: a mask from another model")
+    data = prepare_data(job)  # loads and checks every split before training starts
+    conditions = [(lang, control) for lang in job.langs for control in job.controls]
+    results = _run(job, conditions, data)
+    table = gather(results)
+    write_table(Path(job.out), table, job)
+    return {"results": results, "table": table}
+
+
+def prepare_data(job: FinetuneJob) -> dict:
+    """``{"train": [...], "eval": {lang: [...]}}`` of examples, or of windows for ``clm``."""
+    from jobs.tasks import examples, load_rows
+
+    if job.task == "clm":
+        from jobs.ppl import eval_windows
+
+        groups, train = eval_windows(job.model, [job.data], job.seq_len, None)
+        eval_groups, windows = eval_windows(job.model, [job.eval_data or job.data], job.seq_len, None)
+        return {"train": train, "eval": windows, "groups": eval_groups}
+    langs = job.eval_langs or [job.train_lang]
+    train = examples(job.task, load_rows(job.task, job.data, job.train_lang, "train", job.max_train))
+    split = "test" if job.task == "xnli" else "validation"
+    source = job.eval_data or job.data
+    evaluation = {lang: examples(job.task, load_rows(job.task, source, lang, split, job.max_eval)) for lang in langs}
+    return {"train": train, "eval": evaluation}
+
+
+def _run(job: FinetuneJob, conditions: list[tuple[str, str]], data: dict) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(conditions), unit="condition", desc="finetune", disable=not job.progress, file=sys.stderr)
+    try:
+        if not job.use_ray:
+            out = []
+            for lang, control in conditions:
+                out.append(run_condition(job, lang, control, data))
+                bar.update()
+            return out
+        import ray
+
+        from harvester.driver import ray_get, ray_init
+
+        started = ray_init(job.address)
+        try:
+            options = dict(num_gpus=1, num_cpus=1) if job.device.startswith("cuda") else dict(num_cpus=1)
+            task = ray.remote(max_calls=1, max_retries=0, **options)(run_condition)  # a fresh process each
+            data_ref = ray.put(data)
+            refs = {task.remote(job, lang, control, data_ref): k for k, (lang, control) in enumerate(conditions)}
+            out: list = [None] * len(conditions)
+            while refs:
+                (done,), _ = ray.wait(list(refs), num_returns=1)
+                out[refs.pop(done)] = ray_get(ray, done)
+                bar.update()
+            return out
+        finally:
+            if started:
+                ray.shutdown()
+    finally:
+        bar.close()
+
+
+def run_condition(job: FinetuneJob, lang: str, control: str, data: dict) -> dict:
+    """Train (unless ``base``), save the adapter, evaluate with and without the intervention."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from analysis.methods import random_control
+    from harvester.backends.hf import DTYPES, load_tokenizer, resolve_model
+    from jobs.lora import add_restricted_lora, changed_neurons
+    from jobs.rows import load_mask
+
+    torch.manual_seed(job.seed)
+    path = resolve_model(job.model)
+    tokenizer = load_tokenizer(path)
+    mask = load_mask(job.mask)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[job.dtype]).to(job.device)
+    own = mask.selected[mask.index(lang)]
+    selected = {"none": own, "random": random_control([own], mask.n_layers, mask.width, job.seed)[0],
+                "full": None}.get(control)
+    out_dir = Path(job.out) / f"{lang}-{control}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = {"lang": lang, "control": control, "condition": CONDITION[control], "task": job.task,
+              "units": None if selected is None else int(len(selected))}
+    started = time.perf_counter()
+    if control != "base":
+        base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model = add_restricted_lora(model, selected, mask.width, job.rank, job.alpha, job.attention_lora)
+        record.update(train(model, tokenizer, job, data))
+        model.save_pretrained(out_dir / "adapter")
+        model = model.merge_and_unload()
+        changed = changed_neurons(base_state, model, model.config, mask.width)
+        changed_flat = np.concatenate([units + layer * mask.width for layer, units in changed.items()])
+        outside = changed_flat if selected is None else np.setdiff1d(changed_flat, selected)
+        record.update(changed_neurons=int(changed_flat.size),
+                      changed_outside_selection=None if selected is None else int(outside.size))
+        del base_state
+    record["train_seconds"] = time.perf_counter() - started
+    model.eval()
+    record["eval"] = evaluate(model, tokenizer, job, data, mask)
+    record["peak_memory_bytes"] = peak_memory(job.device)
+    (out_dir / "results.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+def _batch(tokenizer, items, seq_len: int, pad_id: int):
+    """Right-padded ``(ids, attention, labels)``; labels are -100 on prompts and padding."""
+    import torch
+
+    rows = []
+    for prompt, target in items:
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+        t = tokenizer(target, add_special_tokens=False)["input_ids"]
+        ids = (p + t)[-seq_len:]
+        labels = ([-100] * len(p) + t)[-seq_len:]
+        rows.append((ids, labels))
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for k, (i, l) in enumerate(rows):
+        ids[k, : len(i)], attention[k, : len(i)], labels[k, : len(l)] = torch.tensor(i), 1, torch.tensor(l)
+    return ids, attention, labels
+
+
+def train(model, tokenizer, job: FinetuneJob, data: dict) -> dict:
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=job.lr, weight_decay=0.0)
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    draw = np.random.default_rng(job.seed)
+    train_items = data["train"]
+    model.train()
+    loss = None
+    for _ in range(job.steps):
+        picks = draw.integers(0, len(train_items), job.batch_size)
+        if job.task == "clm":
+            windows = [train_items[i] for i in picks]
+            width = max(len(w.ids) for w in windows)
+            ids = torch.full((len(windows), width), pad_id, dtype=torch.long)
+            attention = torch.zeros_like(ids)
+            for k, w in enumerate(windows):
+                ids[k, : len(w.ids)], attention[k, : len(w.ids)] = torch.from_numpy(w.ids.astype(np.int64)), 1
+            labels = ids.masked_fill(attention == 0, -100)
+        else:
+            ids, attention, labels = _batch(tokenizer, [(train_items[i].prompt, train_items[i].target) for i in picks],
+                                            job.seq_len, pad_id)
+        loss = model(input_ids=ids.to(device), attention_mask=attention.to(device), labels=labels.to(device)).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    state_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                      if torch.is_tensor(t))
+    return {"steps": job.steps, "final_loss": loss.item(), "trainable_parameters": int(sum(p.numel() for p in params)),
+            "optimizer_state_bytes": int(state_bytes)}
+
+
+def evaluate(model, tokenizer, job: FinetuneJob, data: dict, mask) -> dict:
+    """Per evaluated language: the task's metrics, as trained and with the test-time intervention."""
+    from harvester import arch
+    from jobs.interventions import Intervention, Mode, intervene
+
+    site = arch.resolve_site(model.config, None, "mlp")
+    mode = Mode.parse(job.intervene) if job.intervene else None
+
+    def intervention(lang: str):
+        if mode is None or lang not in mask.languages:
+            return None
+        return Intervention(mask.selected[mask.index(lang)], mode, mask.width)
+
+    if job.task == "clm":
+        from jobs.ppl import group_nll
+
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        groups = data["groups"]
+        base = group_nll(model, data["eval"], len(groups), job.batch_size, pad_id)
+        out = {}
+        for g, lang in enumerate(groups):
+            out[lang] = {"ppl": _ppl(base, g)}
+            iv = intervention(lang)
+            if iv is not None:
+                with intervene(model, site, iv):
+                    out[lang]["ppl_intervened"] = _ppl(group_nll(model, data["eval"], len(groups), job.batch_size, pad_id), g)
+        return out
+    out = {}
+    for lang, items in data["eval"].items():
+        out[lang] = score(model, tokenizer, job, items)
+        iv = intervention(lang)
+        if iv is not None:
+            with intervene(model, site, iv):
+                out[lang].update({f"{k}_intervened": v for k, v in score(model, tokenizer, job, items).items()})
+    return out
+
+
+def _ppl(nll_count, g: int) -> float:
+    total, count = nll_count
+    return float(math.exp(total[g] / count[g])) if count[g] else float("nan")
+
+
+def score(model, tokenizer, job: FinetuneJob, items) -> dict:
+    import torch
+
+    from jobs.tasks import XNLI_LABELS, exact_match, f1
+
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if job.task == "xnli":
+        correct = 0
+        with torch.inference_mode():
+            for ex in items:
+                ids, attention, labels = _batch(tokenizer, [(ex.prompt, label) for label in XNLI_LABELS], job.seq_len, pad_id)
+                logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits[:, :-1].float()
+                target = labels[:, 1:].to(device)
+                logp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
+                scores = (logp * (target != -100)).sum(-1)
+                correct += int(int(scores.argmax()) == ex.label)
+        return {"accuracy": correct / len(items)}
+    em = f = 0.0
+    newline = set(tokenizer("\n", add_special_tokens=False)["input_ids"])
+    with torch.inference_mode():
+        for ex in items:
+            prompt = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"][-(job.seq_len - 16):]
+            ids = torch.tensor([prompt], device=device)
+            new = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
+                                 pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)[0, ids.shape[1]:].tolist()
+            cut = next((k for k, t in enumerate(new) if t in newline or t == tokenizer.eos_token_id), len(new))
+            prediction = tokenizer.decode(new[:cut], skip_special_tokens=True).strip()
+            em += exact_match(prediction, ex.answers)
+            f += f1(prediction, ex.answers)
+    return {"exact_match": em / len(items), "f1": f / len(items)}
+
+
+def peak_memory(device: str) -> int:
+    import resource
+
+    import torch
+
+    if device.startswith("cuda"):
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
+
+
+def gather(results: list[dict]) -> list[dict]:
+    """One row per (language, condition, evaluated language, metric)."""
+    rows = []
+    for r in results:
+        for eval_lang, metrics in r["eval"].items():
+            for name, value in metrics.items():
+                if name.endswith("_intervened"):
+                    continue
+                rows.append({"lang": r["lang"], "condition": r["condition"], "eval_lang": eval_lang, "metric": name,
+                             "value": value, "intervened": metrics.get(f"{name}_intervened"),
+                             "trainable_parameters": r.get("trainable_parameters", 0),
+                             "peak_memory_mib": r["peak_memory_bytes"] / 2**20})
+    return rows
+
+
+def write_table(out: Path, table: list[dict], job: FinetuneJob) -> None:
+    import pandas as pd
+
+    from jobs.generate import markdown
+
+    out.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame.from_records(table)
+    frame.to_csv(out / "results.csv", index=False, float_format="%.6g")
+    (out / "results.md").write_text(markdown(frame), encoding="utf-8")
+    (out / "results.json").write_text(json.dumps({"settings": asdict(job), "table": table}, indent=2, default=str))
+

@@ -1,0 +1,113 @@
+"""LoRA restricted to a mask's neurons, in peft's own format.
+
+For MLP neuron ``i`` of layer ``l`` the weights that belong to it are:
+- row ``i`` of the input projections (``gate_proj`` and ``up_proj`` in gated MLPs);
+- column ``i`` of the output projection (``down_proj``).
+
+A peft LoRA adapter on those modules adds ``ΔW = scale · B A``. Keeping ``B``'s rows zero for every
+non-selected neuron of an input projection, and ``A``'s columns zero for every non-selected neuron
+of the output projection, makes ``ΔW`` zero there exactly:
+- the rows are zero at initialization (peft starts ``B`` at zero; ``A``'s columns are zeroed here);
+- their gradients are masked, so they stay zero (AdamW's decoupled weight decay keeps a zero at
+  zero).
+
+After ``merge_and_unload`` every non-selected neuron's rows and columns are bit-identical to the base
+model's. The adapter is an ordinary peft LoRA adapter (``PeftModel.from_pretrained``), whose masked
+rows and columns hold exact zeros.
+
+``--attention-lora`` adds ordinary LoRA on the attention projections, as in the published setup.
+Layers without selected neurons get no MLP adapter at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from harvester.errors import HarvestError
+
+
+@dataclass(frozen=True)
+class MLPNames:
+    inputs: tuple[str, ...]
+    """Modules whose output rows are the neurons (relative to the layer)."""
+    output: str
+    """Module whose input columns are the neurons."""
+    attention: tuple[str, ...]
+
+
+_GATED = MLPNames(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj",
+                  ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"))
+MLP_NAMES = {arch: _GATED for arch in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "cohere")}
+LAYERS = "model.layers"
+
+
+def mlp_names(config) -> MLPNames:
+    names = MLP_NAMES.get(config.model_type)
+    if names is None:
+        raise HarvestError(f"neuron-restricted LoRA supports {', '.join(sorted(MLP_NAMES))} (separate gate, up and down "
+                           f"projections), not '{config.model_type}'")
+    return names
+
+
+def per_layer(selected: np.ndarray, n_layers: int, width: int) -> dict[int, np.ndarray]:
+    """Flat indices -> ``{layer: sorted neuron indices}`` for the layers that have any."""
+    out = {}
+    for layer in range(n_layers):
+        units = selected[selected // width == layer] - layer * width
+        if units.size:
+            out[layer] = np.sort(units)
+    return out
+
+
+def add_restricted_lora(model, selected: np.ndarray | None, width: int, rank: int, alpha: float,
+                        attention: bool, dropout: float = 0.0):
+    """``model`` wrapped by peft with LoRA on the MLP projections of the selected neurons (``None``:
+    ordinary LoRA on every MLP projection, the ``full`` control), and on attention if asked."""
+    from peft import LoraConfig, get_peft_model
+
+    names = mlp_names(model.config)
+    n_layers = model.config.num_hidden_layers
+    layers = per_layer(selected, n_layers, width) if selected is not None else {l: None for l in range(n_layers)}
+    if not layers:
+        raise HarvestError("the mask selects no neuron for this language: nothing to train")
+    targets = [f"{LAYERS}.{l}.{m}" for l in sorted(layers) for m in (*names.inputs, names.output)]
+    if attention:
+        targets += [f"{LAYERS}.{l}.{m}" for l in range(n_layers) for m in names.attention]
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
+                        task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    if selected is not None:
+        modules = dict(peft_model.base_model.model.named_modules())
+        for layer, units in layers.items():
+            keep = torch.zeros(width)
+            keep[torch.as_tensor(units)] = 1.0
+            for name in names.inputs:
+                _restrict(modules[f"{LAYERS}.{layer}.{name}"].lora_B["default"].weight, keep[:, None])
+            _restrict(modules[f"{LAYERS}.{layer}.{names.output}"].lora_A["default"].weight, keep[None, :])
+    return peft_model
+
+
+def _restrict(weight: torch.nn.Parameter, keep: torch.Tensor) -> None:
+    keep = keep.to(weight.device, weight.dtype)
+    with torch.no_grad():
+        weight.mul_(keep)
+    weight.register_hook(lambda grad: grad * keep)
+
+
+def changed_neurons(base_state: dict, merged_model, config, width: int) -> dict[int, np.ndarray]:
+    """Per layer, the neurons whose input rows or output column differ from ``base_state``."""
+    names = mlp_names(config)
+    state = merged_model.state_dict()
+    out = {}
+    for layer in range(config.num_hidden_layers):
+        diff = torch.zeros(width, dtype=torch.bool)
+        for name in names.inputs:
+            key = f"{LAYERS}.{layer}.{name}.weight"
+            diff |= (state[key] != base_state[key]).any(dim=1)
+        key = f"{LAYERS}.{layer}.{names.output}.weight"
+        diff |= (state[key] != base_state[key]).any(dim=0)
+        out[layer] = np.flatnonzero(diff.numpy())
+    return out

@@ -1,0 +1,128 @@
+"""Fine-tuning tasks for a causal LM: language modelling, XNLI and XQuAD, with loaders and metrics.
+
+Every task turns examples into ``(prompt ids, target ids)``; the loss is on the target tokens only
+(all tokens for ``clm``).
+
+- ``clm``: windows of any corpus spec (:mod:`harvester.corpus`); metric: perplexity per language.
+- ``xnli``: premise and hypothesis, three classes. The prompt is ``"{premise}\\nQuestion:
+  {hypothesis} True, False or Neither?\\nAnswer:"`` and the target is `` True``, `` Neither`` or
+  `` False`` (labels 0 entailment, 1 neutral, 2 contradiction, as in ``facebook/xnli``). The
+  prediction is the label whose continuation has the highest log-likelihood; metric: accuracy.
+- ``xquad``: extractive QA. The prompt is ``"{context}\\nQuestion: {question}\\nAnswer:"``, the target
+  `` {first answer}``, and the prediction is a greedy continuation up to a newline. Metrics: exact
+  match and F1 with SQuAD v1.1's answer normalization (lower case, no punctuation, no English
+  articles, single spaces) and whitespace tokens.
+
+Data: a hub id (``facebook/xnli``: config per language; ``google/xquad``: configs ``xquad.{lang}``,
+``validation`` only) or a local directory in the same schema, ``DIR/{lang}/{split}.jsonl``.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+from harvester.errors import HarvestError
+
+TASKS = ("clm", "xnli", "xquad")
+XNLI_LABELS = (" True", " Neither", " False")
+COLUMNS = {"xnli": ("premise", "hypothesis", "label"), "xquad": ("context", "question", "answers")}
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    target: str
+    label: int | None = None
+    answers: tuple[str, ...] = ()
+
+
+def check_task(task: str) -> None:
+    if task not in TASKS:
+        raise HarvestError(f"unknown task '{task}'; choose from {', '.join(TASKS)}")
+
+
+def load_rows(task: str, source: str, lang: str, split: str, limit: int | None) -> list[dict]:
+    """Rows of ``source`` (a local directory or a hub id) for ``lang`` and ``split``, checked for the
+    task's columns."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        file = path / lang / f"{split}.jsonl"
+        if not file.is_file():
+            raise HarvestError(f"{task} data: no file {file}")
+        rows = []
+        with file.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, start=1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as err:
+                        raise HarvestError(f"{file}:{n}: not JSON ({err.msg})") from None
+    else:
+        rows = _hub_rows(task, source, lang, split)
+    if not rows:
+        raise HarvestError(f"{task} data {source} has no {split} examples for {lang}")
+    missing = [c for c in COLUMNS[task] if not all(c in r for r in rows)]
+    if missing:
+        raise HarvestError(f"{task} data {source} ({lang}, {split}) lacks the column(s) {', '.join(missing)}")
+    return rows[:limit] if limit else rows
+
+
+def _hub_rows(task: str, source: str, lang: str, split: str) -> list[dict]:
+    import datasets
+
+    config = f"xquad.{lang}" if task == "xquad" and source == "google/xquad" else lang
+    try:
+        return list(datasets.load_dataset(source, config, split=split))
+    except Exception as err:  # noqa: BLE001 -- datasets raises many kinds; one line for all
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise HarvestError(f"could not load {task} data {source} ({config}, {split}): {first}") from None
+
+
+def examples(task: str, rows: list[dict]) -> list[Example]:
+    if task == "xnli":
+        out = []
+        for r in rows:
+            label = int(r["label"])
+            if label not in (0, 1, 2):
+                raise HarvestError(f"xnli label must be 0, 1 or 2, not {r['label']!r}")
+            out.append(Example(f"{r['premise']}\nQuestion: {r['hypothesis']} True, False or Neither?\nAnswer:",
+                               XNLI_LABELS[label], label=label))
+        return out
+    out = []
+    for r in rows:
+        answers = r["answers"]["text"] if isinstance(r["answers"], dict) else r["answers"]
+        if not answers:
+            raise HarvestError("an xquad example has no answer text")
+        out.append(Example(f"{r['context']}\nQuestion: {r['question']}\nAnswer:", f" {answers[0]}",
+                           answers=tuple(answers)))
+    return out
+
+
+# -- SQuAD v1.1 metrics ---------------------------------------------------------------------------
+def normalize(text: str) -> str:
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, answers) -> float:
+    return float(max(normalize(prediction) == normalize(a) for a in answers))
+
+
+def f1(prediction: str, answers) -> float:
+    def one(pred: str, truth: str) -> float:
+        p, t = normalize(pred).split(), normalize(truth).split()
+        common = collections.Counter(p) & collections.Counter(t)
+        same = sum(common.values())
+        if same == 0:
+            return 0.0
+        precision, recall = same / len(p), same / len(t)
+        return 2 * precision * recall / (precision + recall)
+
+    return max(one(prediction, a) for a in answers)
