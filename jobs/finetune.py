@@ -175,7 +175,7 @@ def run_condition(job: FinetuneJob, lang: str, control: str, data: dict) -> dict
 
     from analysis.methods import random_control
     from harvester.backends.hf import DTYPES, load_tokenizer, resolve_model
-    from jobs.lora import add_restricted_lora, changed_neurons
+    from jobs.lora import add_restricted_lora, bake, changed_neurons
     from jobs.rows import load_mask
 
     torch.manual_seed(job.seed)
@@ -195,6 +195,7 @@ def run_condition(job: FinetuneJob, lang: str, control: str, data: dict) -> dict
         base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         model = add_restricted_lora(model, selected, mask.width, job.rank, job.alpha, job.attention_lora)
         record.update(train(model, tokenizer, job, data))
+        bake(model)
         model.save_pretrained(out_dir / "adapter")
         model = model.merge_and_unload()
         changed = changed_neurons(base_state, model, model.config, mask.width)

@@ -4,12 +4,14 @@ For MLP neuron ``i`` of layer ``l`` the weights that belong to it are:
 - row ``i`` of the input projections (``gate_proj`` and ``up_proj`` in gated MLPs);
 - column ``i`` of the output projection (``down_proj``).
 
-A peft LoRA adapter on those modules adds ``ΔW = scale · B A``. Keeping ``B``'s rows zero for every
-non-selected neuron of an input projection, and ``A``'s columns zero for every non-selected neuron
-of the output projection, makes ``ΔW`` zero there exactly:
-- the rows are zero at initialization (peft starts ``B`` at zero; ``A``'s columns are zeroed here);
-- their gradients are masked, so they stay zero (AdamW's decoupled weight decay keeps a zero at
-  zero).
+A peft LoRA adapter on those modules adds ``ΔW = scale · B A``. Only the selected neurons' rows of
+``B`` (input projections) and columns of ``A`` (output projection) are trainable; every other row
+or column is an exact, constant zero, so ``ΔW`` is zero there exactly. Each restricted matrix is a
+``torch.nn.utils.parametrize`` parametrization that scatters a small trainable ``[selected, r]``
+(or ``[r, selected]``) parameter into zeros. The optimizer therefore holds state only for the
+selected rows and columns, plus the shared ``A`` of the input projections and ``B`` of the output
+projection. :func:`bake` folds the parametrizations back into plain LoRA weights before saving or
+merging.
 
 After ``merge_and_unload`` every non-selected neuron's rows and columns are bit-identical to the base
 model's. The adapter is an ordinary peft LoRA adapter (``PeftModel.from_pretrained``), whose masked
@@ -82,19 +84,40 @@ def add_restricted_lora(model, selected: np.ndarray | None, width: int, rank: in
     if selected is not None:
         modules = dict(peft_model.base_model.model.named_modules())
         for layer, units in layers.items():
-            keep = torch.zeros(width)
-            keep[torch.as_tensor(units)] = 1.0
+            index = torch.as_tensor(units, dtype=torch.long)
             for name in names.inputs:
-                _restrict(modules[f"{LAYERS}.{layer}.{name}"].lora_B["default"].weight, keep[:, None])
-            _restrict(modules[f"{LAYERS}.{layer}.{names.output}"].lora_A["default"].weight, keep[None, :])
+                _restrict(modules[f"{LAYERS}.{layer}.{name}"].lora_B["default"], index, dim=0)
+            _restrict(modules[f"{LAYERS}.{layer}.{names.output}"].lora_A["default"], index, dim=1)
     return peft_model
 
 
-def _restrict(weight: torch.nn.Parameter, keep: torch.Tensor) -> None:
-    keep = keep.to(weight.device, weight.dtype)
-    with torch.no_grad():
-        weight.mul_(keep)
-    weight.register_hook(lambda grad: grad * keep)
+class _Scatter(torch.nn.Module):
+    """A weight that is zero except at ``index`` along ``dim``, where it is the trainable ``values``."""
+
+    def __init__(self, initial: torch.Tensor, index: torch.Tensor, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.register_buffer("index", index.to(initial.device))
+        self.values = torch.nn.Parameter(initial.detach().index_select(dim, self.index).clone())
+
+    def forward(self, original: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(original).index_copy(self.dim, self.index, self.values)
+
+
+def _restrict(linear: torch.nn.Linear, index: torch.Tensor, dim: int) -> None:
+    from torch.nn.utils import parametrize
+
+    parametrize.register_parametrization(linear, "weight", _Scatter(linear.weight, index, dim))
+    linear.parametrizations.weight.original.requires_grad_(False)
+
+
+def bake(peft_model) -> None:
+    """Fold the restrictions into plain LoRA weights (for saving and merging); the values are kept."""
+    from torch.nn.utils import parametrize
+
+    for module in list(peft_model.modules()):
+        if parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
 
 
 def changed_neurons(base_state: dict, merged_model, config, width: int) -> dict[int, np.ndarray]:

@@ -15,7 +15,7 @@ from analysis.masks import Mask
 from harvester.backends.hf import resolve_model
 from harvester.cli import main
 from harvester.errors import HarvestError
-from jobs.lora import add_restricted_lora
+from jobs.lora import add_restricted_lora, bake
 from jobs.tasks import exact_match, f1, normalize
 from tests import fixtures
 
@@ -51,6 +51,10 @@ def test_only_the_selected_neurons_change(tmp_path, attention):
         peft_model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+    trained = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert any(n.endswith("lora_B.default.parametrizations.weight.0.values") for n in trained)
+    assert not any(n.endswith("original") for n in trained)  # no state for the constant zeros
+    bake(peft_model)
     peft_model.save_pretrained(tmp_path / "adapter")
     merged = peft_model.merge_and_unload().state_dict()
     for layer in range(layers):
