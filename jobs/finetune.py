@@ -101,13 +101,13 @@ def check(job: FinetuneJob):
 def run_finetune(job: FinetuneJob) -> dict:
     mask = check(job)
     from harvester.backends.hf import load_config, resolve_model
-    from jobs.lora import mlp_names
+    from jobs.lora import mlp_names, mlp_width
 
     config = load_config(resolve_model(job.model))
-    mlp_names(config)  # refuses architectures without separate gate/up/down projections
-    if (mask.n_layers, mask.width) != (config.num_hidden_layers, getattr(config, "intermediate_size", -1)):
+    mlp_names(config)  # refuses architectures whose MLP projections are not linear layers
+    if (mask.n_layers, mask.width) != (config.num_hidden_layers, mlp_width(config)):
         raise HarvestError(f"the mask is for {mask.n_layers} layers x {mask.width} neurons, the model has "
-                           f"{config.num_hidden_layers} x {getattr(config, 'intermediate_size', '?')}: a mask from another model")
+                           f"{config.num_hidden_layers} x {mlp_width(config)}: a mask from another model")
     data = prepare_data(job)  # loads and checks every split before training starts
     conditions = [(lang, control) for lang in job.langs for control in job.controls]
     results = _run(job, conditions, data)

@@ -1,8 +1,9 @@
 """LoRA restricted to a mask's neurons, in peft's own format.
 
 For MLP neuron ``i`` of layer ``l`` the weights that belong to it are:
-- row ``i`` of the input projections (``gate_proj`` and ``up_proj`` in gated MLPs);
-- column ``i`` of the output projection (``down_proj``).
+- row ``i`` of the input projections (``gate_proj`` and ``up_proj`` in gated MLPs, ``fc1`` or
+  ``dense_h_to_4h`` otherwise);
+- column ``i`` of the output projection (``down_proj``, ``fc2``, ``dense_4h_to_h``).
 
 A peft LoRA adapter on those modules adds ``ΔW = scale · B A``. Only the selected neurons' rows of
 ``B`` (input projections) and columns of ``A`` (output projection) are trainable; every other row
@@ -33,26 +34,43 @@ from harvester.errors import HarvestError
 
 @dataclass(frozen=True)
 class MLPNames:
+    layers: str
+    """The list of transformer blocks."""
     inputs: tuple[str, ...]
-    """Modules whose output rows are the neurons (relative to the layer)."""
+    """Modules whose output rows are the neurons (relative to the block): gate and up, or the input projection."""
     output: str
-    """Module whose input columns are the neurons."""
+    """Module whose input columns are the neurons: down, or the output projection."""
     attention: tuple[str, ...]
 
 
-_GATED = MLPNames(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj",
+_GATED = MLPNames("model.layers", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj",
                   ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"))
-MLP_NAMES = {arch: _GATED for arch in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "cohere")}
-LAYERS = "model.layers"
+_H_TO_4H = ("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h"
+MLP_NAMES = {
+    **{arch: _GATED for arch in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "cohere")},
+    "opt": MLPNames("model.decoder.layers", ("fc1",), "fc2",
+                    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")),
+    "gpt_neox": MLPNames("gpt_neox.layers", *_H_TO_4H, ("attention.query_key_value", "attention.dense")),
+    "bloom": MLPNames("transformer.h", *_H_TO_4H, ("self_attention.query_key_value", "self_attention.dense")),
+}
+"""Architectures whose MLP projections are ``nn.Linear`` (weights ``[out, in]``)."""
 
 
 def mlp_names(config) -> MLPNames:
     names = MLP_NAMES.get(config.model_type)
     if names is None:
-        raise HarvestError(f"neuron-restricted LoRA supports {', '.join(sorted(MLP_NAMES))} (separate gate, up and down "
-                           f"projections), not '{config.model_type}'")
+        raise HarvestError(f"neuron-restricted LoRA supports {', '.join(sorted(MLP_NAMES))} (linear MLP projections), "
+                           f"not '{config.model_type}'")
     return names
 
+
+def mlp_width(config) -> int:
+    """Neurons per layer, from the config."""
+    for key in ("intermediate_size", "ffn_dim", "n_inner"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 4 * config.hidden_size  # BLOOM
 
 def per_layer(selected: np.ndarray, n_layers: int, width: int) -> dict[int, np.ndarray]:
     """Flat indices -> ``{layer: sorted neuron indices}`` for the layers that have any."""
@@ -75,9 +93,9 @@ def add_restricted_lora(model, selected: np.ndarray | None, width: int, rank: in
     layers = per_layer(selected, n_layers, width) if selected is not None else {l: None for l in range(n_layers)}
     if not layers:
         raise HarvestError("the mask selects no neuron for this language: nothing to train")
-    targets = [f"{LAYERS}.{l}.{m}" for l in sorted(layers) for m in (*names.inputs, names.output)]
+    targets = [f"{names.layers}.{l}.{m}" for l in sorted(layers) for m in (*names.inputs, names.output)]
     if attention:
-        targets += [f"{LAYERS}.{l}.{m}" for l in range(n_layers) for m in names.attention]
+        targets += [f"{names.layers}.{l}.{m}" for l in range(n_layers) for m in names.attention]
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
                         task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config)
@@ -86,8 +104,8 @@ def add_restricted_lora(model, selected: np.ndarray | None, width: int, rank: in
         for layer, units in layers.items():
             index = torch.as_tensor(units, dtype=torch.long)
             for name in names.inputs:
-                _restrict(modules[f"{LAYERS}.{layer}.{name}"].lora_B["default"], index, dim=0)
-            _restrict(modules[f"{LAYERS}.{layer}.{names.output}"].lora_A["default"], index, dim=1)
+                _restrict(modules[f"{names.layers}.{layer}.{name}"].lora_B["default"], index, dim=0)
+            _restrict(modules[f"{names.layers}.{layer}.{names.output}"].lora_A["default"], index, dim=1)
     return peft_model
 
 
@@ -128,9 +146,9 @@ def changed_neurons(base_state: dict, merged_model, config, width: int) -> dict[
     for layer in range(config.num_hidden_layers):
         diff = torch.zeros(width, dtype=torch.bool)
         for name in names.inputs:
-            key = f"{LAYERS}.{layer}.{name}.weight"
+            key = f"{names.layers}.{layer}.{name}.weight"
             diff |= (state[key] != base_state[key]).any(dim=1)
-        key = f"{LAYERS}.{layer}.{names.output}.weight"
+        key = f"{names.layers}.{layer}.{names.output}.weight"
         diff |= (state[key] != base_state[key]).any(dim=0)
         out[layer] = np.flatnonzero(diff.numpy())
     return out

@@ -15,7 +15,7 @@ from analysis.masks import Mask
 from harvester.backends.hf import resolve_model
 from harvester.cli import main
 from harvester.errors import HarvestError
-from jobs.lora import add_restricted_lora, bake
+from jobs.lora import add_restricted_lora, bake, mlp_names, mlp_width
 from jobs.tasks import exact_match, f1, normalize
 from tests import fixtures
 
@@ -32,17 +32,19 @@ def setup(tmp_path_factory):
             "xquad": fixtures.write_xquad(root / "xquad")}
 
 
-@pytest.mark.parametrize("attention", [False, True])
-def test_only_the_selected_neurons_change(tmp_path, attention):
+@pytest.mark.parametrize("model_id, attention", [("tiny:llama", False), ("tiny:llama", True), ("tiny:opt", True),
+                                                  ("tiny:gpt_neox", False)])
+def test_only_the_selected_neurons_change(tmp_path, model_id, attention):
     """After training and merging, every other neuron's gate and up rows and down column are
     bit-identical to the base model's, and every selected neuron changed. The saved adapter loads
     with PeftModel.from_pretrained and merges to the same weights."""
     from peft import PeftModel
 
-    path = resolve_model(MODEL)
+    path = resolve_model(model_id)
     model = AutoModelForCausalLM.from_pretrained(path)
     base = {k: v.clone() for k, v in model.state_dict().items()}
-    width, layers = model.config.intermediate_size, model.config.num_hidden_layers
+    width, layers = mlp_width(model.config), model.config.num_hidden_layers
+    names = mlp_names(model.config)
     selected = np.array([3, 50, 127, 2 * width + 7, 2 * width + 100])
     peft_model = add_restricted_lora(model, selected, width, rank=4, alpha=8, attention=attention)
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
@@ -60,14 +62,14 @@ def test_only_the_selected_neurons_change(tmp_path, attention):
     for layer in range(layers):
         chosen = selected[selected // width == layer] - layer * width
         others = np.setdiff1d(np.arange(width), chosen)
-        for name in ("gate_proj", "up_proj"):
-            key = f"model.layers.{layer}.mlp.{name}.weight"
+        for name in names.inputs:
+            key = f"{names.layers}.{layer}.{name}.weight"
             assert torch.equal(merged[key][others], base[key][others]), key  # bit for bit
             assert all(not torch.equal(merged[key][i], base[key][i]) for i in chosen), key
-        key = f"model.layers.{layer}.mlp.down_proj.weight"
+        key = f"{names.layers}.{layer}.{names.output}.weight"
         assert torch.equal(merged[key][:, others], base[key][:, others]), key
         assert all(not torch.equal(merged[key][:, i], base[key][:, i]) for i in chosen), key
-    q = "model.layers.0.self_attn.q_proj.weight"
+    q = f"{names.layers}.0.{names.attention[0]}.weight"
     assert torch.equal(merged[q], base[q]) != attention  # attention LoRA only when asked
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path), tmp_path / "adapter").merge_and_unload()
     for key, value in reloaded.state_dict().items():
@@ -145,6 +147,4 @@ def test_bad_input(setup, tmp_path, capsys):
     assert not any((tmp_path / d).exists() for d in "abcdef")
     with pytest.raises(HarvestError, match="supports"):
         from harvester.backends.hf import load_config
-        from jobs.lora import mlp_names
-
-        mlp_names(load_config(resolve_model("tiny:gpt2")))
+        mlp_names(load_config(resolve_model("tiny:gpt2")))  # Conv1D projections
