@@ -105,6 +105,7 @@ class NeuronStats:
             self.tokens[g] = self.tokens.get(g, 0) + int(counts[g])
         self._ids, self._present = ids, present
         self._pass.clear()
+        self._positions: dict = {}
 
     def _add_slot(self, group: int) -> None:
         self._slot[group] = len(self._slot)
@@ -162,6 +163,33 @@ class NeuronStats:
             self._add("abs", layer, slots, (onehot @ buf).double())
         if "hist" in stats:
             self._add("hist", layer, slots, self._histogram(x[valid], token_slot, len(self._present)))
+
+    @property
+    def n_present(self) -> int:
+        """Groups present in this pass."""
+        return len(self._present)
+
+    def positions(self, device: torch.device) -> torch.Tensor:
+        """Each token's position in this pass's present groups (0..g-1), -1 for padding: the group ids
+        the fused kernel takes."""
+        if device not in self._positions:
+            ids = self._ids.to(device)
+            groups = torch.tensor(self._present, device=device, dtype=ids.dtype)
+            out = torch.full_like(ids, -1)
+            valid = ids >= 0
+            out[valid] = torch.searchsorted(groups, ids[valid])
+            self._positions[device] = out
+        return self._positions[device]
+
+    def add_fused(self, layer: int, part: dict[str, torch.Tensor]) -> None:
+        """Add one layer's statistics from the fused kernel (``[g, I]`` per statistic, rows in the
+        order of this pass's present groups)."""
+        if not self._present:
+            return
+        slots = torch.tensor([self._slot[g] for g in self._present], device=self.device)
+        for name in self.spec.stats:
+            value = part[name]
+            self._add(name, layer, slots, value.to(torch.int64) if name in ("active", "hist") else value.double())
 
     def _histogram(self, x: torch.Tensor, token_slot: torch.Tensor, n_groups: int) -> torch.Tensor:
         edges = torch.tensor(self.spec.hist_edges, dtype=x.dtype, device=x.device)

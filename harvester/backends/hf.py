@@ -147,11 +147,47 @@ class _Pooling:
         return self._on[x.device] @ x.float()
 
 
+_FUSED_ACTIVATIONS = {"SiLU": "silu", "SiLUActivation": "silu", "ReLU": "relu", "PytorchGELUTanh": "gelu_tanh",
+                      "GELUTanh": "gelu_tanh"}
+"""transformers' activation modules -> the fused kernel's activation."""
+
+
+@contextlib.contextmanager
+def _fused_mlps(plan: list[tuple], stats: NeuronStats, spec: StatsSpec, device):
+    """Each planned MLP's forward replaced by ``down(fused(gate(x), up(x)))``, which also adds the
+    layer's statistics of ``act(gate(x))``; always restored."""
+    from harvester.fused import fused_gated
+
+    edges = torch.tensor(spec.hist_edges, dtype=torch.float32, device=device) if "hist" in spec.stats else None
+
+    def make(layer: int, mlp, activation: str):
+        def forward(x):
+            gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+            width = gate.shape[-1]
+            out, part = fused_gated(gate.reshape(-1, width), up.reshape(-1, width), stats.positions(gate.device),
+                                    stats.n_present, activation, edges)
+            stats.add_fused(layer, part)
+            return mlp.down_proj(out.reshape(gate.shape))
+        return forward
+
+    for layer, (mlp, activation) in enumerate(plan):
+        mlp.forward = make(layer, mlp, activation)
+    try:
+        yield
+    finally:
+        for mlp, _ in plan:
+            del mlp.forward
+
+
 class HFBackend(Backend):
     """A transformers causal LM with a forward hook on each layer's activation module."""
 
     def __init__(self, model: str, dtype: str = "float32", device: str = "cpu",
-                 device_map: str | None = None, site: str | None = None, unit: str = "mlp"):
+                 device_map: str | None = None, site: str | None = None, unit: str = "mlp",
+                 fused: bool | None = None):
+        """``fused``: use the fused Triton kernel (:mod:`harvester.fused`) in place of each gated MLP's
+        activation; ``None`` (default) uses it on CUDA when the MLP and activation are supported and
+        ``LSN_FUSED`` is not ``0``, ``True`` demands it (an error when unsupported), ``False`` never."""
         from transformers import AutoModelForCausalLM
 
         if dtype not in DTYPES:
@@ -171,6 +207,52 @@ class HFBackend(Backend):
         self.n_layers = len(self.modules)
         self.pad_id = config.pad_token_id if isinstance(config.pad_token_id, int) else 0
         self.width = self._probe_width()
+        self.fused = self._fused_plan(fused, site is None and unit == "mlp")
+        if self.fused is not None:
+            self._check_fused()
+
+    def _check_fused(self) -> None:
+        """On this device, the kernel must give the hook path's counts on a small batch, or the
+        backend refuses to start (``LSN_FUSED=0`` turns the kernel off)."""
+        rng = np.random.default_rng(0)
+        windows = [Window(rng.integers(3, 100, 24).astype(np.int32), np.repeat(np.int16([0, 1]), 12)) for _ in range(2)]
+        spec = StatsSpec(("active", "sum"))
+        plan, self.fused = self.fused, None
+        try:
+            ref = self.statistics(windows, spec, 2)
+            self.fused = plan
+            got = self.statistics(windows, spec, 2)
+        except Exception as err:  # noqa: BLE001 -- any failure of the kernel is reported the same way
+            raise HarvestError(f"the fused statistics kernel failed on {self.device} ({type(err).__name__}: "
+                               f"{str(err).splitlines()[0] if str(err) else ''}); set LSN_FUSED=0") from None
+        tolerance = 1e-3 if next(self.model.parameters()).dtype == torch.float32 else 2e-2  # bf16/fp16 rounding
+        for g in ref:
+            scale = np.abs(ref[g]["act_sum"]).max()
+            if not np.array_equal(got[g]["active"], ref[g]["active"]) or \
+                    np.abs(got[g]["act_sum"] - ref[g]["act_sum"]).max() > tolerance * scale:
+                raise HarvestError(f"the fused statistics kernel disagrees with the hook path on {self.device}; "
+                                   "set LSN_FUSED=0")
+
+    def _fused_plan(self, wanted: bool | None, default_site: bool) -> list[tuple] | None:
+        """``[(mlp module, activation name)]`` per layer when the fused kernel is used, else None."""
+        import os
+
+        if wanted is False or (wanted is None and (self.device.type != "cuda" or os.environ.get("LSN_FUSED") == "0")):
+            return None
+        plan = []
+        for act in self.modules if default_site else []:
+            mlp = next((m for m in self.model.modules() if getattr(m, "act_fn", None) is act), None)
+            name = _FUSED_ACTIVATIONS.get(type(act).__name__)
+            if mlp is None or name is None or not all(hasattr(mlp, p) for p in ("gate_proj", "up_proj", "down_proj")):
+                plan = None
+                break
+            plan.append((mlp, name))
+        if not plan:
+            if wanted:
+                raise HarvestError("the fused kernel needs a gated MLP (gate_proj, up_proj, down_proj, act_fn) with "
+                                   f"SiLU, ReLU or tanh-GELU at the default site; {self.site} is not one")
+            return None
+        return plan
 
     def _probe_width(self) -> int:
         """Neurons per layer, read off one two-token forward pass; every layer must fire once."""
@@ -194,6 +276,12 @@ class HFBackend(Backend):
     def statistics(self, windows: list[Window], spec: StatsSpec, batch_size: int,
                    pooling: str = "token") -> dict[int, dict[str, np.ndarray]]:
         stats = NeuronStats(spec, self.n_layers, self.width, device=self.device)
+        if self.fused is not None and pooling == "token":
+            with _fused_mlps(self.fused, stats, spec, self.device):
+                for ids, mask, groups in batches(windows, batch_size, self.pad_id):
+                    stats.begin(torch.from_numpy(groups))
+                    self.forward(ids, mask)
+            return stats.result()
         pool = _Pooling(pooling) if pooling != "token" else None
         update = stats.update if pool is None else (lambda layer, out: stats.update(layer, pool(out)))
         with _hooks(self.modules, update):
