@@ -33,6 +33,8 @@ bench: install
 	$(BIN)/python benchmarks/harvest_overhead.py
 	$(BIN)/python benchmarks/corpus_scale.py
 	$(BIN)/python benchmarks/vllm_overhead.py
+	$(BIN)/pip install -q -e '.[peers]'
+	$(BIN)/python benchmarks/compare_peers.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache
