@@ -77,7 +77,7 @@ class FinetuneJob:
 def check(job: FinetuneJob):
     """Every input checked before anything runs or is written; returns the mask."""
     from jobs.interventions import Mode
-    from jobs.rows import load_mask
+    from jobs.rows import check_langs, load_mask
 
     check_task(job.task)
     bad = [c for c in job.controls if c not in CONTROLS]
@@ -89,9 +89,7 @@ def check(job: FinetuneJob):
     if job.intervene is not None:
         Mode.parse(job.intervene)
     mask = load_mask(job.mask)
-    unknown = [lang for lang in job.langs if lang not in mask.languages]
-    if unknown or not job.langs:
-        raise HarvestError(f"language {', '.join(unknown) or '(none)'} is not in the mask; it has {', '.join(mask.languages)}")
+    check_langs(mask, job.langs)
     empty = [lang for lang in job.langs if mask.selected[mask.index(lang)].size == 0 and set(job.controls) & {"none", "random"}]
     if empty:
         raise HarvestError(f"the mask selects no neuron for {', '.join(empty)}: nothing to train")
@@ -102,12 +100,11 @@ def run_finetune(job: FinetuneJob) -> dict:
     mask = check(job)
     from harvester.backends.hf import load_config, resolve_model
     from jobs.lora import mlp_names, mlp_width
+    from jobs.rows import check_shape
 
     config = load_config(resolve_model(job.model))
     mlp_names(config)  # refuses architectures whose MLP projections are not linear layers
-    if (mask.n_layers, mask.width) != (config.num_hidden_layers, mlp_width(config)):
-        raise HarvestError(f"the mask is for {mask.n_layers} layers x {mask.width} neurons, the model has "
-                           f"{config.num_hidden_layers} x {mlp_width(config)}: a mask from another model")
+    check_shape((config.num_hidden_layers, mlp_width(config)), mask)
     data = prepare_data(job)  # loads and checks every split before training starts
     conditions = [(lang, control) for lang in job.langs for control in job.controls]
     results = _run(job, conditions, data)
@@ -235,6 +232,8 @@ def _batch(tokenizer, items, seq_len: int, pad_id: int):
 def train(model, tokenizer, job: FinetuneJob, data: dict) -> dict:
     import torch
 
+    from harvester.windows import batches
+
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=job.lr, weight_decay=0.0)
     device = next(model.parameters()).device
@@ -246,12 +245,8 @@ def train(model, tokenizer, job: FinetuneJob, data: dict) -> dict:
     for _ in range(job.steps):
         picks = draw.integers(0, len(train_items), job.batch_size)
         if job.task == "clm":
-            windows = [train_items[i] for i in picks]
-            width = max(len(w.ids) for w in windows)
-            ids = torch.full((len(windows), width), pad_id, dtype=torch.long)
-            attention = torch.zeros_like(ids)
-            for k, w in enumerate(windows):
-                ids[k, : len(w.ids)], attention[k, : len(w.ids)] = torch.from_numpy(w.ids.astype(np.int64)), 1
+            ids, attention, _ = (torch.from_numpy(a) for a in next(batches([train_items[i] for i in picks],
+                                                                            job.batch_size, pad_id)))
             labels = ids.masked_fill(attention == 0, -100)
         else:
             ids, attention, labels = _batch(tokenizer, [(train_items[i].prompt, train_items[i].target) for i in picks],

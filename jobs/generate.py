@@ -30,7 +30,7 @@ import numpy as np
 
 from harvester.errors import HarvestError
 from jobs.interventions import Mode, intervene
-from jobs.rows import Job, Row, intervention_for, make_plan, run_rows
+from jobs.rows import Job, ModelWorker, Row, intervention_for, make_plan, run_rows
 
 _CHARACTER_WORDS = {"zh", "ja"}
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -106,21 +106,14 @@ def stopword_set(lang: str) -> frozenset[str]:
     return frozenset(stopwordsiso.stopwords(lang)) if stopwordsiso.has_lang(lang) else frozenset()
 
 
-class GenerateWorker:
-    """One loaded model; generates a row's continuations (used directly, or as a Ray actor)."""
+class GenerateWorker(ModelWorker):
+    """Generates a row's continuations."""
 
     def __init__(self, model: str, dtype: str, device: str, site: str, threads: int | None = None):
-        import torch
+        from harvester.backends.hf import load_tokenizer
 
-        from harvester.backends.hf import HFBackend, load_tokenizer
-
-        if threads:
-            torch.set_num_threads(threads)
-        self.backend = HFBackend(model, dtype=dtype, device=device, site=site)
+        super().__init__(model, dtype, device, site, threads)
         self.tokenizer = load_tokenizer(self.backend.path)
-
-    def shape(self) -> tuple[int, int]:
-        return self.backend.n_layers, self.backend.width
 
     def row(self, row: Row, mode: Mode, width: int, values, settings: dict, prompts: list[Prompt]) -> list[dict]:
         """Each prompt's continuation: ``{"text", "tokens"}`` in prompt order."""

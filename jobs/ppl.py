@@ -24,7 +24,7 @@ import numpy as np
 
 from harvester.errors import HarvestError
 from jobs.interventions import Intervention, Mode, intervene
-from jobs.rows import Job, Row, intervention_for, make_plan, run_rows
+from jobs.rows import Job, ModelWorker, Row, intervention_for, make_plan, run_rows
 
 
 @dataclass(kw_only=True)
@@ -51,20 +51,8 @@ def eval_windows(model: str, corpus: list[str], seq_len: int, max_tokens_per_lan
     return list(corpora.groups), windows
 
 
-class RowWorker:
-    """One loaded model; evaluates rows (used directly, or as a Ray actor)."""
-
-    def __init__(self, model: str, dtype: str, device: str, site: str, threads: int | None = None):
-        import torch
-
-        from harvester.backends.hf import HFBackend
-
-        if threads:
-            torch.set_num_threads(threads)
-        self.backend = HFBackend(model, dtype=dtype, device=device, site=site)
-
-    def shape(self) -> tuple[int, int]:
-        return self.backend.n_layers, self.backend.width
+class RowWorker(ModelWorker):
+    """Evaluates perplexity rows."""
 
     def nll(self, windows, n_groups: int, batch_size: int, intervention: Intervention | None):
         """Per evaluated group: (sum of next-token NLL, number of predicted tokens)."""

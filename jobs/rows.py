@@ -99,9 +99,7 @@ def make_plan(model: str, mask_path: str, langs: list[str] | None, store: str | 
     mode = Mode.parse(mode_text)
     mask = load_mask(mask_path)
     langs = langs or list(mask.languages)
-    unknown = [lang for lang in langs if lang not in mask.languages]
-    if unknown:
-        raise HarvestError(f"language {', '.join(unknown)} is not in the mask; it has {', '.join(mask.languages)}")
+    check_langs(mask, langs)
     resolved = store or mask.source.get("store")
     if mode.needs_store and not resolved:
         raise HarvestError(f"--mode {mode} needs the store the mask was made from; pass --store")
@@ -126,6 +124,30 @@ def build_rows(mask, langs: list[str], controls: int, seed: int) -> list[Row]:
             name = f"random:{lang}" if controls == 1 else f"random:{lang}:{c + 1}"
             rows.append(Row(name, lang, tuple(int(u) for u in sel)))
     return rows
+
+
+class ModelWorker:
+    """One loaded HF model at a site; the base of the row workers (used directly, or as Ray actors)."""
+
+    def __init__(self, model: str, dtype: str, device: str, site: str, threads: int | None = None):
+        import torch
+
+        from harvester.backends.hf import HFBackend
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.backend = HFBackend(model, dtype=dtype, device=device, site=site)
+
+    def shape(self) -> tuple[int, int]:
+        return self.backend.n_layers, self.backend.width
+
+
+def check_langs(mask, langs: list[str]) -> None:
+    """Every language must be one of the mask's."""
+    unknown = [lang for lang in langs if lang not in mask.languages]
+    if unknown or not langs:
+        raise HarvestError(f"language {', '.join(unknown) or '(none)'} is not in the mask; "
+                           f"it has {', '.join(mask.languages)}")
 
 
 def check_shape(shape: tuple[int, int], mask) -> None:

@@ -214,7 +214,8 @@ class StatsExtension:
             total = ids.shape[0] if ids is not None else int(starts[-1])
             groups = np.full(total, -1, dtype=np.int64)
             for i, req in enumerate(batch.req_ids[:n]):
-                window = st.windows.get(req.rpartition("-")[0])
+                key = req.rpartition("-")[0]  # vLLM appends "-{random}" to the id lsn chose
+                window = st.windows.get(key)
                 if window is None:
                     continue
                 a, b = int(starts[i]), int(starts[i + 1])
@@ -223,7 +224,6 @@ class StatsExtension:
                     st.fail(f"request {req}: positions {first}..{first + b - a} beyond its {len(window)} tokens")
                     return
                 groups[a:b] = window[first : first + b - a]
-                key = req.rpartition("-")[0]
                 st.coverage[key] = st.coverage.get(key, 0) + (b - a)
             st.steps += 1
             st.active = True
