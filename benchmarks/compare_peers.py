@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harvest_overhead import build_model  # noqa: E402
+from harvest_overhead import build_model, workload_arguments  # noqa: E402
 
 from harvester.backends.hf import HFBackend, quiet_transformers  # noqa: E402
 from harvester.stats import StatsSpec  # noqa: E402
@@ -63,14 +63,7 @@ def empty(n_groups: int, layers: int, width: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--width", type=int, default=1376)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--batches", type=int, default=2)
-    ap.add_argument("--groups", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=7)
+    workload_arguments(ap, repeats=7)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     quiet_transformers()

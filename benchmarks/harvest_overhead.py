@@ -31,17 +31,22 @@ def build_model(path: str, layers: int, hidden: int, width: int) -> None:
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def workload_arguments(ap: argparse.ArgumentParser, repeats: int) -> None:
+    """The model shape and the batches, shared by the benchmarks that time the HF backend."""
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--width", type=int, default=1376)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batches", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=21)
-    ap.add_argument("--stats", default="active,sum,sqsum")
+    ap.add_argument("--repeats", type=int, default=repeats)
     ap.add_argument("--groups", type=int, default=2, help="token groups per batch (languages)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    workload_arguments(ap, repeats=21)
+    ap.add_argument("--stats", default="active,sum,sqsum")
     args = ap.parse_args()
 
     quiet_transformers()
