@@ -5,11 +5,17 @@ and loaded through the HF backend. Each repeat times one pass over the batches w
 and one with the statistics (harvest), alternating so that machine noise hits both alike.
 The last line is ``harvest/plain time ratio: X``: the median over repeats of harvest time / plain time
 (the ratio of medians and of the fastest passes are printed above it).
+
+Before it, a separate, instrumented pass prints the time spent in the statistics themselves
+(``NeuronStats.update``, per layer call and as a share of the pass): a figure this machine's noise
+moves far less than the paired ratio. ``--kernel`` picks the CPU statistics kernel
+(``LSN_STATS_KERNEL``): the one-pass numba kernel or the older matrix products.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -19,7 +25,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from harvester.backends.hf import HFBackend, quiet_transformers
-from harvester.stats import StatsSpec, parse_edges, parse_stats
+from harvester.stats import KERNELS, NeuronStats, StatsSpec, parse_edges, parse_stats
 from harvester.windows import Window, batches
 
 
@@ -47,7 +53,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     workload_arguments(ap, repeats=21)
     ap.add_argument("--stats", default="active,sum,sqsum")
+    ap.add_argument("--kernel", choices=KERNELS, default="auto", help="CPU statistics kernel (LSN_STATS_KERNEL)")
     args = ap.parse_args()
+    if args.kernel != "auto":
+        os.environ["LSN_STATS_KERNEL"] = args.kernel
 
     quiet_transformers()
     with tempfile.TemporaryDirectory() as tmp:
@@ -69,13 +78,47 @@ def main() -> None:
 
     print(f"model: llama {args.layers} layers, hidden {args.hidden}, width {args.width}; "
           f"{args.batches} batches of {args.batch_size}x{args.seq_len} tokens; stats {','.join(stats)}; "
-          f"torch threads {torch.get_num_threads()}")
-    interleaved(plain, harvest, args.repeats, n * args.seq_len)
+          f"torch threads {torch.get_num_threads()}; statistics kernel {kernel_name(backend)}")
+    interleaved(plain, harvest, args.repeats, n * args.seq_len, before_last=lambda: statistics_share(harvest))
 
 
-def interleaved(plain, harvest, repeats: int, tokens: int) -> None:
+def kernel_name(backend: HFBackend) -> str:
+    if backend.fused is not None:
+        return "fused (Triton)"
+    if backend.device.type != "cpu":
+        return "matmul"
+    return NeuronStats(StatsSpec(), 1, 1).kernel
+
+
+def statistics_share(harvest, passes: int = 3) -> None:
+    """Time inside ``NeuronStats.update`` over a few instrumented passes: per call, and as a share of
+    the pass."""
+    inner, calls = [0.0], [0]
+    update = NeuronStats.update
+
+    def timed(self, layer, act):
+        t = time.perf_counter()
+        update(self, layer, act)
+        inner[0] += time.perf_counter() - t
+        calls[0] += 1
+
+    NeuronStats.update = timed
+    try:
+        t = time.perf_counter()
+        for _ in range(passes):
+            harvest()
+        total = time.perf_counter() - t
+    finally:
+        NeuronStats.update = update
+    if calls[0]:
+        print(f"statistics in situ: {inner[0] / calls[0] * 1000:.3f} ms per layer call, "
+              f"{inner[0] / total * 100:.2f}% of the harvest pass")
+
+
+def interleaved(plain, harvest, repeats: int, tokens: int, before_last=None) -> None:
     """Time ``plain`` and ``harvest`` alternately (after one warm-up each), print the figures, and as
-    the last line ``harvest/plain time ratio: X``, the median of the per-repeat ratios."""
+    the last line ``harvest/plain time ratio: X``, the median of the per-repeat ratios (``before_last``
+    runs just before that line)."""
     plain(), harvest()  # warm-up
     ratios, times = [], {"plain": [], "harvest": []}
     for r in range(repeats):
@@ -93,7 +136,10 @@ def interleaved(plain, harvest, repeats: int, tokens: int) -> None:
     fastest = min(times["harvest"]) / min(times["plain"])  # noise only ever adds time
     print(f"ratio of medians: {medians:.3f}; ratio of fastest passes: {fastest:.3f}")
     print(f"per-repeat ratios: {' '.join(f'{r:.3f}' for r in ratios)}")
+    if before_last is not None:
+        before_last()
     print(f"harvest/plain time ratio: {statistics.median(ratios):.3f}")
+
 
 if __name__ == "__main__":
     main()

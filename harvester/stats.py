@@ -1,21 +1,25 @@
 """Per-neuron statistics, accumulated per token group, layer and neuron.
 
-For every forward pass the token group ids ``[T]`` (``-1`` = padding, never counted) become a one-hot
-matrix ``W [g, T]`` over the ``g`` groups present; each statistic is then one matrix product
-``W @ X`` with ``X [T, I]`` the activation (or a function of it), which reads the activation once
-and attributes every token to its group.
+On CPU, the one-pass kernel of :mod:`harvester.cpu_kernel` reads each token's activation row once and
+adds it to its group's accumulators, with no temporaries. On other devices (and with
+``kernel="matmul"``) the token group ids ``[T]`` (``-1`` = padding, never counted) of a forward pass
+become a one-hot matrix ``W [g, T]`` over the ``g`` groups present, and each statistic is one matrix
+product ``W @ X`` with ``X [T, I]`` the activation (or a function of it). On CUDA the HF backend
+can use the fused Triton kernel of :mod:`harvester.fused` instead.
 
 Exactness:
 - ``tokens`` and ``active`` (activation > 0) are exact integers: a float32 sum of 0/1 values is exact
   below 2**24 terms, and one forward pass holds far fewer tokens; totals accumulate in int64.
-- ``act_sum``, ``act_sqsum`` and ``act_abssum`` (sum of ``|x|``, for t-tests on absolute values) are summed in float32 within one forward pass (at most
-  ``batch_size * seq_len`` tokens) and accumulated across passes in float64.
+- ``act_sum``, ``act_sqsum`` and ``act_abssum`` (sum of ``|x|``, for t-tests on absolute values) are
+  accumulated in float64. The CPU kernel adds every token in float64; the matrix products sum one
+  forward pass (at most ``batch_size * seq_len`` tokens) in float32 and add that in float64.
 - ``hist`` counts values per bin of fixed edges ``e``: bin 0 is ``x < e[0]``, bin ``j`` is
   ``e[j-1] <= x < e[j]``, the last bin is ``x >= e[-1]``.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +34,27 @@ VARIABLES = {"active": "active", "sum": "act_sum", "sqsum": "act_sqsum", "abs": 
 """Statistic name -> variable name in the store."""
 
 _MAX_TOKENS_PER_PASS = 1 << 24  # float32 counts stay exact below this
+
+KERNELS = ("auto", "numba", "matmul")
+"""How :class:`NeuronStats` reduces CPU activations."""
+
+
+def _cpu_kernel(kernel: str):
+    """The CPU kernel's entry point for ``kernel``, or None for the matrix-product path. ``auto``
+    follows ``LSN_STATS_KERNEL`` when it is set."""
+    if kernel == "auto" and os.environ.get("LSN_STATS_KERNEL"):
+        kernel = os.environ["LSN_STATS_KERNEL"]
+        if kernel not in KERNELS:
+            raise HarvestError(f"LSN_STATS_KERNEL must be one of {', '.join(KERNELS)}, not '{kernel}'")
+    if kernel == "matmul":
+        return None
+    try:
+        from harvester.cpu_kernel import accumulate
+    except ImportError:
+        if kernel == "numba":
+            raise HarvestError("the numba statistics kernel needs numba (pip install numba)") from None
+        return None
+    return accumulate
 
 
 def parse_stats(text: str) -> tuple[str, ...]:
@@ -81,9 +106,19 @@ class NeuronStats:
     layer's hook with that layer's activation ``[..., I]``. No activation tensor is kept.
     """
 
-    def __init__(self, spec: StatsSpec, n_layers: int, width: int, device: str | torch.device = "cpu"):
+    def __init__(self, spec: StatsSpec, n_layers: int, width: int, device: str | torch.device = "cpu",
+                 kernel: str = "auto"):
+        """``kernel``: how CPU activations are reduced. ``"numba"``: the one-pass kernel of
+        :mod:`harvester.cpu_kernel`; ``"matmul"``: one matrix product per statistic (the path for
+        other devices); ``"auto"``: ``LSN_STATS_KERNEL`` when set, else numba when it imports."""
+        if kernel not in KERNELS:
+            raise HarvestError(f"unknown statistics kernel '{kernel}'; choose from {', '.join(KERNELS)}")
         self.spec, self.n_layers, self.width = spec, n_layers, width
         self.device = torch.device(device)
+        self._accumulate = _cpu_kernel(kernel) if self.device.type == "cpu" else None
+        self.kernel = "numba" if self._accumulate is not None else "matmul"
+        """The path this instance takes for activations on its device: ``numba`` or ``matmul``."""
+        self._edges = np.asarray(spec.hist_edges, np.float32) if "hist" in spec.stats else None
         self.tokens: dict[int, int] = {}
         self._slot: dict[int, int] = {}  # group id -> row of the accumulators
         self._acc: dict[str, torch.Tensor] = {}
@@ -106,6 +141,7 @@ class NeuronStats:
         self._ids, self._present = ids, present
         self._pass.clear()
         self._positions: dict = {}
+        self._rows = None  # the CPU kernel's per-token accumulator rows and accumulator arrays
 
     def _add_slot(self, group: int) -> None:
         self._slot[group] = len(self._slot)
@@ -148,6 +184,9 @@ class NeuronStats:
             return
         if x.dtype != torch.float32:
             x = x.float()
+        if self._accumulate is not None and x.device.type == "cpu":
+            self._update_cpu(layer, x)
+            return
         onehot, slots, token_slot, valid = self._pass_on(x.device)
         stats = self.spec.stats
         buf = self._buffer(x)
@@ -163,6 +202,16 @@ class NeuronStats:
             self._add("abs", layer, slots, (onehot @ buf).double())
         if "hist" in stats:
             self._add("hist", layer, slots, self._histogram(x[valid], token_slot, len(self._present)))
+
+    def _update_cpu(self, layer: int, x: torch.Tensor) -> None:
+        """One pass of the numba kernel straight into the accumulators (no temporaries)."""
+        if self._rows is None:
+            ids = self._ids.cpu().numpy()
+            lookup = np.full(max(self._present) + 2, -1, dtype=np.int64)  # index -1 -> the last entry, -1
+            lookup[self._present] = [self._slot[g] for g in self._present]
+            self._rows = (lookup[ids], {name: acc.numpy() for name, acc in self._acc.items()})
+        rows, acc = self._rows
+        self._accumulate(x.contiguous().numpy(), rows, layer, acc, self._edges)
 
     @property
     def n_present(self) -> int:

@@ -48,14 +48,15 @@ def make_passes(rng, n_groups, n_layers, width, sizes):
     return passes
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_stats_match_plain_loops(dtype):
+@pytest.mark.parametrize("kernel", ["numba", "matmul"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_stats_match_plain_loops(dtype, kernel):
     rng = np.random.default_rng(0)
     G, L, I = 4, 2, 7
     passes = make_passes(rng, G, L, I, sizes=[13, 1, 29, 8])
     if dtype != torch.float32:  # compare against exactly the values the kernel sees
         passes = [(g, [torch.from_numpy(a).to(dtype).float().numpy() for a in acts]) for g, acts in passes]
-    stats = NeuronStats(StatsSpec(("active", "sum", "sqsum", "abs", "hist"), EDGES), L, I)
+    stats = NeuronStats(StatsSpec(("active", "sum", "sqsum", "abs", "hist"), EDGES), L, I, kernel=kernel)
     for groups, acts in passes:
         stats.begin(torch.from_numpy(groups))
         for layer, a in enumerate(acts):
@@ -67,13 +68,82 @@ def test_stats_match_plain_loops(dtype):
         assert values["tokens"] == tokens[g]
         np.testing.assert_array_equal(values["active"], active[g])
         np.testing.assert_array_equal(values["hist"], hist[g])
-        np.testing.assert_allclose(values["act_sum"], act_sum[g], rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(values["act_sqsum"], act_sqsum[g], rtol=1e-6)
-        np.testing.assert_allclose(values["act_abssum"], abs_sum[g], rtol=1e-6)
+        # the numba kernel adds each token in float64, as the reference does
+        rtol, atol = (1e-12, 1e-12) if kernel == "numba" else (1e-6, 1e-6)
+        np.testing.assert_allclose(values["act_sum"], act_sum[g], rtol=rtol, atol=atol)
+        np.testing.assert_allclose(values["act_sqsum"], act_sqsum[g], rtol=rtol)
+        np.testing.assert_allclose(values["act_abssum"], abs_sum[g], rtol=rtol)
 
 
-def test_padding_only_pass_counts_nothing():
-    stats = NeuronStats(StatsSpec(), 1, 3)
+def _run(kernel, passes, spec, L, I, layout=lambda a: a):
+    stats = NeuronStats(spec, L, I, kernel=kernel)
+    for groups, acts in passes:
+        stats.begin(torch.from_numpy(groups))
+        for layer, a in enumerate(acts):
+            stats.update(layer, layout(torch.from_numpy(a)))
+    return stats.result()
+
+
+def _assert_same(a, b, rtol):
+    assert sorted(a) == sorted(b)
+    for g in a:
+        assert a[g]["tokens"] == b[g]["tokens"]
+        for name in a[g]:
+            if name in ("active", "hist"):
+                np.testing.assert_array_equal(a[g][name], b[g][name], err_msg=name)
+            elif name != "tokens":
+                np.testing.assert_allclose(a[g][name], b[g][name], rtol=rtol, atol=1e-4, err_msg=name)
+
+
+def test_kernels_agree_at_scale_with_groups_that_appear_later():
+    """The two CPU paths on bigger passes: 6 groups that first appear in later passes (the
+    accumulators grow), long runs of one group, padding, values on the edges."""
+    rng = np.random.default_rng(1)
+    L, I = 3, 300
+    passes = []
+    for k, size in enumerate([257, 64, 500]):
+        groups = np.repeat(rng.integers(-1, 2 + 2 * k, size=size // 16 + 1), 16)[:size]
+        acts = [np.round(rng.normal(size=(size, I)), 1).astype(np.float32) for _ in range(L)]
+        passes.append((groups, acts))
+    spec = StatsSpec(("active", "sum", "sqsum", "abs", "hist"), parse_edges("-1:1:20"))
+    _assert_same(_run("numba", passes, spec, L, I), _run("matmul", passes, spec, L, I), rtol=1e-5)
+
+
+def test_kernel_on_non_finite_and_non_contiguous_input():
+    """NaN and infinities fall in the same bins on both paths (NaN and +inf in the last, -inf in the
+    first), and a transposed (non-contiguous) activation is read correctly."""
+    L, I = 1, 5
+    a = np.array([[np.nan, np.inf, -np.inf, 0.0, 1.0], [2.0, -0.5, np.nan, 4.0, -1.0]], np.float32)
+    passes = [(np.array([0, 1]), [a])]
+    spec = StatsSpec(("active", "hist"), EDGES)
+    got = _run("numba", passes, spec, L, I)
+    ref = _run("matmul", passes, spec, L, I)
+    _assert_same(got, ref, rtol=0)
+    assert got[0]["hist"][0, 0, -1] == 1 and got[0]["hist"][0, 1, -1] == 1 and got[0]["hist"][0, 2, 0] == 1
+    both = [(np.array([0, 1, -1, 1]), [np.random.default_rng(2).normal(size=(4, 6)).astype(np.float32)])]
+    transposed = [(g, [np.ascontiguousarray(a.T).T for a in acts]) for g, acts in both]  # same values, F order
+    spec = StatsSpec(("active", "sum"))
+    _assert_same(_run("numba", transposed, spec, 1, 6), _run("numba", both, spec, 1, 6), rtol=0)
+    assert not torch.from_numpy(transposed[0][1][0]).is_contiguous()
+
+
+def test_kernel_choice(monkeypatch):
+    assert NeuronStats(StatsSpec(), 1, 3).kernel == "numba"  # auto on CPU: numba
+    assert NeuronStats(StatsSpec(), 1, 3, kernel="matmul").kernel == "matmul"
+    assert NeuronStats(StatsSpec(), 1, 3, device="meta").kernel == "matmul"  # not a CPU device
+    with pytest.raises(HarvestError, match="unknown statistics kernel"):
+        NeuronStats(StatsSpec(), 1, 3, kernel="fast")
+    monkeypatch.setenv("LSN_STATS_KERNEL", "matmul")
+    assert NeuronStats(StatsSpec(), 1, 3).kernel == "matmul"
+    assert NeuronStats(StatsSpec(), 1, 3, kernel="numba").kernel == "numba"  # explicit wins
+    monkeypatch.setenv("LSN_STATS_KERNEL", "fast")
+    with pytest.raises(HarvestError, match="LSN_STATS_KERNEL must be one of"):
+        NeuronStats(StatsSpec(), 1, 3)
+
+
+@pytest.mark.parametrize("kernel", ["numba", "matmul"])
+def test_padding_only_pass_counts_nothing(kernel):
+    stats = NeuronStats(StatsSpec(), 1, 3, kernel=kernel)
     stats.begin(torch.full((5,), -1))
     stats.update(0, torch.ones(5, 3))
     assert stats.result() == {}

@@ -1,0 +1,69 @@
+"""The one-pass CPU statistics kernel (numba): each token's activation row is read once, from cache,
+and added straight into the shard's float64/int64 accumulators.
+
+The matrix-product path of :class:`harvester.stats.NeuronStats` reads the activation once per
+statistic and writes temporaries of activation size; this kernel writes none. Every token is added in
+float64, so its sums are as exact as a float64 loop over the float32 activations.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+_NO_SUMS = np.zeros((0, 0, 0))  # a statistic not requested
+_NO_HIST = np.zeros((0, 0, 0, 0), np.int64)
+_NO_EDGES = np.zeros(0, np.float32)
+
+
+@numba.njit(cache=True, nogil=True)
+def _bin(edges, v):
+    """Number of edges ``<= v`` (``torch.bucketize(right=True)``); NaN goes to the last bin."""
+    lo, hi = 0, edges.shape[0]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if v < edges[mid]:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+@numba.njit(cache=True, nogil=True)
+def _accumulate(x, slots, layer, active, total, squares, absolute, hist, edges):
+    """Add ``x [T, I]`` (float32) to row ``slots[t]`` (-1: skip) of each ``[S, L, I(, B)]``
+    accumulator at ``layer``; accumulators of shape ``(0, 0, 0)`` are not requested. One simple loop
+    per statistic over a row that sits in L1 keeps each loop vectorizable."""
+    for t in range(x.shape[0]):
+        s = slots[t]
+        if s < 0:
+            continue
+        row = x[t]
+        a = active[s, layer]
+        for i in range(row.shape[0]):
+            a[i] += row[i] > 0
+        if total.shape[0]:
+            u = total[s, layer]
+            for i in range(row.shape[0]):
+                u[i] += row[i]
+        if squares.shape[0]:
+            q = squares[s, layer]
+            for i in range(row.shape[0]):
+                q[i] += np.float64(row[i]) * row[i]
+        if absolute.shape[0]:
+            b = absolute[s, layer]
+            for i in range(row.shape[0]):
+                b[i] += abs(row[i])
+        if hist.shape[0]:
+            h = hist[s, layer]
+            for i in range(row.shape[0]):
+                h[i, _bin(edges, row[i])] += 1
+
+
+def accumulate(x: np.ndarray, slots: np.ndarray, layer: int, acc: dict[str, np.ndarray],
+               edges: np.ndarray | None) -> None:
+    """Add one layer's activation ``x [T, I]`` (float32, C order) of tokens whose accumulator rows
+    are ``slots [T]`` (int64, -1 = padding) to ``acc`` (``{stat: [S, L, I(, B)]}``, any subset of
+    active/sum/sqsum/abs/hist; active is required)."""
+    _accumulate(x, slots, layer, acc["active"], acc.get("sum", _NO_SUMS), acc.get("sqsum", _NO_SUMS),
+                acc.get("abs", _NO_SUMS), acc.get("hist", _NO_HIST), _NO_EDGES if edges is None else edges)
