@@ -5,7 +5,7 @@ In one process, on a random Llama-shaped model (8 layers, hidden 512, MLP width 
 | method | what it does per batch |
 | --- | --- |
 | ``plain`` | the forward pass alone: the limit |
-| ``lsn`` | ``HFBackend.statistics``: one hook per layer, one-hot matrix products per group |
+| ``lsn`` | ``HFBackend.statistics``: one hook per layer, the one-pass CPU kernel (``harvester.cpu_kernel``) |
 | ``hooks`` | plain forward hooks on ``act_fn`` that count and sum per group with boolean masks (the original LAPE approach, made group-aware) |
 | ``nnsight`` | ``LanguageModel.trace``, saving every layer's ``act_fn`` output, then the same reductions |
 | ``transformer_lens`` | ``TransformerBridge.run_with_cache`` on ``blocks.{l}.mlp.gate.hook_out``, then ``act_fn`` and the same reductions |
@@ -36,10 +36,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harvest_overhead import build_model, workload_arguments  # noqa: E402
+from harvest_overhead import build_model, steady_allocator, workload_arguments  # noqa: E402
 
 from harvester.backends.hf import HFBackend, quiet_transformers  # noqa: E402
-from harvester.stats import StatsSpec  # noqa: E402
+from harvester.stats import NeuronStats, StatsSpec  # noqa: E402
 from harvester.windows import Window, batches  # noqa: E402
 
 
@@ -65,6 +65,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     workload_arguments(ap, repeats=7)
     args = ap.parse_args()
+    allocator = "default allocator" if args.default_malloc else steady_allocator()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     quiet_transformers()
 
@@ -166,7 +167,8 @@ def main() -> None:
     tokens = n * args.seq_len
     print(f"model: llama {L} layers, hidden {args.hidden}, width {I}, float32, CPU threads {torch.get_num_threads()}; "
           f"{args.batches} batches of {args.batch_size}x{args.seq_len} tokens, {args.groups} groups; "
-          f"statistics active, sum, sqsum; {args.repeats} interleaved repeats")
+          f"statistics active, sum, sqsum ({NeuronStats(spec, 1, 1).kernel} kernel); {args.repeats} interleaved "
+          f"repeats; {allocator}")
     if skipped:
         print(f"skipped (not installed): {', '.join(skipped)}; pip install 'lsn-harvester[peers]'")
     plain_median = statistics.median(times["plain"])

@@ -6,6 +6,11 @@ and one with the statistics (harvest), alternating so that machine noise hits bo
 The last line is ``harvest/plain time ratio: X``: the median over repeats of harvest time / plain time
 (the ratio of medians and of the fastest passes are printed above it).
 
+glibc's allocator is set to keep freed memory (``steady_allocator``) unless ``--default-malloc``: by
+default it maps each big tensor afresh and faults its pages in, and how often depends on the
+process' allocation history, which made the two sides differ by up to ±8% from one process to the
+next whatever was timed.
+
 Before it, a separate, instrumented pass prints the time spent in the statistics themselves
 (``NeuronStats.update``, per layer call and as a share of the pass): a figure this machine's noise
 moves far less than the paired ratio. ``--kernel`` picks the CPU statistics kernel
@@ -15,6 +20,7 @@ moves far less than the paired ratio. ``--kernel`` picks the CPU statistics kern
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import statistics
 import tempfile
@@ -37,6 +43,20 @@ def build_model(path: str, layers: int, hidden: int, width: int) -> None:
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
 
 
+def steady_allocator() -> str:
+    """Fix glibc's mmap threshold at its maximum (32 MiB) and never trim the heap, as
+    ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` would: freed activations are then reused
+    rather than unmapped and faulted in again. Returns what was done, for the header line."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return "default allocator (not glibc)"
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 1 << 40):
+        return "glibc: mmap threshold 32 MiB, no trimming"
+    return "default allocator (mallopt refused)"
+
+
 def workload_arguments(ap: argparse.ArgumentParser, repeats: int) -> None:
     """The model shape and the batches, shared by the benchmarks that time the HF backend."""
     ap.add_argument("--layers", type=int, default=8)
@@ -47,6 +67,7 @@ def workload_arguments(ap: argparse.ArgumentParser, repeats: int) -> None:
     ap.add_argument("--batches", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=repeats)
     ap.add_argument("--groups", type=int, default=2, help="token groups per batch (languages)")
+    ap.add_argument("--default-malloc", action="store_true", help="leave glibc's allocator as it is")
 
 
 def main() -> None:
@@ -57,6 +78,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.kernel != "auto":
         os.environ["LSN_STATS_KERNEL"] = args.kernel
+    allocator = "default allocator" if args.default_malloc else steady_allocator()
 
     quiet_transformers()
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,7 +100,7 @@ def main() -> None:
 
     print(f"model: llama {args.layers} layers, hidden {args.hidden}, width {args.width}; "
           f"{args.batches} batches of {args.batch_size}x{args.seq_len} tokens; stats {','.join(stats)}; "
-          f"torch threads {torch.get_num_threads()}; statistics kernel {kernel_name(backend)}")
+          f"torch threads {torch.get_num_threads()}; statistics kernel {kernel_name(backend)}; {allocator}")
     interleaved(plain, harvest, args.repeats, n * args.seq_len, before_last=lambda: statistics_share(harvest))
 
 
