@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harvest_overhead import build_model, steady_allocator, workload_arguments  # noqa: E402
+from harvest_overhead import apply_preset, build_model, steady_allocator, workload_arguments  # noqa: E402
 
 from harvester.backends.hf import HFBackend, quiet_transformers  # noqa: E402
 from harvester.stats import NeuronStats, StatsSpec  # noqa: E402
@@ -64,13 +64,13 @@ def empty(n_groups: int, layers: int, width: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     workload_arguments(ap, repeats=7)
-    args = ap.parse_args()
+    args = apply_preset(ap.parse_args())
     allocator = "default allocator" if args.default_malloc else steady_allocator()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     quiet_transformers()
 
     tmp = tempfile.TemporaryDirectory()
-    build_model(tmp.name, args.layers, args.hidden, args.width)
+    build_model(tmp.name, args.layers, args.hidden, args.width, args.heads, args.kv_heads, args.vocab)
     from harvester.tiny import train_tokenizer
 
     train_tokenizer().save_pretrained(tmp.name)
@@ -78,7 +78,7 @@ def main() -> None:
     model, L, I = backend.model, backend.n_layers, backend.width
     rng = np.random.default_rng(0)
     n = args.batch_size * args.batches
-    windows = [Window(rng.integers(3, 4096, size=args.seq_len).astype(np.int32),
+    windows = [Window(rng.integers(3, args.vocab, size=args.seq_len).astype(np.int32),
                       np.repeat(np.arange(args.groups, dtype=np.int16), args.seq_len // args.groups + 1)[: args.seq_len])
                for _ in range(n)]
     data = [(torch.from_numpy(ids), torch.from_numpy(groups)) for ids, _, groups in batches(windows, args.batch_size, 0)]

@@ -35,12 +35,21 @@ from harvester.stats import KERNELS, NeuronStats, StatsSpec, parse_edges, parse_
 from harvester.windows import Window, batches
 
 
-def build_model(path: str, layers: int, hidden: int, width: int) -> None:
-    config = AutoConfig.for_model("llama", vocab_size=4096, hidden_size=hidden, intermediate_size=width,
-                                  num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=8,
-                                  max_position_embeddings=2048, pad_token_id=0, eos_token_id=2)
+PRESETS = {"llama3-8b": {"layers": 32, "hidden": 4096, "width": 14336, "heads": 32, "kv_heads": 8, "vocab": 128256}}
+"""Shapes of released models (random weights: no download). Llama-3.1-8B: 32 layers x 14,336 neurons."""
+
+
+def build_model(path: str, layers: int, hidden: int, width: int, heads: int = 8, kv_heads: int = 8,
+                vocab: int = 4096, dtype: str = "float32", device: str = "cpu") -> None:
+    """A random Llama of this shape, saved to ``path`` (initialized on ``device``, stored in ``dtype``)."""
+    config = AutoConfig.for_model("llama", vocab_size=vocab, hidden_size=hidden, intermediate_size=width,
+                                  num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                  max_position_embeddings=8192, pad_token_id=0, eos_token_id=2)
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    model.save_pretrained(path)
+    del model
 
 
 def steady_allocator() -> str:
@@ -62,6 +71,10 @@ def workload_arguments(ap: argparse.ArgumentParser, repeats: int) -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--width", type=int, default=1376)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--preset", choices=sorted(PRESETS), help="a released model's shape (overrides the sizes above)")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batches", type=int, default=2)
@@ -70,38 +83,52 @@ def workload_arguments(ap: argparse.ArgumentParser, repeats: int) -> None:
     ap.add_argument("--default-malloc", action="store_true", help="leave glibc's allocator as it is")
 
 
+def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
+    """``--preset`` sets the model sizes of :func:`workload_arguments`."""
+    for name, value in PRESETS.get(args.preset, {}).items():
+        setattr(args, name, value)
+    return args
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     workload_arguments(ap, repeats=21)
     ap.add_argument("--stats", default="active,sum,sqsum")
     ap.add_argument("--kernel", choices=KERNELS, default="auto", help="CPU statistics kernel (LSN_STATS_KERNEL)")
-    args = ap.parse_args()
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA the fused Triton kernel is used)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    args = apply_preset(ap.parse_args())
     if args.kernel != "auto":
         os.environ["LSN_STATS_KERNEL"] = args.kernel
     allocator = "default allocator" if args.default_malloc else steady_allocator()
 
     quiet_transformers()
     with tempfile.TemporaryDirectory() as tmp:
-        build_model(tmp, args.layers, args.hidden, args.width)
-        backend = HFBackend(tmp)
+        build_model(tmp, args.layers, args.hidden, args.width, args.heads, args.kv_heads, args.vocab,
+                    args.dtype, args.device)
+        backend = HFBackend(tmp, dtype=args.dtype, device=args.device)
+    sync = torch.cuda.synchronize if backend.device.type == "cuda" else (lambda: None)
     stats = parse_stats(args.stats)
     spec = StatsSpec(stats, parse_edges("-1:4:100") if "hist" in stats else None)
     rng = np.random.default_rng(0)
     n = args.batch_size * args.batches
-    windows = [Window(rng.integers(3, 4096, size=args.seq_len).astype(np.int32),
+    windows = [Window(rng.integers(3, args.vocab, size=args.seq_len).astype(np.int32),
                       np.full(args.seq_len, i % args.groups, dtype=np.int16)) for i in range(n)]
 
     def plain() -> None:
         for ids, mask, _ in batches(windows, args.batch_size, backend.pad_id):
             backend.forward(ids, mask)
+        sync()
 
     def harvest() -> None:
-        backend.statistics(windows, spec, args.batch_size)
+        backend.statistics(windows, spec, args.batch_size)  # its result is copied to the host: synchronized
 
-    print(f"model: llama {args.layers} layers, hidden {args.hidden}, width {args.width}; "
+    shape = f"llama {args.preset or ''} {args.layers} layers, hidden {args.hidden}, width {args.width}".replace("  ", " ")
+    print(f"model: {shape}, {args.dtype} on {backend.device}; "
           f"{args.batches} batches of {args.batch_size}x{args.seq_len} tokens; stats {','.join(stats)}; "
           f"torch threads {torch.get_num_threads()}; statistics kernel {kernel_name(backend)}; {allocator}")
-    interleaved(plain, harvest, args.repeats, n * args.seq_len, before_last=lambda: statistics_share(harvest))
+    share = (lambda: kernel_share(harvest)) if backend.fused is not None else (lambda: statistics_share(harvest))
+    interleaved(plain, harvest, args.repeats, n * args.seq_len, before_last=share)
 
 
 def kernel_name(backend: HFBackend) -> str:
@@ -135,6 +162,22 @@ def statistics_share(harvest, passes: int = 3) -> None:
     if calls[0]:
         print(f"statistics in situ: {inner[0] / calls[0] * 1000:.3f} ms per layer call, "
               f"{inner[0] / total * 100:.2f}% of the harvest pass")
+
+
+def kernel_share(harvest) -> None:
+    """With the fused kernel: its share of the device time of one harvest step (profiled)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        harvest()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    total = sum(e.self_device_time_total for e in events)
+    fused = [e for e in events if "fused_gated_stats" in e.key]
+    kernel = sum(e.self_device_time_total for e in fused)
+    calls = sum(e.count for e in fused)
+    if total and calls:
+        print(f"fused kernel: {kernel / calls / 1000:.3f} ms per layer call, {kernel / total * 100:.2f}% of the "
+              f"harvest step's device time")
 
 
 def interleaved(plain, harvest, repeats: int, tokens: int, before_last=None) -> None:

@@ -17,9 +17,22 @@ _NO_EDGES = np.zeros(0, np.float32)
 
 
 @numba.njit(cache=True, nogil=True)
-def _bin(edges, v):
-    """Number of edges ``<= v`` (``torch.bucketize(right=True)``); NaN goes to the last bin."""
-    lo, hi = 0, edges.shape[0]
+def _bin(edges, v, inv):
+    """Number of edges ``<= v`` (``torch.bucketize(right=True)``); NaN goes to the last bin. With
+    ``inv`` > 0 (evenly spaced edges, ``1 / spacing``) the bin is guessed from the value and then
+    moved to the exact one by comparing with the edges themselves; otherwise a binary search."""
+    n = edges.shape[0]
+    if v != v:
+        return n
+    if inv > 0:
+        f = (v - edges[0]) * inv
+        j = 0 if f < 0 else (n if f >= n else int(f) + 1)
+        while j > 0 and v < edges[j - 1]:
+            j -= 1
+        while j < n and edges[j] <= v:
+            j += 1
+        return j
+    lo, hi = 0, n
     while lo < hi:
         mid = (lo + hi) // 2
         if v < edges[mid]:
@@ -30,7 +43,7 @@ def _bin(edges, v):
 
 
 @numba.njit(cache=True, nogil=True)
-def _accumulate(x, slots, layer, active, total, squares, absolute, hist, edges):
+def _accumulate(x, slots, layer, active, total, squares, absolute, hist, edges, inv):
     """Add ``x [T, I]`` (float32) to row ``slots[t]`` (-1: skip) of each ``[S, L, I(, B)]``
     accumulator at ``layer``; accumulators of shape ``(0, 0, 0)`` are not requested. One simple loop
     per statistic over a row that sits in L1 keeps each loop vectorizable."""
@@ -57,7 +70,7 @@ def _accumulate(x, slots, layer, active, total, squares, absolute, hist, edges):
         if hist.shape[0]:
             h = hist[s, layer]
             for i in range(row.shape[0]):
-                h[i, _bin(edges, row[i])] += 1
+                h[i, _bin(edges, row[i], inv)] += 1
 
 
 def accumulate(x: np.ndarray, slots: np.ndarray, layer: int, acc: dict[str, np.ndarray],
@@ -65,5 +78,15 @@ def accumulate(x: np.ndarray, slots: np.ndarray, layer: int, acc: dict[str, np.n
     """Add one layer's activation ``x [T, I]`` (float32, C order) of tokens whose accumulator rows
     are ``slots [T]`` (int64, -1 = padding) to ``acc`` (``{stat: [S, L, I(, B)]}``, any subset of
     active/sum/sqsum/abs/hist; active is required)."""
+    edges = _NO_EDGES if edges is None else edges
     _accumulate(x, slots, layer, acc["active"], acc.get("sum", _NO_SUMS), acc.get("sqsum", _NO_SUMS),
-                acc.get("abs", _NO_SUMS), acc.get("hist", _NO_HIST), _NO_EDGES if edges is None else edges)
+                acc.get("abs", _NO_SUMS), acc.get("hist", _NO_HIST), edges, _inverse_spacing(edges))
+
+
+def _inverse_spacing(edges: np.ndarray) -> float:
+    """``1 / spacing`` when the edges are evenly spaced (to within rounding), else 0."""
+    if edges.shape[0] < 2:
+        return 0.0
+    steps = np.diff(edges.astype(np.float64))
+    step = (float(edges[-1]) - float(edges[0])) / (edges.shape[0] - 1)
+    return 1.0 / step if np.allclose(steps, step, rtol=1e-3, atol=0) else 0.0

@@ -109,6 +109,25 @@ def test_kernels_agree_at_scale_with_groups_that_appear_later():
     _assert_same(_run("numba", passes, spec, L, I), _run("matmul", passes, spec, L, I), rtol=1e-5)
 
 
+@pytest.mark.parametrize("edges", [(-1.0, -0.1, 0.0, 0.05, 1.0, 3.0), (0.5,), parse_edges("-2:2:400")],
+                         ids=["uneven", "one-edge", "fine"])
+def test_kernel_histogram_edges(edges):
+    """Uneven edges (binary search), a single edge, and a fine even grid, with values on an edge and
+    one float32 step either side of it (the guessed bin is corrected against the edges)."""
+    rng = np.random.default_rng(3)
+    a = np.round(rng.normal(size=(200, 40)), 2).astype(np.float32)
+    on = np.asarray(edges, np.float32)[rng.integers(0, len(edges), size=(200, 5))]
+    a[:, :5] = on  # on an edge, and one float32 step below and above it
+    a[:, 5:10] = np.nextafter(on, np.float32(-np.inf))
+    a[:, 10:15] = np.nextafter(on, np.float32(np.inf))
+    passes = [(rng.integers(-1, 3, size=200), [a])]
+    spec = StatsSpec(("active", "hist"), tuple(edges))
+    got = _run("numba", passes, spec, 1, 40)
+    ref = reference(passes, 3, 1, 40, np.asarray(edges, np.float32))[5]
+    for g in got:
+        np.testing.assert_array_equal(got[g]["hist"], ref[g])
+
+
 def test_kernel_on_non_finite_and_non_contiguous_input():
     """NaN and infinities fall in the same bins on both paths (NaN and +inf in the last, -inf in the
     first), and a transposed (non-contiguous) activation is read correctly."""
