@@ -133,8 +133,8 @@ def test_coverage(k):
 @pytest.mark.parametrize("per_layer", [False, True])
 def test_localizer(per_layer):
     rng = np.random.default_rng(9)
-    K, L, U = 3, 4, 10
-    samples = [rng.normal(loc=g * 0.3, size=(n, L, U)) for g, n in enumerate([12, 9, 15])]
+    L, U = 4, 10
+    samples = [rng.normal(loc=g * 0.3, size=(n, L, U)) for g, n in enumerate([12, 9, 15])]  # 3 groups
     samples[0][:, 0, 0] = 1.0  # zero variance in A ...
     samples[1][:, 0, 0] = 1.0  # ... and B: t is undefined, never selected
     count = np.array([len(s) for s in samples])
