@@ -60,8 +60,9 @@ def steady_allocator() -> str:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return "default allocator (not glibc)"
+    libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     m_trim_threshold, m_mmap_threshold = -1, -3
-    if libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 1 << 40):
+    if libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 2**31 - 1):  # int params
         return "glibc: mmap threshold 32 MiB, no trimming"
     return "default allocator (mallopt refused)"
 
@@ -96,8 +97,10 @@ def main() -> None:
     ap.add_argument("--stats", default="active,sum,sqsum")
     ap.add_argument("--kernel", choices=KERNELS, default="auto", help="CPU statistics kernel (LSN_STATS_KERNEL)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA the fused Triton kernel is used)")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                    help="default float32, bfloat16 with --preset")
     args = apply_preset(ap.parse_args())
+    args.dtype = args.dtype or ("bfloat16" if args.preset else "float32")
     if args.kernel != "auto":
         os.environ["LSN_STATS_KERNEL"] = args.kernel
     allocator = "default allocator" if args.default_malloc else steady_allocator()
@@ -146,8 +149,11 @@ def statistics_share(harvest, passes: int = 3) -> None:
     update = NeuronStats.update
 
     def timed(self, layer, act):
+        sync = torch.cuda.synchronize if act.is_cuda else (lambda: None)
+        sync()
         t = time.perf_counter()
         update(self, layer, act)
+        sync()
         inner[0] += time.perf_counter() - t
         calls[0] += 1
 

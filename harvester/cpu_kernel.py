@@ -74,16 +74,16 @@ def _accumulate(x, slots, layer, active, total, squares, absolute, hist, edges, 
 
 
 def accumulate(x: np.ndarray, slots: np.ndarray, layer: int, acc: dict[str, np.ndarray],
-               edges: np.ndarray | None) -> None:
+               edges: np.ndarray | None = None, inv: float = 0.0) -> None:
     """Add one layer's activation ``x [T, I]`` (float32, C order) of tokens whose accumulator rows
     are ``slots [T]`` (int64, -1 = padding) to ``acc`` (``{stat: [S, L, I(, B)]}``, any subset of
-    active/sum/sqsum/abs/hist; active is required)."""
-    edges = _NO_EDGES if edges is None else edges
+    active/sum/sqsum/abs/hist; active is required). ``edges``: float32 histogram edges, with
+    ``inv = inverse_spacing(edges)``."""
     _accumulate(x, slots, layer, acc["active"], acc.get("sum", _NO_SUMS), acc.get("sqsum", _NO_SUMS),
-                acc.get("abs", _NO_SUMS), acc.get("hist", _NO_HIST), edges, _inverse_spacing(edges))
+                acc.get("abs", _NO_SUMS), acc.get("hist", _NO_HIST), _NO_EDGES if edges is None else edges, inv)
 
 
-def _inverse_spacing(edges: np.ndarray) -> float:
+def inverse_spacing(edges: np.ndarray) -> float:
     """``1 / spacing`` when the edges are evenly spaced (to within rounding), else 0."""
     if edges.shape[0] < 2:
         return 0.0

@@ -71,6 +71,7 @@ def _kernel():
                     b = tl.zeros(a.shape, dtype=tl.int32)  # bin index: the edges at or below a
                     for j in tl.static_range(N_EDGES):
                         b += tl.where(a >= tl.load(edges_ptr + j), 1, 0)
+                    b = tl.where(a != a, N_EDGES, b)  # NaN in the last bin, as torch.bucketize puts it
                     for j in tl.static_range(N_EDGES + 1):
                         n = tl.sum(tl.where(sel & (b == j), 1, 0), axis=0)
                         h_at = (acc * (N_EDGES + 1)) + j

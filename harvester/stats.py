@@ -50,11 +50,24 @@ def _cpu_kernel(kernel: str):
         return None
     try:
         from harvester.cpu_kernel import accumulate
-    except ImportError:
+    except Exception as err:  # noqa: BLE001 -- numba missing, or e.g. no writable cache directory
         if kernel == "numba":
-            raise HarvestError("the numba statistics kernel needs numba (pip install numba)") from None
+            first = str(err).splitlines()[0] if str(err) else ""
+            raise HarvestError(f"the numba statistics kernel is not available ({type(err).__name__}: {first}); "
+                               "install numba, set NUMBA_CACHE_DIR to a writable directory, or use "
+                               "LSN_STATS_KERNEL=matmul") from None
         return None
     return accumulate
+
+
+def cpu_edges(spec: StatsSpec) -> tuple:
+    """The histogram edges as the CPU kernel takes them: ``(float32 edges or None, 1 / spacing)``."""
+    if "hist" not in spec.stats:
+        return None, 0.0
+    from harvester.cpu_kernel import inverse_spacing
+
+    edges = np.asarray(spec.hist_edges, np.float32)
+    return edges, inverse_spacing(edges)
 
 
 def parse_stats(text: str) -> tuple[str, ...]:
@@ -118,7 +131,7 @@ class NeuronStats:
         self._accumulate = _cpu_kernel(kernel) if self.device.type == "cpu" else None
         self.kernel = "numba" if self._accumulate is not None else "matmul"
         """The path this instance takes for activations on its device: ``numba`` or ``matmul``."""
-        self._edges = np.asarray(spec.hist_edges, np.float32) if "hist" in spec.stats else None
+        self._edges = cpu_edges(spec) if self._accumulate is not None else None
         self.tokens: dict[int, int] = {}
         self._slot: dict[int, int] = {}  # group id -> row of the accumulators
         self._acc: dict[str, torch.Tensor] = {}
@@ -207,11 +220,12 @@ class NeuronStats:
         """One pass of the numba kernel straight into the accumulators (no temporaries)."""
         if self._rows is None:
             ids = self._ids.cpu().numpy()
-            lookup = np.full(max(self._present) + 2, -1, dtype=np.int64)  # index -1 -> the last entry, -1
+            lookup = np.full(max(self._present) + 1, -1, dtype=np.int64)
             lookup[self._present] = [self._slot[g] for g in self._present]
-            self._rows = (lookup[ids], {name: acc.numpy() for name, acc in self._acc.items()})
+            rows = np.where(ids >= 0, lookup[np.maximum(ids, 0)], -1)  # every negative id is padding
+            self._rows = (rows, {name: acc.numpy() for name, acc in self._acc.items()})
         rows, acc = self._rows
-        self._accumulate(x.contiguous().numpy(), rows, layer, acc, self._edges)
+        self._accumulate(x.contiguous().numpy(), rows, layer, acc, *self._edges)
 
     @property
     def n_present(self) -> int:

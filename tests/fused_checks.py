@@ -48,6 +48,32 @@ def kernel_against_loops() -> None:
                     np.testing.assert_allclose(st[name][g].numpy(), ref, rtol=1e-5, atol=1e-5, err_msg=(act, name))
             empty = fused_gated(gate, up, torch.full((T,), -1), G, act)[1]
             assert int(empty["active"].sum()) == 0 and float(empty["sum"].abs().sum()) == 0
+    non_finite(rng, edges)
+
+
+def non_finite(rng, edges) -> None:
+    """NaN and +inf activations (an overflowed gate): the same bins as the CPU path (both in the last
+    bin, as torch.bucketize puts them), and the other group's statistics untouched."""
+    from harvester.fused import fused_gated
+    from harvester.stats import NeuronStats, StatsSpec
+
+    T, I = 12, 20
+    gate = torch.from_numpy(rng.normal(size=(T, I)).astype(np.float32))
+    gate[0, :4], gate[1, 2:6] = float("nan"), float("inf")  # silu(nan) = nan, silu(inf) = inf
+    up = torch.ones(T, I)
+    groups = torch.tensor([0, 0] + [1] * 5 + [0] * 4 + [-1])
+    _, st = fused_gated(gate, up, groups, 2, "silu", torch.from_numpy(edges))
+    cpu = NeuronStats(StatsSpec(("active", "sum", "sqsum", "abs", "hist"), tuple(edges.tolist())), 1, I,
+                      kernel="numba")
+    cpu.begin(groups)
+    cpu.update(0, F.silu(gate))
+    ref = cpu.result()
+    for g in (0, 1):
+        assert np.array_equal(st["active"][g].numpy(), ref[g]["active"][0]), g
+        assert np.array_equal(st["hist"][g].numpy(), ref[g]["hist"][0]), g
+        for name, var in (("sum", "act_sum"), ("sqsum", "act_sqsum"), ("abs", "act_abssum")):
+            np.testing.assert_allclose(st[name][g].numpy(), ref[g][var][0], rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert np.isfinite(st["sum"][1].numpy()).all() and np.isnan(st["sum"][0].numpy()[:4]).all()
 
 
 def backend_against_hooks(model: str) -> None:

@@ -146,7 +146,21 @@ def test_kernel_on_non_finite_and_non_contiguous_input():
     assert not torch.from_numpy(transposed[0][1][0]).is_contiguous()
 
 
+@pytest.mark.parametrize("kernel", ["numba", "matmul"])
+def test_every_negative_group_id_is_padding(kernel):
+    rng = np.random.default_rng(4)
+    passes = [(np.array([0, 3, -2, -7, 3, -1]), [rng.normal(size=(6, 5)).astype(np.float32)])]
+    got = _run(kernel, passes, StatsSpec(("active", "sum")), 1, 5)
+    tokens, active, act_sum = reference(passes, 4, 1, 5, np.array(EDGES))[:3]
+    assert sorted(got) == [0, 3]
+    for g in got:
+        assert got[g]["tokens"] == tokens[g]
+        np.testing.assert_array_equal(got[g]["active"], active[g])
+        np.testing.assert_allclose(got[g]["act_sum"], act_sum[g], rtol=1e-6)
+
+
 def test_kernel_choice(monkeypatch):
+    monkeypatch.delenv("LSN_STATS_KERNEL", raising=False)
     assert NeuronStats(StatsSpec(), 1, 3).kernel == "numba"  # auto on CPU: numba
     assert NeuronStats(StatsSpec(), 1, 3, kernel="matmul").kernel == "matmul"
     assert NeuronStats(StatsSpec(), 1, 3, device="meta").kernel == "matmul"  # not a CPU device
