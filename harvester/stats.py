@@ -14,7 +14,10 @@ Exactness:
   accumulated in float64. The CPU kernel adds every token in float64; the matrix products sum one
   forward pass (at most ``batch_size * seq_len`` tokens) in float32 and add that in float64.
 - ``hist`` counts values per bin of fixed edges ``e``: bin 0 is ``x < e[0]``, bin ``j`` is
-  ``e[j-1] <= x < e[j]``, the last bin is ``x >= e[-1]``.
+  ``e[j-1] <= x < e[j]``, the last bin is ``x >= e[-1]``; NaN counts in the last bin.
+- A non-finite activation (an overflowed float16 model) makes its own group's sums inf or NaN on the
+  CPU kernel and the fused kernel. In the matrix products it also makes every other group's sums in
+  that forward pass NaN (``0 * inf``); counts and histograms stay exact on every path.
 """
 
 from __future__ import annotations
