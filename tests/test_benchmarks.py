@@ -1,0 +1,35 @@
+"""The benchmarks run end to end on a tiny shape and print their last lines (no timing is checked)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--layers", "1", "--hidden", "64", "--width", "96", "--heads", "2", "--kv-heads", "2", "--vocab", "300",
+        "--batch-size", "2", "--seq-len", "32", "--batches", "1", "--repeats", "1"]
+
+
+def bench(script: str, *args: str) -> list[str]:
+    run = subprocess.run([sys.executable, f"benchmarks/{script}", *TINY, *args], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stdout.strip().splitlines()
+
+
+@pytest.mark.parametrize("kernel", ["numba", "matmul"])
+def test_harvest_overhead(kernel):
+    lines = bench("harvest_overhead.py", "--kernel", kernel, "--stats", "active,sum,hist")
+    assert f"statistics kernel {kernel}" in lines[0] and "float32 on cpu" in lines[0]
+    assert re.fullmatch(r"statistics in situ: [\d.]+ ms per layer call, [\d.]+% of the harvest pass", lines[-2])
+    assert re.fullmatch(r"harvest/plain time ratio: \d+\.\d{3}", lines[-1])
+
+
+def test_compare_peers():
+    lines = bench("compare_peers.py")
+    assert any(line.startswith("hooks ") for line in lines)  # the peers of the [peers] extra may be skipped
+    assert re.fullmatch(r"best peer / lsn time ratio: \d+\.\d{3}", lines[-1])
