@@ -140,6 +140,7 @@ class NeuronStats:
         self._acc: dict[str, torch.Tensor] = {}
         self._pass: dict[torch.device, tuple] = {}  # per device: (W, slots, token slots, valid)
         self._buf: dict[tuple, torch.Tensor] = {}
+        self._edges_on: dict[tuple, torch.Tensor] = {}  # the matrix path's histogram edges, per device
         self._ids: torch.Tensor | None = None
 
     def begin(self, group_ids: torch.Tensor) -> None:
@@ -158,6 +159,7 @@ class NeuronStats:
         self._pass.clear()
         self._positions: dict = {}
         self._rows = None  # the CPU kernel's per-token accumulator rows and accumulator arrays
+        self._slots = None  # this pass's accumulator rows, in the order of its present groups
 
     def _add_slot(self, group: int) -> None:
         self._slot[group] = len(self._slot)
@@ -175,7 +177,7 @@ class NeuronStats:
             ids = self._ids.to(device)
             groups = torch.tensor(self._present, device=device)
             onehot = (ids[None, :] == groups[:, None]).to(torch.float32)  # [g, T]
-            slots = torch.tensor([self._slot[g] for g in self._present], device=self.device)
+            slots = self._pass_slots()
             valid = ids >= 0
             token_slot = torch.searchsorted(groups, ids[valid]) if "hist" in self.spec.stats else None
             self._pass[device] = (onehot, slots, token_slot, valid)
@@ -252,13 +254,23 @@ class NeuronStats:
         order of this pass's present groups)."""
         if not self._present:
             return
-        slots = torch.tensor([self._slot[g] for g in self._present], device=self.device)
+        slots = self._pass_slots()
         for name in self.spec.stats:
             value = part[name]
             self._add(name, layer, slots, value.to(torch.int64) if name in ("active", "hist") else value.double())
 
+    def _pass_slots(self) -> torch.Tensor:
+        """This pass's accumulator rows on the accumulators' device, made once per pass (not once per
+        layer: on a GPU each new host-to-device copy waits for the stream)."""
+        if self._slots is None:
+            self._slots = torch.tensor([self._slot[g] for g in self._present], device=self.device)
+        return self._slots
+
     def _histogram(self, x: torch.Tensor, token_slot: torch.Tensor, n_groups: int) -> torch.Tensor:
-        edges = torch.tensor(self.spec.hist_edges, dtype=x.dtype, device=x.device)
+        key = (x.device, x.dtype)
+        if key not in self._edges_on:
+            self._edges_on[key] = torch.tensor(self.spec.hist_edges, dtype=x.dtype, device=x.device)
+        edges = self._edges_on[key]
         n_bins, width = self.spec.n_bins, self.width
         bins = torch.bucketize(x, edges, right=True)  # [Tv, I] in 0..n_bins-1
         cell = token_slot[:, None] * width + torch.arange(width, device=x.device)[None, :]
