@@ -179,7 +179,7 @@ class NeuronStats:
             onehot = (ids[None, :] == groups[:, None]).to(torch.float32)  # [g, T]
             slots = self._pass_slots()
             valid = ids >= 0
-            token_slot = torch.searchsorted(groups, ids[valid]) if "hist" in self.spec.stats else None
+            token_slot = self.positions(device)[valid] if "hist" in self.spec.stats else None
             self._pass[device] = (onehot, slots, token_slot, valid)
         return self._pass[device]
 
@@ -223,11 +223,9 @@ class NeuronStats:
 
     def _update_cpu(self, layer: int, x: torch.Tensor) -> None:
         """One pass of the numba kernel straight into the accumulators (no temporaries)."""
-        if self._rows is None:
-            ids = self._ids.cpu().numpy()
-            lookup = np.full(max(self._present) + 1, -1, dtype=np.int64)
-            lookup[self._present] = [self._slot[g] for g in self._present]
-            rows = np.where(ids >= 0, lookup[np.maximum(ids, 0)], -1)  # every negative id is padding
+        if self._rows is None:  # each token's accumulator row (-1: padding), from its place among the groups
+            place = self.positions(x.device).numpy()
+            rows = np.where(place >= 0, self._pass_slots().numpy()[place], -1)
             self._rows = (rows, {name: acc.numpy() for name, acc in self._acc.items()})
         rows, acc = self._rows
         self._accumulate(x.contiguous().numpy(), rows, layer, acc, *self._edges)
@@ -238,8 +236,9 @@ class NeuronStats:
         return len(self._present)
 
     def positions(self, device: torch.device) -> torch.Tensor:
-        """Each token's position in this pass's present groups (0..g-1), -1 for padding: the group ids
-        the fused kernel takes."""
+        """Each token's position in this pass's present groups (0..g-1), -1 for padding (any negative
+        id): the group ids the fused kernel takes, and the rows of the matrix path's histogram and of
+        the CPU kernel."""
         if device not in self._positions:
             ids = self._ids.to(device)
             groups = torch.tensor(self._present, device=device, dtype=ids.dtype)

@@ -48,6 +48,15 @@ def make_passes(rng, n_groups, n_layers, width, sizes):
     return passes
 
 
+def _run(kernel, passes, spec, L, I, layout=lambda a: a):
+    stats = NeuronStats(spec, L, I, kernel=kernel)
+    for groups, acts in passes:
+        stats.begin(torch.from_numpy(groups))
+        for layer, a in enumerate(acts):
+            stats.update(layer, layout(torch.from_numpy(a)))
+    return stats.result()
+
+
 @pytest.mark.parametrize("kernel", ["numba", "matmul"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_stats_match_plain_loops(dtype, kernel):
@@ -56,13 +65,9 @@ def test_stats_match_plain_loops(dtype, kernel):
     passes = make_passes(rng, G, L, I, sizes=[13, 1, 29, 8])
     if dtype != torch.float32:  # compare against exactly the values the kernel sees
         passes = [(g, [torch.from_numpy(a).to(dtype).float().numpy() for a in acts]) for g, acts in passes]
-    stats = NeuronStats(StatsSpec(("active", "sum", "sqsum", "abs", "hist"), EDGES), L, I, kernel=kernel)
-    for groups, acts in passes:
-        stats.begin(torch.from_numpy(groups))
-        for layer, a in enumerate(acts):
-            stats.update(layer, torch.from_numpy(a).to(dtype).reshape(1, -1, I))
+    spec = StatsSpec(("active", "sum", "sqsum", "abs", "hist"), EDGES)
+    result = _run(kernel, passes, spec, L, I, layout=lambda a: a.to(dtype).reshape(1, -1, I))
     tokens, active, act_sum, act_sqsum, abs_sum, hist = reference(passes, G, L, I, np.array(EDGES))
-    result = stats.result()
     assert sorted(result) == [g for g in range(G) if tokens[g] > 0]
     for g, values in result.items():
         assert values["tokens"] == tokens[g]
@@ -73,15 +78,6 @@ def test_stats_match_plain_loops(dtype, kernel):
         np.testing.assert_allclose(values["act_sum"], act_sum[g], rtol=rtol, atol=atol)
         np.testing.assert_allclose(values["act_sqsum"], act_sqsum[g], rtol=rtol)
         np.testing.assert_allclose(values["act_abssum"], abs_sum[g], rtol=rtol)
-
-
-def _run(kernel, passes, spec, L, I, layout=lambda a: a):
-    stats = NeuronStats(spec, L, I, kernel=kernel)
-    for groups, acts in passes:
-        stats.begin(torch.from_numpy(groups))
-        for layer, a in enumerate(acts):
-            stats.update(layer, layout(torch.from_numpy(a)))
-    return stats.result()
 
 
 def _assert_same(a, b, rtol):
