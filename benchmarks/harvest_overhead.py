@@ -135,11 +135,7 @@ def main() -> None:
 
 
 def kernel_name(backend: HFBackend) -> str:
-    if backend.fused is not None:
-        return "fused (Triton)"
-    if backend.device.type != "cpu":
-        return "matmul"
-    return NeuronStats(StatsSpec(), 1, 1).kernel
+    return "fused (Triton)" if backend.fused is not None else NeuronStats(StatsSpec(), 1, 1, backend.device).kernel
 
 
 def statistics_share(harvest, passes: int = 3) -> None:

@@ -10,9 +10,9 @@ For a gated MLP, ``h = act(gate) * up`` is what feeds ``down_proj``, and the neu
 
 Tokens with group -1 (padding) are never counted. Each program owns a tile of neurons and walks over
 every token, so its accumulators need no atomics. The sums are float32 within one call, as in the
-PyTorch path.
+matrix-product path of :class:`harvester.stats.NeuronStats`.
 
-On CPU the PyTorch path (:class:`harvester.stats.NeuronStats` on a forward hook) stays. The kernel
+On CPU the hook path (:class:`harvester.stats.NeuronStats` on a forward hook) stays. The kernel
 is checked against it on CPU with Triton's interpreter (``TRITON_INTERPRET=1``), which must be set
 before this module is imported.
 """
