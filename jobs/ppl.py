@@ -42,8 +42,10 @@ def eval_windows(model: str, corpus: list[str], seq_len: int, max_tokens_per_lan
     from harvester.windows import TokenSettings, Window, _Truncation, stream_windows
 
     tokenizer = load_tokenizer(resolve_model(model))
+    if tokenizer.eos_token_id is None:  # as the harvest refuses it: -1 would enter the windows as a token id
+        raise HarvestError("the tokenizer has no EOS token; documents cannot be separated")
     corpora = parse_corpora(corpus, CorpusOptions(max_tokens_per_lang=max_tokens_per_lang))
-    settings = TokenSettings(seq_len, 1, "token", "", tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1)
+    settings = TokenSettings(seq_len, 1, "token", "", tokenizer.eos_token_id)
     windows = [Window(ids, groups) for s in range(len(corpora.streams))
                for ids, groups in stream_windows(corpora, s, tokenizer, settings, _Truncation())]
     if not windows:

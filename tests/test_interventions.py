@@ -276,3 +276,23 @@ def test_residual_masks_act_on_block_outputs(tmp_path):
     others = [u for u in range(backend.width) if u not in units]
     torch.testing.assert_close(changed[1][..., others], plain[1][..., others])
     assert not torch.allclose(changed[2], plain[2]) and not torch.allclose(logits, backend.model(ids).logits)
+
+
+def test_evaluation_needs_an_eos_token(tmp_path):
+    """Without an EOS token the documents cannot be separated: refused, as the harvest refuses it
+    (it used to put -1 into the windows as a token id)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from harvester.tiny import tiny_path
+    from jobs.ppl import eval_windows
+
+    shutil.copytree(tiny_path("tiny:llama"), tmp_path, dirs_exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    tokenizer.eos_token = None
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(HarvestError, match="no EOS token"):
+        eval_windows(str(tmp_path), ["sample"], 64, 500)
+    groups, windows = eval_windows("tiny:llama", ["sample"], 64, 500)
+    assert min(int(w.ids.min()) for w in windows) >= 0
