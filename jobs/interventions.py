@@ -92,17 +92,21 @@ def unit_statistic(store: str, groups: list[str], mode: Mode) -> np.ndarray:
     if missing:
         raise HarvestError(f"store {store} has no group {', '.join(missing)}; it has {', '.join(names)}")
     pos = [names.index(g) for g in groups]
-    tokens = int(ds["tokens"].values[pos].sum())
+
+    def summed(var: str) -> np.ndarray:  # read only these groups' chunks, not the whole variable
+        return ds[var].isel(group=pos).values.sum(axis=0)
+
+    tokens = int(summed("tokens"))
     if tokens == 0:
         raise HarvestError(f"store {store} counted no tokens for {'+'.join(groups)}")
     if mode.kind == "mean":
-        return ds["act_sum"].values[pos].sum(axis=0) / tokens
+        return summed("act_sum") / tokens
     if "hist" not in ds:
         raise HarvestError(f"--mode {mode} needs histograms, and store {store} has none; harvest with "
                            "--stats active,sum,sqsum,hist")
     edges = ds["hist_lo"].values[1:]  # hist_lo is (-inf, e0, e1, ...)
     q = {"p10": 0.10, "p90": 0.90}[mode.kind]
-    return hist_quantile(ds["hist"].values[pos].sum(axis=0), edges, q)
+    return hist_quantile(summed("hist"), edges, q)
 
 
 @dataclass
