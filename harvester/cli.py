@@ -137,6 +137,8 @@ def _harvest(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jobs.cli import COMMANDS as job_commands
+
     try:
         args = _apply_config(build_parser(), argv)
         if args.command == "harvest":
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             from harvester.summary import summarize
 
             print(summarize(args.store))
-        elif args.command in ("intervene", "demo", "finetune"):
+        elif args.command in job_commands:
             from jobs.cli import run
 
             run(args)

@@ -54,11 +54,9 @@ class HarvestConfig:
             raise HarvestError("no corpus given: --corpus SPEC (repeatable)")
         if self.tokenize_tasks is not None and self.tokenize_tasks <= 0:
             raise HarvestError(f"--tokenize-tasks must be positive, got {self.tokenize_tasks}")
-        for name in ("seq_len", "batch_size", "shard_tokens"):
+        for name in ("seq_len", "batch_size", "shard_tokens", "tensor_parallel"):
             if getattr(self, name) <= 0:
                 raise HarvestError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.tensor_parallel <= 0:
-            raise HarvestError(f"--tensor-parallel must be positive, got {self.tensor_parallel}")
         if self.tensor_parallel > 1 and self.backend != "vllm":
             raise HarvestError("--tensor-parallel needs --backend vllm (the hf backend spreads a model with --device-map)")
         if self.backend == "vllm" and self.corpus_options.pooling != "token":

@@ -216,7 +216,7 @@ def _resources(cfg: HarvestConfig, ray) -> _Resources:
         if n * tp > gpus:
             raise HarvestError(f"{n} actor(s) x --tensor-parallel {tp} need {n * tp} GPUs; the cluster has {gpus}")
         per_actor = dict(num_gpus=gpus if cfg.device_map else 1, num_cpus=1)
-        tokenize_cpus, free = 1, cpus - n * (tp if tp > 1 else 1)
+        tokenize_cpus, free = 1, cpus - n * tp
     else:
         n = cfg.actors or 1
         per_actor = dict(num_cpus=max(tp, cpus // n))
