@@ -84,7 +84,7 @@ def _langs(text: str | None) -> list[str] | None:
 
 def run(args) -> None:
     if args.command == "finetune":
-        from jobs.finetune import FinetuneJob, gather, run_finetune
+        from jobs.finetune import FinetuneJob, run_finetune
         from jobs.generate import markdown
 
         import pandas as pd
@@ -97,7 +97,7 @@ def run(args) -> None:
             intervene=None if args.intervene == "none" else args.intervene, max_train=args.max_train,
             max_eval=args.max_eval, seed=args.seed, dtype=args.dtype, device=args.device, use_ray=not args.no_ray,
             address=args.address, progress=not args.no_progress))
-        frame = pd.DataFrame.from_records(gather(result["results"]))
+        frame = pd.DataFrame.from_records(result["table"])
         print(markdown(frame[["lang", "condition", "eval_lang", "metric", "value", "intervened"]]), end="")
         print(f"wrote {args.out}/results.json, results.csv, results.md and one adapter per condition")
     elif args.command == "demo":

@@ -77,7 +77,8 @@ class FinetuneJob:
 def check(job: FinetuneJob):
     """Every input checked before anything runs or is written; returns the mask."""
     from jobs.interventions import Mode
-    from jobs.rows import check_langs, load_mask
+    from analysis.masks import Mask
+    from jobs.rows import check_langs
 
     check_task(job.task)
     bad = [c for c in job.controls if c not in CONTROLS]
@@ -88,7 +89,7 @@ def check(job: FinetuneJob):
             raise HarvestError(f"--{name.replace('_', '-')} must be positive, got {getattr(job, name)}")
     if job.intervene is not None:
         Mode.parse(job.intervene)
-    mask = load_mask(job.mask)
+    mask = Mask.load(job.mask)
     check_langs(mask, job.langs)
     empty = [lang for lang in job.langs if mask.selected[mask.index(lang)].size == 0 and set(job.controls) & {"none", "random"}]
     if empty:
@@ -121,8 +122,11 @@ def prepare_data(job: FinetuneJob) -> dict:
         from jobs.ppl import eval_windows
 
         groups, train = eval_windows(job.model, [job.data], job.seq_len, None)
-        eval_groups, windows = eval_windows(job.model, [job.eval_data or job.data], job.seq_len, None)
-        return {"train": train, "eval": windows, "groups": eval_groups}
+        if job.eval_data:  # else the same corpus, windowed once
+            groups, windows = eval_windows(job.model, [job.eval_data], job.seq_len, None)
+        else:
+            windows = train
+        return {"train": train, "eval": windows, "groups": groups}
     langs = job.eval_langs or [job.train_lang]
     train = examples(job.task, load_rows(job.task, job.data, job.train_lang, "train", job.max_train))
     split = "test" if job.task == "xnli" else "validation"
@@ -173,12 +177,12 @@ def run_condition(job: FinetuneJob, lang: str, control: str, data: dict) -> dict
     from analysis.methods import random_control
     from harvester.backends.hf import DTYPES, load_tokenizer, resolve_model
     from jobs.lora import add_restricted_lora, bake, changed_neurons
-    from jobs.rows import load_mask
+    from analysis.masks import Mask
 
     torch.manual_seed(job.seed)
     path = resolve_model(job.model)
     tokenizer = load_tokenizer(path)
-    mask = load_mask(job.mask)
+    mask = Mask.load(job.mask)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[job.dtype]).to(job.device)
     own = mask.selected[mask.index(lang)]
     selected = {"none": own, "random": random_control([own], mask.n_layers, mask.width, job.seed)[0],

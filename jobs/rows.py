@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -43,14 +42,6 @@ class Row:
     selected: tuple[int, ...] = ()
 
 
-def load_mask(path: str):
-    from analysis.masks import Mask
-
-    if not Path(path).is_file():
-        raise HarvestError(f"mask file not found: {path}")
-    return Mask.load(path)
-
-
 def mask_groups(mask, language: str) -> list[str]:
     """The store groups a mask language was summed from (its own name when the mask does not say)."""
     groups = mask.source.get("groups")
@@ -62,8 +53,6 @@ def mask_groups(mask, language: str) -> list[str]:
 def site_of(store: str | None, config, required: bool = False) -> str:
     """The module the statistics were taken at: the store's recorded site, else (no store, or the
     mask's store moved away) the MLP activation, which the mask's shape is then checked against."""
-    import sys
-
     from harvester import arch
     from harvester.store import read_attrs
 
@@ -79,10 +68,10 @@ def site_of(store: str | None, config, required: bool = False) -> str:
 
 @dataclass
 class Plan:
-    """What a job intervenes on: the mask, its languages, the mode, the site and per-unit values."""
+    """What a job intervenes on: the mask, the mode, the site, per-unit values and the rows (one
+    per chosen language, plus controls)."""
 
     mask: object
-    langs: list[str]
     mode: object
     store: str | None
     site: str
@@ -93,11 +82,12 @@ class Plan:
 def make_plan(model: str, mask_path: str, langs: list[str] | None, store: str | None, mode_text: str,
               controls: int, seed: int) -> Plan:
     """Check a job's inputs (before any output is written) and resolve what it needs."""
+    from analysis.masks import Mask
     from harvester.backends.hf import load_config, resolve_model
     from jobs.interventions import Mode, unit_statistic
 
     mode = Mode.parse(mode_text)
-    mask = load_mask(mask_path)
+    mask = Mask.load(mask_path)
     langs = langs or list(mask.languages)
     check_langs(mask, langs)
     resolved = store or mask.source.get("store")
@@ -105,7 +95,7 @@ def make_plan(model: str, mask_path: str, langs: list[str] | None, store: str | 
         raise HarvestError(f"--mode {mode} needs the store the mask was made from; pass --store")
     site = site_of(resolved, load_config(resolve_model(model)), required=store is not None or mode.needs_store)
     values = {lang: unit_statistic(resolved, mask_groups(mask, lang), mode) for lang in langs} if mode.needs_store else {}
-    return Plan(mask, langs, mode, resolved, site, values, build_rows(mask, langs, controls, seed))
+    return Plan(mask, mode, resolved, site, values, build_rows(mask, langs, controls, seed))
 
 
 def build_rows(mask, langs: list[str], controls: int, seed: int) -> list[Row]:
