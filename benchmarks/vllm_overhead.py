@@ -21,21 +21,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harvest_overhead import interleaved  # noqa: E402
+from harvest_overhead import build_model, interleaved  # noqa: E402
 
 
-def build_model(path: str, layers: int, hidden: int, width: int, dtype: str) -> None:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+def build_served_model(path: str, layers: int, hidden: int, width: int, dtype: str) -> None:
+    """The benchmark Llama with head size 64 and the tiny tokenizer's 1,024 ids, which vLLM loads with it."""
     from harvester.tiny import train_tokenizer
 
-    config = AutoConfig.for_model("llama", vocab_size=1024, hidden_size=hidden, intermediate_size=width,
-                                  num_hidden_layers=layers, num_attention_heads=hidden // 64,
-                                  num_key_value_heads=hidden // 64, max_position_embeddings=2048,
-                                  pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype)).save_pretrained(path)
+    build_model(path, layers, hidden, width, heads=hidden // 64, kv_heads=hidden // 64, vocab=1024, dtype=dtype)
     train_tokenizer().save_pretrained(path)
 
 
@@ -64,7 +57,7 @@ def main() -> None:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        build_model(tmp, args.layers, args.hidden, args.width, args.dtype)
+        build_served_model(tmp, args.layers, args.hidden, args.width, args.dtype)
         backend = VLLMBackend(tmp, dtype=args.dtype, device=device, seq_len=args.seq_len,
                               batch_size=args.batch_size, tensor_parallel=args.tensor_parallel)
     spec = StatsSpec(parse_stats(args.stats))
