@@ -34,9 +34,7 @@ def harvest(cfg: HarvestConfig) -> Store:
     model_path = resolve_model(cfg.model)
     config = load_config(model_path)
     site = arch.resolve_site(config, cfg.site, cfg.unit)
-    limit = max_positions(config)
-    if limit is not None and cfg.seq_len > limit:
-        raise HarvestError(f"--seq-len {cfg.seq_len} exceeds the model's maximum of {limit} positions")
+    max_positions(config, cfg.seq_len)
     tokenizer = load_tokenizer(model_path)
     if tokenizer.eos_token_id is None and pooling == "token":
         raise HarvestError("the tokenizer has no EOS token; documents cannot be separated")

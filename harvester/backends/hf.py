@@ -69,13 +69,14 @@ def _load(what: str, loader, path: str):
         raise HarvestError(f"could not load {what} '{path}': {first}") from None
 
 
-def max_positions(config) -> int | None:
-    """The longest sequence the model's positions allow (None: no fixed limit, e.g. ALiBi)."""
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+def max_positions(config, seq_len: int | None = None) -> int | None:
+    """The longest sequence the model's positions allow (None: no fixed limit, e.g. ALiBi); a
+    ``seq_len`` beyond it is refused."""
+    limit = next((v for v in (getattr(config, n, None) for n in ("max_position_embeddings", "n_positions"))
+                  if isinstance(v, int) and v > 0), None)
+    if seq_len is not None and limit is not None and seq_len > limit:
+        raise HarvestError(f"--seq-len {seq_len} exceeds the model's maximum of {limit} positions")
+    return limit
 
 
 def weights_fingerprint(path: str) -> str | None:

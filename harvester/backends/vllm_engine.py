@@ -350,9 +350,7 @@ class VLLMBackend(Backend):
         config = load_config(self.path)
         self.site = vllm_site(config, site, unit)
         self.unit = unit
-        limit = max_positions(config)
-        if limit is not None and seq_len > limit:
-            raise HarvestError(f"--seq-len {seq_len} exceeds the model's maximum of {limit} positions")
+        limit = max_positions(config, seq_len)
         if limit is not None and seq_len == limit:
             # vLLM wants room for the one token each request generates; that token is sampled but never
             # run through the model (max_tokens=1), so no position beyond the model's limit is used
