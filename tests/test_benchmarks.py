@@ -33,3 +33,18 @@ def test_compare_peers():
     lines = bench("compare_peers.py")
     assert any(line.startswith("hooks ") for line in lines)  # the peers of the [peers] extra may be skipped
     assert re.fullmatch(r"best peer / lsn time ratio: \d+\.\d{3}", lines[-1])
+
+
+@pytest.mark.ray
+def test_pipeline_capacity():
+    """The whole harvest path with the null backend, in process and on Ray with 1 and 2 actors."""
+    run = subprocess.run([sys.executable, "benchmarks/pipeline_capacity.py", "--layers", "2", "--width", "64",
+                          "--langs", "en,zh", "--docs", "300", "--tokenizer", "tiny", "--shard-tokens", "8192",
+                          "--seq-len", "256"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.strip().splitlines()
+    for stage in ("tokenize", "load shard", "write shard", "reduce"):
+        assert any(re.fullmatch(rf"\s*{stage}: +[\d,]+ tokens/s", line) for line in lines), stage
+    for name in ("no Ray", "1 actor\\(s\\)", "2 actor\\(s\\)"):
+        assert any(re.match(rf"\s*{name}: [\d,]+ tokens, \d+ shards in .* sustained\)", line) for line in lines), name
+    assert re.fullmatch(r"pipeline tokens/s \(sustained, best of 1 and 2 actors\): [\d,]+", lines[-1])
