@@ -110,6 +110,36 @@ def backend_against_hooks(model: str) -> None:
     assert torch.equal(after, before) and all("forward" not in vars(mlp) for mlp, _ in fused.fused)
 
 
+def half_precision_self_check() -> None:
+    """A 4-layer model in bfloat16 and float16 passes the backend's self-check against the hook path
+    (from the second layer on, rounding moves a few gates across 0) and its statistics stay close to
+    the hook path's."""
+    import tempfile
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from harvester.backends.hf import HFBackend
+    from harvester.stats import StatsSpec
+    from harvester.windows import Window
+
+    config = AutoConfig.for_model("llama", vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                                  num_attention_heads=4, num_key_value_heads=4, pad_token_id=0, eos_token_id=2)
+    rng = np.random.default_rng(2)
+    windows = [Window(rng.integers(4, 1000, 40).astype(np.int32), np.int16([k % 2] * 40)) for k in range(4)]
+    spec = StatsSpec(("active", "sum"))
+    for dtype in (torch.bfloat16, torch.float16):
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.manual_seed(0)
+            AutoModelForCausalLM.from_config(config, dtype=dtype).save_pretrained(tmp)
+            fused = HFBackend(tmp, dtype=str(dtype).removeprefix("torch."), fused=True)  # runs the self-check
+            plain = HFBackend(tmp, dtype=str(dtype).removeprefix("torch."), fused=False)
+            got, ref = fused.statistics(windows, spec, 2), plain.statistics(windows, spec, 2)
+        for g in ref:
+            assert np.array_equal(got[g]["active"][0], ref[g]["active"][0]), (dtype, g)
+            differing = np.abs(got[g]["active"] - ref[g]["active"]).sum() / (ref[g]["tokens"] * ref[g]["active"].size)
+            assert differing < 0.01, (dtype, g, differing)
+
+
 if __name__ == "__main__":
     globals()[sys.argv[1]](*sys.argv[2:])
     print("ok")

@@ -7,9 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from harvester.backends.hf import HFBackend
+from harvester.backends.hf import HFBackend, fused_agrees
 from harvester.errors import HarvestError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +30,35 @@ def test_kernel_against_plain_loops():
 @pytest.mark.parametrize("model", ["tiny:llama", "tiny:gemma", "tiny:qwen3"])
 def test_backend_with_the_kernel_matches_the_hooks(model):
     interpret("backend_against_hooks", model)
+
+
+def test_half_precision_models_pass_the_self_check():
+    interpret("half_precision_self_check")
+
+
+def test_the_self_check_rule():
+    """The first layer exactly (same input on both paths); later layers exactly in float32, within 2%
+    of the counted activations in bfloat16/float16; a wrong layer or wrong sums fail."""
+    rng = np.random.default_rng(0)
+    tokens, active, sums = 24, rng.integers(0, 25, (4, 50)), rng.normal(size=(4, 50))
+    ref = {0: {"tokens": tokens, "active": active, "act_sum": sums}}
+
+    def changed(active_delta=None, sums_factor=None) -> dict:
+        a, s = active.copy(), sums.copy()
+        if active_delta is not None:
+            a[active_delta] += 1
+        if sums_factor is not None:
+            s[0] *= sums_factor
+        return {0: {"tokens": tokens, "active": a, "act_sum": s}}
+
+    later = (slice(1, None), slice(0, 5))  # 15 of 4,800 activations, in layers 1-3
+    assert fused_agrees(ref, ref, True) and fused_agrees(ref, ref, False)
+    assert fused_agrees(ref, changed(later), False) and not fused_agrees(ref, changed(later), True)
+    assert not fused_agrees(ref, changed((0, 0)), False)  # the first layer must be exact
+    assert not fused_agrees(ref, changed(sums_factor=1.1), False)
+    assert fused_agrees(ref, changed(sums_factor=1 + 1e-4), False)
+    zeroed = {0: {"tokens": tokens, "active": active * np.array([1, 1, 0, 1])[:, None], "act_sum": sums}}
+    assert not fused_agrees(ref, zeroed, False)  # a layer lost
 
 
 def test_the_kernel_is_used_only_where_it_applies():

@@ -180,6 +180,28 @@ def _fused_mlps(plan: list[tuple], stats: NeuronStats, spec: StatsSpec, device):
             del mlp.forward
 
 
+def fused_agrees(ref: dict, got: dict, float32: bool) -> bool:
+    """Whether the fused kernel's statistics ``got`` match the hook path's ``ref`` (``{group:
+    {"tokens", "active", "act_sum"}}``, arrays ``[layer, neuron]``) of the same windows.
+
+    Both paths feed the first layer the same input, so its counts must be equal and its sums within
+    rounding. In float32 every layer must match so. In bfloat16 and float16 the kernel rounds
+    ``act(gate) * up`` once where the model rounds ``act(gate)`` and then the product, so from the
+    second layer on the inputs differ by rounding and a gate near 0 can change sign (about 0.1 to 0.3% of
+    a layer's (token, neuron) activations in random 4- and 8-layer bf16 models): at most 2% may differ."""
+    tolerance = 1e-3 if float32 else 2e-2
+    checked = slice(None) if float32 else slice(0, 1)
+    for g in ref:
+        scale = np.abs(ref[g]["act_sum"][checked]).max()
+        if not np.array_equal(got[g]["active"][checked], ref[g]["active"][checked]) or \
+                np.abs(got[g]["act_sum"][checked] - ref[g]["act_sum"][checked]).max() > tolerance * scale:
+            return False
+        differing = np.abs(got[g]["active"].astype(np.int64) - ref[g]["active"]).sum()
+        if differing > 0.02 * ref[g]["tokens"] * ref[g]["active"].size:
+            return False
+    return True
+
+
 class HFBackend(Backend):
     """A transformers causal LM with a forward hook on each layer's activation module."""
 
@@ -213,8 +235,8 @@ class HFBackend(Backend):
             self._check_fused()
 
     def _check_fused(self) -> None:
-        """On this device, the kernel must give the hook path's counts on a small batch, or the
-        backend refuses to start (``LSN_FUSED=0`` turns the kernel off)."""
+        """On this device, the kernel must give the hook path's statistics on a small batch
+        (:func:`fused_agrees`), or the backend refuses to start (``LSN_FUSED=0`` turns the kernel off)."""
         rng = np.random.default_rng(0)
         windows = [Window(rng.integers(3, 100, 24).astype(np.int32), np.repeat(np.int16([0, 1]), 12)) for _ in range(2)]
         spec = StatsSpec(("active", "sum"))
@@ -226,13 +248,9 @@ class HFBackend(Backend):
         except Exception as err:  # noqa: BLE001 -- any failure of the kernel is reported the same way
             raise HarvestError(f"the fused statistics kernel failed on {self.device} ({type(err).__name__}: "
                                f"{str(err).splitlines()[0] if str(err) else ''}); set LSN_FUSED=0") from None
-        tolerance = 1e-3 if next(self.model.parameters()).dtype == torch.float32 else 2e-2  # bf16/fp16 rounding
-        for g in ref:
-            scale = np.abs(ref[g]["act_sum"]).max()
-            if not np.array_equal(got[g]["active"], ref[g]["active"]) or \
-                    np.abs(got[g]["act_sum"] - ref[g]["act_sum"]).max() > tolerance * scale:
-                raise HarvestError(f"the fused statistics kernel disagrees with the hook path on {self.device}; "
-                                   "set LSN_FUSED=0")
+        if not fused_agrees(ref, got, next(self.model.parameters()).dtype == torch.float32):
+            raise HarvestError(f"the fused statistics kernel disagrees with the hook path on {self.device}; "
+                               "set LSN_FUSED=0")
 
     def _fused_plan(self, wanted: bool | None, default_site: bool) -> list[tuple] | None:
         """``[(mlp module, activation name)]`` per layer when the fused kernel is used, else None."""
