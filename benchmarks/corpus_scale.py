@@ -7,8 +7,9 @@
    tokens/s over the whole command (Ray start, model loading and the store included).
 3. Planning figures for the full EC40 harvest (80 directions) and a 10-language Wikipedia harvest on
    N GPUs: shards, store size (exact, from the store layout) and hours, from a per-GPU throughput
-   (``--gpu-tokens-per-s``: measure it with ``benchmarks/harvest_overhead.py`` on the GPU) and the
-   tokenization rate measured in part 1.
+   (``--gpu-tokens-per-s``: measure it with ``benchmarks/gpu_check.sh`` on the GPU) and the rate
+   everything around the model sustains on 2 cores (``--pipeline-tokens-per-s``, measured by
+   ``benchmarks/pipeline_capacity.py``); the harvest runs at the lower of the two.
 
 The last line is ``2-actor/1-actor throughput ratio: X``.
 """
@@ -32,6 +33,11 @@ from harvester.config import HarvestConfig  # noqa: E402
 from harvester.corpus import parse_corpora  # noqa: E402
 from harvester.driver import harvest  # noqa: E402
 from harvester.windows import TokenSettings, tokenize_stream  # noqa: E402
+
+
+PIPELINE_TOKENS_PER_S = 650_000.0
+"""``pipeline_capacity.py``'s sustained rate on the project's 2-core machine, the lower of its text
+(692k) and instruction-data (668k) runs, rounded down; 2026-12-01, benchmarks/RESULTS.md."""
 
 
 def tokenization_rate(docs: int) -> float:
@@ -60,15 +66,15 @@ def harvest_rate(model: str, corpus: str, actors: int, root: str) -> tuple[float
 
 
 def plan(name: str, tokens: float, groups: int, streams: int, layers: int, width: int, shard_tokens: int,
-         gpus: int, gpu_rate: float, tok_rate: float, tok_cores: int) -> str:
+         gpus: int, gpu_rate: float, pipeline_rate: float) -> str:
     shards = max(streams, int(tokens / shard_tokens) + streams)  # each stream ends in a partial shard
     per_group = layers * width * 24  # active int64 + act_sum, act_sqsum float64
     totals = groups * per_group
     rows = shards * per_group * max(1, groups // streams)  # each shard holds the groups of its stream
-    hours = tokens / (gpus * gpu_rate) / 3600
-    tok_hours = tokens / (tok_cores * tok_rate) / 3600
+    hours = tokens / min(gpus * gpu_rate, pipeline_rate) / 3600
+    pipeline_hours = tokens / pipeline_rate / 3600
     return (f"| {name} | {tokens / 1e6:,.0f}M | {groups} | {shards:,} | {totals / 2**30:.1f} GiB | "
-            f"{rows / 2**30:.1f} GiB | {gpus} | {hours:.1f} h | {tok_hours:.2f} h on {tok_cores} cores |")
+            f"{rows / 2**30:.1f} GiB | {gpus} | {hours:.1f} h | {pipeline_hours:.2f} h |")
 
 
 def main() -> None:
@@ -78,6 +84,8 @@ def main() -> None:
     ap.add_argument("--gpus", type=int, default=8)
     ap.add_argument("--gpu-tokens-per-s", type=float, default=20_000.0,
                     help="harvest tokens/s per GPU for the planned model (an assumption until measured)")
+    ap.add_argument("--pipeline-tokens-per-s", type=float, default=PIPELINE_TOKENS_PER_S,
+                    help="what the pipeline around the model sustains (benchmarks/pipeline_capacity.py)")
     args = ap.parse_args()
     quiet_transformers()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -103,14 +111,15 @@ def main() -> None:
 
     print(f"3. planning figures: Llama-3.1-8B (32 layers x 14336), {args.gpu_tokens_per_s:,.0f} tok/s per GPU "
           "(assumed), 1M-token shards, stats active,sum,sqsum (uncompressed sizes)")
-    print("| harvest | tokens | groups | shards | totals | shard rows | GPUs | harvest time | tokenization |")
+    print(f"   pipeline around the model: {args.pipeline_tokens_per_s:,.0f} tok/s (measured on 2 cores)")
+    print("| harvest | tokens | groups | shards | totals | shard rows | GPUs | harvest time | pipeline alone |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     # EC40: 80 directions x 30,000 pairs x ~70 tokens (source + target, Llama-3 tokenizer); 2 groups each
     print(plan("EC40, 80 directions", 80 * 30_000 * 70, 160, 80, 32, 14336, 1 << 20, args.gpus,
-               args.gpu_tokens_per_s, tok_rate, 16))
+               args.gpu_tokens_per_s, args.pipeline_tokens_per_s))
     # Wikipedia: 10 languages x 100M tokens (the LAPE paper's amount)
     print(plan("Wikipedia, 10 languages", 10 * 100e6, 10, 10, 32, 14336, 1 << 20, args.gpus,
-               args.gpu_tokens_per_s, tok_rate, 16))
+               args.gpu_tokens_per_s, args.pipeline_tokens_per_s))
     print(f"2-actor/1-actor throughput ratio: {two / one:.3f}")
 
 
