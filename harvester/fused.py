@@ -8,6 +8,10 @@ For a gated MLP, ``h = act(gate) * up`` is what feeds ``down_proj``, and the neu
 - the sum of ``|a|``;
 - optionally, the histogram of ``a`` over fixed edges (the bins of :mod:`harvester.stats`).
 
+In bfloat16 and float16 the kernel rounds as the model does: ``a`` to the model's dtype (the value
+a hook on ``act_fn`` sees and counts), then ``a * up``; so the next layer gets the model's own input,
+and the statistics equal the hook path's in every layer, not only the first.
+
 Tokens with group -1 (padding) are never counted. Each program owns a tile of neurons and walks over
 every token, so its accumulators need no atomics. The sums are float32 within one call, as in the
 matrix-product path of :class:`harvester.stats.NeuronStats`.
@@ -26,6 +30,9 @@ from harvester.errors import HarvestError
 ACTIVATIONS = {"silu": 0, "relu": 1, "gelu_tanh": 2}
 """Activations the kernel computes (``act_fn`` of the HF gated MLPs: SiLU, ReLU, GELU-tanh)."""
 
+_ROUNDING = {torch.bfloat16: 1, torch.float16: 2}
+"""The kernel's ``ROUND`` for each half-precision dtype (0: float32, nothing to round)."""
+
 _BLOCK_T = 32
 _BLOCK_I = 32
 
@@ -37,7 +44,8 @@ def _kernel():
     @triton.jit
     def fused_gated_stats(gate_ptr, up_ptr, out_ptr, gid_ptr, active_ptr, sum_ptr, sqsum_ptr, abs_ptr,
                           hist_ptr, edges_ptr, T, I, G,
-                          ACT: tl.constexpr, N_EDGES: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr):
+                          ACT: tl.constexpr, ROUND: tl.constexpr, N_EDGES: tl.constexpr, BLOCK_T: tl.constexpr,
+                          BLOCK_I: tl.constexpr):
         pid = tl.program_id(0)
         cols = pid * BLOCK_I + tl.arange(0, BLOCK_I)
         col_ok = cols < I
@@ -55,7 +63,21 @@ def _kernel():
             else:
                 inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
                 a = 0.5 * g * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0))
-            tl.store(out_ptr + offs, (a * u).to(out_ptr.dtype.element_ty), mask=ok)
+            # a = act(gate) rounded to the model's dtype, as the hook path sees it, then h = a * up
+            # rounded: the model's own two roundings. To nearest even; bfloat16 by integer arithmetic,
+            # since Triton's interpreter truncates casts to bfloat16 where a GPU rounds them.
+            if ROUND == 1:
+                bits = a.to(tl.uint32, bitcast=True)
+                even = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+                a = tl.where(a != a, a, even.to(tl.float32, bitcast=True))
+            elif ROUND == 2:
+                a = a.to(tl.float16).to(tl.float32)
+            h = a * u
+            if ROUND == 1:
+                bits = h.to(tl.uint32, bitcast=True)
+                even = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+                h = tl.where(h != h, h, even.to(tl.float32, bitcast=True))
+            tl.store(out_ptr + offs, h.to(out_ptr.dtype.element_ty), mask=ok)
             gid = tl.load(gid_ptr + rows, mask=row_ok, other=-1)
             for k in range(0, G):
                 sel = ok & (gid[:, None] == k)
@@ -112,7 +134,8 @@ def fused_gated(gate: torch.Tensor, up: torch.Tensor, groups: torch.Tensor, n_gr
     grid = (triton.cdiv(I, _BLOCK_I),)
     _compiled[grid](gate, up, out, groups.to(device=device, dtype=torch.int32).contiguous(), stats["active"],
                     stats["sum"], stats["sqsum"], stats["abs"], hist, edge_buf, T, I, n_groups,
-                    ACT=ACTIVATIONS[activation], N_EDGES=n_edges, BLOCK_T=_BLOCK_T, BLOCK_I=_BLOCK_I)
+                    ACT=ACTIVATIONS[activation], ROUND=_ROUNDING.get(gate.dtype, 0), N_EDGES=n_edges,
+                    BLOCK_T=_BLOCK_T, BLOCK_I=_BLOCK_I)
     if n_edges:
         stats["hist"] = hist
     return out, stats

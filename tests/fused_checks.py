@@ -25,9 +25,15 @@ def kernel_against_loops() -> None:
         groups = torch.from_numpy(rng.integers(-1, G, T))
         for act, fn in ACTS.items():
             h, st = fused_gated(gate, up, groups, G, act, torch.from_numpy(edges))
-            a32 = fn(gate.float())
-            torch.testing.assert_close(h.float(), (a32 * up.float()).to(dtype).float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
-            a = a32.numpy().astype(np.float64)
+            a_model = fn(gate)  # as the model computes it: in its dtype (float32 inside, rounded once)
+            if dtype == torch.float32:
+                torch.testing.assert_close(h, a_model * up, rtol=1e-5, atol=1e-5)
+            else:  # the model's two roundings: within an ulp of its dtype, and for SiLU and ReLU equal
+                # but where the two float32 exp()s differ by an ulp next to a rounding tie (tanh-GELU's
+                # tanh is computed through exp, so it differs by an ulp more often)
+                torch.testing.assert_close(h.float(), (a_model * up).float(), rtol=1e-2, atol=1e-5)
+                assert act == "gelu_tanh" or (h != a_model * up).float().mean() < 1e-3, act
+            a = a_model.float().numpy().astype(np.float64)
             for g in range(G):
                 active = np.zeros(I, dtype=np.int64)
                 total, squares, absolute = np.zeros(I), np.zeros(I), np.zeros(I)
@@ -111,9 +117,8 @@ def backend_against_hooks(model: str) -> None:
 
 
 def half_precision_self_check() -> None:
-    """A 4-layer model in bfloat16 and float16 passes the backend's self-check against the hook path
-    (from the second layer on, rounding moves a few gates across 0) and its statistics stay close to
-    the hook path's."""
+    """A 4-layer model in bfloat16 and float16 passes the backend's self-check against the hook path,
+    and its statistics equal the hook path's in every layer (bfloat16) or nearly (float16)."""
     import tempfile
 
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -134,10 +139,13 @@ def half_precision_self_check() -> None:
             fused = HFBackend(tmp, dtype=str(dtype).removeprefix("torch."), fused=True)  # runs the self-check
             plain = HFBackend(tmp, dtype=str(dtype).removeprefix("torch."), fused=False)
             got, ref = fused.statistics(windows, spec, 2), plain.statistics(windows, spec, 2)
-        for g in ref:
+        for g in ref:  # the kernel rounds as the model does: every layer gets the model's own input
             assert np.array_equal(got[g]["active"][0], ref[g]["active"][0]), (dtype, g)
             differing = np.abs(got[g]["active"] - ref[g]["active"]).sum() / (ref[g]["tokens"] * ref[g]["active"].size)
-            assert differing < 0.01, (dtype, g, differing)
+            if dtype == torch.bfloat16:  # before it rounded act(gate): 0.12 to 0.17% of layers 2-4 differed
+                assert differing == 0, (dtype, g, differing)
+            else:  # where the two exp()s differ by an ulp next to a tie: 0.01%
+                assert differing < 1e-3, (dtype, g, differing)
 
 
 if __name__ == "__main__":
