@@ -40,7 +40,7 @@ fi
 
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 failed=0
-echo "gpu_check: $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname), $PYTHON ($("$PYTHON" --version 2>&1))"
+echo "gpu_check: $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(uname -n), $PYTHON ($("$PYTHON" --version 2>&1))"
 
 if ls .whl/*.whl >/dev/null 2>&1; then
     if "$PYTHON" benchmarks/gpu_check.py wheels .whl; then

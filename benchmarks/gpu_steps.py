@@ -74,20 +74,22 @@ def read_store(path: Path) -> tuple[dict, np.ndarray]:
 
 
 def run(cmd: list[str], what: str) -> tuple[str, float]:
-    """Run ``cmd`` (a benchmark or ``python -m harvester``) with the repo importable; its output is
-    echoed indented into the log. Returns (output, seconds); a failure is a StepError."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    """Run ``cmd`` (a benchmark or ``python -m harvester``) with the repo importable; its output
+    (stdout and stderr) is echoed indented into the log as it comes, so a step stopped at its time
+    limit still shows how far it got. Returns (output, seconds); a failure is a StepError."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), str(ROOT)) if p)
     print(f"  $ {' '.join(cmd)}", flush=True)
-    start = time.perf_counter()
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    start, lines = time.perf_counter(), []
+    with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            print(f"  | {lines[-1]}", flush=True)
     seconds = time.perf_counter() - start
-    for line in (done.stdout + done.stderr).splitlines():
-        print(f"  | {line}")
-    if done.returncode != 0:
-        tail = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1]
-        raise StepError(f"{what} exited with {done.returncode}: {tail}")
-    return done.stdout, seconds
+    if proc.returncode != 0:
+        tail = next((line for line in reversed(lines) if line.strip()), "no output")
+        raise StepError(f"{what} exited with {proc.returncode}: {tail.strip()}")
+    return "\n".join(lines), seconds
 
 
 def find(pattern: str, text: str, what: str) -> re.Match:
