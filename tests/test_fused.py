@@ -66,3 +66,21 @@ def test_the_kernel_is_used_only_where_it_applies():
     assert HFBackend("tiny:llama", unit="residual", fused=None).fused is None
     with pytest.raises(HarvestError, match="needs a gated MLP"):
         HFBackend("tiny:gpt2", fused=True)
+
+
+def test_the_kernel_restores_a_wrapped_forward():
+    """An MLP whose ``forward`` is an instance attribute (accelerate's device hooks with
+    ``--device-map``) gets that same ``forward`` back after a fused pass, and a plain MLP its class's."""
+    from harvester.backends.hf import _fused_mlps
+    from harvester.stats import NeuronStats, StatsSpec
+
+    backend = HFBackend("tiny:llama")
+    mlps = [m for m in backend.model.modules() if type(m).__name__.endswith("MLP")]
+    wrapped = mlps[0].forward
+    mlps[0].forward = lambda x: wrapped(x)  # what accelerate's add_hook_to_module leaves there
+    hooked = mlps[0].forward
+    plan = [(m, "silu") for m in mlps]
+    with _fused_mlps(plan, NeuronStats(StatsSpec(), len(mlps), 128), StatsSpec(), backend.device):
+        assert all("forward" in vars(m) and m.forward is not hooked for m in mlps)
+    assert mlps[0].forward is hooked
+    assert all("forward" not in vars(m) for m in mlps[1:])

@@ -171,13 +171,17 @@ def _fused_mlps(plan: list[tuple], stats: NeuronStats, spec: StatsSpec, device):
             return mlp.down_proj(out.reshape(gate.shape))
         return forward
 
+    saved = [vars(mlp).get("forward") for mlp, _ in plan]  # accelerate's device hooks live there
     for layer, (mlp, activation) in enumerate(plan):
         mlp.forward = make(layer, mlp, activation)
     try:
         yield
     finally:
-        for mlp, _ in plan:
-            del mlp.forward
+        for (mlp, _), forward in zip(plan, saved):
+            if forward is None:
+                del mlp.forward
+            else:
+                mlp.forward = forward
 
 
 def fused_agrees(ref: dict, got: dict, float32: bool) -> bool:
