@@ -32,6 +32,7 @@ test-fast: install
 bench: install
 	$(BIN)/python benchmarks/harvest_overhead.py
 	$(BIN)/python benchmarks/corpus_scale.py
+	$(BIN)/python benchmarks/pipeline_capacity.py
 	$(BIN)/python benchmarks/vllm_overhead.py
 	$(BIN)/pip install -q -e '.[peers]'
 	$(BIN)/python benchmarks/compare_peers.py
