@@ -12,11 +12,12 @@ by default; ``--device cuda --dtype bfloat16`` on a GPU):
 | ``transformer_lens`` | ``TransformerBridge.run_with_cache`` on ``blocks.{l}.mlp.gate.hook_out``, then ``act_fn`` and the same reductions |
 
 Each method computes the same statistics per token group: active count, sum, sum of squares. Before
-timing, every peer's numbers are checked against lsn's. In float32 with lsn's hook path the counts
-must be equal and the sums within 1e-4. In bfloat16 or float16, or where lsn uses the fused kernel,
-the methods round differently (TransformerLens' bridge runs its own attention and normalization
-code; the fused kernel rounds ``act(gate) * up`` once instead of twice), so later layers see inputs
-that differ by rounding: the counts must agree within 1% of a group's tokens (at least 3 tokens) and the sums within 2%,
+timing, every peer's numbers are checked against lsn's. In float32 with lsn's hook path, the methods
+that run the model itself (hooks, nnsight) must give equal counts and sums within 1e-4. Elsewhere the
+methods round differently: TransformerLens' bridge runs its own attention and normalization code
+(even in float32), and in bfloat16 or float16 the fused kernel's float32 ``exp`` may differ from
+PyTorch's by an ulp; later layers then see inputs that differ by rounding, so the counts must agree
+within 1% of a group's tokens (at least 3 tokens) and the sums within 2%,
 and the agreement is printed. nnsight and TransformerLens each get their own copy of the model (the
 same weights): TransformerLens replaces the modules of the model it is given with its own wrappers
 and switches it to eager attention, which must not change what the other methods run; its copy is
@@ -225,7 +226,6 @@ def check(w: Workload, methods: dict, failed: dict[str, str]) -> list[str]:
     that differs. A peer of the extra that fails to run is taken out of ``methods`` into ``failed``.
     Returns the agreement lines, printed where the methods round differently."""
     reference, lines = methods["lsn"](), []
-    exact = w.backend.fused is None and w.args.dtype == "float32"
     for name, fn in list(methods.items()):
         if name in ("plain", "lsn"):
             continue
@@ -238,6 +238,8 @@ def check(w: Workload, methods: dict, failed: dict[str, str]) -> list[str]:
             del methods[name]
             continue
         tokens, share, sums = differences(got, reference, w.args.groups)
+        # TransformerLens' bridge computes normalization and attention itself: rounding, even in float32
+        exact = w.backend.fused is None and w.args.dtype == "float32" and name != "transformer_lens"
         if exact:
             assert tokens == 0, f"{name}: active differs"
             assert sums <= 1e-4, f"{name}: sums differ (max rel {sums:.2e})"
