@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from harvester.errors import HarvestError
@@ -137,31 +138,40 @@ def _harvest(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobs.cli import COMMANDS as job_commands
+    from harvester.signals import graceful
 
     try:
-        args = _apply_config(build_parser(), argv)
-        if args.command == "harvest":
-            _harvest(args)
-        elif args.command == "summary":
-            from harvester.summary import summarize
-
-            print(summarize(args.store))
-        elif args.command in job_commands:
-            from jobs.cli import run
-
-            run(args)
-        else:
-            from analysis.cli import run
-
-            run(args)
+        with graceful():  # SIGINT/SIGTERM: every cleanup runs, then one line and 128 + signal
+            _dispatch(argv)
     except HarvestError as err:
         print(f"lsn: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("lsn: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        signum = getattr(err, "signum", signal.SIGINT)
+        print(f"lsn: stopped by {signal.Signals(signum).name}; finished work is kept, run the same command "
+              "again to resume", file=sys.stderr)
+        return 128 + signum
     return 0
+
+
+def _dispatch(argv: list[str] | None) -> None:
+    from jobs.cli import COMMANDS as job_commands
+
+    args = _apply_config(build_parser(), argv)
+    if args.command == "harvest":
+        _harvest(args)
+    elif args.command == "summary":
+        from harvester.summary import summarize
+
+        print(summarize(args.store))
+    elif args.command in job_commands:
+        from jobs.cli import run
+
+        run(args)
+    else:
+        from analysis.cli import run
+
+        run(args)
 
 
 if __name__ == "__main__":
