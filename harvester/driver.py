@@ -13,13 +13,13 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from harvester import __version__, arch
+from harvester import __version__, arch, lease, signals
 from harvester.backends.hf import load_config, load_tokenizer, max_positions, resolve_model, weights_fingerprint
 from harvester.config import HarvestConfig
 from harvester.corpus import parse_corpora
 from harvester.errors import HarvestError
 from harvester.stats import StatsSpec
-from harvester.store import Store, fingerprint_differences, read_attrs, tokens_dir
+from harvester.store import Store, fingerprint_sha256, read_attrs, tokens_dir
 from harvester.windows import SHARDS_PER_STREAM, ShardInfo, TokenSettings, read_manifest
 from harvester.worker import ShardWorker, TokenizeJob, WorkerConfig, tokenize
 
@@ -28,49 +28,55 @@ _MAX_ATTEMPTS = 3
 
 def harvest(cfg: HarvestConfig) -> Store:
     """Run (or resume) the harvest ``cfg`` describes; returns the completed store."""
-    pooling = cfg.corpus_options.pooling
-    spec = StatsSpec(cfg.stats, cfg.hist_edges if "hist" in cfg.stats else None)
-    existing = read_attrs(cfg.store)  # a file, or a foreign directory, is refused before any work
+    read_attrs(cfg.store)  # a file, or a foreign directory, is refused before any work
     model_path = resolve_model(cfg.model)
     config = load_config(model_path)
     site = arch.resolve_site(config, cfg.site, cfg.unit)
     max_positions(config, cfg.seq_len)
     tokenizer = load_tokenizer(model_path)
-    if tokenizer.eos_token_id is None and pooling == "token":
+    if tokenizer.eos_token_id is None and cfg.corpus_options.pooling == "token":
         raise HarvestError("the tokenizer has no EOS token; documents cannot be separated")
     corpora = parse_corpora(cfg.corpus, cfg.corpus_options)  # reads and checks every local input
     if len(corpora.groups) > np.iinfo(np.int16).max:
         raise HarvestError(f"too many groups ({len(corpora.groups)})")
+    spec = StatsSpec(cfg.stats, cfg.hist_edges if "hist" in cfg.stats else None)
     fingerprint = _fingerprint(cfg, config, model_path, site, tokenizer, corpora, spec)
-    if existing is not None:
-        diffs = fingerprint_differences(existing["fingerprint"], fingerprint)
-        if diffs:
-            raise HarvestError(f"store {cfg.store} holds a different harvest ({diffs[0]}); "
-                               "use a new --store, or the same settings to resume")
-        store = Store(cfg.store)
-        if store.complete:
+    with lease.acquire(cfg.store, say=_log) as held:  # one writer per store, before anything is written
+        store = Store.open_for_writing(cfg.store, fingerprint)
+        if store is not None and store.complete:
             _say(cfg, f"store {cfg.store} is already complete")
             return store
-    meta = _meta(cfg, config, corpora, fingerprint)
+        return _harvest_into(cfg, held, fingerprint, _meta(cfg, config, corpora, fingerprint), corpora, spec,
+                             tokenizer, model_path)
+
+
+def _harvest_into(cfg: HarvestConfig, held: lease.Lease, fingerprint: dict, meta: dict, corpora, spec: StatsSpec,
+                  tokenizer, model_path: str) -> Store:
+    """Create or resume the store under the lease ``held``, run every shard, reduce the totals."""
+    pooling = cfg.corpus_options.pooling
     portable = cfg.model if cfg.model.startswith("tiny:") else model_path  # what every node can resolve
     wcfg = WorkerConfig(cfg.backend, portable, cfg.dtype, cfg.device, cfg.device_map, cfg.site, cfg.store,
                         spec, cfg.batch_size, unit=cfg.unit, pooling=pooling, tensor_parallel=cfg.tensor_parallel,
                         seq_len=cfg.seq_len)
     settings = TokenSettings(cfg.seq_len, cfg.shard_tokens, pooling, fingerprint["tokenizer"]["sha256"],
-                             tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1)
+                             tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1,
+                             fingerprint_sha256=fingerprint_sha256(fingerprint),
+                             corpus_sha256=fingerprint_sha256(fingerprint["corpus"]))
     job = TokenizeJob(portable, tuple(cfg.corpus), cfg.corpus_options, settings, tokens_dir(cfg.store))
     n_streams = len(corpora.streams)
 
     def open_store(shape) -> Store:
+        store = Store.open_for_writing(cfg.store, fingerprint)  # compared again: on every open for writing
+        if store is not None:
+            return store
         layers, width = shape
-        if read_attrs(cfg.store) is None:
-            meta["model"].update(layers=layers, width=width)
-            return Store.create(cfg.store, fingerprint=fingerprint, meta=meta, n_layers=layers, width=width,
-                                n_shards=n_streams * SHARDS_PER_STREAM, spec=spec)
-        return Store(cfg.store)
+        meta["model"].update(layers=layers, width=width)
+        return Store.create(cfg.store, fingerprint=fingerprint, meta=meta, n_layers=layers, width=width,
+                            n_shards=n_streams * SHARDS_PER_STREAM, spec=spec, owner=held.info)
 
     runner = _run_ray if cfg.use_ray else _run_local
     infos = runner(cfg, wcfg, job, n_streams, open_store)
+    held.check()
     store = Store(cfg.store)
     store.reduce([i.index for i in infos], _corpus_meta(job.root, corpora, infos))
     return store
@@ -139,6 +145,7 @@ def _run_ray(cfg: HarvestConfig, wcfg: WorkerConfig, job: TokenizeJob, n_streams
     import ray
 
     started = ray_init(cfg.address)
+    signals.install()  # Ray's core worker replaced the SIGINT/SIGTERM handlers with its own
     try:
         res = _resources(cfg, ray)
         actors = [res.spawn(wcfg) for _ in range(res.n_actors)]

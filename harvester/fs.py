@@ -45,7 +45,7 @@ def atomic_write(path: str):
     """A binary file handle whose content appears at ``path`` only when the block succeeds."""
     fsys, p = filesystem(path)
     parent = p.rsplit("/", 1)[0]
-    if not _local(fsys):
+    if not is_local(fsys):
         with fsys.open(p, "wb") as f:  # object stores: a put is atomic
             yield f
         return
@@ -60,7 +60,12 @@ def atomic_write(path: str):
             fsys.rm(tmp)
 
 
-def _local(fsys) -> bool:
+def protocol(fsys) -> str:
+    """The filesystem's main protocol name (``file``, ``s3``, ...)."""
+    return fsys.protocol if isinstance(fsys.protocol, str) else fsys.protocol[0]
+
+
+def is_local(fsys) -> bool:
     return "file" in (fsys.protocol if isinstance(fsys.protocol, tuple) else (fsys.protocol,))
 
 

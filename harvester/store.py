@@ -27,19 +27,31 @@ was scheduled, interrupted and resumed.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
+import json
 import shutil
+import sys
 import uuid
 from pathlib import Path
 
 import numpy as np
 
-from harvester import fs
+from harvester import fs, lease
 from harvester.errors import HarvestError
 from harvester.stats import VARIABLES, StatsSpec
 
 FORMAT = "lsn-harvester-store"
 FORMAT_VERSION = 1
 _CHUNK_ELEMENTS = 1 << 22  # ~32 MiB of float64 per chunk
+
+
+def creating_marker(path: str | Path) -> str:
+    """``DIR/.NAME.creating.json``: written before a store is built in place (fsspec URLs) and removed
+    once its attributes are written; while it is there, a store without ``lsn`` attributes is a
+    skeleton an interrupted harvest left (rebuilt by the next one that holds the lease)."""
+    parent, _, name = str(path).rstrip("/").rpartition("/")
+    return f"{parent}/.{name}.creating.json"
+
 _DTYPES = {"active": "int64", "act_sum": "float64", "act_sqsum": "float64", "act_abssum": "float64", "hist": "int64"}
 
 
@@ -77,15 +89,23 @@ def read_attrs(path: str | Path) -> dict | None:
         return None
     if fsys.isfile(p):
         raise HarvestError(f"store path {path} is a file, not a directory")
+    half_made = fsys.isfile(fs.filesystem(creating_marker(path))[1])
     if not fsys.isfile(f"{p}/zarr.json"):
-        if fsys.ls(p):
+        if fsys.ls(p) and not half_made:
             raise HarvestError(f"{path} is a non-empty directory that is not an lsn store")
         return None
     root = _zarr().open_group(store=zarr_store(path, read_only=True), mode="r", use_consolidated=False)
     attrs = root.attrs.asdict().get("lsn")
     if not attrs or attrs.get("format") != FORMAT:
+        if half_made:
+            return None  # rebuilt by the next harvest that holds the lease
         raise HarvestError(f"{path} is a Zarr store but not an lsn-harvester store")
     return attrs
+
+
+def fingerprint_sha256(fingerprint: dict) -> str:
+    """The digest that names one harvest (its fingerprint as canonical JSON)."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
 
 
 def fingerprint_differences(old: dict, new: dict) -> list[str]:
@@ -114,12 +134,27 @@ class Store:
         self.groups: list[str] = self.attrs["meta"]["corpus"]["groups"]
         self.variables: list[str] = [VARIABLES[s] for s in self.attrs["fingerprint"]["settings"]["stats"]]
 
+    @classmethod
+    def open_for_writing(cls, path: str | Path, fingerprint: dict) -> "Store | None":
+        """The store at ``path`` if it holds the harvest ``fingerprint`` describes; None if there is none;
+        an error if it holds another. Every open for writing goes through here, under the lease."""
+        attrs = read_attrs(path)
+        if attrs is None:
+            return None
+        diffs = fingerprint_differences(attrs["fingerprint"], fingerprint)
+        if diffs:
+            raise HarvestError(f"store {path} holds a different harvest ({diffs[0]}); "
+                               "use a new --store, or the same settings to resume")
+        return cls(path)
+
     # -- creation ---------------------------------------------------------------------------
     @classmethod
     def create(cls, path: str | Path, *, fingerprint: dict, meta: dict, n_layers: int, width: int,
-               n_shards: int, spec: StatsSpec) -> "Store":
+               n_shards: int, spec: StatsSpec, owner: dict | None = None) -> "Store":
         """Build the whole skeleton; on local disk in a sibling temporary directory renamed into place,
-        elsewhere (fsspec URLs) in place, with the ``lsn`` attributes that make it a store written last.
+        elsewhere (fsspec URLs) in place, behind a marker written first and removed after the ``lsn``
+        attributes that make it a store. Call it holding the store's lease (``owner``: its record;
+        by default this process).
 
         ``n_shards`` is the capacity of the shard dimension: unwritten chunks take no space.
         """
@@ -128,18 +163,28 @@ class Store:
         groups = meta["corpus"]["groups"]
         attrs = {"format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": fingerprint, "meta": meta,
                  "complete": False, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        owner = owner or lease.owner_record()
+        marker = json.dumps({k: owner.get(k) for k in ("owner", "host", "pid", "pid_start")})
         if fs.is_url(str(path)):
+            fsys, p = fs.filesystem(str(path))
+            if fsys.exists(p) and fsys.ls(p):  # read_attrs let it through: a half-made skeleton
+                print(f"lsn: rebuilding the skeleton of store {path}, left half-made by an interrupted harvest",
+                      file=sys.stderr)
+                fsys.rm(p, recursive=True)
+            fs.write_text(creating_marker(path), marker)
             _write_skeleton(zarr_store(path), groups, n_layers, width, n_shards, spec, attrs)
+            fsys.rm(fs.filesystem(creating_marker(path))[1])
             return cls(path)
-        path = Path(path)
+        path = Path(path).absolute()
         path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in path.parent.glob(f".{path.name}.partial-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        _remove_dead_partials(path)
         tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
+        Path(f"{tmp}.json").write_text(marker)  # first: says whose directory this is
         _write_skeleton(zarr_store(tmp), groups, n_layers, width, n_shards, spec, attrs)
         if path.exists():  # an empty directory given as the store path
             path.rmdir()
         tmp.rename(path)
+        Path(f"{tmp}.json").unlink()
         return cls(path)
 
     # -- shards -----------------------------------------------------------------------------
@@ -190,6 +235,20 @@ class Store:
         self.attrs.update(values)
         self.root.attrs["lsn"] = self.attrs
         _zarr().consolidate_metadata(self._zstore)
+
+
+def _remove_dead_partials(path: Path) -> None:
+    """Remove temporary directories of earlier creators of this store whose process is gone from this
+    host (the marker ``.NAME.partial-ID.json`` written before each says who made it); any other
+    directory is left alone."""
+    for marker in path.parent.glob(f".{path.name}.partial-*.json"):
+        try:
+            owner = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(owner, dict) and lease.process_gone(owner):
+            shutil.rmtree(Path(str(marker)[:-len(".json")]), ignore_errors=True)
+            marker.unlink(missing_ok=True)
 
 
 def _write_skeleton(zstore, groups, n_layers, width, n_shards, spec, attrs) -> None:

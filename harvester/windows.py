@@ -78,6 +78,10 @@ class TokenSettings:
     pooling: str
     tokenizer_sha256: str
     eos_id: int
+    fingerprint_sha256: str = ""
+    """The harvest these tokens belong to: another harvest's token shards are never reused."""
+    corpus_sha256: str = ""
+    """The corpus identity (specs, groups, streams, sources and options) the tokens were made from."""
 
 
 def shard_index(stream: int, k: int) -> int:
@@ -192,8 +196,7 @@ def tokenize_stream(corpora, index: int, tokenizer, settings: TokenSettings, roo
     manifest_path = f"{root}/{index:05d}.json"
     manifest = read_manifest(manifest_path)
     if manifest is not None:
-        if manifest["settings"] != asdict(settings) or manifest["stream"] != stream.name:
-            raise HarvestError(f"token manifest {manifest_path} was made with other settings; use a new --store")
+        _check_manifest(manifest, manifest_path, settings, stream.name)
         for info in manifest["shards"]:  # JSON object keys are strings
             yield ShardInfo(**{**info, "tokens": {int(g): n for g, n in info["tokens"].items()}})
         return
@@ -217,6 +220,18 @@ def tokenize_stream(corpora, index: int, tokenizer, settings: TokenSettings, roo
         "shards": [asdict(i) for i in infos], "truncated_tokens": cut.tokens, "truncated_documents": cut.documents,
         "digest": stream_digest(infos),
     }))
+
+
+def _check_manifest(manifest: dict, path: str, settings: TokenSettings, stream: str) -> None:
+    """Refuse token shards made by another harvest, from another corpus, or with other settings."""
+    made = manifest.get("settings", {})
+    if made.get("corpus_sha256", "") != settings.corpus_sha256 or manifest.get("stream") != stream:
+        raise HarvestError(f"token manifest {path} was made from another corpus; use a new --store")
+    if made.get("fingerprint_sha256", "") != settings.fingerprint_sha256:
+        raise HarvestError(f"token manifest {path} was made by another harvest (or an older lsn-harvester); "
+                           "use a new --store")
+    if made != asdict(settings):
+        raise HarvestError(f"token manifest {path} was made with other settings; use a new --store")
 
 
 def read_manifest(path: str) -> dict | None:
