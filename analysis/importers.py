@@ -32,6 +32,7 @@ import numpy as np
 from harvester import __version__, fs
 from harvester.corpus import file_identity
 from harvester.errors import HarvestError
+from harvester.names import check_name, inside
 from harvester.stats import StatsSpec
 from harvester.store import Store, read_attrs
 
@@ -88,7 +89,7 @@ def import_published(fmt: str, src: str | Path, store: str | Path, langs: list[s
         raise HarvestError(f"store {store} already exists; an import never overwrites a store")
     form = FORMATS[fmt]
     found = _scan(form, src)
-    tag = tag if tag is not None else _only_tag(fmt, src, found)
+    tag = check_name(tag if tag is not None else _only_tag(fmt, src, found), "tag")
     langs = _languages(form, src, found, tag, langs)
     counts = [_load(src / name, group, form.tokens_key) for lang in langs for group, name in form.parts(lang, tag)]
     _check_shapes(counts)
@@ -124,11 +125,12 @@ def _languages(form: Format, src: Path, found: dict[str, list[str]], tag: str,
                                + (f" (tags there: {', '.join(sorted(found))})" if found else ""))
     seen = set()
     for lang in langs:
+        check_name(lang, "language")
         if lang in seen:
             raise HarvestError(f"language '{lang}' is given twice")
         seen.add(lang)
         for _, name in form.parts(lang, tag):
-            if not (src / name).is_file():
+            if not inside(src, name).is_file():
                 raise HarvestError(f"language '{lang}': file {src / name} not found")
     return list(langs)
 

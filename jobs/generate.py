@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from harvester.errors import HarvestError
+from harvester.names import check_name
 from jobs.interventions import Mode, intervene
 from jobs.rows import Job, ModelWorker, Row, intervention_for, make_plan, run_rows
 
@@ -68,6 +69,10 @@ def read_prompts(path: str) -> list[Prompt]:
                 raise HarvestError(f"{path}:{n}: each line needs string fields 'lang' and 'prompt'")
             if not item["prompt"].strip():
                 raise HarvestError(f"{path}:{n}: empty prompt")
+            try:
+                check_name(item["lang"], "prompt language")
+            except HarvestError as err:
+                raise HarvestError(f"{path}:{n}: {err}") from None
             prompts.append(Prompt(item["lang"], item["prompt"]))
     if not prompts:
         raise HarvestError(f"prompts file {path} has no prompts")
@@ -165,7 +170,8 @@ def metrics(prompts: list[Prompt], outputs: list[dict], detector: Detector, lang
 def run_generate(job: GenerateJob) -> dict:
     if job.max_new_tokens <= 0:
         raise HarvestError(f"--max-new-tokens must be positive, got {job.max_new_tokens}")
-    plan = make_plan(job.model, job.mask, job.langs, job.store, job.mode, job.controls, job.seed)
+    plan = make_plan(job.model, job.mask, job.langs, job.store, job.mode, job.controls, job.seed,
+                     job.allow_other_model)
     mask, mode, rows = plan.mask, plan.mode, plan.rows
     prompts = read_prompts(job.prompts)
     settings = {"max_new_tokens": job.max_new_tokens, "sample": job.sample, "temperature": job.temperature,
@@ -201,7 +207,7 @@ def markdown(frame) -> str:
     def cell(v) -> str:
         if isinstance(v, float):
             return f"{v:.3f}"
-        return str(v)
+        return str(v).replace("|", "\\|")
 
     lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
     lines += ["| " + " | ".join(cell(v) for v in rec) + " |" for rec in frame.itertuples(index=False)]

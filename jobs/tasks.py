@@ -49,9 +49,12 @@ def check_task(task: str) -> None:
 def load_rows(task: str, source: str, lang: str, split: str, limit: int | None) -> list[dict]:
     """Rows of ``source`` (a local directory or a hub id) for ``lang`` and ``split``, checked for the
     task's columns."""
+    from harvester.names import check_name, inside
+
+    check_name(lang, f"{task} language")
     path = Path(source).expanduser()
     if path.is_dir():
-        file = path / lang / f"{split}.jsonl"
+        file = inside(path, lang, f"{split}.jsonl")
         if not file.is_file():
             raise HarvestError(f"{task} data: no file {file}")
         rows = []
