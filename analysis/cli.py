@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 
 from harvester.errors import HarvestError
 
@@ -132,8 +133,13 @@ def run(args) -> None:
 
         mask = Mask.load(args.mask)
         if args.store:
-            mask.check_store(args.store)
+            _note(mask.check_store(args.store))
         print(f"wrote {write_report(mask, args.out)}")
+
+
+def _note(note: str | None) -> None:
+    if note:
+        print(f"lsn: {note}", file=sys.stderr)
 
 
 def _describe(mask) -> str:
@@ -148,7 +154,7 @@ def _analyze(args) -> None:
     if args.method == "random":
         base = Mask.load(args.mask)
         if args.store:
-            base.check_store(args.store)
+            _note(base.check_store(args.store))
         selected = methods.random_control(base.selected, base.n_layers, base.width, args.seed)
         mask = Mask(base.languages, base.n_layers, base.width, selected, "random",
                     {"seed": args.seed, "controls": base.method, "of": args.mask}, base.source)

@@ -6,7 +6,8 @@ until a method computes. Languages are named by ``--langs``, in that order, each
 
 - a group of the store (``de``, ``en-fr:tgt``, ``S``);
 - ``NAME=G1+G2+...``: the groups' counts summed (``fr=en-fr:tgt+fr-en:src`` pools both sides of
-  EC40 that are French);
+  EC40 that are French); a group whose own name holds ``=`` is chosen as ``NAME=GROUP`` (without
+  ``--langs`` every group is taken by its own name);
 - with ``--response-only``, a language ``L`` whose store has ``L:response`` (harvested prompt and
   response in one pass: the response group is already response-only), or ``L:full`` and
   ``L:prompt`` (imported from two runs: ``max(active_full - active_prompt, 0)`` over
@@ -26,7 +27,7 @@ import numpy as np
 from harvester.errors import HarvestError
 from harvester.store import read_attrs
 
-from analysis.masks import fingerprint_sha
+from analysis.masks import fingerprint_sha, model_identity
 
 
 @dataclass
@@ -56,8 +57,13 @@ class Counts:
         return self.numer / self.denom[:, None, None].astype(np.float64)
 
     def source(self) -> dict:
+        """Where a mask made from these counts comes from: the store, and the model it was harvested
+        on (``model`` its id, ``revision``, ``weights`` its weight files' hash; see
+        :func:`analysis.masks.model_identity`)."""
+        model = model_identity(self.attrs["fingerprint"]["model"])
         return {"store": self.store, "fingerprint_sha256": fingerprint_sha(self.attrs["fingerprint"]),
-                "model": self.attrs["meta"]["model"].get("id"), "groups": self.groups}
+                "model": model["id"], "revision": model["revision"], "weights": model["weights"],
+                "groups": self.groups}
 
     def variable(self, name: str):
         """Another statistic ``[K, L, I(, B)]`` summed over each language's groups."""
@@ -67,15 +73,24 @@ class Counts:
         return _stack(self.dataset, name, self.index)
 
 
-def open_counts(store: str, langs: list[str] | None = None, response_only: bool = False) -> Counts:
-    import xarray as xr
-
+def open_finished(store: str) -> dict:
+    """The attributes of a store whose harvest (or import) finished; every reader of a store's totals
+    in analysis/ and jobs/ opens it through here, since an unfinished store's totals are zeros."""
     attrs = read_attrs(store)
     if attrs is None:
         raise HarvestError(f"no store at {store}")
-    if not attrs.get("complete"):
-        raise HarvestError(f"store {store} is not complete; finish the harvest first")
+    if attrs.get("complete") is not True:
+        raise HarvestError(f"store {store} is not complete (its harvest did not finish): run the same "
+                           "lsn harvest again to finish it")
+    return attrs
+
+
+def open_counts(store: str, langs: list[str] | None = None, response_only: bool = False) -> Counts:
+    import xarray as xr
+
     from harvester.store import zarr_store
+
+    attrs = open_finished(store)
 
     ds = xr.open_zarr(zarr_store(store, read_only=True), consolidated=True)
     groups = [str(g) for g in ds["group"].values]
@@ -109,7 +124,7 @@ def open_counts(store: str, langs: list[str] | None = None, response_only: bool 
                       [[position[g] for g in b] for b in behind], subtracted)
     names, index = [], []
     for item in (langs or groups):
-        name, sep, expr = item.partition("=")
+        name, sep, expr = item.partition("=") if langs else (item, "", "")  # a group's own name may hold '='
         members = expr.split("+") if sep else [item]
         missing = [m for m in members if m not in position]
         if missing or not name:

@@ -15,6 +15,7 @@ code and its successors load it with ``torch.load(..., weights_only=True)``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from harvester.errors import HarvestError
+from harvester.names import check_name
 
 FORMAT = "lsn-mask"
 FORMAT_VERSION = 1
@@ -31,6 +33,51 @@ FORMAT_VERSION = 1
 def fingerprint_sha(fingerprint: dict) -> str:
     """A short, stable identity of a store's fingerprint."""
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+
+
+def model_identity(model: dict) -> dict:
+    """What names a model's weights, from a store fingerprint's ``model`` (or the model loaded now):
+    ``id`` (as given to --model), ``revision`` (the hub commit) and ``weights`` (hash of the weight files)."""
+    return {k: model.get(k) for k in ("id", "revision", "weights")}
+
+
+def same_model(a: dict, b: dict) -> bool | None:
+    """Whether two identities are one model: by the weights' hash when both have one (a model moved
+    to another path is the same; new weights under the same name are not), else by id and (where both
+    know it) revision; None when one side names nothing."""
+    if a.get("weights") and b.get("weights"):
+        return a["weights"] == b["weights"]
+    if a.get("id") and b.get("id"):
+        return a["id"] == b["id"] and (not a.get("revision") or not b.get("revision") or a["revision"] == b["revision"])
+    return None
+
+
+def check_applied(origin: dict | None, subject: str, target: dict | None, where: str, shape: str,
+                  allow_other: bool | None = False) -> str | None:
+    """Refuse what came from model ``origin`` (a mask, a store's statistics) on another model ``target``
+    in one line naming both, unless ``allow_other`` (None: the command has no --allow-other-model).
+    Returns a one-line note to print when it goes ahead anyway, or by shape alone because one side
+    records no model (an imported mask or store); None when both are the same model."""
+    same = same_model(origin, target) if origin and target else None
+    if same:
+        return None
+    if same is None:
+        if not origin:
+            return (f"{subject.split(' was ')[0]} records no model (imported, or made from an imported store): "
+                    f"accepted on {where} by shape, {shape}")
+        return f"{where} records no model to compare with {describe_model(origin)}: accepted by shape, {shape}"
+    if allow_other:
+        return (f"{subject} {describe_model(origin)}; applied to {describe_model(target)} ({where}) "
+                "as --allow-other-model asks")
+    hint = "" if allow_other is None else "; pass --allow-other-model to apply it to another model"
+    raise HarvestError(f"{subject} {describe_model(origin)}, but {where} is {describe_model(target)}{hint}")
+
+
+def describe_model(identity: dict) -> str:
+    """``ID (revision R, weights 1a2b3c4d)``, for messages."""
+    extra = [f"revision {identity['revision']}"] if identity.get("revision") else []
+    extra += [f"weights {identity['weights'][:12]}"] if identity.get("weights") else []
+    return f"model {identity.get('id') or '(unnamed)'}" + (f" ({', '.join(extra)})" if extra else "")
 
 
 @dataclass
@@ -46,6 +93,10 @@ class Mask:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        for name in self.languages:
+            check_name(name, "mask language")
+        if len(set(self.languages)) != len(self.languages):
+            raise HarvestError(f"a mask language is named twice: {', '.join(self.languages)}")
         if len(self.selected) != len(self.languages):
             raise HarvestError(f"mask has {len(self.languages)} languages but {len(self.selected)} selections")
         total = self.n_layers * self.width
@@ -96,20 +147,38 @@ class Mask:
             raise HarvestError(f"language '{language}' is not in the mask; it has {', '.join(self.languages)}")
         return self.languages.index(language)
 
-    def check_store(self, store: str) -> None:
-        """Refuse a store of another shape or another model than the mask was selected on."""
-        from harvester.store import read_attrs
+    def identity(self) -> dict | None:
+        """The model the mask was selected on (``id``, ``revision``, ``weights``), from its source; a mask
+        made before the source recorded the weights takes them from its store when that is still the
+        same store (same fingerprint). None when the mask records no model (an imported mask, or one
+        selected on an imported store)."""
+        src = self.source
+        found = {k: src.get("model" if k == "id" else k) for k in ("id", "revision", "weights")}
+        if not found["weights"] and src.get("store") and src.get("fingerprint_sha256"):
+            with contextlib.suppress(HarvestError, OSError, ValueError, KeyError, TypeError):
+                from harvester.store import read_attrs
 
-        attrs = read_attrs(store)
-        if attrs is None:
-            raise HarvestError(f"no store at {store}")
+                attrs = read_attrs(src["store"])
+                if attrs and fingerprint_sha(attrs["fingerprint"]) == src["fingerprint_sha256"]:
+                    found = model_identity(attrs["fingerprint"]["model"])
+        return found if found["id"] or found["weights"] else None
+
+    def check_model(self, target: dict, where: str, allow_other: bool | None = False) -> str | None:
+        """Refuse to apply the mask to another model than it was selected on (:func:`check_applied`)."""
+        return check_applied(self.identity(), "the mask was selected on", target, where,
+                             f"{self.n_layers} x {self.width}", allow_other)
+
+    def check_store(self, store: str, allow_other: bool | None = None) -> str | None:
+        """Refuse a store of another shape or another model than the mask was selected on, or one whose
+        harvest did not finish; returns a note as :meth:`check_model`."""
+        from analysis.data import open_finished
+
+        attrs = open_finished(store)
         model = attrs["meta"]["model"]
         if (model.get("layers"), model.get("width")) != (self.n_layers, self.width):
             raise HarvestError(f"the mask is for {self.n_layers} layers x {self.width} units, but store {store} "
                                f"has {model.get('layers')} x {model.get('width')}")
-        if self.source.get("model") and model.get("id") and self.source["model"] != model["id"]:
-            raise HarvestError(f"the mask was selected on model {self.source['model']}, store {store} holds "
-                               f"{model['id']}")
+        return self.check_model(model_identity(attrs["fingerprint"]["model"]), f"store {store}", allow_other)
 
     # -- files ---------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -132,13 +201,20 @@ class Mask:
         try:
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
+                if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+                    raise HarvestError(f"{path} is not an lsn mask file")
+                _check_meta(meta, path)
                 selected = [data[f"sel_{k}"] for k in range(len(meta["languages"]))]
         except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as err:
             raise HarvestError(f"{path} is not an lsn mask file ({type(err).__name__})") from None
-        if meta.get("format") != FORMAT:
-            raise HarvestError(f"{path} is not an lsn mask file")
-        return cls(meta["languages"], meta["n_layers"], meta["width"], selected, meta["method"],
-                   meta.get("params", {}), meta.get("source", {}), meta.get("extra", {}))
+        for k, sel in enumerate(selected):
+            if sel.ndim != 1 or sel.dtype.kind not in "iu":
+                raise HarvestError(f"{path}: sel_{k} must be a 1-d integer array, not {sel.dtype} of shape {sel.shape}")
+        try:
+            return cls(meta["languages"], meta["n_layers"], meta["width"], selected, meta["method"],
+                       meta.get("params", {}), meta.get("source", {}), meta.get("extra", {}))
+        except HarvestError as err:
+            raise HarvestError(f"{path}: {err}") from None
 
     # -- the published format ------------------------------------------------------------------
     def to_rucaibox(self) -> list:
@@ -187,3 +263,36 @@ class Mask:
         layers = [[t.numpy() for t in per] for per in obj]
         return cls.from_layers(layers, languages, n_layers, width, "imported:rucaibox",
                                source={"file": str(path)})
+
+
+# what Mask.load requires of the meta JSON: key -> (types, required)
+_META = {"format_version": (int, True), "method": (str, True), "languages": (list, True), "n_layers": (int, True),
+         "width": (int, True), "params": (dict, False), "source": (dict, False), "extra": (dict, False)}
+# what the checks against a model read from the source: key -> types (None allowed)
+_SOURCE = {"store": str, "fingerprint_sha256": str, "model": str, "revision": str, "weights": str, "file": str,
+           "groups": list}
+
+
+def _check_meta(meta: dict, path: Path) -> None:
+    """Types and keys of a mask file's meta, each fault one line naming the file."""
+    for key, (types, required) in _META.items():
+        if key not in meta:
+            if required:
+                raise HarvestError(f"{path}: mask metadata lacks '{key}'")
+            continue
+        value = meta[key]
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise HarvestError(f"{path}: mask metadata '{key}' must be {types.__name__}, not {type(value).__name__}")
+    if meta["format_version"] > FORMAT_VERSION:
+        raise HarvestError(f"{path}: mask format version {meta['format_version']} is newer than this lsn "
+                           f"reads ({FORMAT_VERSION})")
+    if meta["n_layers"] <= 0 or meta["width"] <= 0:
+        raise HarvestError(f"{path}: mask metadata n_layers and width must be positive")
+    for key, types in _SOURCE.items():
+        value = meta.get("source", {}).get(key)
+        if value is not None and not isinstance(value, types):
+            raise HarvestError(f"{path}: mask metadata source '{key}' must be {types.__name__}, "
+                               f"not {type(value).__name__}")
+    groups = meta.get("source", {}).get("groups")
+    if groups is not None and not all(isinstance(g, list) and all(isinstance(x, str) for x in g) for g in groups):
+        raise HarvestError(f"{path}: mask metadata source 'groups' must be lists of group names")

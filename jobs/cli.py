@@ -22,6 +22,12 @@ def _common(p, positive) -> None:
     p.add_argument("--address", default=None, help="Ray cluster address (default $RAY_ADDRESS or embedded)")
     p.add_argument("--no-ray", action="store_true", help="run every row in this process")
     p.add_argument("--no-progress", action="store_true")
+    _allow_other(p)
+
+
+def _allow_other(p) -> None:
+    p.add_argument("--allow-other-model", action="store_true", help="apply a mask (or store statistics) from "
+                   "another model than --model: a deliberate transfer (refused otherwise)")
 
 
 def add_commands(sub, positive) -> None:
@@ -54,6 +60,7 @@ def add_commands(sub, positive) -> None:
     f.add_argument("--attention-lora", action="store_true", help="also ordinary LoRA on attention")
     f.add_argument("--intervene", default="zero", help="test-time intervention on the evaluated language's neurons "
                    "(a --mode of lsn intervene), or none")
+    f.add_argument("--store", default=None, help="store of --intervene mean|p10|p90 statistics (default: the mask's)")
     f.add_argument("--max-train", type=positive, default=None)
     f.add_argument("--max-eval", type=positive, default=None)
     f.add_argument("--seed", type=int, default=0)
@@ -62,6 +69,7 @@ def add_commands(sub, positive) -> None:
     f.add_argument("--address", default=None)
     f.add_argument("--no-ray", action="store_true")
     f.add_argument("--no-progress", action="store_true")
+    _allow_other(f)
     d = sub.add_parser("demo", help="train (once) the demo model, then harvest, LAPE, PPL matrix, generation, report")
     d.add_argument("--out", required=True, help="output directory")
     d.add_argument("--actors", type=positive, default=2)
@@ -96,7 +104,8 @@ def run(args) -> None:
             batch_size=args.batch_size, seq_len=args.seq_len, attention_lora=args.attention_lora,
             intervene=None if args.intervene == "none" else args.intervene, max_train=args.max_train,
             max_eval=args.max_eval, seed=args.seed, dtype=args.dtype, device=args.device, use_ray=not args.no_ray,
-            address=args.address, progress=not args.no_progress))
+            address=args.address, progress=not args.no_progress, store=args.store,
+            allow_other_model=args.allow_other_model))
         frame = pd.DataFrame.from_records(result["table"])
         print(markdown(frame[["lang", "condition", "eval_lang", "metric", "value", "intervened"]]), end="")
         print(f"wrote {args.out}/results.json, results.csv, results.md and one adapter per condition")
@@ -116,7 +125,8 @@ def run(args) -> None:
             controls=args.controls, seed=args.seed, langs=_langs(args.langs), store=args.store, dtype=args.dtype,
             device=args.device, max_new_tokens=args.max_new_tokens,
             sample=args.sample, temperature=args.temperature, top_p=args.top_p, actors=args.actors,
-            use_ray=not args.no_ray, address=args.address, progress=not args.no_progress))
+            use_ray=not args.no_ray, address=args.address, progress=not args.no_progress,
+            allow_other_model=args.allow_other_model))
         print(markdown(flat_table(result["table"])[["intervened", "prompt_lang", "in_prompt_lang", "length"]]), end="")
         print(f"wrote {args.out}/generate.csv, generate.md, generate.json")
     elif args.command == "intervene" and args.intervene_command == "ppl":
@@ -128,6 +138,6 @@ def run(args) -> None:
                                 dtype=args.dtype, device=args.device, seq_len=args.seq_len,
                                 batch_size=args.batch_size, max_tokens_per_lang=args.max_tokens_per_lang,
                                 actors=args.actors, use_ray=not args.no_ray, address=args.address,
-                                progress=not args.no_progress))
+                                progress=not args.no_progress, allow_other_model=args.allow_other_model))
         print(summary(result))
         print(f"wrote {args.out}/ppl.csv, ppl_change.csv, ppl_relative.csv, ppl_change.png, ppl.json")

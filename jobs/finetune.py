@@ -18,7 +18,8 @@ perplexity on ``--eval-data``.
 Each evaluation runs twice: as trained, and with a test-time intervention on the evaluated
 language's own neurons (``--intervene MODE``, default ``zero``; :mod:`jobs.interventions`).
 
-Each condition saves its adapter in peft's format under ``OUT/{lang}-{control}/adapter``. It also
+Each condition saves its adapter in peft's format under ``OUT/{lang}-{control}/adapter`` (the name
+made safe as :mod:`harvester.names` says, e.g. ``OUT/en-fr%3Asrc-none``; never outside ``OUT``). It also
 writes ``results.json`` with the metrics, the steps, the final loss, the trainable parameters, the
 optimizer state's bytes, and the peak memory (CUDA's peak allocation on GPUs, the process's peak RSS
 on CPU). On top of that it records whether, after merging, only the selected neurons' weights
@@ -72,12 +73,24 @@ class FinetuneJob:
     use_ray: bool = True
     address: str | None = None
     progress: bool = True
+    store: str | None = None
+    """The store of ``--intervene mean|p10|p90`` statistics (default: the mask's)."""
+    allow_other_model: bool = False
+    """Apply a mask (and store statistics) from another model than ``model``: a deliberate transfer."""
+
+
+def condition_dir(job: FinetuneJob, lang: str, control: str) -> Path:
+    """``OUT/{lang}-{control}``, the name made safe (:mod:`harvester.names`) and checked to lie inside ``OUT``."""
+    from harvester.names import inside, path_part
+
+    return inside(job.out, path_part(f"{lang}-{control}", "language"))
 
 
 def check(job: FinetuneJob):
     """Every input checked before anything runs or is written; returns the mask."""
     from jobs.interventions import Mode
     from analysis.masks import Mask
+    from harvester.names import path_parts
     from jobs.rows import check_langs
 
     check_task(job.task)
@@ -91,6 +104,11 @@ def check(job: FinetuneJob):
         Mode.parse(job.intervene)
     mask = Mask.load(job.mask)
     check_langs(mask, job.langs)
+    if len(set(job.langs)) != len(job.langs):
+        raise HarvestError(f"--lang names a language twice: {','.join(job.langs)}")
+    path_parts([f"{lang}-{control}" for lang in job.langs for control in job.controls], "language")
+    for lang in job.langs:
+        condition_dir(job, lang, job.controls[0])
     empty = [lang for lang in job.langs if mask.selected[mask.index(lang)].size == 0 and set(job.controls) & {"none", "random"}]
     if empty:
         raise HarvestError(f"the mask selects no neuron for {', '.join(empty)}: nothing to train")
@@ -101,17 +119,44 @@ def run_finetune(job: FinetuneJob) -> dict:
     mask = check(job)
     from harvester.backends.hf import load_config, resolve_model
     from jobs.lora import mlp_names, mlp_width
-    from jobs.rows import check_shape
+    from jobs.rows import check_models, check_shape
 
     config = load_config(resolve_model(job.model))
     mlp_names(config)  # refuses architectures whose MLP projections are not linear layers
     check_shape((config.num_hidden_layers, mlp_width(config)), mask)
+    store = intervention_store(job, mask)
+    check_models(mask, job.model, store, job.allow_other_model)
     data = prepare_data(job)  # loads and checks every split before training starts
+    data["values"] = intervention_values(job, mask, store, data)
     conditions = [(lang, control) for lang in job.langs for control in job.controls]
     results = _run(job, conditions, data)
     table = gather(results)
     write_table(Path(job.out), table, job)
     return {"results": results, "table": table}
+
+
+def intervention_store(job: FinetuneJob, mask) -> str | None:
+    """The store ``--intervene mean|p10|p90`` reads (None for the other modes)."""
+    from jobs.interventions import Mode
+
+    if job.intervene is None or not Mode.parse(job.intervene).needs_store:
+        return job.store
+    store = job.store or mask.source.get("store")
+    if not store:
+        raise HarvestError(f"--intervene {job.intervene} needs the store the mask was made from; pass --store")
+    return store
+
+
+def intervention_values(job: FinetuneJob, mask, store: str | None, data: dict) -> dict:
+    """Per evaluated mask language, the ``[L, I]`` statistic ``--intervene mean|p10|p90`` sets its units to."""
+    from jobs.interventions import Mode, unit_statistic
+    from jobs.rows import mask_groups
+
+    mode = Mode.parse(job.intervene) if job.intervene else None
+    if mode is None or not mode.needs_store:
+        return {}
+    evaluated = data["groups"] if job.task == "clm" else list(data["eval"])
+    return {lang: unit_statistic(store, mask_groups(mask, lang), mode) for lang in evaluated if lang in mask.languages}
 
 
 def prepare_data(job: FinetuneJob) -> dict:
@@ -187,7 +232,7 @@ def run_condition(job: FinetuneJob, lang: str, control: str, data: dict) -> dict
     own = mask.selected[mask.index(lang)]
     selected = {"none": own, "random": random_control([own], mask.n_layers, mask.width, job.seed)[0],
                 "full": None}.get(control)
-    out_dir = Path(job.out) / f"{lang}-{control}"
+    out_dir = condition_dir(job, lang, control)
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {"lang": lang, "control": control, "condition": CONDITION[control], "task": job.task,
               "units": None if selected is None else int(len(selected))}
@@ -276,7 +321,7 @@ def evaluate(model, tokenizer, job: FinetuneJob, data: dict, mask) -> dict:
     def intervention(lang: str):
         if mode is None or lang not in mask.languages:
             return None
-        return Intervention(mask.selected[mask.index(lang)], mode, mask.width)
+        return Intervention(mask.selected[mask.index(lang)], mode, mask.width, data.get("values", {}).get(lang))
 
     if job.task == "clm":
         from jobs.ppl import group_nll

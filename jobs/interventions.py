@@ -86,6 +86,9 @@ def unit_statistic(store: str, groups: list[str], mode: Mode) -> np.ndarray:
     """``[L, I]``: the mode's statistic of the language made of store ``groups``."""
     import xarray as xr
 
+    from analysis.data import open_finished
+
+    open_finished(store)
     ds = xr.open_zarr(store)
     names = list(ds["group"].values)
     missing = [g for g in groups if g not in names]

@@ -91,7 +91,8 @@ def group_nll(model, windows, n_groups: int, batch_size: int, pad_id: int):
 
 def run_ppl(job: PPLJob) -> dict:
     """Compute and write the matrix; returns the settings and the matrices."""
-    plan = make_plan(job.model, job.mask, job.langs, job.store, job.mode, job.controls, job.seed)
+    plan = make_plan(job.model, job.mask, job.langs, job.store, job.mode, job.controls, job.seed,
+                     job.allow_other_model)
     mask, mode, rows = plan.mask, plan.mode, plan.rows
     groups, windows = eval_windows(job.model, job.corpus, job.seq_len, job.max_tokens_per_lang)
     columns = [g for g in groups if job.langs is None or g in job.langs] or groups

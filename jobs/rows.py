@@ -32,6 +32,8 @@ class Job:
     use_ray: bool = True
     address: str | None = None
     progress: bool = True
+    allow_other_model: bool = False
+    """Apply a mask (and store statistics) from another model than ``model``: a deliberate transfer."""
 
 
 @dataclass(frozen=True)
@@ -53,17 +55,41 @@ def mask_groups(mask, language: str) -> list[str]:
 def site_of(store: str | None, config, required: bool = False) -> str:
     """The module the statistics were taken at: the store's recorded site, else (no store, or the
     mask's store moved away) the MLP activation, which the mask's shape is then checked against."""
+    from analysis.data import open_finished
     from harvester import arch
     from harvester.store import read_attrs
 
-    attrs = read_attrs(store) if store else None
-    if attrs is not None:
-        return attrs["fingerprint"]["model"]["site"]
-    if store and required:
-        raise HarvestError(f"no store at {store}")
+    if store and (required or read_attrs(store) is not None):
+        return open_finished(store)["fingerprint"]["model"]["site"]
     if store:
         print(f"lsn: the mask's store {store} is not here; intervening on the MLP neurons", file=sys.stderr)
     return arch.resolve_site(config, None, "mlp")
+
+
+def check_models(mask, model: str, store: str | None, allow_other: bool) -> None:
+    """The mask, and the store whose statistics or site a job reads, must come from the model it runs
+    (compared by weights hash, else id and revision); each note (a transfer asked for, or a check by
+    shape alone) is printed on one line."""
+    from analysis.data import open_finished
+    from analysis.masks import check_applied, model_identity
+    from harvester.backends.hf import load_config, model_identity as loaded_identity, resolve_model
+    from harvester.store import read_attrs
+
+    path = resolve_model(model)
+    target = loaded_identity(model, path, load_config(path))
+    shape = f"{mask.n_layers} x {mask.width}"
+    notes = [mask.check_model(target, "--model", allow_other)]
+    if store and read_attrs(store) is not None:
+        attrs = open_finished(store)
+        layers, width = attrs["meta"]["model"].get("layers"), attrs["meta"]["model"].get("width")
+        if (layers, width) != (mask.n_layers, mask.width):
+            raise HarvestError(f"the mask is for {shape} units, but store {store} has {layers} x {width}")
+        origin = model_identity(attrs["fingerprint"]["model"])
+        if origin != mask.identity():
+            notes.append(check_applied(origin, f"store {store} was harvested on", target, "--model", shape,
+                                       allow_other))
+    for note in dict.fromkeys(n for n in notes if n):
+        print(f"lsn: {note}", file=sys.stderr)
 
 
 @dataclass
@@ -80,7 +106,7 @@ class Plan:
 
 
 def make_plan(model: str, mask_path: str, langs: list[str] | None, store: str | None, mode_text: str,
-              controls: int, seed: int) -> Plan:
+              controls: int, seed: int, allow_other_model: bool = False) -> Plan:
     """Check a job's inputs (before any output is written) and resolve what it needs."""
     from analysis.masks import Mask
     from harvester.backends.hf import load_config, resolve_model
@@ -94,6 +120,7 @@ def make_plan(model: str, mask_path: str, langs: list[str] | None, store: str | 
     if mode.needs_store and not resolved:
         raise HarvestError(f"--mode {mode} needs the store the mask was made from; pass --store")
     site = site_of(resolved, load_config(resolve_model(model)), required=store is not None or mode.needs_store)
+    check_models(mask, model, resolved, allow_other_model)
     values = {lang: unit_statistic(resolved, mask_groups(mask, lang), mode) for lang in langs} if mode.needs_store else {}
     return Plan(mask, mode, resolved, site, values, build_rows(mask, langs, controls, seed))
 

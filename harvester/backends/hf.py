@@ -79,6 +79,12 @@ def max_positions(config, seq_len: int | None = None) -> int | None:
     return limit
 
 
+def model_identity(spec: str, path: str, config) -> dict:
+    """What names a model, as a store's fingerprint records it: ``id`` (``--model`` as given), the hub
+    ``revision`` and the ``weights`` hash (:func:`weights_fingerprint`)."""
+    return {"id": spec, "revision": getattr(config, "_commit_hash", None), "weights": weights_fingerprint(path)}
+
+
 def weights_fingerprint(path: str) -> str | None:
     """sha256 over each weight file's name, size, first and last MiB; None for hub ids."""
     root = Path(path)
