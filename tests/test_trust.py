@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from analysis.masks import Mask
 from harvester.cli import main
 from harvester.errors import HarvestError
 from harvester.names import check_name, inside, path_part, path_parts
@@ -128,6 +129,12 @@ def test_a_mask_of_another_model_is_refused_unless_asked(harvested, tmp_path, ca
     shutil.copytree(resolve_model(MODEL), copy)
     assert main([*ppl, "--model", str(copy), "--out", str(tmp_path / "c")]) == 0
     assert "lsn:" not in capsys.readouterr().err
+    old = tmp_path / "old.npz"  # a mask from before the source recorded the weights: its store tells them
+    mask = Mask.load(harvested["mask"])
+    Mask(mask.languages, mask.n_layers, mask.width, mask.selected, mask.method, mask.params,
+         {k: v for k, v in mask.source.items() if k not in ("revision", "weights")}).save(old)
+    assert main([*ppl, "--mask", str(old), "--model", "tiny:qwen2", "--out", str(tmp_path / "e")]) == 2
+    one_line_error(capsys, "selected on model tiny:llama (weights", "tiny:qwen2")
     assert main(["finetune", "--model", "tiny:qwen2", "--mask", str(harvested["mask"]), "--lang", "zh", "--task", "clm",
                  "--data", "sample:docs=2,langs=zh", "--out", str(tmp_path / "d"), "--steps", "1", *QUIET]) == 2
     one_line_error(capsys, "selected on model tiny:llama", "tiny:qwen2")
