@@ -29,19 +29,19 @@ _MAX_ATTEMPTS = 3
 def harvest(cfg: HarvestConfig) -> Store:
     """Run (or resume) the harvest ``cfg`` describes; returns the completed store."""
     read_attrs(cfg.store)  # a file, or a foreign directory, is refused before any work
-    model_path = resolve_model(cfg.model)
-    config = load_config(model_path)
-    site = arch.resolve_site(config, cfg.site, cfg.unit)
-    max_positions(config, cfg.seq_len)
-    tokenizer = load_tokenizer(model_path)
-    if tokenizer.eos_token_id is None and cfg.corpus_options.pooling == "token":
-        raise HarvestError("the tokenizer has no EOS token; documents cannot be separated")
-    corpora = parse_corpora(cfg.corpus, cfg.corpus_options)  # reads and checks every local input
-    if len(corpora.groups) > np.iinfo(np.int16).max:
-        raise HarvestError(f"too many groups ({len(corpora.groups)})")
-    spec = StatsSpec(cfg.stats, cfg.hist_edges if "hist" in cfg.stats else None)
-    fingerprint = _fingerprint(cfg, config, model_path, site, tokenizer, corpora, spec)
     with lease.acquire(cfg.store, say=_log) as held:  # one writer per store, before anything is written
+        model_path = resolve_model(cfg.model)
+        config = load_config(model_path)
+        site = arch.resolve_site(config, cfg.site, cfg.unit)
+        max_positions(config, cfg.seq_len)
+        tokenizer = load_tokenizer(model_path)
+        if tokenizer.eos_token_id is None and cfg.corpus_options.pooling == "token":
+            raise HarvestError("the tokenizer has no EOS token; documents cannot be separated")
+        corpora = parse_corpora(cfg.corpus, cfg.corpus_options)  # reads and checks every local input
+        if len(corpora.groups) > np.iinfo(np.int16).max:
+            raise HarvestError(f"too many groups ({len(corpora.groups)})")
+        spec = StatsSpec(cfg.stats, cfg.hist_edges if "hist" in cfg.stats else None)
+        fingerprint = _fingerprint(cfg, config, model_path, site, tokenizer, corpora, spec)
         store = Store.open_for_writing(cfg.store, fingerprint)
         if store is not None and store.complete:
             _say(cfg, f"store {cfg.store} is already complete")
