@@ -85,17 +85,32 @@ def _pid_alive(pid: int, start: str | None) -> bool:
     return start is None or _process_start(pid) in (None, start)
 
 
+def _machine() -> str | None:
+    """This boot of this machine and this pid namespace: containers that share a host name and a
+    filesystem are told apart, so a pid is only looked up where it means something."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f"{f.read().strip()}:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return None
+
+
+def _here(info: dict) -> bool:
+    """Whether ``info`` names a process whose pid can be looked up from here."""
+    return (info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int)
+            and info.get("machine", _machine()) == _machine())
+
+
 def process_gone(info: dict) -> bool:
     """True when ``info`` names a process on this host that no longer runs."""
-    return (info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int)
-            and not _pid_alive(info["pid"], info.get("pid_start")))
+    return _here(info) and not _pid_alive(info["pid"], info.get("pid_start"))
 
 
 def stale_reason(info: dict, now: float | None = None) -> str | None:
     """Why the lease record ``info`` no longer binds anyone (None while it does)."""
     if info.get("released"):
         return "released"
-    if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int):
+    if _here(info):
         if not _pid_alive(info["pid"], info.get("pid_start")):
             return f"process {info['pid']} on this host is gone"
         return None
@@ -248,7 +263,7 @@ def owner_record(owner: str | None = None) -> dict:
     """Who this process is: owner id, host, pid (and its start time), since, heartbeat."""
     owner = owner or uuid.uuid4().hex
     t = _now()
-    return {"owner": owner, "host": socket.gethostname(), "pid": os.getpid(),
+    return {"owner": owner, "host": socket.gethostname(), "machine": _machine(), "pid": os.getpid(),
             "pid_start": _process_start(os.getpid()), "since": t, "heartbeat": t}
 
 

@@ -94,8 +94,16 @@ def read_attrs(path: str | Path) -> dict | None:
         if fsys.ls(p) and not half_made:
             raise HarvestError(f"{path} is a non-empty directory that is not an lsn store")
         return None
-    root = _zarr().open_group(store=zarr_store(path, read_only=True), mode="r", use_consolidated=False)
-    attrs = root.attrs.asdict().get("lsn")
+    try:
+        root = _zarr().open_group(store=zarr_store(path, read_only=True), mode="r", use_consolidated=False)
+        attrs = root.attrs.asdict().get("lsn")
+    except HarvestError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a torn zarr.json (a creator killed mid-write), a foreign file
+        if half_made:
+            return None
+        raise HarvestError(f"cannot read store {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+                           ) from None
     if not attrs or attrs.get("format") != FORMAT:
         if half_made:
             return None  # rebuilt by the next harvest that holds the lease
@@ -145,6 +153,9 @@ class Store:
         if diffs:
             raise HarvestError(f"store {path} holds a different harvest ({diffs[0]}); "
                                "use a new --store, or the same settings to resume")
+        marker, fsys = creating_marker(path), fs.filesystem(str(path))[0]
+        if fs.is_url(str(path)) and fsys.exists(fs.filesystem(marker)[1]):  # left by a creator killed at the end
+            fsys.rm(fs.filesystem(marker)[1])
         return cls(path)
 
     # -- creation ---------------------------------------------------------------------------
@@ -164,7 +175,7 @@ class Store:
         attrs = {"format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": fingerprint, "meta": meta,
                  "complete": False, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         owner = owner or lease.owner_record()
-        marker = json.dumps({k: owner.get(k) for k in ("owner", "host", "pid", "pid_start")})
+        marker = json.dumps({k: owner.get(k) for k in ("owner", "host", "machine", "pid", "pid_start")})
         if fs.is_url(str(path)):
             fsys, p = fs.filesystem(str(path))
             if fsys.exists(p) and fsys.ls(p):  # read_attrs let it through: a half-made skeleton

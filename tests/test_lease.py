@@ -292,3 +292,22 @@ def test_token_manifest_of_another_harvest_is_refused(tmp_path, clean, capsys):
         line = one_line(capsys.readouterr().err)
         assert message in line and "00000.json" in line
         assert tree_digest(store) == before
+
+
+def test_owner_notices_a_lost_lease(tmp_path):
+    """The heartbeat renews the owner's record; a higher generation (a takeover after the owner stalled
+    for longer than the stale age) makes the owner stop instead of writing beside the new one."""
+    store = str(tmp_path / "store")
+    held = lease.acquire(store)
+    try:
+        record = Path(lease.lease_dir(store)) / f"{held.gen:08d}.json"
+        first = json.loads(record.read_text())["heartbeat"]
+        time.sleep(0.05)
+        held.check()
+        assert json.loads(record.read_text())["heartbeat"] > first
+        write_lease(Path(store), held.gen + 1, host="node-7", pid=1)
+        with pytest.raises(lease.HarvestError, match="lost the lease on store .*host node-7, pid 1,"):
+            held.check()
+    finally:
+        held.release()
+    assert (Path(lease.lease_dir(store)) / f"{held.gen + 1:08d}.json").exists()  # the new owner's, untouched
