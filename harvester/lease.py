@@ -282,7 +282,12 @@ def acquire(store: str, say=None) -> Lease:
         if top is not None and reason is None:
             raise LeaseHeld(_held_message(store, top))
         gen = gens[-1] + 1 if gens else 0
-        if not create_exclusive(_file(directory, gen), json.dumps(info).encode()):
+        try:
+            created = create_exclusive(_file(directory, gen), json.dumps(info).encode())
+        except OSError as err:  # a read-only or full disk, missing permissions
+            raise HarvestError(f"cannot take the lease on store {store} ({directory}): "
+                               f"{err.strerror or err}") from None
+        if not created:
             continue  # another process took this generation first: look at it
         if not _still_ours(directory, gen):
             _remove(directory, gen)

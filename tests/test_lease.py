@@ -311,3 +311,10 @@ def test_owner_notices_a_lost_lease(tmp_path):
     finally:
         held.release()
     assert (Path(lease.lease_dir(store)) / f"{held.gen + 1:08d}.json").exists()  # the new owner's, untouched
+
+
+def test_unwritable_lease_place_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    rc = main(["harvest", "--store", str(tmp_path / "file" / "store"), "--corpus", SMALL, *ARGS, "--no-ray"])
+    assert rc == 2
+    assert "cannot take the lease on store" in one_line(capsys.readouterr().err)
