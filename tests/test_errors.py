@@ -55,6 +55,11 @@ def cases(tmp, corpus, models):
     (blank / "de.txt").write_text("\n  \n")
     a_file = tmp / "file"
     a_file.write_text("x")
+    control = tmp / "control"
+    control.mkdir(exist_ok=True)
+    (control / "de\nfr.txt").write_text("a document\n")  # a group name that cannot be shown on one line
+    empty_lang = tmp / "empty-lang.jsonl"
+    empty_lang.write_text('{"lang": "", "prompt": "a", "response": "b"}\n')
     ok = ["--model", "tiny:llama", "--corpus", f"text:{corpus}"]
     return {
         "missing model path": (["--model", str(tmp / "nope"), "--corpus", f"text:{corpus}"], "model path not found"),
@@ -74,6 +79,9 @@ def cases(tmp, corpus, models):
         "malformed csv": (["--model", "tiny:llama", "--corpus", f"stimuli:{bad_csv}"], f"{bad_csv}:3:"),
         "colliding groups": (["--model", "tiny:llama", "--corpus", "sample:docs=1", "--corpus", "sample:docs=2"],
                              "comes from both"),
+        "control character in a group": (["--model", "tiny:llama", "--corpus", f"text:{control}"],
+                                         "holds the control character"),
+        "empty language in jsonl": (["--model", "tiny:llama", "--corpus", f"instruct:{empty_lang}"], "lang"),
         "store is a file": (ok, "is a file", a_file),
         "seq-len too long": ([*ok, "--seq-len", "100000"], "exceeds the model's maximum of 512"),
         "zero seq-len": ([*ok, "--seq-len", "0"], "--seq-len must be positive"),

@@ -121,9 +121,12 @@ class Corpora:
     options: CorpusOptions = field(default_factory=CorpusOptions)
 
     def __post_init__(self):
+        from harvester.names import check_name
+
         seen: dict[str, str] = {}
         for part in self.parts:
             for group in part.groups:
+                check_name(group, f"group name from '{part.spec}'")  # it becomes a label, a CSV cell, a path
                 if group in seen:
                     raise HarvestError(f"group '{group}' comes from both '{seen[group]}' and '{part.spec}'; "
                                        "harvest them into separate stores")
