@@ -49,6 +49,9 @@ def creating_marker(path: str | Path) -> str:
     """``DIR/.NAME.creating.json``: written before a store is built in place (fsspec URLs) and removed
     once its attributes are written; while it is there, a store without ``lsn`` attributes is a
     skeleton an interrupted harvest left (rebuilt by the next one that holds the lease)."""
+    if not fs.is_url(str(path)):
+        local = Path(path).absolute()
+        return str(local.parent / f".{local.name}.creating.json")
     parent, _, name = str(path).rstrip("/").rpartition("/")
     return f"{parent}/.{name}.creating.json"
 
@@ -186,7 +189,7 @@ class Store:
             _write_skeleton(zarr_store(path), groups, n_layers, width, n_shards, spec, attrs)
             fsys.rm(fs.filesystem(creating_marker(path))[1])
             return cls(path)
-        path = Path(path).absolute()
+        path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_dead_partials(path)
         tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
