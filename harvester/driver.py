@@ -145,7 +145,6 @@ def _run_ray(cfg: HarvestConfig, wcfg: WorkerConfig, job: TokenizeJob, n_streams
     import ray
 
     started = ray_init(cfg.address)
-    signals.install()  # Ray's core worker replaced the SIGINT/SIGTERM handlers with its own
     try:
         res = _resources(cfg, ray)
         actors = [res.spawn(wcfg) for _ in range(res.n_actors)]
@@ -192,6 +191,7 @@ def ray_init(address: str | None) -> bool:
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise HarvestError(f"could not connect to Ray at {address or 'a new local instance'}: "
                            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    signals.install()  # Ray's core worker replaced the SIGINT/SIGTERM handlers with its own
     return True
 
 
