@@ -33,9 +33,11 @@ JOB_ID="lsn-demo-$(date +%Y%m%d-%H%M%S)-$$"
 # `ray.init()` on this machine (the embedded mode of `lsn harvest`, tests) does not join this cluster.
 RAY_TMP=$(mktemp -d /tmp/lsnray.XXXXXX)
 HEAD_PID=""
-# Token authentication with a token of this run only. Ray rewrites a loopback --node-ip-address to the
-# machine's address for some of its servers (the GCS listens on all interfaces), so the token, not the
-# address, is what keeps other machines out. The head, the `ray job` commands and the job itself
+# Ray rewrites a loopback --node-ip-address to the machine's network address unless it runs as on a
+# laptop, single-node (this variable): then every server it starts is reached on loopback.
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+# Token authentication with a token of this run only: the GCS still listens on all interfaces, so the
+# token, not the address, is what keeps other machines out. The head, the `ray job` commands and the job itself
 # (which inherits the head's environment) all read it from these two variables.
 export RAY_AUTH_MODE=token
 export RAY_AUTH_TOKEN_PATH="$RAY_TMP/auth_token"

@@ -187,12 +187,24 @@ def ray_init(address: str | None) -> bool:
             ray.init(address=address, **kwargs)
         else:
             # "local": always a new instance, never one that `ray start` left running on this machine
+            _loopback_only()
             ray.init(address="local", num_cpus=os.cpu_count(), _node_ip_address="127.0.0.1", **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise HarvestError(f"could not connect to Ray at {address or 'a new local instance'}: "
                            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     signals.install()  # Ray's core worker replaced the SIGINT/SIGTERM handlers with its own
     return True
+
+
+def _loopback_only() -> None:
+    """Keep an embedded instance on loopback. On Linux Ray rewrites ``_node_ip_address="127.0.0.1"`` to
+    the machine's network address (its GCS and raylets then listen there) unless it runs as on a
+    laptop, single-node: ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read by Ray when imported (so it is
+    set here for its own processes too) and consulted on each address lookup."""
+    import ray._private.ray_constants as constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    constants.ENABLE_RAY_CLUSTER = False
 
 
 @dataclass

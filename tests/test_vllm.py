@@ -240,9 +240,10 @@ def test_tensor_parallel_actors_get_placement_groups_of_one_gpu_bundles(tmp_path
     import ray
 
     from harvester.config import HarvestConfig
-    from harvester.driver import ray_get, _resources
+    from harvester.driver import _loopback_only, _resources, ray_get
     from harvester.worker import WorkerConfig
 
+    _loopback_only()
     ray.init(num_cpus=2, num_gpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
              logging_level="error", log_to_driver=False)
     try:
