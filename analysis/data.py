@@ -86,13 +86,10 @@ def open_finished(store: str) -> dict:
 
 
 def open_counts(store: str, langs: list[str] | None = None, response_only: bool = False) -> Counts:
-    import xarray as xr
-
-    from harvester.store import zarr_store
+    from harvester.store import open_dataset
 
     attrs = open_finished(store)
-
-    ds = xr.open_zarr(zarr_store(store, read_only=True), consolidated=True)
+    ds = open_dataset(store, attrs)  # every chunk read is checked: damage is an error, never a number
     groups = [str(g) for g in ds["group"].values]
     tokens = ds["tokens"].values.astype(np.int64)
     position = {g: i for i, g in enumerate(groups)}

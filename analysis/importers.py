@@ -34,7 +34,7 @@ from harvester.corpus import file_identity
 from harvester.errors import HarvestError
 from harvester.names import check_name, inside
 from harvester.stats import StatsSpec
-from harvester.store import Store, read_attrs
+from harvester.store import Store, read_attrs, totals_record
 
 SPEC = StatsSpec(("active",))
 
@@ -201,11 +201,12 @@ def _write(store: str | Path, fmt: str, src: Path, tag: str, counts: list[Counts
     meta["model"].update(layers=int(n_layers), width=int(width))
     out = Store.create(store, fingerprint=fingerprint, meta=meta, n_layers=int(n_layers), width=int(width),
                        n_shards=0, spec=SPEC)
+    tokens = np.array([c.tokens for c in counts], dtype=np.int64)
     try:
-        out.root["tokens"][:] = np.array([c.tokens for c in counts], dtype=np.int64)
+        out.root["tokens"][:] = tokens
         for g, c in enumerate(counts):
             out.root["active"][g] = c.active.astype(np.int64)  # [L, I]
-        out.set_attrs(complete=True)
+        out.set_attrs(complete=True, totals=totals_record([], tokens))
     except BaseException:
         _remove(store)
         raise

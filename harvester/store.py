@@ -41,7 +41,9 @@ from harvester.errors import HarvestError
 from harvester.stats import VARIABLES, StatsSpec
 
 FORMAT = "lsn-harvester-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: every chunk ends in a crc32c checksum, every chunk of a written array is stored (none is left out for
+being all zeros), and the totals record the shards they were summed from. 1: neither (read-only)."""
 _CHUNK_ELEMENTS = 1 << 22  # ~32 MiB of float64 per chunk
 
 
@@ -65,7 +67,16 @@ def _zarr():
 
     # Consolidated metadata (one read to open the store) is a zarr-python extension of Zarr v3.
     warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+    # A chunk of zeros is written like any other, so a missing chunk is always damage, never zeros.
+    zarr.config.set({"array.write_empty_chunks": True})
     return zarr
+
+
+def _compressors() -> tuple:
+    """zstd, then a crc32c of the compressed bytes: a flipped byte is an error, never a number."""
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    return (ZstdCodec(), Crc32cCodec())
 
 
 def zarr_store(path: str | Path, read_only: bool = False):
@@ -111,7 +122,31 @@ def read_attrs(path: str | Path) -> dict | None:
         if half_made:
             return None  # rebuilt by the next harvest that holds the lease
         raise HarvestError(f"{path} is a Zarr store but not an lsn-harvester store")
+    if attrs.get("format_version", 1) > FORMAT_VERSION:
+        raise HarvestError(f"store {path} has format version {attrs['format_version']}, newer than this lsn "
+                           f"reads ({FORMAT_VERSION}); upgrade lsn-harvester")
     return attrs
+
+
+def open_dataset(path: str | Path, attrs: dict):
+    """The lazy xarray Dataset of a finished store's totals, every chunk read checked (format 2); a
+    format-1 store (no checksums) is read as it is, with a one-line note."""
+    import xarray as xr
+
+    from harvester.checked import checked
+
+    zstore = zarr_store(path, read_only=True)
+    if attrs.get("format_version", 1) < 2:
+        print(f"lsn: note: store {path} has format version 1 (no checksums): read as it is, and read-only; "
+              "harvest into a new --store for a checked one", file=sys.stderr)
+    else:
+        zstore = checked(zstore, str(path))
+    ds = xr.open_zarr(zstore, consolidated=True)
+    recorded = (attrs.get("totals") or {}).get("tokens")
+    if recorded is not None and [int(n) for n in ds["tokens"].values] != recorded:
+        raise HarvestError(f"store {path} is damaged: its tokens totals differ from those recorded when they "
+                           f"were reduced (lsn verify {path} lists every problem)")
+    return ds
 
 
 def fingerprint_sha256(fingerprint: dict) -> str:
@@ -139,7 +174,9 @@ class Store:
 
     def __init__(self, path: str | Path):
         self.path = str(path)
-        self._zstore = zarr_store(self.path)
+        from harvester.checked import checked
+
+        self._zstore = checked(zarr_store(self.path), self.path)  # every chunk read checked
         self.root = _zarr().open_group(store=self._zstore, mode="r+", use_consolidated=False)
         self.attrs = self.root.attrs.asdict()["lsn"]
         self.groups: list[str] = self.attrs["meta"]["corpus"]["groups"]
@@ -156,6 +193,9 @@ class Store:
         if diffs:
             raise HarvestError(f"store {path} holds a different harvest ({diffs[0]}); "
                                "use a new --store, or the same settings to resume")
+        if attrs.get("format_version", 1) < FORMAT_VERSION:
+            raise HarvestError(f"store {path} has format version {attrs.get('format_version', 1)} (no checksums) "
+                               "and is read-only: lsn reads it, but harvests only into a new --store")
         marker, fsys = creating_marker(path), fs.filesystem(str(path))[0]
         if fs.is_url(str(path)) and fsys.exists(fs.filesystem(marker)[1]):  # left by a creator killed at the end
             fsys.rm(fs.filesystem(marker)[1])
@@ -232,7 +272,8 @@ class Store:
             raise HarvestError(f"{len(missing)} of {len(indices)} shards are not finished")
         tokens = self.root["shards/tokens"]
         shard_tokens = np.stack([tokens[i] for i in indices]) if indices else np.zeros((0, len(self.groups)), int)
-        self.root["tokens"][:] = shard_tokens.sum(axis=0)
+        totals = shard_tokens.sum(axis=0)
+        self.root["tokens"][:] = totals
         for g in range(len(self.groups)):
             rows = [i for i, n in zip(indices, shard_tokens[:, g]) if n > 0]
             for var in self.variables:
@@ -243,12 +284,20 @@ class Store:
                 self.root[var][g] = total
         if corpus_meta:
             self.attrs["meta"]["corpus"].update(corpus_meta)
-        self.set_attrs(complete=True)
+        self.set_attrs(complete=True, totals=totals_record(indices, totals))
 
     def set_attrs(self, **values) -> None:
         self.attrs.update(values)
         self.root.attrs["lsn"] = self.attrs
         _zarr().consolidate_metadata(self._zstore)
+
+
+def totals_record(indices: list[int], tokens) -> dict:
+    """What the totals were reduced from: the shards (count and digest of their sorted indices) and the
+    tokens per group, compared on every open and by ``lsn verify``."""
+    indices = sorted(int(i) for i in indices)
+    return {"shards": len(indices), "shards_sha256": hashlib.sha256(json.dumps(indices).encode()).hexdigest(),
+            "tokens": [int(n) for n in tokens]}
 
 
 def _remove_dead_partials(path: Path) -> None:
@@ -291,7 +340,8 @@ def _write_totals_skeleton(zstore, groups: list[str], n_layers: int, width: int,
                         da.zeros((G, L, I, B), dtype="int64", chunks=(1, _layer_chunk(L, I * B), I, B)))
         coords["hist_lo"] = ("bin", np.concatenate([[-np.inf], edges]))
         coords["hist_hi"] = ("bin", np.concatenate([edges, [np.inf]]))
-    encoding = {name: {"fill_value": 0} for name in data}
+    encoding = {name: {"fill_value": 0, "compressors": _compressors()} for name in data}
+    encoding.update({name: {"compressors": _compressors()} for name in coords})
     xr.Dataset(data, coords=coords).to_zarr(zstore, mode="w-", compute=False, zarr_format=3,
                                             encoding=encoding, consolidated=False)
 
@@ -302,13 +352,13 @@ def _write_shards_skeleton(zstore, n_groups: int, n_layers: int, width: int, n_s
     shards = zarr.open_group(store=zstore, mode="r+", use_consolidated=False).create_group("shards")
     L, I = n_layers, width
     shards.create_array("done", shape=(n_shards,), chunks=(1,), dtype="uint8", fill_value=0,
-                        dimension_names=("shard",))
+                        dimension_names=("shard",), compressors=_compressors())
     shards.create_array("tokens", shape=(n_shards, n_groups), chunks=(1, n_groups), dtype="int64",
-                        fill_value=0, dimension_names=("shard", "group"))
+                        fill_value=0, dimension_names=("shard", "group"), compressors=_compressors())
     for stat in spec.stats:
         var = VARIABLES[stat]
         tail = (spec.n_bins,) if stat == "hist" else ()
         lc = _layer_chunk(L, I * (tail[0] if tail else 1))
         shards.create_array(var, shape=(n_shards, n_groups, L, I, *tail), chunks=(1, 1, lc, I, *tail),
-                            dtype=_DTYPES[var], fill_value=0,
+                            dtype=_DTYPES[var], fill_value=0, compressors=_compressors(),
                             dimension_names=("shard", "group", "layer", "neuron", *(("bin",) if tail else ())))

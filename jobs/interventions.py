@@ -84,12 +84,10 @@ def hist_quantile(hist: np.ndarray, edges: np.ndarray, q: float) -> np.ndarray:
 
 def unit_statistic(store: str, groups: list[str], mode: Mode) -> np.ndarray:
     """``[L, I]``: the mode's statistic of the language made of store ``groups``."""
-    import xarray as xr
-
     from analysis.data import open_finished
+    from harvester.store import open_dataset
 
-    open_finished(store)
-    ds = xr.open_zarr(store)
+    ds = open_dataset(store, open_finished(store))
     names = list(ds["group"].values)
     missing = [g for g in groups if g not in names]
     if missing:
