@@ -14,6 +14,7 @@ Layout::
         tokens (shard, group)             each shard's own chunk row
         active, act_sum, ... (shard, group, layer, neuron)
         done   (shard,)                   the completion manifest: 1 once a shard's data is written
+        digest (shard, 32)                sha256 of a shard's rows (groups with tokens, in reduce order) and tokens
       tokens/                       token shards (Parquet) and per-stream manifests, see windows.py
 
 The shard dimension has room for ``SHARDS_PER_STREAM`` shards per corpus stream (shard ``k`` of
@@ -248,14 +249,21 @@ class Store:
         return [bool(done[i]) for i in indices]
 
     def write_shard(self, index: int, result: dict[int, dict]) -> None:
-        """Write one shard's statistics (whole chunks), then mark it done."""
+        """Write one shard's statistics (whole chunks) and their digest, then mark it done."""
         shards = self.root["shards"]
         tokens = np.zeros(len(self.groups), dtype=np.int64)
-        for g, values in result.items():
+        digest = hashlib.sha256()
+        for g in sorted(result):
+            values = result[g]
             tokens[g] = values["tokens"]
             for var in self.variables:
-                shards[var][index, g] = values[var]
+                row = np.asarray(values[var], dtype=shards[var].dtype)
+                shards[var][index, g] = row
+                if tokens[g] > 0:  # the rows the reduce sums, in its order
+                    digest.update(np.ascontiguousarray(row).tobytes())
         shards["tokens"][index] = tokens
+        digest.update(tokens.tobytes())
+        shards["digest"][index] = np.frombuffer(digest.digest(), dtype=np.uint8)
         shards["done"][index] = 1
 
     # -- totals -----------------------------------------------------------------------------
@@ -274,17 +282,30 @@ class Store:
         shard_tokens = np.stack([tokens[i] for i in indices]) if indices else np.zeros((0, len(self.groups)), int)
         totals = shard_tokens.sum(axis=0)
         self.root["tokens"][:] = totals
+        digests = {i: hashlib.sha256() for i in indices}  # each shard's rows, as write_shard hashed them
         for g in range(len(self.groups)):
             rows = [i for i, n in zip(indices, shard_tokens[:, g]) if n > 0]
             for var in self.variables:
                 source = self.root[f"shards/{var}"]
                 total = np.zeros(source.shape[2:], dtype=source.dtype)
                 for s in rows:
-                    total += source[s, g]
+                    row = source[s, g]
+                    digests[s].update(np.ascontiguousarray(row).tobytes())
+                    total += row
                 self.root[var][g] = total
+        self._check_digests(digests, shard_tokens)
         if corpus_meta:
             self.attrs["meta"]["corpus"].update(corpus_meta)
         self.set_attrs(complete=True, totals=totals_record(indices, totals))
+
+    def _check_digests(self, digests: dict, shard_tokens: np.ndarray) -> None:
+        """Every shard summed holds the rows it wrote (not rows copied from elsewhere, nor an older write)."""
+        stored = self.root["shards/digest"]
+        for (index, digest), tokens in zip(digests.items(), shard_tokens):
+            digest.update(np.ascontiguousarray(tokens, dtype=np.int64).tobytes())
+            if digest.digest() != bytes(stored[index]):
+                raise HarvestError(f"store {self.path} is damaged: the rows of shard {index} do not match the "
+                                   f"digest written with them (lsn verify {self.path} lists every problem)")
 
     def set_attrs(self, **values) -> None:
         self.attrs.update(values)
@@ -353,6 +374,8 @@ def _write_shards_skeleton(zstore, n_groups: int, n_layers: int, width: int, n_s
     L, I = n_layers, width
     shards.create_array("done", shape=(n_shards,), chunks=(1,), dtype="uint8", fill_value=0,
                         dimension_names=("shard",), compressors=_compressors())
+    shards.create_array("digest", shape=(n_shards, 32), chunks=(1, 32), dtype="uint8", fill_value=0,
+                        dimension_names=("shard", "sha256"), compressors=_compressors())
     shards.create_array("tokens", shape=(n_shards, n_groups), chunks=(1, n_groups), dtype="int64",
                         fill_value=0, dimension_names=("shard", "group"), compressors=_compressors())
     for stat in spec.stats:

@@ -170,3 +170,12 @@ def test_format_1_store_opens_read_only(tmp_path, capsys):
     assert main(["analyze", "lape", "--store", str(old), "--out", str(tmp_path / "m.npz")]) == 0
     capsys.readouterr()
     fails_with_one_line(harvest(old), capsys, "format version 1", "read-only")
+
+
+def test_rows_copied_from_another_shard_on_resume(store, capsys):
+    """A row chunk replaced by another shard's (a valid chunk: right checksum, wrong numbers)."""
+    rows = [p for p in done_rows(store, "active") if p.relative_to(store / "shards" / "active" / "c").parts[1] == "0"]
+    shutil.copyfile(rows[0], rows[1])
+    shard = rows[1].relative_to(store / "shards" / "active" / "c").parts[0]
+    mark_incomplete(store)
+    fails_with_one_line(harvest(store), capsys, f"the rows of shard {shard} do not match the digest")
