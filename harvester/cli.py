@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--no-progress", action="store_true")
     s = sub.add_parser("summary", help="per-group summary of a store")
     s.add_argument("--store", required=True)
+    v = sub.add_parser("verify", help="check a store in depth: every chunk's checksum, every finished shard's "
+                       "rows and digest, the totals against their shards (one line per problem)")
+    v.add_argument("store")
     from analysis.cli import add_commands
     from jobs.cli import add_commands as add_jobs
 
@@ -137,6 +140,17 @@ def _harvest(args) -> None:
     print(summarize(str(store.path)))
 
 
+def _verify(path: str) -> None:
+    from harvester.store import verify
+
+    problems, checked = verify(path)
+    for line in problems:
+        print(f"{path}: {line}")
+    if problems:
+        raise HarvestError(f"store {path} is damaged: {len(problems)} problem(s), listed above")
+    print(f"{checked}: no problem found")
+
+
 def main(argv: list[str] | None = None) -> int:
     from harvester.signals import graceful
 
@@ -164,6 +178,8 @@ def _dispatch(argv: list[str] | None) -> None:
         from harvester.summary import summarize
 
         print(summarize(args.store))
+    elif args.command == "verify":
+        _verify(args.store)
     elif args.command in job_commands:
         from jobs.cli import run
 

@@ -179,3 +179,46 @@ def test_rows_copied_from_another_shard_on_resume(store, capsys):
     shard = rows[1].relative_to(store / "shards" / "active" / "c").parts[0]
     mark_incomplete(store)
     fails_with_one_line(harvest(store), capsys, f"the rows of shard {shard} do not match the digest")
+
+
+# -- lsn verify ----------------------------------------------------------------------------------------
+def test_verify_undamaged_store(pristine, capsys):
+    assert main(["verify", str(pristine)]) == 0
+    out = capsys.readouterr()
+    assert "no problem found" in out.out and "totals" in out.out and out.err == ""
+
+
+def test_verify_lists_every_problem(store, capsys):
+    shard_rows = done_rows(store, "act_sum")
+    (store / "active" / "c" / "1" / "0" / "0").unlink()
+    (store / "tokens" / "c" / "0").unlink()
+    flip_byte(store / "act_sqsum" / "c" / "0" / "0" / "0")
+    shard_rows[-1].unlink()
+    lost = shard_rows[-1].relative_to(store / "shards" / "act_sum" / "c").parts
+    assert main(["verify", str(store)]) == 2
+    out = capsys.readouterr()
+    assert len(out.err.strip().splitlines()) == 1 and "4 problem(s)" in out.err
+    lines = out.out.strip().splitlines()
+    assert len(lines) == 4, lines
+    for expected in ["array 'active' chunk (1, 0, 0): is missing", "array 'tokens' chunk (0,): is missing",
+                     "array 'act_sqsum' chunk (0, 0, 0): fails its crc32c checksum",
+                     f"array 'shards/act_sum' chunk ({', '.join(lost)}): is missing"]:
+        assert sum(expected in line for line in lines) == 1, (expected, lines)
+
+
+def test_verify_finds_numbers_that_disagree(store, capsys):
+    """Chunks rewritten with valid checksums but wrong numbers: totals, and a shard's rows."""
+    root = zarr.open_group(str(store), mode="r+", use_consolidated=False)
+    active = root["active"][1]
+    active[0, 0] = root["tokens"][1] + 1
+    root["active"][1] = active
+    row = done_rows(store, "act_sum")[0].relative_to(store / "shards" / "act_sum" / "c").parts
+    index = tuple(int(p) for p in row[:2])
+    root["shards/act_sum"][index] = root["shards/act_sum"][index] + 1.0
+    assert main(["verify", str(store)]) == 2
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert any("array 'active' group 'de': 1 cells differ from the sum of its shards" in line for line in lines)
+    assert any("array 'active' group 'de': 1 cells outside 0..tokens" in line for line in lines)
+    assert any(f"shard {index[0]}: its rows do not match the digest" in line for line in lines)
+    assert any("array 'act_sum' group" in line and "differ from the sum" in line for line in lines)
+    assert len(lines) == 4, lines
