@@ -20,9 +20,13 @@ Layout::
 The shard dimension has room for ``SHARDS_PER_STREAM`` shards per corpus stream (shard ``k`` of
 stream ``s`` is row ``s * SHARDS_PER_STREAM + k``); chunks never written take no space.
 
-Each shard writes whole chunks of its own rows (an idempotent rewrite), then its ``done`` chunk;
-totals are summed from the plan's shards in shard order, so they are the same however the work
-was scheduled, interrupted and resumed.
+Each shard writes whole chunks of its own rows (an idempotent rewrite) and their digest, then its
+``done`` chunk; totals are summed from the plan's shards in shard order, so they are the same however
+the work was scheduled, interrupted and resumed.
+
+Integrity (format 2): every chunk ends in a crc32c checksum and every chunk of a written array is
+stored, so reads through :mod:`harvester.checked` turn a flipped byte or a deleted chunk into an error;
+the reduce checks each shard's digest and records what the totals came from; :func:`verify` checks all.
 """
 
 from __future__ import annotations
