@@ -222,3 +222,9 @@ def test_verify_finds_numbers_that_disagree(store, capsys):
     assert any(f"shard {index[0]}: its rows do not match the digest" in line for line in lines)
     assert any("array 'act_sum' group" in line and "differ from the sum" in line for line in lines)
     assert len(lines) == 4, lines
+
+
+def test_damage_found_on_a_dask_cluster(store, capsys):
+    """The checked reads travel to dask.distributed workers, and their error comes back as one line."""
+    (store / "active" / "c" / "1" / "0" / "0").unlink()
+    fails_with_one_line([*analyze(store), "--local-cluster", "1"], capsys, "chunk (1, 0, 0) of array 'active' is missing")
