@@ -228,3 +228,18 @@ def test_damage_found_on_a_dask_cluster(store, capsys):
     """The checked reads travel to dask.distributed workers, and their error comes back as one line."""
     (store / "active" / "c" / "1" / "0" / "0").unlink()
     fails_with_one_line([*analyze(store), "--local-cluster", "1"], capsys, "chunk (1, 0, 0) of array 'active' is missing")
+
+
+def test_fsspec_store_is_checked_and_verified(tmp_path, capsys):
+    """The same checks on a store given as an fsspec URL (file://, as s3:// goes)."""
+    url = f"file://{tmp_path}/S"
+    assert main([*HARVEST, "--store", url]) == 0
+    assert main(["verify", url]) == 0
+    flip_byte(tmp_path / "S" / "act_sum" / "c" / "1" / "0" / "0")
+    (tmp_path / "S" / "tokens" / "c" / "0").unlink()
+    capsys.readouterr()
+    fails_with_one_line(summary(url), capsys, "chunk (0,) of array 'tokens' is missing")
+    assert main(["verify", url]) == 2
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert any("array 'act_sum' chunk (1, 0, 0): fails its crc32c checksum" in line for line in lines), lines
+    assert any("array 'tokens' chunk (0,): is missing" in line for line in lines), lines
