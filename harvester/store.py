@@ -247,14 +247,22 @@ class Store:
         return cls(path)
 
     # -- shards -----------------------------------------------------------------------------
+    def array(self, name: str):
+        """The store's array ``name``; an error naming it if its metadata is gone."""
+        try:
+            return self.root[name]
+        except KeyError:
+            raise HarvestError(f"store {self.path} is damaged: array '{name}' is missing (its zarr.json is gone)"
+                               ) from None
+
     def done(self, indices: list[int]) -> list[bool]:
         """Which of the shards ``indices`` are recorded as finished (one small read each)."""
-        done = self.root["shards/done"]
+        done = self.array("shards/done")
         return [bool(done[i]) for i in indices]
 
     def write_shard(self, index: int, result: dict[int, dict]) -> None:
         """Write one shard's statistics (whole chunks) and their digest, then mark it done."""
-        shards = self.root["shards"]
+        shards = {name: self.array(f"shards/{name}") for name in ("done", "tokens", "digest", *self.variables)}
         tokens = np.zeros(len(self.groups), dtype=np.int64)
         digest = hashlib.sha256()
         for g in sorted(result):
@@ -282,21 +290,21 @@ class Store:
         missing = [i for i, d in zip(indices, self.done(indices)) if not d]
         if missing:
             raise HarvestError(f"{len(missing)} of {len(indices)} shards are not finished")
-        tokens = self.root["shards/tokens"]
+        tokens = self.array("shards/tokens")
         shard_tokens = np.stack([tokens[i] for i in indices]) if indices else np.zeros((0, len(self.groups)), int)
         totals = shard_tokens.sum(axis=0)
-        self.root["tokens"][:] = totals
+        self.array("tokens")[:] = totals
         digests = {i: hashlib.sha256() for i in indices}  # each shard's rows, as write_shard hashed them
         for g in range(len(self.groups)):
             rows = [i for i, n in zip(indices, shard_tokens[:, g]) if n > 0]
             for var in self.variables:
-                source = self.root[f"shards/{var}"]
+                source = self.array(f"shards/{var}")
                 total = np.zeros(source.shape[2:], dtype=source.dtype)
                 for s in rows:
                     row = source[s, g]
                     digests[s].update(np.ascontiguousarray(row).tobytes())
                     total += row
-                self.root[var][g] = total
+                self.array(var)[g] = total
         self._check_digests(digests, shard_tokens)
         if corpus_meta:
             self.attrs["meta"]["corpus"].update(corpus_meta)
@@ -304,7 +312,7 @@ class Store:
 
     def _check_digests(self, digests: dict, shard_tokens: np.ndarray) -> None:
         """Every shard summed holds the rows it wrote (not rows copied from elsewhere, nor an older write)."""
-        stored = self.root["shards/digest"]
+        stored = self.array("shards/digest")
         for (index, digest), tokens in zip(digests.items(), shard_tokens):
             digest.update(np.ascontiguousarray(tokens, dtype=np.int64).tobytes())
             if digest.digest() != bytes(stored[index]):

@@ -243,3 +243,11 @@ def test_fsspec_store_is_checked_and_verified(tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert any("array 'act_sum' chunk (1, 0, 0): fails its crc32c checksum" in line for line in lines), lines
     assert any("array 'tokens' chunk (0,): is missing" in line for line in lines), lines
+
+
+def test_lost_array_metadata_on_resume(store, capsys):
+    (store / "shards" / "act_sum" / "zarr.json").unlink()
+    mark_incomplete(store)
+    fails_with_one_line(harvest(store), capsys, "array 'shards/act_sum' is missing")
+    assert main(["verify", str(store)]) == 2
+    assert "array 'shards/act_sum': its metadata (zarr.json) is missing" in capsys.readouterr().out
