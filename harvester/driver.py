@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from harvester import __version__, arch, lease, signals
-from harvester.backends.hf import load_config, load_tokenizer, max_positions, resolve_model, weights_fingerprint
+from harvester.backends.hf import load_config, load_tokenizer, max_positions, model_identity, resolve_model
 from harvester.config import HarvestConfig
 from harvester.corpus import parse_corpora
 from harvester.errors import HarvestError
@@ -381,8 +381,7 @@ def _tokenizer_hash(tokenizer) -> str:
 def _fingerprint(cfg, config, model_path, site, tokenizer, corpora, spec: StatsSpec) -> dict:
     """Everything that decides the numbers in the store; a resumed run must match it exactly."""
     return {
-        "model": {"id": cfg.model, "revision": getattr(config, "_commit_hash", None),
-                  "weights": weights_fingerprint(model_path), "architecture": config.model_type,
+        "model": {**model_identity(cfg.model, model_path, config), "architecture": config.model_type,
                   "site": site, "unit": cfg.unit, "dtype": cfg.dtype, "device": cfg.device.split(":")[0],
                   "device_map": cfg.device_map},
         "tokenizer": {"name": tokenizer.name_or_path if not cfg.model.startswith("tiny:") else cfg.model,
