@@ -253,8 +253,8 @@ def create_exclusive(path: str, data: bytes) -> bool:
         try:
             os.link(tmp, p)
             return True
-        except FileExistsError:
-            return False
+        except FileExistsError:  # on NFS a retried link that did succeed says so too: its count tells
+            return os.stat(tmp).st_nlink == 2
         finally:
             os.unlink(tmp)
     protocol = fs.protocol(fsys)

@@ -378,3 +378,21 @@ def test_a_leftover_marker_never_costs_other_data(tmp_path):
     assert proc.returncode == 2
     assert "more than a half-made skeleton" in one_line(proc.stderr)
     assert (store / "precious.txt").read_text() == "keep me"
+
+
+def test_a_damaged_token_manifest_is_one_line(tmp_path, clean, capsys):
+    """A truncated stream manifest (a disk that filled up, a hand edit) stops the resume in one line
+    that says what to delete; nothing in the store changes."""
+    store = tmp_path / "store"
+    shutil.copytree(clean(SMALL), store)
+    root = zarr.open_group(str(store), mode="r+", use_consolidated=False)
+    root.attrs["lsn"] = {**root.attrs.asdict()["lsn"], "complete": False}
+    root["shards/done"][0] = 0
+    manifest = store / "tokens" / "00000.json"
+    manifest.write_text(manifest.read_text()[:100])
+    before = tree_digest(store)
+    capsys.readouterr()
+    assert main(["harvest", "--store", str(store), "--corpus", SMALL, *ARGS, "--no-ray"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "00000.json is damaged" in line and "delete it" in line
+    assert tree_digest(store) == before

@@ -255,7 +255,7 @@ def fused_agrees(ref: dict, got: dict, float32: bool) -> bool:
     PyTorch's by an ulp, which next to a rounding tie changes a rounded value (about 0.02% of SiLU
     products in float16, 0.3 to 0.4% of tanh-GELU products; none of SiLU's in bfloat16, on Triton's
     interpreter); from the second layer on the inputs may then differ by rounding and a gate near 0
-    change sign: at most 2% of the counted activations may differ there."""
+    change sign: at most 2% of all (token, neuron) cells of the layers may differ there."""
     tolerance = 1e-3 if float32 else 2e-2
     checked = slice(None) if float32 else slice(0, 1)
     for g in ref:
