@@ -130,7 +130,7 @@ def _languages(form: Format, src: Path, found: dict[str, list[str]], tag: str,
             raise HarvestError(f"language '{lang}' is given twice")
         seen.add(lang)
         for _, name in form.parts(lang, tag):
-            if not inside(src, name).is_file():
+            if not inside(src, name, follow_links=False).is_file():
                 raise HarvestError(f"language '{lang}': file {src / name} not found")
     return list(langs)
 

@@ -38,7 +38,7 @@ def fingerprint_sha(fingerprint: dict) -> str:
 def model_identity(model: dict) -> dict:
     """What names a model's weights, from a store fingerprint's ``model`` (or the model loaded now):
     ``id`` (as given to --model), ``revision`` (the hub commit) and ``weights`` (hash of the weight files)."""
-    return {k: model.get(k) for k in ("id", "revision", "weights")}
+    return {k: model.get(k) for k in ("id", "revision", "weights", "weights_sampled")}
 
 
 def same_model(a: dict, b: dict) -> bool | None:
@@ -46,7 +46,12 @@ def same_model(a: dict, b: dict) -> bool | None:
     to another path is the same; new weights under the same name are not), else by id and (where both
     know it) revision; None when one side names nothing."""
     if a.get("weights") and b.get("weights"):
-        return a["weights"] == b["weights"]
+        full_a, full_b = (str(x["weights"]).startswith("sha256-full:") for x in (a, b))
+        if full_a == full_b:
+            return a["weights"] == b["weights"]
+        old, new = (a, b) if full_b else (b, a)  # a mask or store from before the full hash
+        if new.get("weights_sampled"):
+            return old["weights"] == new["weights_sampled"]
     if a.get("id") and b.get("id"):
         return a["id"] == b["id"] and (not a.get("revision") or not b.get("revision") or a["revision"] == b["revision"])
     return None
@@ -76,7 +81,8 @@ def check_applied(origin: dict | None, subject: str, target: dict | None, where:
 def describe_model(identity: dict) -> str:
     """``ID (revision R, weights 1a2b3c4d)``, for messages."""
     extra = [f"revision {identity['revision']}"] if identity.get("revision") else []
-    extra += [f"weights {identity['weights'][:12]}"] if identity.get("weights") else []
+    weights = str(identity.get("weights") or "").removeprefix("sha256-full:")
+    extra += [f"weights {weights[:12]}"] if weights else []
     return f"model {identity.get('id') or '(unnamed)'}" + (f" ({', '.join(extra)})" if extra else "")
 
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from harvester import __version__, arch, lease, signals
-from harvester.backends.hf import load_config, load_tokenizer, max_positions, resolve_model, weights_fingerprint
+from harvester.backends.hf import load_config, load_tokenizer, max_positions, model_identity, resolve_model
 from harvester.config import HarvestConfig
 from harvester.corpus import parse_corpora
 from harvester.errors import HarvestError
@@ -75,7 +75,7 @@ def _harvest_into(cfg: HarvestConfig, held: lease.Lease, fingerprint: dict, meta
                             n_shards=n_streams * SHARDS_PER_STREAM, spec=spec, owner=held.info)
 
     runner = _run_ray if cfg.use_ray else _run_local
-    infos = runner(cfg, wcfg, job, n_streams, open_store)
+    infos = runner(cfg, wcfg, job, n_streams, open_store, held.raise_if_lost)
     held.check()
     store = Store(cfg.store)
     store.reduce([i.index for i in infos], _corpus_meta(job.root, corpora, infos))
@@ -124,7 +124,9 @@ class _Progress:
         self.bar.close()
 
 
-def _run_local(cfg: HarvestConfig, wcfg: WorkerConfig, job: TokenizeJob, n_streams: int, open_store) -> list:
+def _run_local(cfg: HarvestConfig, wcfg: WorkerConfig, job: TokenizeJob, n_streams: int, open_store,
+               guard) -> list:
+    """Every shard in this process; ``guard()`` raises once the store's lease was lost."""
     worker = ShardWorker(wcfg)
     try:
         store = open_store(worker.shape())
@@ -134,6 +136,7 @@ def _run_local(cfg: HarvestConfig, wcfg: WorkerConfig, job: TokenizeJob, n_strea
                 for info in tokenize(job, stream):
                     infos.append(info)
                     bar.planned(info)
+                    guard()
                     bar.update(info.n_tokens if store.done([info.index])[0] else worker.run(info))
                 bar.stream_done(n_streams)
         return infos
@@ -141,7 +144,9 @@ def _run_local(cfg: HarvestConfig, wcfg: WorkerConfig, job: TokenizeJob, n_strea
         worker.close()
 
 
-def _run_ray(cfg: HarvestConfig, wcfg: WorkerConfig, job: TokenizeJob, n_streams: int, open_store) -> list:
+def _run_ray(cfg: HarvestConfig, wcfg: WorkerConfig, job: TokenizeJob, n_streams: int, open_store,
+             guard) -> list:
+    """Every shard on Ray actors; ``guard()`` raises once the store's lease was lost."""
     import ray
 
     started = ray_init(cfg.address)
@@ -152,7 +157,7 @@ def _run_ray(cfg: HarvestConfig, wcfg: WorkerConfig, job: TokenizeJob, n_streams
         task = ray.remote(num_returns="streaming", num_cpus=res.tokenize_cpus, max_retries=2,
                           _generator_backpressure_num_objects=2)(tokenize)
         with _Progress(cfg) as bar:
-            return _Dispatcher(ray, store, actors, res, wcfg, task, job, n_streams, bar).run()
+            return _Dispatcher(ray, store, actors, res, wcfg, task, job, n_streams, bar).run(guard)
     finally:
         if started:
             ray.shutdown()
@@ -192,6 +197,10 @@ def ray_init(address: str | None) -> bool:
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise HarvestError(f"could not connect to Ray at {address or 'a new local instance'}: "
                            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    except BaseException:  # a signal while it starts: no half-started instance is left running
+        if ray.is_initialized():
+            ray.shutdown()
+        raise
     signals.install()  # Ray's core worker replaced the SIGINT/SIGTERM handlers with its own
     return True
 
@@ -298,9 +307,10 @@ class _Dispatcher:
         self.attempts: dict[int, int] = {}
         self.infos: list[ShardInfo] = []
 
-    def run(self) -> list[ShardInfo]:
+    def run(self, guard) -> list[ShardInfo]:
         ray = self.ray
         while self.streams or self.generators or self.ready or self.inflight:
+            guard()  # a lost lease stops the dispatch at once, not after every shard
             while self.streams and len(self.generators) < self.res.tokenize_tasks:
                 stream = self.streams.popleft()
                 self.generators[self.task.remote(self.job, stream)] = stream
@@ -371,8 +381,7 @@ def _tokenizer_hash(tokenizer) -> str:
 def _fingerprint(cfg, config, model_path, site, tokenizer, corpora, spec: StatsSpec) -> dict:
     """Everything that decides the numbers in the store; a resumed run must match it exactly."""
     return {
-        "model": {"id": cfg.model, "revision": getattr(config, "_commit_hash", None),
-                  "weights": weights_fingerprint(model_path), "architecture": config.model_type,
+        "model": {**model_identity(cfg.model, model_path, config), "architecture": config.model_type,
                   "site": site, "unit": cfg.unit, "dtype": cfg.dtype, "device": cfg.device.split(":")[0],
                   "device_map": cfg.device_map},
         "tokenizer": {"name": tokenizer.name_or_path if not cfg.model.startswith("tiny:") else cfg.model,

@@ -45,7 +45,7 @@ _warned: set[str] = set()
 def lease_dir(store: str) -> str:
     """``DIR/.NAME.lease`` for the store ``DIR/NAME`` (same filesystem, usable before the store exists)."""
     if not fs.is_url(str(store)):
-        path = os.path.abspath(store)
+        path = os.path.realpath(store)  # one lease however the store is reached (symbolic links)
         return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lease")
     path = str(store).rstrip("/")
     parent, _, name = path.rpartition("/")
@@ -133,6 +133,8 @@ class Lease:
         self.store, self.gen, self.info = store, gen, info
         self.dir = lease_dir(store)
         self.lost: dict | None = None
+        self._higher_seen = False
+        self._lock = threading.Lock()  # a heartbeat write never lands after release() deleted the file
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="lsn-lease-heartbeat", daemon=True)
         self._thread.start()
@@ -149,35 +151,49 @@ class Lease:
                 print(f"lsn: warning: lease heartbeat on {self.store} failed: {err}", file=sys.stderr)
 
     def refresh(self) -> None:
-        """Write a new heartbeat, unless a higher generation shows the lease was lost."""
-        gens = _generations(self.dir)
-        higher = [g for g in gens if g > self.gen]
-        if higher or self.gen not in gens:
-            self.lost = _read(self.dir, higher[-1]) if higher else {}
-            return
-        self.info["heartbeat"] = _now()
-        fs.write_text(_file(self.dir, self.gen), json.dumps(self.info))
+        """Write a new heartbeat, unless the lease was lost: its file is gone, or a higher generation
+        was seen on two looks in a row (a process acting on an old listing creates one and backs off
+        at once)."""
+        with self._lock:
+            if self._stop.is_set():
+                return
+            gens = _generations(self.dir)
+            higher = [g for g in gens if g > self.gen]
+            if self.gen not in gens or (higher and self._higher_seen):
+                self.lost = _read(self.dir, higher[-1]) or {} if higher else {}
+                return
+            self._higher_seen = bool(higher)
+            self.info["heartbeat"] = _now()
+            fs.write_text(_file(self.dir, self.gen), json.dumps(self.info))
 
-    def check(self) -> None:
-        """Raise if another harvest has taken the lease over (this one must stop writing)."""
-        if self.lost is None:
-            self.refresh()
+    def raise_if_lost(self) -> None:
+        """Raise if a heartbeat found the lease taken over (no I/O: cheap in a dispatch loop)."""
         if self.lost is not None:
             raise HarvestError(f"lost the lease on store {self.store} to another harvest "
                                f"({describe(self.lost)}); this harvest stops")
 
+    def check(self) -> None:
+        """Look now (twice, a second apart, if a higher generation shows) and raise if the lease was lost."""
+        for _ in range(2):
+            if self.lost is None:
+                self.refresh()
+            if self.lost is not None or not self._higher_seen:
+                break
+            time.sleep(1.0)
+        self.raise_if_lost()
+
     def release(self) -> None:
         self._stop.set()
+        with self._lock:  # waits for a heartbeat being written; none starts after this
+            if self.lost is None:
+                fsys, p = fs.filesystem(self.dir)
+                try:
+                    _remove(self.dir, self.gen)
+                    if fs.is_local(fsys) and not _generations(self.dir):
+                        os.rmdir(p)
+                except OSError:
+                    pass  # the directory is shared; another harvest may already be taking it
         self._thread.join(timeout=5)
-        if self.lost is not None:
-            return
-        fsys, p = fs.filesystem(_file(self.dir, self.gen))
-        try:
-            fsys.rm(p)
-            if fs.is_local(fsys) and not _generations(self.dir):
-                os.rmdir(fs.filesystem(self.dir)[1])
-        except OSError:
-            pass  # the directory is shared; another harvest may already be taking it
 
     def __enter__(self) -> "Lease":
         return self
@@ -237,8 +253,8 @@ def create_exclusive(path: str, data: bytes) -> bool:
         try:
             os.link(tmp, p)
             return True
-        except FileExistsError:
-            return False
+        except FileExistsError:  # on NFS a retried link that did succeed says so too: its count tells
+            return os.stat(tmp).st_nlink == 2
         finally:
             os.unlink(tmp)
     protocol = fs.protocol(fsys)
@@ -289,14 +305,18 @@ def acquire(store: str, say=None) -> Lease:
                                f"{err.strerror or err}") from None
         if not created:
             continue  # another process took this generation first: look at it
-        if not _still_ours(directory, gen):
+        try:
+            if not _still_ours(directory, gen):
+                _remove(directory, gen)
+                continue
+            if top is not None and reason != "released" and say:
+                say(f"took over the stale lease on store {store} ({describe(top)}: {reason})")
+            for old in (g for g in _generations(directory) if g < gen):
+                _remove(directory, old)
+            return Lease(store, gen, info)
+        except BaseException:  # a signal or an error after the file was made: it must not bind anyone
             _remove(directory, gen)
-            continue
-        if top is not None and reason != "released" and say:
-            say(f"took over the stale lease on store {store} ({describe(top)}: {reason})")
-        for old in (g for g in _generations(directory) if g < gen):
-            _remove(directory, old)
-        return Lease(store, gen, info)
+            raise
     raise HarvestError(f"could not take the lease on store {store}: other harvests keep taking it")
 
 

@@ -14,6 +14,7 @@ The rule, in one place:
 
 from __future__ import annotations
 
+import os
 import unicodedata
 from pathlib import Path
 
@@ -51,11 +52,16 @@ def path_parts(names: list[str], what: str = "name") -> list[str]:
     return parts
 
 
-def inside(root: str | Path, *parts: str) -> Path:
-    """``root / parts...``, refused unless it resolves (symbolic links followed) inside ``root``."""
+def inside(root: str | Path, *parts: str, follow_links: bool = True) -> Path:
+    """``root / parts...``, refused unless it lies inside ``root``: resolved, symbolic links followed, for
+    what lsn writes; by its spelling alone (``follow_links=False``) for inputs, which may well be links
+    into a cache or a shared directory."""
     base = Path(root)
     path = base.joinpath(*parts)
-    real_root, real = base.resolve(), path.resolve()
+    if follow_links:
+        real_root, real = base.resolve(), path.resolve()
+    else:
+        real_root, real = Path(os.path.abspath(base)), Path(os.path.abspath(path))  # normalizes '..' lexically
     if real != real_root and real_root not in real.parents:
         raise HarvestError(f"{path} would lie outside {root}")
     return path

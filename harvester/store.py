@@ -201,9 +201,9 @@ class Store:
         if attrs.get("format_version", 1) < FORMAT_VERSION:
             raise HarvestError(f"store {path} has format version {attrs.get('format_version', 1)} (no checksums) "
                                "and is read-only: lsn reads it, but harvests only into a new --store")
-        marker, fsys = creating_marker(path), fs.filesystem(str(path))[0]
-        if fs.is_url(str(path)) and fsys.exists(fs.filesystem(marker)[1]):  # left by a creator killed at the end
-            fsys.rm(fs.filesystem(marker)[1])
+        fsys, marker = fs.filesystem(creating_marker(path))
+        if fsys.exists(marker):  # left by a creator killed after the attributes (by URL or by path)
+            fsys.rm(marker)
         return cls(path)
 
     # -- creation ---------------------------------------------------------------------------
@@ -227,6 +227,7 @@ class Store:
         if fs.is_url(str(path)):
             fsys, p = fs.filesystem(str(path))
             if fsys.exists(p) and fsys.ls(p):  # read_attrs let it through: a half-made skeleton
+                _check_skeleton_only(fsys, p, path)
                 print(f"lsn: rebuilding the skeleton of store {path}, left half-made by an interrupted harvest",
                       file=sys.stderr)
                 fsys.rm(p, recursive=True)
@@ -345,6 +346,26 @@ def _remove_dead_partials(path: Path) -> None:
         if isinstance(owner, dict) and lease.process_gone(owner):
             shutil.rmtree(Path(str(marker)[:-len(".json")]), ignore_errors=True)
             marker.unlink(missing_ok=True)
+
+
+_SKELETON = {"zarr.json", "group", "layer", "neuron", "bin", "hist_lo", "hist_hi", "tokens", "shards",
+             *VARIABLES.values()}
+"""What a store's skeleton holds at its top level (before any shard or token shard is written)."""
+
+
+def _check_skeleton_only(fsys, p: str, path) -> None:
+    """Refuse to remove ``p`` unless it holds nothing but a skeleton: names of the skeleton only, no
+    finished shard, no token shard. A leftover marker beside other data must never cost that data."""
+    names = {n.rstrip("/").rsplit("/", 1)[-1] for n in fsys.ls(p, detail=False)}
+    extra = sorted(names - _SKELETON)
+    done = fsys.exists(f"{p}/shards/done/c") and fsys.ls(f"{p}/shards/done/c", detail=False)
+    token_shards = fsys.exists(f"{p}/tokens") and any(
+        n.rstrip("/").rsplit("/", 1)[-1] not in ("zarr.json", "c") for n in fsys.ls(f"{p}/tokens", detail=False))
+    if extra or done or token_shards:
+        what = f"'{extra[0]}'" if extra else "finished shards" if done else "token shards"
+        raise HarvestError(f"{path} has the marker of an interrupted creation ({creating_marker(path)}) but holds "
+                           f"{what}, more than a half-made skeleton; it is left as it is: remove the marker if "
+                           "this store is yours and should be resumed, or use another --store")
 
 
 def _write_skeleton(zstore, groups, n_layers, width, n_shards, spec, attrs) -> None:

@@ -225,6 +225,8 @@ def tokenize_stream(corpora, index: int, tokenizer, settings: TokenSettings, roo
 def _check_manifest(manifest: dict, path: str, settings: TokenSettings, stream: str) -> None:
     """Refuse token shards made by another harvest, from another corpus, or with other settings."""
     made = manifest.get("settings", {})
+    if "fingerprint_sha256" not in made:
+        raise HarvestError(f"token manifest {path} was made by an older lsn-harvester; use a new --store")
     if made.get("corpus_sha256", "") != settings.corpus_sha256 or manifest.get("stream") != stream:
         raise HarvestError(f"token manifest {path} was made from another corpus; use a new --store")
     if made.get("fingerprint_sha256", "") != settings.fingerprint_sha256:
@@ -236,7 +238,17 @@ def _check_manifest(manifest: dict, path: str, settings: TokenSettings, stream: 
 
 def read_manifest(path: str) -> dict | None:
     text = fs.read_text(path)
-    return None if text is None else json.loads(text)
+    if text is None:
+        return None
+    try:
+        manifest = json.loads(text)
+    except ValueError as err:  # a truncated or hand-edited file
+        raise HarvestError(f"token manifest {path} is damaged ({err}); delete it and its stream's shard "
+                           "directory beside it, and run the same command again to tokenize that stream anew") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        raise HarvestError(f"token manifest {path} is damaged (no list of shards); delete it and run the same "
+                           "command again")
+    return manifest
 
 
 def stream_digest(infos: list[ShardInfo]) -> str:

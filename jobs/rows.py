@@ -71,7 +71,7 @@ def check_models(mask, model: str, store: str | None, allow_other: bool) -> None
     (compared by weights hash, else id and revision); each note (a transfer asked for, or a check by
     shape alone) is printed on one line."""
     from analysis.data import open_finished
-    from analysis.masks import check_applied, model_identity
+    from analysis.masks import check_applied, model_identity, same_model
     from harvester.backends.hf import load_config, model_identity as loaded_identity, resolve_model
     from harvester.store import read_attrs
 
@@ -85,7 +85,7 @@ def check_models(mask, model: str, store: str | None, allow_other: bool) -> None
         if (layers, width) != (mask.n_layers, mask.width):
             raise HarvestError(f"the mask is for {shape} units, but store {store} has {layers} x {width}")
         origin = model_identity(attrs["fingerprint"]["model"])
-        if origin != mask.identity():
+        if not same_model(origin, mask.identity()):  # the mask's own check covered the store's model
             notes.append(check_applied(origin, f"store {store} was harvested on", target, "--model", shape,
                                        allow_other))
     for note in dict.fromkeys(n for n in notes if n):

@@ -54,7 +54,7 @@ def load_rows(task: str, source: str, lang: str, split: str, limit: int | None) 
     check_name(lang, f"{task} language")
     path = Path(source).expanduser()
     if path.is_dir():
-        file = inside(path, lang, f"{split}.jsonl")
+        file = inside(path, lang, f"{split}.jsonl", follow_links=False)
         if not file.is_file():
             raise HarvestError(f"{task} data: no file {file}")
         rows = []

@@ -318,3 +318,81 @@ def test_unwritable_lease_place_is_one_line(tmp_path, capsys):
     rc = main(["harvest", "--store", str(tmp_path / "file" / "store"), "--corpus", SMALL, *ARGS, "--no-ray"])
     assert rc == 2
     assert "cannot take the lease on store" in one_line(capsys.readouterr().err)
+
+
+# -- found in review ---------------------------------------------------------------------------
+def test_a_store_reached_through_a_link_shares_its_lease(tmp_path):
+    """Two spellings of one store (a symbolic link) are one store: one lease."""
+    (tmp_path / "real" / "store").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "alias").symlink_to(tmp_path / "real" / "store")
+    held = lease.acquire(str(tmp_path / "real" / "store"))
+    try:
+        with pytest.raises(lease.LeaseHeld, match=f"pid {os.getpid()}"):
+            lease.acquire(str(tmp_path / "elsewhere" / "alias"))
+    finally:
+        held.release()
+
+
+def test_an_interrupt_inside_acquire_leaves_no_lease_behind(tmp_path):
+    """Ctrl-C after the lease file was made (here: while the takeover of a stale lease is reported)
+    removes that file: the same process, or another, can take the lease at once."""
+    store = tmp_path / "store"
+    write_lease(store, 0, pid=2 ** 22 + 7)  # no such process: stale
+
+    def interrupted(text):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        lease.acquire(str(store), say=interrupted)
+    assert sorted(p.name for p in Path(lease.lease_dir(str(store))).iterdir()) == ["00000000.json"]
+    lease.acquire(str(store)).release()
+
+
+def test_a_higher_generation_that_backs_off_is_not_a_loss(tmp_path):
+    """A process acting on an old listing may create a higher generation and remove it at once; the
+    owner counts the lease as lost only when it sees a higher generation twice, a second apart."""
+    import threading
+
+    store = tmp_path / "store"
+    held = lease.acquire(str(store))
+    try:
+        brief = write_lease(store, held.gen + 1, host="node-9", pid=1)
+        threading.Timer(0.3, brief.unlink).start()
+        held.check()  # sees it, looks again a second later: gone
+        assert held.lost is None
+        held.raise_if_lost()
+    finally:
+        held.release()
+    assert not Path(lease.lease_dir(str(store))).exists()  # released: nothing left
+
+
+def test_a_leftover_marker_never_costs_other_data(tmp_path):
+    """A creation marker beside a directory that holds more than a skeleton (here a user's file): the
+    harvest refuses in one line and removes nothing."""
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "precious.txt").write_text("keep me")
+    Path(creating_marker(str(store))).write_text("{}")
+    proc = run(f"file://{store}", SMALL)
+    assert proc.returncode == 2
+    assert "more than a half-made skeleton" in one_line(proc.stderr)
+    assert (store / "precious.txt").read_text() == "keep me"
+
+
+def test_a_damaged_token_manifest_is_one_line(tmp_path, clean, capsys):
+    """A truncated stream manifest (a disk that filled up, a hand edit) stops the resume in one line
+    that says what to delete; nothing in the store changes."""
+    store = tmp_path / "store"
+    shutil.copytree(clean(SMALL), store)
+    root = zarr.open_group(str(store), mode="r+", use_consolidated=False)
+    root.attrs["lsn"] = {**root.attrs.asdict()["lsn"], "complete": False}
+    root["shards/done"][0] = 0
+    manifest = store / "tokens" / "00000.json"
+    manifest.write_text(manifest.read_text()[:100])
+    before = tree_digest(store)
+    capsys.readouterr()
+    assert main(["harvest", "--store", str(store), "--corpus", SMALL, *ARGS, "--no-ray"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "00000.json is damaged" in line and "delete it" in line
+    assert tree_digest(store) == before

@@ -55,7 +55,7 @@ def test_metadata_records_the_harvest(store):
     assert attrs["complete"] is True
     assert meta["model"]["architecture"] == "llama" and meta["model"]["layers"] == 3
     assert meta["model"]["width"] == 128 and meta["model"]["dtype"] == "float32"
-    assert len(meta["model"]["weights"]) == 64
+    assert meta["model"]["weights"].startswith("sha256-full:") and len(meta["model"]["weights"]) == 12 + 64
     assert meta["tokenizer"]["vocab_size"] == 1024 and len(meta["tokenizer"]["sha256"]) == 64
     assert meta["corpus"]["groups"] == ["fr", "ru", "zh"]
     assert sum(meta["corpus"]["tokens_per_group"]) == int(xr.open_zarr(store)["tokens"].sum())

@@ -123,7 +123,7 @@ def test_a_mask_of_another_model_is_refused_unless_asked(harvested, tmp_path, ca
     assert not (tmp_path / "a").exists()
     assert main([*ppl, "--model", "tiny:qwen2", "--out", str(tmp_path / "b"), "--allow-other-model"]) == 0
     notes = [line for line in capsys.readouterr().err.splitlines() if "as --allow-other-model asks" in line]
-    assert len(notes) == 1 and "tiny:llama" in notes[0] and "tiny:qwen2" in notes[0]
+    assert len(notes) == 1 and "tiny:llama" in notes[0] and "tiny:qwen2" in notes[0], notes
     assert (tmp_path / "b" / "ppl.csv").is_file()
     copy = tmp_path / "llama-copy"
     shutil.copytree(resolve_model(MODEL), copy)
@@ -222,3 +222,46 @@ def test_malformed_mask_metadata_is_one_line(harvested, tmp_path, capsys, edit, 
                  "--out", str(tmp_path / "o"), *QUIET]) == 2
     one_line_error(capsys, str(bad), message)
     assert not (tmp_path / "r").exists() and not (tmp_path / "o").exists()
+
+
+def test_weights_changed_only_in_the_middle_are_another_model(tmp_path):
+    """A model whose MLPs alone were fine-tuned and saved (the bytes between its first and last MiB)
+    is another model: the whole-file hash tells them apart, where the older sampled hash did not.
+    Masks that recorded the sampled hash are still matched by it."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from analysis.masks import same_model
+    from harvester.backends.hf import model_identity, sampled_weights_fingerprint, weights_fingerprint
+
+    config = AutoConfig.for_model("llama", vocab_size=256, hidden_size=128, intermediate_size=256,
+                                  num_hidden_layers=12, num_attention_heads=2, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        model.model.layers[3].mlp.down_proj.weight[0, 0] += 1.0  # far from both ends of the file
+    model.save_pretrained(tmp_path / "tuned")
+    base, tuned = (str(tmp_path / name) for name in ("base", "tuned"))
+    assert sampled_weights_fingerprint(base) == sampled_weights_fingerprint(tuned)  # the old blind spot
+    assert weights_fingerprint(base) != weights_fingerprint(tuned)
+    a, b = model_identity("m", base, config), model_identity("m", tuned, config)
+    assert same_model(a, b) is False and same_model(a, model_identity("m", base, config)) is True
+    old_mask = {"id": "m", "revision": None, "weights": sampled_weights_fingerprint(base)}
+    assert same_model(old_mask, a) is True and same_model(old_mask, b) is True  # all the old hash can say
+    assert weights_fingerprint(str(tmp_path)) is None  # no weight files: names nothing
+
+
+def test_inputs_may_be_links_outputs_may_not_leave(tmp_path):
+    """Task data and import sources are often links into a cache: read through them. What lsn writes
+    must resolve inside its directory. '..' is refused either way."""
+    (tmp_path / "cache" / "en").mkdir(parents=True)
+    (tmp_path / "cache" / "en" / "train.jsonl").write_text("{}\n")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "en").symlink_to(tmp_path / "cache" / "en")
+    assert inside(tmp_path / "data", "en", "train.jsonl", follow_links=False).read_text() == "{}\n"
+    with pytest.raises(HarvestError, match="would lie outside"):
+        inside(tmp_path / "data", "en", "train.jsonl")
+    for follow in (True, False):
+        with pytest.raises(HarvestError, match="would lie outside"):
+            inside(tmp_path / "data", "..", "cache", follow_links=follow)

@@ -81,17 +81,72 @@ def max_positions(config, seq_len: int | None = None) -> int | None:
 
 def model_identity(spec: str, path: str, config) -> dict:
     """What names a model, as a store's fingerprint records it: ``id`` (``--model`` as given), the hub
-    ``revision`` and the ``weights`` hash (:func:`weights_fingerprint`)."""
-    return {"id": spec, "revision": getattr(config, "_commit_hash", None), "weights": weights_fingerprint(path)}
+    ``revision`` and the ``weights`` hash (:func:`weights_fingerprint`); ``weights_sampled`` is the
+    older, sampled hash that masks made before the full one still carry."""
+    return {"id": spec, "revision": getattr(config, "_commit_hash", None), "weights": weights_fingerprint(path),
+            "weights_sampled": sampled_weights_fingerprint(path)}
 
 
-def weights_fingerprint(path: str) -> str | None:
-    """sha256 over each weight file's name, size, first and last MiB; None for hub ids."""
+WEIGHTS_SCHEME = "sha256-full:"
+"""The prefix of :func:`weights_fingerprint`'s hashes (the older sampled ones have none)."""
+
+
+def _weight_files(path: str) -> list[Path] | None:
     root = Path(path)
     if not root.is_dir():
         return None
+    files = sorted(p for p in root.iterdir() if p.suffix in _WEIGHT_SUFFIXES)
+    return files or None  # a directory without weight files (TF, Flax only) names nothing
+
+
+def weights_fingerprint(path: str) -> str | None:
+    """``sha256-full:`` + sha256 over each weight file's name and whole content; None for hub ids and
+    directories without weight files. Every byte counts: a model whose MLPs alone were fine-tuned
+    (and merged) is another model. Each file's hash is cached under ``$LSN_CACHE`` by its real path,
+    size and modification time, so a large model is read once."""
+    files = _weight_files(path)
+    if files is None:
+        return None
     digest = hashlib.sha256()
-    for file in sorted(p for p in root.iterdir() if p.suffix in _WEIGHT_SUFFIXES):
+    for file in files:
+        digest.update(f"{file.name}:{_file_sha256(file)}\n".encode())
+    return WEIGHTS_SCHEME + digest.hexdigest()
+
+
+def _file_sha256(file: Path) -> str:
+    import json
+    import os
+
+    from harvester.tiny import cache_dir
+
+    stat = file.stat()
+    key = f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    cache = cache_dir() / "weights-sha256.json"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        with file.open("rb") as f:
+            known[key] = hashlib.file_digest(f, "sha256").hexdigest()
+        try:  # a cache only: a race or a read-only home loses nothing but time
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
+            tmp.write_text(json.dumps(known))
+            tmp.replace(cache)
+        except OSError:
+            pass
+    return known[key]
+
+
+def sampled_weights_fingerprint(path: str) -> str | None:
+    """The older hash: sha256 over each weight file's name, size, first and last MiB (kept to compare
+    with masks and stores that recorded it)."""
+    files = _weight_files(path)
+    if files is None:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
         size = file.stat().st_size
         digest.update(f"{file.name}:{size}".encode())
         with file.open("rb") as f:
@@ -200,7 +255,7 @@ def fused_agrees(ref: dict, got: dict, float32: bool) -> bool:
     PyTorch's by an ulp, which next to a rounding tie changes a rounded value (about 0.02% of SiLU
     products in float16, 0.3 to 0.4% of tanh-GELU products; none of SiLU's in bfloat16, on Triton's
     interpreter); from the second layer on the inputs may then differ by rounding and a gate near 0
-    change sign: at most 2% of the counted activations may differ there."""
+    change sign: at most 2% of all (token, neuron) cells of the layers may differ there."""
     tolerance = 1e-3 if float32 else 2e-2
     checked = slice(None) if float32 else slice(0, 1)
     for g in ref:
