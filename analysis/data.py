@@ -25,9 +25,9 @@ import dask.array as da
 import numpy as np
 
 from harvester.errors import HarvestError
-from harvester.store import read_attrs
+from harvester.store import fingerprint_sha256, open_finished
 
-from analysis.masks import fingerprint_sha, model_identity
+from analysis.masks import model_identity
 
 
 @dataclass
@@ -61,7 +61,7 @@ class Counts:
         on (``model`` its id, ``revision``, ``weights`` its weight files' hash; see
         :func:`analysis.masks.model_identity`)."""
         model = model_identity(self.attrs["fingerprint"]["model"])
-        return {"store": self.store, "fingerprint_sha256": fingerprint_sha(self.attrs["fingerprint"]),
+        return {"store": self.store, "fingerprint_sha256": fingerprint_sha256(self.attrs["fingerprint"]),
                 "model": model["id"], "revision": model["revision"], "weights": model["weights"],
                 "groups": self.groups}
 
@@ -71,18 +71,6 @@ class Counts:
             raise HarvestError(f"'{name}' cannot be taken for full-minus-prompt languages; "
                                "only activation counts can")
         return _stack(self.dataset, name, self.index)
-
-
-def open_finished(store: str) -> dict:
-    """The attributes of a store whose harvest (or import) finished; every reader of a store's totals
-    in analysis/ and jobs/ opens it through here, since an unfinished store's totals are zeros."""
-    attrs = read_attrs(store)
-    if attrs is None:
-        raise HarvestError(f"no store at {store}")
-    if attrs.get("complete") is not True:
-        raise HarvestError(f"store {store} is not complete (its harvest did not finish): run the same "
-                           "lsn harvest again to finish it")
-    return attrs
 
 
 def open_counts(store: str, langs: list[str] | None = None, response_only: bool = False) -> Counts:

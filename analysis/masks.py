@@ -16,7 +16,6 @@ code and its successors load it with ``torch.load(..., weights_only=True)``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +27,6 @@ from harvester.names import check_name
 
 FORMAT = "lsn-mask"
 FORMAT_VERSION = 1
-
-
-def fingerprint_sha(fingerprint: dict) -> str:
-    """A short, stable identity of a store's fingerprint."""
-    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
 
 
 def model_identity(model: dict) -> dict:
@@ -162,10 +156,10 @@ class Mask:
         found = {k: src.get("model" if k == "id" else k) for k in ("id", "revision", "weights")}
         if not found["weights"] and src.get("store") and src.get("fingerprint_sha256"):
             with contextlib.suppress(HarvestError, OSError, ValueError, KeyError, TypeError):
-                from harvester.store import read_attrs
+                from harvester.store import fingerprint_sha256, read_attrs
 
                 attrs = read_attrs(src["store"])
-                if attrs and fingerprint_sha(attrs["fingerprint"]) == src["fingerprint_sha256"]:
+                if attrs and fingerprint_sha256(attrs["fingerprint"]) == src["fingerprint_sha256"]:
                     found = model_identity(attrs["fingerprint"]["model"])
         return found if found["id"] or found["weights"] else None
 
@@ -177,7 +171,7 @@ class Mask:
     def check_store(self, store: str, allow_other: bool | None = None) -> str | None:
         """Refuse a store of another shape or another model than the mask was selected on, or one whose
         harvest did not finish; returns a note as :meth:`check_model`."""
-        from analysis.data import open_finished
+        from harvester.store import open_finished
 
         attrs = open_finished(store)
         model = attrs["meta"]["model"]
