@@ -133,6 +133,18 @@ def read_attrs(path: str | Path) -> dict | None:
     return attrs
 
 
+def open_finished(path: str | Path) -> dict:
+    """The attributes of a store whose harvest (or import) finished; every reader of a store's totals
+    (summary, analysis/, jobs/) opens it through here, since an unfinished store's totals are zeros."""
+    attrs = read_attrs(path)
+    if attrs is None:
+        raise HarvestError(f"no store at {path}")
+    if attrs.get("complete") is not True:
+        raise HarvestError(f"store {path} is not complete (its harvest did not finish): run the same "
+                           "lsn harvest again to finish it")
+    return attrs
+
+
 def open_dataset(path: str | Path, attrs: dict):
     """The lazy xarray Dataset of a finished store's totals, every chunk read checked (format 2); a
     format-1 store (no checksums) is read as it is, with a one-line note."""

@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from harvester.errors import HarvestError
-from harvester.store import open_dataset, read_attrs
+from harvester.store import open_dataset, open_finished
 
 
 def summarize(path: str) -> str:
     """Tokens, mean activation probability, share of never-active neurons, mean activation per group."""
-    attrs = read_attrs(path)
-    if attrs is None:
-        raise HarvestError(f"no store at {path}")
-    if not attrs.get("complete"):
-        raise HarvestError(f"store {path} is not complete; run the same harvest again to finish it")
+    attrs = open_finished(path)
     ds = open_dataset(path, attrs)
     model = attrs["meta"]["model"]
     lines = [f"{attrs['meta']['corpus']['spec']} on {model['id']} ({model['architecture']}, "

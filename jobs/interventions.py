@@ -84,7 +84,7 @@ def hist_quantile(hist: np.ndarray, edges: np.ndarray, q: float) -> np.ndarray:
 
 def unit_statistic(store: str, groups: list[str], mode: Mode) -> np.ndarray:
     """``[L, I]``: the mode's statistic of the language made of store ``groups``."""
-    from analysis.data import open_finished
+    from harvester.store import open_finished
     from harvester.store import open_dataset
 
     ds = open_dataset(store, open_finished(store))

@@ -55,7 +55,7 @@ def mask_groups(mask, language: str) -> list[str]:
 def site_of(store: str | None, config, required: bool = False) -> str:
     """The module the statistics were taken at: the store's recorded site, else (no store, or the
     mask's store moved away) the MLP activation, which the mask's shape is then checked against."""
-    from analysis.data import open_finished
+    from harvester.store import open_finished
     from harvester import arch
     from harvester.store import read_attrs
 
@@ -70,7 +70,7 @@ def check_models(mask, model: str, store: str | None, allow_other: bool) -> None
     """The mask, and the store whose statistics or site a job reads, must come from the model it runs
     (compared by weights hash, else id and revision); each note (a transfer asked for, or a check by
     shape alone) is printed on one line."""
-    from analysis.data import open_finished
+    from harvester.store import open_finished
     from analysis.masks import check_applied, model_identity, same_model
     from harvester.backends.hf import load_config, model_identity as loaded_identity, resolve_model
     from harvester.store import read_attrs
