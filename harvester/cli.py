@@ -141,7 +141,7 @@ def _harvest(args) -> None:
 
 
 def _verify(path: str) -> None:
-    from harvester.store import verify
+    from harvester.verify import verify
 
     problems, checked = verify(path)
     for line in problems:
