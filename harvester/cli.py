@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check a store in depth: every chunk's checksum, every finished shard's "
                        "rows and digest, the totals against their shards (one line per problem)")
     v.add_argument("store")
+    v.add_argument("--repair", action="store_true",
+                   help="mark exactly the damaged shards unfinished and clear stale totals, so that running the "
+                   "same harvest again re-harvests only those shards")
     from analysis.cli import add_commands
     from jobs.cli import add_commands as add_jobs
 
@@ -140,15 +143,10 @@ def _harvest(args) -> None:
     print(summarize(str(store.path)))
 
 
-def _verify(path: str) -> None:
-    from harvester.verify import verify
+def _verify(path: str, repair: bool) -> None:
+    from harvester.verify import run
 
-    problems, checked = verify(path)
-    for line in problems:
-        print(f"{path}: {line}")
-    if problems:
-        raise HarvestError(f"store {path} is damaged: {len(problems)} problem(s), listed above")
-    print(f"{checked}: no problem found")
+    run(path, repair=repair)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,7 +177,7 @@ def _dispatch(argv: list[str] | None) -> None:
 
         print(summarize(args.store))
     elif args.command == "verify":
-        _verify(args.store)
+        _verify(args.store, args.repair)
     elif args.command in job_commands:
         from jobs.cli import run
 

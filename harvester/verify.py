@@ -18,6 +18,18 @@ from harvester.stats import VARIABLES
 from harvester.store import _zarr, read_attrs, totals_record, zarr_store
 
 
+def run(path: str, repair: bool = False) -> None:
+    """``lsn verify STORE [--repair]``: one line per problem on stdout, an error if there is any."""
+    if repair:
+        raise HarvestError("lsn verify --repair is not built yet")
+    problems, checked = verify(path)
+    for line in problems:
+        print(f"{path}: {line}")
+    if problems:
+        raise HarvestError(f"store {path} is damaged: {len(problems)} problem(s), listed above")
+    print(f"{checked}: no problem found")
+
+
 def verify(path: str | Path) -> tuple[list[str], str]:
     """Check a store in depth: every chunk's checksum, every chunk of a written array present, every done
     shard's rows present and matching their digest, the totals equal to the sum of their shards and
