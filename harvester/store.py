@@ -2,7 +2,7 @@
 
 Layout::
 
-    STORE/                      root attrs ``lsn``: fingerprint, metadata, completion
+    STORE/                      root attrs ``lsn``: fingerprint, metadata, completion (:class:`StoreAttrs`)
       group, layer, neuron      coordinates (``group`` is a string coordinate)
       tokens   (group)          int64    totals, reduced from finished shards
       active   (group, layer, neuron)    int64
@@ -14,7 +14,7 @@ Layout::
         tokens (shard, group)             each shard's own chunk row
         active, act_sum, ... (shard, group, layer, neuron)
         done   (shard,)                   the completion manifest: 1 once a shard's data is written
-        digest (shard, 32)                sha256 of a shard's rows (groups with tokens, in reduce order) and tokens
+        digest (shard, 32)                sha256 of a shard's rows and tokens (:class:`ShardDigest`)
       tokens/                       token shards (Parquet) and per-stream manifests, see windows.py
 
 The shard dimension has room for ``SHARDS_PER_STREAM`` shards per corpus stream (shard ``k`` of

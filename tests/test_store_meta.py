@@ -26,21 +26,7 @@ from harvester.cli import main
 from harvester.errors import HarvestError
 from harvester.store import ShardDigest, StoreAttrs, fingerprint_sha256, read_attrs
 from tests.test_import import write_rucaibox
-
-HARVEST = ["harvest", "--model", "tiny:llama", "--corpus", "sample:docs=20,langs=en+de", "--no-ray",
-           "--seq-len", "64", "--shard-tokens", "512", "--no-progress"]
-
-
-def harvest(store: Path) -> list[str]:
-    return [*HARVEST, "--store", str(store)]
-
-
-def analyze(store: Path) -> list[str]:
-    return ["analyze", "lape", "--store", str(store), "--out", str(store.parent / "m.npz")]
-
-
-def summary(store: Path) -> list[str]:
-    return ["summary", "--store", str(store)]
+from tests.test_integrity import analyze, harvest, summary
 
 
 @pytest.fixture(scope="module")
