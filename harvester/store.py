@@ -110,7 +110,7 @@ class _Malformed(Exception):
     """A value of the attributes that is not what the schema says: ``key`` (a dotted path) and what is wrong."""
 
     def __init__(self, key: str, what: str):
-        super().__init__(f"{key}: {what}")
+        super().__init__(f"{key or 'lsn'}: {what}")
 
 
 def _shown(value) -> str:
