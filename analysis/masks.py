@@ -159,8 +159,8 @@ class Mask:
                 from harvester.store import fingerprint_sha256, read_attrs
 
                 attrs = read_attrs(src["store"])
-                if attrs and fingerprint_sha256(attrs["fingerprint"]) == src["fingerprint_sha256"]:
-                    found = model_identity(attrs["fingerprint"]["model"])
+                if attrs and fingerprint_sha256(attrs.fingerprint) == src["fingerprint_sha256"]:
+                    found = model_identity(attrs.model.to_dict())
         return found if found["id"] or found["weights"] else None
 
     def check_model(self, target: dict, where: str, allow_other: bool | None = False) -> str | None:
@@ -173,12 +173,11 @@ class Mask:
         harvest did not finish; returns a note as :meth:`check_model`."""
         from harvester.store import open_finished
 
-        attrs = open_finished(store)
-        model = attrs["meta"]["model"]
-        if (model.get("layers"), model.get("width")) != (self.n_layers, self.width):
+        model = open_finished(store).model
+        if (model.layers, model.width) != (self.n_layers, self.width):
             raise HarvestError(f"the mask is for {self.n_layers} layers x {self.width} units, but store {store} "
-                               f"has {model.get('layers')} x {model.get('width')}")
-        return self.check_model(model_identity(attrs["fingerprint"]["model"]), f"store {store}", allow_other)
+                               f"has {model.layers} x {model.width}")
+        return self.check_model(model_identity(model.to_dict()), f"store {store}", allow_other)
 
     # -- files ---------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
