@@ -1,39 +1,72 @@
-"""``lsn verify``: a store checked in depth, one line per problem.
+"""``lsn verify``: a store checked in depth, one line per problem; ``--repair`` makes a damaged store
+resumable.
 
 Every chunk's crc32c, every chunk of a written array present, every finished shard's rows present and
 equal to the digest written with them, the totals equal to the sum of their shards (bit for bit, in the
-reduce's order) and ``0 <= active <= tokens``.
+reduce's order), ``0 <= active <= tokens``, and every stream's token manifest readable. The store is
+read chunk by chunk (one row or one group's totals in memory at a time).
+
+Repair marks the damaged shards unfinished, clears stale totals and removes the damaged chunks (a shard's
+re-harvest, or the next reduce, writes them again), so that running the same harvest again re-harvests
+exactly those shards and leaves a store equal to an undamaged run's.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from harvester import fs
+from harvester import fs, lease
 from harvester.errors import HarvestError
 from harvester.stats import VARIABLES
-from harvester.store import _zarr, read_attrs, totals_record, zarr_store
+from harvester.store import Store, _zarr, read_attrs, tokens_dir, totals_record, zarr_store
+from harvester.windows import read_manifest
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem found, and what fixes it (a shard's re-harvest, the next reduce, or nothing lsn does)."""
+
+    text: str
+    shard: int | None = None
+    """The shard whose re-harvest fixes it."""
+    totals: bool = False
+    """Fixed by the next reduce (the totals, or their record)."""
+    key: str | None = None
+    """A damaged chunk (its key in the store), removed by repair: rewritten by the harvest or the reduce."""
+
+    @property
+    def repairable(self) -> bool:
+        return self.shard is not None or self.totals
 
 
 def run(path: str, repair: bool = False) -> None:
-    """``lsn verify STORE [--repair]``: one line per problem on stdout, an error if there is any."""
+    """``lsn verify STORE [--repair]``: one line per problem on stdout, an error if there is any (after a
+    repair: if any is beyond repair)."""
     if repair:
-        raise HarvestError("lsn verify --repair is not built yet")
-    problems, checked = verify(path)
-    for line in problems:
-        print(f"{path}: {line}")
+        return _repair(path)
+    problems, checked = inspect(path)
+    for p in problems:
+        print(f"{path}: {p.text}")
     if problems:
-        raise HarvestError(f"store {path} is damaged: {len(problems)} problem(s), listed above")
+        raise HarvestError(f"store {path} is damaged: {len(problems)} problem(s), listed above; "
+                           f"lsn verify --repair {path} marks the damaged shards for the same harvest to redo")
     print(f"{checked}: no problem found")
 
 
 def verify(path: str | Path) -> tuple[list[str], str]:
-    """Check a store in depth: every chunk's checksum, every chunk of a written array present, every done
-    shard's rows present and matching their digest, the totals equal to the sum of their shards and
-    ``0 <= active <= tokens``. Returns one line per problem, and a line saying what was checked."""
+    """Check a store in depth. Returns one line per problem, and a line saying what was checked."""
+    problems, checked = inspect(path)
+    return [p.text for p in problems], checked
+
+
+def inspect(path: str | Path) -> tuple[list[Problem], str]:
+    """Every problem of the store at ``path`` with what fixes it, and a line saying what was checked."""
     from harvester.checked import checked
 
     attrs = read_attrs(path)
@@ -46,11 +79,11 @@ def verify(path: str | Path) -> tuple[list[str], str]:
     variables = [VARIABLES[s] for s in attrs["fingerprint"]["settings"]["stats"]]  # write_shard's order
     expected = ["tokens", *variables, "shards/done", "shards/tokens", "shards/digest",
                 *(f"shards/{v}" for v in variables)]
-    gone = [f"array '{name}': its metadata (zarr.json) is missing" for name in expected
+    gone = [Problem(f"array '{name}': its metadata (zarr.json) is missing") for name in expected
             if f"{name}/zarr.json" not in files]
     if gone:
         return gone, f"store {path}: arrays"
-    problems = _bad_checksums(fsys, files)
+    problems = _bad_checksums(fsys, files) + _bad_manifests(path, files)
     root = _zarr().open_group(store=checked(zarr_store(path, read_only=True), str(path)), mode="r",
                               use_consolidated=False)
     done = _done_shards(root, files)
@@ -72,23 +105,44 @@ def _chunk_of(key: str):
     return chunk_of(key) if not key.startswith("tokens/0") else None  # not the token shards (Parquet)
 
 
-def _bad_checksums(fsys, files: dict[str, str]) -> list[str]:
+def _problem(text: str, array: str, index: tuple, key: str | None = None) -> Problem:
+    """A problem of chunk ``index`` of ``array``: a shard's rows are redone by its re-harvest, the totals by
+    the next reduce; the coordinates by nothing lsn does."""
+    if array.startswith("shards/"):
+        return Problem(text, shard=index[0], key=key)
+    if array == "tokens" or array in VARIABLES.values():
+        return Problem(text, totals=True, key=key)
+    return Problem(text, key=key)
+
+
+def _bad_checksums(fsys, files: dict[str, str]) -> list[Problem]:
     from harvester.checked import checksum_ok
 
     bad = []
     for key, full in sorted(files.items()):
         where = _chunk_of(key)
         if where and not checksum_ok(fsys.cat_file(full)):
-            bad.append(f"array '{where[0]}' chunk {where[1]}: fails its crc32c checksum")
+            bad.append(_problem(f"array '{where[0]}' chunk {where[1]}: fails its crc32c checksum", *where, key=key))
     return bad
 
 
-def _missing_chunks(array, name: str, files: dict[str, str], prefix: tuple = ()) -> list[str]:
+def _bad_manifests(path, files: dict[str, str]) -> list[Problem]:
+    """Stream manifests that cannot be read (the harvest refuses them; it does not rebuild them)."""
+    bad = []
+    for key in sorted(k for k in files if re.fullmatch(r"tokens/\d+\.json", k)):
+        try:
+            read_manifest(f"{tokens_dir(path)}/{key.rpartition('/')[2]}")
+        except HarvestError as err:
+            bad.append(Problem(str(err)))
+    return bad
+
+
+def _missing_chunks(array, name: str, files: dict[str, str], prefix: tuple = ()) -> list[Problem]:
     """Chunks of ``array`` (those under ``prefix``) that were written and are gone."""
     import itertools
 
     grid = [range(n) for n in array.cdata_shape[len(prefix):]]
-    return [f"array '{name}' chunk {prefix + idx}: is missing"
+    return [_problem(f"array '{name}' chunk {prefix + idx}: is missing", name, prefix + idx)
             for idx in itertools.product(*grid)
             if f"{name}/c/{'/'.join(str(i) for i in prefix + idx)}" not in files]
 
@@ -107,7 +161,7 @@ def _done_shards(root, files: dict[str, str]) -> list[int]:
     return [i for i in indices if _read(root["shards/done"], i) == 1]
 
 
-def _check_shard(root, index: int, files: dict[str, str], variables: list[str]) -> list[str]:
+def _check_shard(root, index: int, files: dict[str, str], variables: list[str]) -> list[Problem]:
     """A done shard: its tokens, digest and rows (groups with tokens) present, the rows matching the digest."""
     problems = _missing_chunks(root["shards/tokens"], "shards/tokens", files, (index,))
     problems += _missing_chunks(root["shards/digest"], "shards/digest", files, (index,))
@@ -128,18 +182,19 @@ def _check_shard(root, index: int, files: dict[str, str], variables: list[str]) 
     if digest is not None and stored is not None:
         digest.update(np.ascontiguousarray(tokens, dtype=np.int64).tobytes())
         if digest.digest() != bytes(stored):
-            problems.append(f"shard {index}: its rows do not match the digest written with them")
+            problems.append(Problem(f"shard {index}: its rows do not match the digest written with them",
+                                    shard=index))
     return problems
 
 
-def _check_totals(root, attrs: dict, done: list[int], variables: list[str]) -> list[str]:
+def _check_totals(root, attrs: dict, done: list[int], variables: list[str]) -> list[Problem]:
     """The totals: reduced from the shards marked done, equal to their sum (in shard order, as the reduce
     sums: bit for bit), and ``0 <= active <= tokens``."""
-    problems = []
+    lines = []
     record = attrs.get("totals") or {}
     if record.get("shards_sha256") != totals_record(done, [])["shards_sha256"]:
-        problems.append(f"totals: reduced from {record.get('shards')} shards, but {len(done)} are marked done "
-                        "(not the same shards)")
+        lines.append(f"totals: reduced from {record.get('shards')} shards, but {len(done)} are marked done "
+                     "(not the same shards)")
     groups = attrs["meta"]["corpus"]["groups"]
     rows = {i: _read(root["shards/tokens"], i) for i in done}
     readable = [i for i in done if rows[i] is not None]
@@ -147,17 +202,15 @@ def _check_totals(root, attrs: dict, done: list[int], variables: list[str]) -> l
     tokens = _read(root["tokens"], slice(None))
     if tokens is not None:
         for g in np.flatnonzero(tokens != shard_tokens.sum(axis=0)):
-            problems.append(f"array 'tokens' group '{groups[g]}': {tokens[g]}, but its shards sum to "
-                            f"{shard_tokens[:, g].sum()}")
+            lines.append(f"array 'tokens' group '{groups[g]}': {tokens[g]}, but its shards sum to "
+                         f"{shard_tokens[:, g].sum()}")
         if record.get("tokens") is not None and [int(n) for n in tokens] != record["tokens"]:
-            problems.append("array 'tokens': differs from the tokens recorded when the totals were reduced")
+            lines.append("array 'tokens': differs from the tokens recorded when the totals were reduced")
     for var in variables:
         for g, name in enumerate(groups):
-            problems += _check_total(root, var, g, name, [i for i, n in zip(readable, shard_tokens[:, g]) if n > 0],
-                                     None if tokens is None else int(tokens[g]))
-    return problems
-
-
+            lines += _check_total(root, var, g, name, [i for i, n in zip(readable, shard_tokens[:, g]) if n > 0],
+                                  None if tokens is None else int(tokens[g]))
+    return [Problem(line, totals=True) for line in lines]
 def _check_total(root, var: str, g: int, name: str, shards: list[int], tokens: int | None) -> list[str]:
     total = _read(root[var], g)
     if total is None:
@@ -176,3 +229,59 @@ def _check_total(root, var: str, g: int, name: str, shards: list[int], tokens: i
         problems.append(f"array 'active' group '{name}': {int(((total < 0) | (total > tokens)).sum())} cells "
                         f"outside 0..tokens ({tokens})")
     return problems
+
+
+
+# -- repair ----------------------------------------------------------------------------------------
+def _repair(path: str) -> None:
+    """``lsn verify --repair``: under the store's lease, verify, then (if all damage is repairable) clear
+    stale totals, mark the damaged shards unfinished and remove the damaged chunks, in that order, so
+    that a repair killed at any point leaves a store that verify still flags or that is consistent."""
+    try:
+        if read_attrs(path) is None:
+            raise HarvestError(f"no store at {path}")
+    except HarvestError as err:
+        raise HarvestError(f"{err}; lsn verify --repair cannot fix this: harvest into a new --store") from None
+    with lease.acquire(path, say=lambda text: print(f"lsn: {text}", file=sys.stderr)) as held:
+        problems, checked = inspect(path)
+        for p in problems:
+            print(f"{path}: {p.text}" + ("" if p.repairable else " (beyond repair)"))
+        beyond = [p for p in problems if not p.repairable]
+        if beyond:
+            raise HarvestError(f"store {path} has {len(beyond)} problem(s) lsn verify --repair cannot fix (marked "
+                               "above); nothing was changed: harvest into a new --store")
+        if not problems:
+            print(f"{checked}: no problem found; nothing to repair")
+        else:
+            held.check()  # still ours: nothing is written otherwise
+            shards = _apply(Store(path), problems)
+            print(f"{path}: repaired; run the same lsn harvest again (--store {path}) to re-harvest "
+                  f"{len(shards)} shard(s) and sum the totals")
+            return
+    if not read_attrs(path).get("complete"):
+        print(f"{path}: harvest not finished: run the same lsn harvest again (--store {path}) to finish it")
+
+
+def _apply(store: Store, problems: list[Problem]) -> list[int]:
+    """The writes of a repair, in a kill-safe order; one line per action. Returns the shards marked."""
+    shards: dict[int, str] = {}
+    for p in problems:
+        if p.shard is not None:
+            shards.setdefault(p.shard, p.text)
+    if (shards or any(p.totals for p in problems)) and (store.complete or "totals" in store.attrs):
+        reason = next((p.text for p in problems if p.totals), f"shards {sorted(shards)} are redone")
+        store.attrs.pop("totals", None)
+        store.set_attrs(complete=False)  # first: no reader takes the totals from here on
+        print(f"{store.path}: totals: cleared (store marked not complete, totals record dropped; {reason})")
+    done = store.array("shards/done")
+    for index, reason in sorted(shards.items()):
+        done[index] = 0  # before its chunks go: a shard never counts as finished without them
+        print(f"{store.path}: shard {index}: marked unfinished ({reason})")
+    fsys, root_path = fs.filesystem(store.path)
+    for p in problems:
+        if p.key is not None and not p.key.startswith("shards/done/"):  # a done chunk was just rewritten
+            fsys.rm(f"{root_path.rstrip('/')}/{p.key}")
+            array, index = _chunk_of(p.key)
+            by = "the next reduce" if p.totals else f"shard {p.shard}'s re-harvest"
+            print(f"{store.path}: array '{array}' chunk {index}: removed (damaged; {by} writes it again)")
+    return sorted(shards)
