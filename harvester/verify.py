@@ -250,16 +250,15 @@ def _repair(path: str) -> None:
         if beyond:
             raise HarvestError(f"store {path} has {len(beyond)} problem(s) lsn verify --repair cannot fix (marked "
                                "above); nothing was changed: harvest into a new --store")
-        if not problems:
-            print(f"{checked}: no problem found; nothing to repair")
-        else:
+        if problems:
             held.check()  # still ours: nothing is written otherwise
             shards = _apply(Store(path), problems)
             print(f"{path}: repaired; run the same lsn harvest again (--store {path}) to re-harvest "
                   f"{len(shards)} shard(s) and sum the totals")
             return
-    if not read_attrs(path).get("complete"):
-        print(f"{path}: harvest not finished: run the same lsn harvest again (--store {path}) to finish it")
+        print(f"{checked}: no problem found; nothing to repair")
+        if not read_attrs(path).get("complete"):
+            print(f"{path}: harvest not finished: run the same lsn harvest again (--store {path}) to finish it")
 
 
 def _apply(store: Store, problems: list[Problem]) -> list[int]:

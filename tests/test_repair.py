@@ -5,6 +5,7 @@ repair, then the same ``lsn harvest`` again, which must leave every array equal 
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -219,3 +220,14 @@ def test_repair_killed_after_any_write(store, pristine, capsys, after):
     assert lines[-1].endswith("and sum the totals"), lines
     reharvest_and_compare(store, pristine, {1, 1048577}, capsys)
     assert json.loads((store / "zarr.json").read_text())["attributes"]["lsn"]["complete"] is True
+
+
+def test_verify_cost_benchmark_runs():
+    """benchmarks/verify_cost.py end to end at a tiny shape (no timing is checked)."""
+    run = subprocess.run([sys.executable, "benchmarks/verify_cost.py", "--layers", "2", "--width", "64", "--groups",
+                          "3"], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.strip().splitlines()
+    assert any("3 finished shards, totals: no problem found" in line for line in lines), lines
+    assert re.fullmatch(r"verify: [\d.]+ s, [\d.]+ GiB peak RSS, \d+ chunks, [\d.]+ GB read, store [\d.]+ GB",
+                        lines[-1])
