@@ -90,10 +90,11 @@ def inspect(path: str | Path) -> tuple[list[Problem], str]:
     if attrs.get("complete"):
         for name, _ in root.arrays():
             problems += _missing_chunks(root[name], name, files)
-    for index in done:
-        problems += _check_shard(root, index, files, variables)
+    shards, missing = _shard_tokens(root, done, files, variables)
+    problems += missing + _check_rows(root, shards, variables, attrs["meta"]["corpus"]["groups"],
+                                      bool(attrs.get("complete")))
     if attrs.get("complete"):
-        problems += _check_totals(root, attrs, done, variables)
+        problems += _check_record(root, attrs, shards)
     n_chunks = sum(1 for key in files if _chunk_of(key))
     return problems, (f"store {path}: {n_chunks} chunks, {len(done)} finished shards"
                       + (", totals" if attrs.get("complete") else " (harvest not finished: no totals)"))
@@ -161,66 +162,53 @@ def _done_shards(root, files: dict[str, str]) -> list[int]:
     return [i for i in indices if _read(root["shards/done"], i) == 1]
 
 
-def _check_shard(root, index: int, files: dict[str, str], variables: list[str]) -> list[Problem]:
-    """A done shard: its tokens, digest and rows (groups with tokens) present, the rows matching the digest."""
-    problems = _missing_chunks(root["shards/tokens"], "shards/tokens", files, (index,))
-    problems += _missing_chunks(root["shards/digest"], "shards/digest", files, (index,))
-    tokens = _read(root["shards/tokens"], index)
-    if tokens is None:
-        return problems
-    digest = hashlib.sha256()
-    for g in np.flatnonzero(tokens > 0):
+def _shard_tokens(root, done: list[int], files: dict[str, str], variables: list[str]) -> tuple[dict, list[Problem]]:
+    """Each done shard's tokens row (None where unreadable), and its missing chunks: tokens, digest, and
+    the rows of its groups with tokens."""
+    tokens, problems = {}, []
+    for index in done:
+        problems += _missing_chunks(root["shards/tokens"], "shards/tokens", files, (index,))
+        problems += _missing_chunks(root["shards/digest"], "shards/digest", files, (index,))
+        tokens[index] = _read(root["shards/tokens"], index)
+        for g in np.flatnonzero(tokens[index] > 0) if tokens[index] is not None else []:
+            for var in variables:
+                problems += _missing_chunks(root[f"shards/{var}"], f"shards/{var}", files, (index, int(g)))
+    return tokens, problems
+
+
+def _check_rows(root, shards: dict, variables: list[str], groups: list[str], totals: bool) -> list[Problem]:
+    """Every done shard's rows (groups with tokens) read once, in the reduce's order (group, variable,
+    shard): each shard's digest recomputed as ``write_shard`` made it and, with ``totals``, each group's
+    totals compared with the sum of its shards (bit for bit) and ``0 <= active <= tokens``."""
+    readable = {s: t for s, t in shards.items() if t is not None}
+    digests = {s: hashlib.sha256() for s in readable}
+    tokens = _read(root["tokens"], slice(None)) if totals else None
+    problems = []
+    for g, name in enumerate(groups):
         for var in variables:
-            missing = _missing_chunks(root[f"shards/{var}"], f"shards/{var}", files, (index, int(g)))
-            row = _read(root[f"shards/{var}"], (index, int(g)))
-            problems += missing
-            if missing or row is None:
-                digest = None
-            elif digest is not None:
-                digest.update(np.ascontiguousarray(row).tobytes())
-    stored = _read(root["shards/digest"], index)
-    if digest is not None and stored is not None:
-        digest.update(np.ascontiguousarray(tokens, dtype=np.int64).tobytes())
-        if digest.digest() != bytes(stored):
-            problems.append(Problem(f"shard {index}: its rows do not match the digest written with them",
-                                    shard=index))
+            total = _read(root[var], g) if totals and len(readable) == len(shards) else None
+            expected = None if total is None else np.zeros_like(total)
+            for s in (s for s, t in readable.items() if t[g] > 0):
+                row = _read(root[f"shards/{var}"], (s, g))
+                if row is None:  # bad or missing: reported by the listing already
+                    digests[s] = expected = None
+                    continue
+                if digests[s] is not None:
+                    digests[s].update(np.ascontiguousarray(row).tobytes())
+                if expected is not None:
+                    expected += row
+            if expected is not None:
+                problems += _compare_total(var, name, total, expected, None if tokens is None else int(tokens[g]))
+    for s, digest in digests.items():
+        stored = _read(root["shards/digest"], s)
+        if digest is not None and stored is not None:
+            digest.update(np.ascontiguousarray(readable[s], dtype=np.int64).tobytes())
+            if digest.digest() != bytes(stored):
+                problems.append(Problem(f"shard {s}: its rows do not match the digest written with them", shard=s))
     return problems
 
 
-def _check_totals(root, attrs: dict, done: list[int], variables: list[str]) -> list[Problem]:
-    """The totals: reduced from the shards marked done, equal to their sum (in shard order, as the reduce
-    sums: bit for bit), and ``0 <= active <= tokens``."""
-    lines = []
-    record = attrs.get("totals") or {}
-    if record.get("shards_sha256") != totals_record(done, [])["shards_sha256"]:
-        lines.append(f"totals: reduced from {record.get('shards')} shards, but {len(done)} are marked done "
-                     "(not the same shards)")
-    groups = attrs["meta"]["corpus"]["groups"]
-    rows = {i: _read(root["shards/tokens"], i) for i in done}
-    readable = [i for i in done if rows[i] is not None]
-    shard_tokens = np.stack([rows[i] for i in readable]) if readable else np.zeros((0, len(groups)), np.int64)
-    tokens = _read(root["tokens"], slice(None))
-    if tokens is not None:
-        for g in np.flatnonzero(tokens != shard_tokens.sum(axis=0)):
-            lines.append(f"array 'tokens' group '{groups[g]}': {tokens[g]}, but its shards sum to "
-                         f"{shard_tokens[:, g].sum()}")
-        if record.get("tokens") is not None and [int(n) for n in tokens] != record["tokens"]:
-            lines.append("array 'tokens': differs from the tokens recorded when the totals were reduced")
-    for var in variables:
-        for g, name in enumerate(groups):
-            lines += _check_total(root, var, g, name, [i for i, n in zip(readable, shard_tokens[:, g]) if n > 0],
-                                  None if tokens is None else int(tokens[g]))
-    return [Problem(line, totals=True) for line in lines]
-def _check_total(root, var: str, g: int, name: str, shards: list[int], tokens: int | None) -> list[str]:
-    total = _read(root[var], g)
-    if total is None:
-        return []
-    expected = np.zeros_like(total)
-    for s in shards:
-        row = _read(root[f"shards/{var}"], (s, g))
-        if row is None:
-            return []  # a bad or missing row, reported already
-        expected += row
+def _compare_total(var: str, name: str, total, expected, tokens: int | None) -> list[Problem]:
     problems = []
     differ = int(np.sum(~((total == expected) | (np.isnan(total) & np.isnan(expected)))))
     if differ:
@@ -228,8 +216,25 @@ def _check_total(root, var: str, g: int, name: str, shards: list[int], tokens: i
     if var == "active" and tokens is not None and ((total < 0) | (total > tokens)).any():
         problems.append(f"array 'active' group '{name}': {int(((total < 0) | (total > tokens)).sum())} cells "
                         f"outside 0..tokens ({tokens})")
-    return problems
+    return [Problem(line, totals=True) for line in problems]
 
+
+def _check_record(root, attrs: dict, shards: dict) -> list[Problem]:
+    """The totals were reduced from the shards marked done, and the tokens equal their sum and the record."""
+    lines = []
+    record = attrs.get("totals") or {}
+    if record.get("shards_sha256") != totals_record(list(shards), [])["shards_sha256"]:
+        lines.append(f"totals: reduced from {record.get('shards')} shards, but {len(shards)} are marked done "
+                     "(not the same shards)")
+    groups = attrs["meta"]["corpus"]["groups"]
+    tokens = _read(root["tokens"], slice(None))
+    if tokens is not None and all(t is not None for t in shards.values()):
+        summed = np.sum([t for t in shards.values()], axis=0, dtype=np.int64) if shards else np.zeros(len(groups), np.int64)
+        for g in np.flatnonzero(tokens != summed):
+            lines.append(f"array 'tokens' group '{groups[g]}': {tokens[g]}, but its shards sum to {summed[g]}")
+    if tokens is not None and record.get("tokens") is not None and [int(n) for n in tokens] != record["tokens"]:
+        lines.append("array 'tokens': differs from the tokens recorded when the totals were reduced")
+    return [Problem(line, totals=True) for line in lines]
 
 
 # -- repair ----------------------------------------------------------------------------------------
