@@ -4,15 +4,16 @@
 find it damaged; this script writes one as a harvest does instead: ``Store.create``, then one shard per
 group through ``Store.write_shard`` (its rows and digest; counts from ``analysis_scale.Generator``), then
 ``Store.reduce``. Default 80 layers x 28,672 neurons x 80 groups and 80 shards: 4.4 GB of raw totals and
-as much of shard rows. A real harvest has more shards (a shard per ``--shard-tokens``); verify reads
-every shard row twice, so its cost grows with them: the figures per GB of store apply.
+as much of shard rows (6.9 GB on disk). A real harvest has more shards (one per ``--shard-tokens``); verify
+reads each chunk twice (its checksum, then its values), so its cost grows with the store's size.
 
-``verify`` then runs in a fresh interpreter, under cProfile, which prints its wall time, peak RSS
+``verify`` then runs in a fresh interpreter, under cProfile, which prints its wall and CPU time, peak RSS
 (``ru_maxrss``: imports included), the chunks it checked, the bytes it read (``rchar`` of /proc/self/io:
-every read verify made, page cache included) and where the time went (verify's own steps). Peak RSS is checked
-against 2 GiB. The last line: ``verify: X s, Y GiB peak RSS, N chunks, Z GB read, store W GB``.
+every read verify made, page cache included) and where the time went (verify's own functions,
+cumulative). Peak RSS is checked against 2 GiB. The last line:
+``verify: X s, Y GiB peak RSS, N chunks, Z GB read, store W GB``.
 
-    .venv/bin/python benchmarks/verify_cost.py                      # 70B shape: ~8 GB of disk
+    .venv/bin/python benchmarks/verify_cost.py                      # 70B shape: 6.9 GB of disk, ~5 min to write
     .venv/bin/python benchmarks/verify_cost.py --layers 4 --width 512 --groups 4   # seconds
 """
 
@@ -62,15 +63,15 @@ def measure(store: str) -> dict:
 
     from harvester.verify import verify
 
-    rchar = _rchar()
+    rchar, cpu = _rchar(), time.process_time()
     start = time.perf_counter()
     profile = cProfile.Profile()
     problems, checked = profile.runcall(verify, store)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     stats = pstats.Stats(profile).stats
     steps = {fn: v[3] for (file, _, fn), v in stats.items()  # verify's own functions, by cumulative time
              if file.endswith("harvester/verify.py") and fn not in ("verify", "inspect") and not fn.startswith("<") and v[3] > 0.01 * seconds}
-    return {"seconds": seconds, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
+    return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
             "chunks": int(re.search(r"(\d+) chunks", checked).group(1)), "read_gb": (_rchar() - rchar) / 1e9,
             "problems": problems, "checked": checked, "steps": steps}
 
@@ -124,7 +125,8 @@ def main() -> None:
         for name, seconds in sorted(r["steps"].items(), key=lambda item: -item[1]):
             print(f"  {name:>15}: {seconds:7.1f} s (cumulative: _read runs inside the others)", flush=True)
         flag = "ok" if r["peak_rss_gib"] <= LIMIT_GIB else f"OVER {LIMIT_GIB:g} GiB"
-        print(f"  read {r['read_gb'] / size:.2f} x the store's size; {size / r['seconds']:.2f} GB of store per s; "
+        print(f"  CPU {r['cpu_seconds']:.1f} s; read {r['read_gb'] / size:.2f} x the store's size; "
+              f"{size / r['seconds']:.2f} GB of store per s; "
               f"peak RSS {flag}; load average {os.getloadavg()[0]:.2f}", flush=True)
         print(f"verify: {r['seconds']:.1f} s, {r['peak_rss_gib']:.2f} GiB peak RSS, {r['chunks']} chunks, "
               f"{r['read_gb']:.2f} GB read, store {size:.2f} GB")
