@@ -54,8 +54,9 @@ def run(path: str, repair: bool = False) -> None:
     for p in problems:
         print(f"{path}: {p.text}")
     if problems:
-        raise HarvestError(f"store {path} is damaged: {len(problems)} problem(s), listed above; "
-                           f"lsn verify --repair {path} marks the damaged shards for the same harvest to redo")
+        step = (f"lsn verify --repair {path} marks the damaged shards for the same harvest to redo"
+                if all(p.repairable for p in problems) else "some are beyond repair: harvest into a new --store")
+        raise HarvestError(f"store {path} is damaged: {len(problems)} problem(s), listed above; {step}")
     print(f"{checked}: no problem found")
 
 
@@ -77,7 +78,8 @@ def inspect(path: str | Path) -> tuple[list[Problem], str]:
     fsys, root_path = fs.filesystem(str(path))
     files = {f[len(root_path.rstrip("/")) + 1:]: f for f in fsys.find(root_path)}
     variables = [VARIABLES[s] for s in attrs["fingerprint"]["settings"]["stats"]]  # write_shard's order
-    expected = ["tokens", *variables, "shards/done", "shards/tokens", "shards/digest",
+    coords = ["group", "layer", "neuron", *(["hist_lo", "hist_hi"] if "hist" in variables else [])]
+    expected = [*coords, "tokens", *variables, "shards/done", "shards/tokens", "shards/digest",
                 *(f"shards/{v}" for v in variables)]
     gone = [Problem(f"array '{name}': its metadata (zarr.json) is missing") for name in expected
             if f"{name}/zarr.json" not in files]

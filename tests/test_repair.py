@@ -116,7 +116,7 @@ def test_repair_then_harvest_equals_a_clean_run(store, pristine, capsys, kind):
     damage, shards = DAMAGE[kind]
     damage(store)
     assert main(["verify", str(store)]) == 2
-    capsys.readouterr()
+    assert f"lsn verify --repair {store} marks the damaged shards" in capsys.readouterr().err
     lines = repair(store, capsys)
     assert sorted(int(line.split("shard ")[1].split(":")[0]) for line in lines if ": marked unfinished (" in line
                   ) == sorted(shards), lines
@@ -157,6 +157,7 @@ def test_repair_refused_while_a_harvest_holds_the_lease(store, capsys):
 
 BEYOND = {
     "lost array metadata": lambda s: (s / "shards" / "act_sum" / "zarr.json").unlink(),
+    "lost coordinate metadata": lambda s: (s / "neuron" / "zarr.json").unlink(),
     "flipped coordinate": lambda s: flip_byte(chunk(s, "layer", 0)),
     "damaged token manifest": lambda s: (s / "tokens" / "00001.json").write_text('{"shards": [tru'),
 }
@@ -167,6 +168,8 @@ def test_damage_beyond_repair_is_refused_and_nothing_changes(store, capsys, kind
     flip_byte(chunk(store, "shards/act_sum", 1, 0, 0, 0))  # repairable damage beside it is left alone too
     BEYOND[kind](store)
     before = tree_digest(store)
+    assert main(["verify", str(store)]) == 2
+    assert "beyond repair: harvest into a new --store" in capsys.readouterr().err
     assert main(["verify", "--repair", str(store)]) == 2
     out = capsys.readouterr()
     err = out.err.strip()
