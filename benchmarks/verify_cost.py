@@ -131,8 +131,10 @@ def main() -> None:
         print(f"verify: {r['seconds']:.1f} s, {r['peak_rss_gib']:.2f} GiB peak RSS, {r['chunks']} chunks, "
               f"{r['read_gb']:.2f} GB read, store {size:.2f} GB")
     finally:
-        if not args.store and not args.keep:
+        if args.store or not args.keep:  # a store given is never deleted (it is not under ``work``)
             shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"kept {store}")
 
 
 if __name__ == "__main__":
