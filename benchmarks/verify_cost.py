@@ -40,17 +40,15 @@ LIMIT_GIB = 2.0
 
 def write_store(path: str, L: int, I: int, K: int, seed: int) -> None:
     """A store as a harvest leaves it: one shard per group written with its digest, then reduced."""
-    from analysis_scale import Generator, _attrs
+    from analysis_scale import Generator, _fingerprint
 
-    from harvester.stats import StatsSpec
-    from harvester.store import Store
+    from harvester.store import Store, StoreAttrs
 
     stats = ["active", "sum", "sqsum"]
-    fingerprint, meta = _attrs([f"g{g:02d}" for g in range(K)], stats, None)
-    meta["model"].update(layers=L, width=I)
+    attrs = StoreAttrs.new(_fingerprint([f"g{g:02d}" for g in range(K)], stats, None), layers=L, width=I,
+                           specs=["synthetic"], architectures=["LlamaForCausalLM"])
     gen = Generator(L, I, K, seed)
-    store = Store.create(path, fingerprint=fingerprint, meta=meta, n_layers=L, width=I, n_shards=K,
-                         spec=StatsSpec(tuple(stats), None))
+    store = Store.create(path, attrs, n_shards=K)
     for g in range(K):
         store.write_shard(g, {g: {"tokens": int(gen.tokens[g]), **gen.group(g)}})
     store.reduce(list(range(K)))

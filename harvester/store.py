@@ -711,11 +711,6 @@ class ShardDigest:
         return self._sha.digest()
 
 
-def totals_record(indices: list[int], tokens) -> dict:
-    """:class:`Totals` as JSON (what ``lsn verify`` compares)."""
-    return Totals.of(indices, tokens).to_dict()
-
-
 def _remove_dead_partials(path: Path) -> None:
     """Remove temporary directories of earlier creators of this store whose process is gone from this
     host (the marker ``.NAME.partial-ID.json`` written before each says who made it); any other

@@ -13,7 +13,6 @@ exactly those shards and leaves a store equal to an undamaged run's.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import sys
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ import numpy as np
 from harvester import fs, lease
 from harvester.errors import HarvestError
 from harvester.stats import VARIABLES
-from harvester.store import Store, _zarr, read_attrs, tokens_dir, totals_record, zarr_store
+from harvester.store import ShardDigest, Store, StoreAttrs, Totals, _zarr, read_attrs, tokens_dir, zarr_store
 from harvester.windows import read_manifest
 
 
@@ -73,11 +72,11 @@ def inspect(path: str | Path) -> tuple[list[Problem], str]:
     attrs = read_attrs(path)
     if attrs is None:
         raise HarvestError(f"no store at {path}")
-    if attrs.get("format_version", 1) < 2:
+    if attrs.version < 2:
         raise HarvestError(f"store {path} has format version 1: it has no checksums or digests to verify")
     fsys, root_path = fs.filesystem(str(path))
     files = {f[len(root_path.rstrip("/")) + 1:]: f for f in fsys.find(root_path)}
-    variables = [VARIABLES[s] for s in attrs["fingerprint"]["settings"]["stats"]]  # write_shard's order
+    variables = attrs.settings.variables  # write_shard's order
     coords = ["group", "layer", "neuron", *(["hist_lo", "hist_hi"] if "hist" in variables else [])]
     expected = [*coords, "tokens", *variables, "shards/done", "shards/tokens", "shards/digest",
                 *(f"shards/{v}" for v in variables)]
@@ -89,17 +88,16 @@ def inspect(path: str | Path) -> tuple[list[Problem], str]:
     root = _zarr().open_group(store=checked(zarr_store(path, read_only=True), str(path)), mode="r",
                               use_consolidated=False)
     done = _done_shards(root, files)
-    if attrs.get("complete"):
+    if attrs.complete:
         for name, _ in root.arrays():
             problems += _missing_chunks(root[name], name, files)
     shards, missing = _shard_tokens(root, done, files, variables)
-    problems += missing + _check_rows(root, shards, variables, attrs["meta"]["corpus"]["groups"],
-                                      bool(attrs.get("complete")))
-    if attrs.get("complete"):
+    problems += missing + _check_rows(root, shards, variables, attrs.corpus.groups, attrs.complete)
+    if attrs.complete:
         problems += _check_record(root, attrs, shards)
     n_chunks = sum(1 for key in files if _chunk_of(key))
     return problems, (f"store {path}: {n_chunks} chunks, {len(done)} finished shards"
-                      + (", totals" if attrs.get("complete") else " (harvest not finished: no totals)"))
+                      + (", totals" if attrs.complete else " (harvest not finished: no totals)"))
 
 
 def _chunk_of(key: str):
@@ -183,7 +181,7 @@ def _check_rows(root, shards: dict, variables: list[str], groups: list[str], tot
     shard): each shard's digest recomputed as ``write_shard`` made it and, with ``totals``, each group's
     totals compared with the sum of its shards (bit for bit) and ``0 <= active <= tokens``."""
     readable = {s: t for s, t in shards.items() if t is not None}
-    digests = {s: hashlib.sha256() for s in readable}
+    digests = {s: ShardDigest() for s in readable}
     tokens = _read(root["tokens"], slice(None)) if totals else None
     problems = []
     for g, name in enumerate(groups):
@@ -196,7 +194,7 @@ def _check_rows(root, shards: dict, variables: list[str], groups: list[str], tot
                     digests[s] = expected = None
                     continue
                 if digests[s] is not None:
-                    digests[s].update(np.ascontiguousarray(row).tobytes())
+                    digests[s].add(row)
                 if expected is not None:
                     expected += row
             if expected is not None:
@@ -204,8 +202,7 @@ def _check_rows(root, shards: dict, variables: list[str], groups: list[str], tot
     for s, digest in digests.items():
         stored = _read(root["shards/digest"], s)
         if digest is not None and stored is not None:
-            digest.update(np.ascontiguousarray(readable[s], dtype=np.int64).tobytes())
-            if digest.digest() != bytes(stored):
+            if digest.digest(readable[s]) != bytes(stored):
                 problems.append(Problem(f"shard {s}: its rows do not match the digest written with them", shard=s))
     return problems
 
@@ -221,20 +218,20 @@ def _compare_total(var: str, name: str, total, expected, tokens: int | None) -> 
     return [Problem(line, totals=True) for line in problems]
 
 
-def _check_record(root, attrs: dict, shards: dict) -> list[Problem]:
+def _check_record(root, attrs: StoreAttrs, shards: dict) -> list[Problem]:
     """The totals were reduced from the shards marked done, and the tokens equal their sum and the record."""
     lines = []
-    record = attrs.get("totals") or {}
-    if record.get("shards_sha256") != totals_record(list(shards), [])["shards_sha256"]:
-        lines.append(f"totals: reduced from {record.get('shards')} shards, but {len(shards)} are marked done "
+    record = attrs.totals
+    if record is None or record.shards_sha256 != Totals.of(list(shards), []).shards_sha256:
+        lines.append(f"totals: reduced from {record and record.shards} shards, but {len(shards)} are marked done "
                      "(not the same shards)")
-    groups = attrs["meta"]["corpus"]["groups"]
+    groups = attrs.corpus.groups
     tokens = _read(root["tokens"], slice(None))
     if tokens is not None and all(t is not None for t in shards.values()):
         summed = np.sum([t for t in shards.values()], axis=0, dtype=np.int64) if shards else np.zeros(len(groups), np.int64)
         for g in np.flatnonzero(tokens != summed):
             lines.append(f"array 'tokens' group '{groups[g]}': {tokens[g]}, but its shards sum to {summed[g]}")
-    if tokens is not None and record.get("tokens") is not None and [int(n) for n in tokens] != record["tokens"]:
+    if tokens is not None and record is not None and tuple(int(n) for n in tokens) != tuple(record.tokens):
         lines.append("array 'tokens': differs from the tokens recorded when the totals were reduced")
     return [Problem(line, totals=True) for line in lines]
 
@@ -264,7 +261,7 @@ def _repair(path: str) -> None:
                   f"{len(shards)} shard(s) and sum the totals")
             return
         print(f"{checked}: no problem found; nothing to repair")
-        if not read_attrs(path).get("complete"):
+        if not read_attrs(path).complete:
             print(f"{path}: harvest not finished: run the same lsn harvest again (--store {path}) to finish it")
 
 
@@ -274,10 +271,9 @@ def _apply(store: Store, problems: list[Problem]) -> list[int]:
     for p in problems:
         if p.shard is not None:
             shards.setdefault(p.shard, p.text)
-    if (shards or any(p.totals for p in problems)) and (store.complete or "totals" in store.attrs):
+    if (shards or any(p.totals for p in problems)) and (store.complete or store.attrs.totals is not None):
         reason = next((p.text for p in problems if p.totals), f"shards {sorted(shards)} are redone")
-        store.attrs.pop("totals", None)
-        store.set_attrs(complete=False)  # first: no reader takes the totals from here on
+        store.set_attrs(complete=False, totals=None)  # first: no reader takes the totals from here on
         print(f"{store.path}: totals: cleared (store marked not complete, totals record dropped; {reason})")
     done = store.array("shards/done")
     for index, reason in sorted(shards.items()):
