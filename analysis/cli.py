@@ -233,5 +233,9 @@ def _check_rates(args) -> None:
         value = getattr(args, name, None)
         if value is not None and not 0 <= value <= 1:
             raise HarvestError(f"--{name.replace('_', '-')} must lie in [0, 1], got {value}")
-    if getattr(args, "top_percent", None) is not None and not 0 <= args.top_percent <= 100:
-        raise HarvestError(f"--top-percent must lie in [0, 100], got {args.top_percent}")
+    for name in ("top_percent", "percent"):
+        value = getattr(args, name, None)
+        if value is not None and not 0 <= value <= 100:
+            raise HarvestError(f"--{name.replace('_', '-')} must lie in [0, 100], got {value}")
+    if getattr(args, "eps", None) is not None and not args.eps > 0:
+        raise HarvestError(f"--eps must be positive, got {args.eps}")

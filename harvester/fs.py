@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
+from pathlib import Path
 
 
 def is_url(path: str) -> bool:
@@ -23,6 +24,32 @@ def filesystem(path: str):
         return fsspec.core.url_to_fs(str(path))
     except (ImportError, ValueError) as err:
         raise HarvestError(f"cannot open {path}: {str(err).splitlines()[0]}") from None
+
+
+def output_dir(path, what: str = "--out") -> Path:
+    """A local output directory, made now (before any work whose results it will hold): a file in its
+    place, or a directory that cannot be made, is a one-line error."""
+    from harvester.errors import HarvestError
+
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise HarvestError(f"{what} {out} is a file; give a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise HarvestError(f"{what} {out} cannot be a directory: {err.strerror or err}") from None
+    return out
+
+
+def output_file(path, what: str = "--out") -> Path:
+    """A local output file's path, its directory made now: a directory in its place is a one-line error."""
+    from harvester.errors import HarvestError
+
+    out = Path(path).expanduser()
+    if out.is_dir():
+        raise HarvestError(f"{what} {out} is a directory; give a file name")
+    output_dir(out.parent, f"the directory of {what}")
+    return out
 
 
 def read_text(path: str) -> str | None:
