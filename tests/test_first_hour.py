@@ -167,3 +167,15 @@ def test_out_of_range_values(store, tmp_path, capsys):
              "--percent must lie in [0, 100]")
     one_line(capsys, ["analyze", "autosweep", "--store", s, "--eps", "0"], "--eps must be positive")
     assert not (tmp_path / "g").exists() and not (tmp_path / "ft").exists()
+
+
+def test_vllm_memory_is_checked_before_anything(tmp_path, capsys):
+    """Engine-free: the flag's value, and its backend; YAML may give the GiB as a number."""
+    harvest = ["harvest", "--model", "tiny:llama", "--corpus", "sample", "--store", str(tmp_path / "s"), *FAST]
+    one_line(capsys, [*harvest, "--vllm-memory", "0"], "argument --vllm-memory: give GiB of KV cache")
+    one_line(capsys, [*harvest, "--vllm-memory", "120%"], "argument --vllm-memory: give GiB of KV cache")
+    one_line(capsys, [*harvest, "--vllm-memory", "2"], "--vllm-memory is for --backend vllm")
+    config = tmp_path / "c.yaml"
+    config.write_text("vllm-memory: 4\n")
+    one_line(capsys, [*harvest, "--config", str(config)], "--vllm-memory is for --backend vllm")
+    assert not (tmp_path / "s").exists()
