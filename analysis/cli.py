@@ -7,6 +7,7 @@ import json
 import sys
 
 from harvester.errors import HarvestError
+from harvester.fs import output_dir, output_file
 
 METHODS = ("lape", "lape-variant", "entropy-lambda", "autosweep", "act-prob-zero", "act-prob-90p", "coverage",
            "localizer", "random")
@@ -161,6 +162,10 @@ def _analyze(args) -> None:
         print(f"wrote {mask.save(args.out)}: {_describe(mask)}")
         return
     _check_rates(args)
+    if args.out:
+        output_file(args.out, make=False)
+    if args.report:
+        output_dir(args.report, "--report", make=False)
     counts = open_counts(args.store, _langs(args.langs), getattr(args, "response_only", False))
     P = counts.probabilities()
     names, params, extra = counts.names, {}, {}

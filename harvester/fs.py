@@ -26,29 +26,32 @@ def filesystem(path: str):
         raise HarvestError(f"cannot open {path}: {str(err).splitlines()[0]}") from None
 
 
-def output_dir(path, what: str = "--out") -> Path:
-    """A local output directory, made now (before any work whose results it will hold): a file in its
-    place, or a directory that cannot be made, is a one-line error."""
+def output_dir(path, what: str = "--out", make: bool = True) -> Path:
+    """A local output directory, made when ``make``; checked first, so that a refused run leaves
+    nothing behind: a file in its place or in its parents' is a one-line error."""
     from harvester.errors import HarvestError
 
     out = Path(path).expanduser()
-    if out.exists() and not out.is_dir():
-        raise HarvestError(f"{what} {out} is a file; give a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise HarvestError(f"{what} {out} cannot be a directory: {err.strerror or err}") from None
+    blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise HarvestError(f"{what} {out}: {blocking} is a file, not a directory")
+    if make:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise HarvestError(f"{what} {out} cannot be made: {err.strerror or err}") from None
     return out
 
 
-def output_file(path, what: str = "--out") -> Path:
-    """A local output file's path, its directory made now: a directory in its place is a one-line error."""
+def output_file(path, what: str = "--out", make: bool = True) -> Path:
+    """A local output file's path, its directory made when ``make``: a directory in its place is a
+    one-line error."""
     from harvester.errors import HarvestError
 
     out = Path(path).expanduser()
     if out.is_dir():
         raise HarvestError(f"{what} {out} is a directory; give a file name")
-    output_dir(out.parent, f"the directory of {what}")
+    output_dir(out.parent, f"the directory of {what}", make)
     return out
 
 

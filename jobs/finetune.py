@@ -101,6 +101,8 @@ def check(job: FinetuneJob):
     for name in ("steps", "rank", "batch_size", "seq_len", "alpha", "lr"):
         if not getattr(job, name) > 0:
             raise HarvestError(f"--{name.replace('_', '-')} must be positive, got {getattr(job, name)}")
+    if job.seq_len < 2:
+        raise HarvestError(f"--seq-len {job.seq_len} leaves no token to predict; give at least 2")
     if job.intervene is not None:
         Mode.parse(job.intervene)
     mask = Mask.load(job.mask)
@@ -108,7 +110,7 @@ def check(job: FinetuneJob):
     if len(set(job.langs)) != len(job.langs):
         raise HarvestError(f"--lang names a language twice: {','.join(job.langs)}")
     path_parts([f"{lang}-{control}" for lang in job.langs for control in job.controls], "language")
-    output_dir(job.out)
+    output_dir(job.out, make=False)
     for lang in job.langs:
         condition_dir(job, lang, job.controls[0])
     empty = [lang for lang in job.langs if mask.selected[mask.index(lang)].size == 0 and set(job.controls) & {"none", "random"}]

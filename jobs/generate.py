@@ -175,7 +175,7 @@ def run_generate(job: GenerateJob) -> dict:
         raise HarvestError(f"--temperature must be positive, got {job.temperature}")
     if not 0 < job.top_p <= 1:
         raise HarvestError(f"--top-p must lie in (0, 1], got {job.top_p}")
-    output_dir(job.out)
+    output_dir(job.out, make=False)
     plan = make_plan(job.model, job.mask, job.langs, job.store, job.mode, job.controls, job.seed,
                      job.allow_other_model)
     mask, mode, rows = plan.mask, plan.mode, plan.rows

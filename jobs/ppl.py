@@ -92,7 +92,7 @@ def group_nll(model, windows, n_groups: int, batch_size: int, pad_id: int):
 
 def run_ppl(job: PPLJob) -> dict:
     """Compute and write the matrix; returns the settings and the matrices."""
-    output_dir(job.out)
+    output_dir(job.out, make=False)
     plan = make_plan(job.model, job.mask, job.langs, job.store, job.mode, job.controls, job.seed,
                      job.allow_other_model)
     mask, mode, rows = plan.mask, plan.mode, plan.rows

@@ -145,12 +145,14 @@ def test_outputs_where_a_file_or_directory_is_in_the_way(store, tmp_path, capsys
     empty.write_bytes(b"")
     mask, s = str(store / "m.npz"), str(store / "s")
     one_line(capsys, ["analyze", "lape", "--store", s, "--out", str(a_dir)], f"--out {a_dir} is a directory")
+    one_line(capsys, ["analyze", "lape", "--store", s, "--out", str(tmp_path / "m.npz"), "--report", str(a_file / "r")],
+             f"--report {a_file / 'r'}: {a_file} is a file")
     one_line(capsys, ["mask", "export", mask, str(a_dir)], f"{a_dir} is a directory")
-    one_line(capsys, ["report", "--mask", mask, "--out", str(a_file)], f"--out {a_file} is a file")
+    one_line(capsys, ["report", "--mask", mask, "--out", str(a_file)], f"--out {a_file}: {a_file} is a file")
     one_line(capsys, ["report", "--mask", str(empty), "--out", str(a_dir)], "is not an lsn mask file")
     one_line(capsys, ["intervene", "ppl", "--model", "tiny:llama", "--mask", mask, "--corpus", "sample", "--out",
-                      str(a_file), "--no-ray", "--seq-len", "32"], f"--out {a_file} is a file")
-    assert a_file.read_text() == "keep me\n" and not any(a_dir.iterdir())
+                      str(a_file), "--no-ray", "--seq-len", "32"], f"--out {a_file}: {a_file} is a file")
+    assert a_file.read_text() == "keep me\n" and not any(a_dir.iterdir()) and not (tmp_path / "m.npz").exists()
 
 
 def test_out_of_range_values(store, tmp_path, capsys):
@@ -163,6 +165,8 @@ def test_out_of_range_values(store, tmp_path, capsys):
     one_line(capsys, [*generate, "--top-p", "2"], "--top-p must lie in (0, 1]")
     one_line(capsys, ["finetune", "--model", "tiny:llama", "--mask", mask, "--lang", "en", "--task", "clm", "--data",
                       "sample", "--out", str(tmp_path / "ft"), "--lr", "0"], "--lr must be positive")
+    one_line(capsys, ["finetune", "--model", "tiny:llama", "--mask", mask, "--lang", "en", "--task", "clm", "--data",
+                      "sample", "--out", str(tmp_path / "ft"), "--seq-len", "1"], "leaves no token to predict")
     one_line(capsys, ["analyze", "act-prob-90p", "--store", s, "--out", str(tmp_path / "x.npz"), "--percent", "200"],
              "--percent must lie in [0, 100]")
     one_line(capsys, ["analyze", "autosweep", "--store", s, "--eps", "0"], "--eps must be positive")

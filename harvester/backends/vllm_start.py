@@ -17,6 +17,7 @@ through.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -134,13 +135,15 @@ class StartLog:
         return self
 
     def _pump(self, read: int) -> None:
+        """Read until every writer is gone; never stops early, or the engine would block on a full pipe."""
         with os.fdopen(read, "rb", buffering=0) as pipe:
             while chunk := pipe.read(1 << 16):
                 with self._lock:
-                    if self._live:
-                        os.write(self._saved[2], chunk)
-                    else:
+                    if not self._live:
                         self._chunks.append(chunk)
+                        continue
+                    with contextlib.suppress(OSError):  # stderr gone (a closed pipe): drop the output
+                        os.write(self._saved[2], chunk)
 
     def __exit__(self, kind, err, tb) -> None:
         for stream in (sys.stdout, sys.stderr):
@@ -149,9 +152,10 @@ class StartLog:
             os.dup2(self._saved[fd], fd)
         os.close(self._saved[1])
         if kind is None:
-            with self._lock:  # replay what start-up said, then pass everything through
+            with self._lock, contextlib.suppress(OSError):  # replay what start-up said, then pass all through
+                self._live = True
                 os.write(self._saved[2], b"".join(self._chunks))
-                self._chunks, self._live = [], True
+                self._chunks = []
         else:
             self._thread.join(timeout=1.0)  # what the dying subprocesses still had to say
             with self._lock:
