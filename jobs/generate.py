@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from harvester.corpus import text_lines
 from harvester.errors import HarvestError
 from harvester.fs import output_dir
 from harvester.names import check_name
@@ -58,23 +59,22 @@ def read_prompts(path: str) -> list[Prompt]:
     if not Path(path).is_file():
         raise HarvestError(f"prompts file not found: {path}")
     prompts = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise HarvestError(f"{path}:{n}: not JSON ({err.msg})") from None
-            if not isinstance(item, dict) or not isinstance(item.get("lang"), str) or not isinstance(item.get("prompt"), str):
-                raise HarvestError(f"{path}:{n}: each line needs string fields 'lang' and 'prompt'")
-            if not item["prompt"].strip():
-                raise HarvestError(f"{path}:{n}: empty prompt")
-            try:
-                check_name(item["lang"], "prompt language")
-            except HarvestError as err:
-                raise HarvestError(f"{path}:{n}: {err}") from None
-            prompts.append(Prompt(item["lang"], item["prompt"]))
+    for n, line in text_lines(Path(path)):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise HarvestError(f"{path}:{n}: not JSON ({err.msg})") from None
+        if not isinstance(item, dict) or not isinstance(item.get("lang"), str) or not isinstance(item.get("prompt"), str):
+            raise HarvestError(f"{path}:{n}: each line needs string fields 'lang' and 'prompt'")
+        if not item["prompt"].strip():
+            raise HarvestError(f"{path}:{n}: empty prompt")
+        try:
+            check_name(item["lang"], "prompt language")
+        except HarvestError as err:
+            raise HarvestError(f"{path}:{n}: {err}") from None
+        prompts.append(Prompt(item["lang"], item["prompt"]))
     if not prompts:
         raise HarvestError(f"prompts file {path} has no prompts")
     return prompts

@@ -117,6 +117,20 @@ def test_bad_text_corpora_are_refused_before_a_store(tmp_path, capsys):
         assert not store.exists()
 
 
+def test_prompts_and_task_data_that_are_not_utf8(store, tmp_path, capsys):
+    bad = "caf\xe9\n".encode("latin-1")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_bytes(b'{"lang": "en", "prompt": "the cat"}\n{"lang": "en", "prompt": "' + bad[:-1] + b'"}\n')
+    one_line(capsys, ["intervene", "generate", "--model", "tiny:llama", "--mask", str(store / "m.npz"), "--prompts",
+                      str(prompts), "--out", str(tmp_path / "g"), "--no-ray"], f"{prompts}:2: not UTF-8 text")
+    (tmp_path / "xnli" / "en").mkdir(parents=True)
+    (tmp_path / "xnli" / "en" / "train.jsonl").write_bytes(bad)
+    one_line(capsys, ["finetune", "--model", "tiny:llama", "--mask", str(store / "m.npz"), "--lang", "en", "--task",
+                      "xnli", "--data", str(tmp_path / "xnli"), "--out", str(tmp_path / "ft"), "--no-ray", "--steps", "1"],
+             "train.jsonl:1: not UTF-8 text")
+    assert not (tmp_path / "g").exists() and not (tmp_path / "ft").exists()
+
+
 def test_a_config_file_that_is_not_utf8(tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_bytes("model: tiny:llama\n# café\n".encode("latin-1"))

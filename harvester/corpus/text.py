@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from harvester.corpus import Segment, Stream, decode_line, file_identity
+from harvester.corpus import Segment, Stream, file_identity, text_lines
 from harvester.errors import HarvestError
 from harvester.names import check_name
 
@@ -59,7 +59,6 @@ def _lines(path: Path) -> Iterator[str]:
         with path.open(encoding="utf-8") as f:
             yield from f
     except UnicodeDecodeError:
-        with path.open("rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                decode_line(raw, path, lineno)
+        for _ in text_lines(path):  # raises, naming the first line that is not UTF-8
+            pass
         raise HarvestError(f"{path}: not UTF-8 text") from None
