@@ -128,7 +128,7 @@ def test_prompts_and_task_data_that_are_not_utf8(store, tmp_path, capsys):
     one_line(capsys, ["finetune", "--model", "tiny:llama", "--mask", str(store / "m.npz"), "--lang", "en", "--task",
                       "xnli", "--data", str(tmp_path / "xnli"), "--out", str(tmp_path / "ft"), "--no-ray", "--steps", "1"],
              "train.jsonl:1: not UTF-8 text")
-    assert not (tmp_path / "g").exists() and not (tmp_path / "ft").exists()
+    assert not any((tmp_path / name).exists() for name in ("g", "ft", "r.npz", "p"))
 
 
 def test_a_config_file_that_is_not_utf8(tmp_path, capsys):
@@ -184,7 +184,11 @@ def test_out_of_range_values(store, tmp_path, capsys):
     one_line(capsys, ["analyze", "act-prob-90p", "--store", s, "--out", str(tmp_path / "x.npz"), "--percent", "200"],
              "--percent must lie in [0, 100]")
     one_line(capsys, ["analyze", "autosweep", "--store", s, "--eps", "0"], "--eps must be positive")
-    assert not (tmp_path / "g").exists() and not (tmp_path / "ft").exists()
+    one_line(capsys, ["analyze", "random", "--mask", mask, "--out", str(tmp_path / "r.npz"), "--seed", "-1"],
+             "--seed must be 0 or more")
+    one_line(capsys, ["intervene", "ppl", "--model", "tiny:llama", "--mask", mask, "--corpus", "sample", "--out",
+                      str(tmp_path / "p"), "--seed", "-1", "--no-ray", "--seq-len", "32"], "--seed must be 0 or more")
+    assert not any((tmp_path / name).exists() for name in ("g", "ft", "r.npz", "p"))
 
 
 def test_vllm_memory_is_checked_before_anything(tmp_path, capsys):
