@@ -238,6 +238,9 @@ def _check_rates(args) -> None:
         value = getattr(args, name, None)
         if value is not None and not 0 <= value <= 1:
             raise HarvestError(f"--{name.replace('_', '-')} must lie in [0, 1], got {value}")
+    for name in ("filter_rate", "bar_ratio"):  # quantiles of the probabilities: 0 names no value
+        if getattr(args, name, None) == 0:
+            raise HarvestError(f"--{name.replace('_', '-')} is a quantile and must lie in (0, 1], got 0")
     for name in ("top_percent", "percent"):
         value = getattr(args, name, None)
         if value is not None and not 0 <= value <= 100:

@@ -184,6 +184,8 @@ def test_out_of_range_values(store, tmp_path, capsys):
     one_line(capsys, ["analyze", "act-prob-90p", "--store", s, "--out", str(tmp_path / "x.npz"), "--percent", "200"],
              "--percent must lie in [0, 100]")
     one_line(capsys, ["analyze", "autosweep", "--store", s, "--eps", "0"], "--eps must be positive")
+    one_line(capsys, ["analyze", "lape", "--store", s, "--out", str(tmp_path / "x.npz"), "--bar-ratio", "0"],
+             "--bar-ratio is a quantile and must lie in (0, 1]")
     one_line(capsys, ["analyze", "random", "--mask", mask, "--out", str(tmp_path / "r.npz"), "--seed", "-1"],
              "--seed must be 0 or more")
     one_line(capsys, ["intervene", "ppl", "--model", "tiny:llama", "--mask", mask, "--corpus", "sample", "--out",
