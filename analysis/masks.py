@@ -197,7 +197,8 @@ class Mask:
     def load(cls, path: str | Path) -> "Mask":
         path = Path(path)
         if not path.is_file():
-            raise HarvestError(f"mask file not found: {path}")
+            raise HarvestError(f"mask {path} is a directory, not a mask file" if path.is_dir()
+                               else f"mask file not found: {path}")
         try:
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))

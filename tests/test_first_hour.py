@@ -164,6 +164,7 @@ def test_outputs_where_a_file_or_directory_is_in_the_way(store, tmp_path, capsys
     one_line(capsys, ["mask", "export", mask, str(a_dir)], f"{a_dir} is a directory")
     one_line(capsys, ["report", "--mask", mask, "--out", str(a_file)], f"--out {a_file}: {a_file} is a file")
     one_line(capsys, ["report", "--mask", str(empty), "--out", str(a_dir)], "is not an lsn mask file")
+    one_line(capsys, ["report", "--mask", str(a_dir), "--out", str(a_dir)], f"mask {a_dir} is a directory")
     one_line(capsys, ["intervene", "ppl", "--model", "tiny:llama", "--mask", mask, "--corpus", "sample", "--out",
                       str(a_file), "--no-ray", "--seq-len", "32"], f"--out {a_file}: {a_file} is a file")
     assert a_file.read_text() == "keep me\n" and not any(a_dir.iterdir()) and not (tmp_path / "m.npz").exists()
