@@ -109,7 +109,8 @@ def open_counts(store: str, langs: list[str] | None = None, response_only: bool 
                       [[position[g] for g in b] for b in behind], subtracted)
     names, index = [], []
     for item in (langs or groups):
-        name, sep, expr = item.partition("=") if langs else (item, "", "")  # a group's own name may hold '='
+        # a group's own name, which may hold '=', is that group; otherwise NAME=G1+G2 sums groups
+        name, sep, expr = item.partition("=") if langs and item not in position else (item, "", "")
         members = expr.split("+") if sep else [item]
         missing = [m for m in members if m not in position]
         if missing or not name:

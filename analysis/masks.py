@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from harvester.errors import HarvestError
+from harvester.fs import output_file
 from harvester.names import check_name
 
 FORMAT = "lsn-mask"
@@ -181,11 +182,10 @@ class Mask:
 
     # -- files ---------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
+        path = output_file(path)
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "method": self.method, "params": self.params,
                 "languages": self.languages, "n_layers": self.n_layers, "width": self.width,
                 "source": self.source, "extra": self.extra}
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp.npz")
         np.savez_compressed(tmp, meta=np.array(json.dumps(meta)),
                             **{f"sel_{k}": s for k, s in enumerate(self.selected)})
@@ -196,7 +196,8 @@ class Mask:
     def load(cls, path: str | Path) -> "Mask":
         path = Path(path)
         if not path.is_file():
-            raise HarvestError(f"mask file not found: {path}")
+            raise HarvestError(f"mask {path} is a directory, not a mask file" if path.is_dir()
+                               else f"mask file not found: {path}")
         try:
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
@@ -204,7 +205,7 @@ class Mask:
                     raise HarvestError(f"{path} is not an lsn mask file")
                 _check_meta(meta, path)
                 selected = [data[f"sel_{k}"] for k in range(len(meta["languages"]))]
-        except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as err:
+        except (OSError, EOFError, ValueError, KeyError, TypeError, json.JSONDecodeError) as err:
             raise HarvestError(f"{path} is not an lsn mask file ({type(err).__name__})") from None
         for k, sel in enumerate(selected):
             if sel.ndim != 1 or sel.dtype.kind not in "iu":
@@ -224,8 +225,7 @@ class Mask:
     def export_rucaibox(self, path: str | Path) -> Path:
         import torch
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = output_file(path)
         torch.save(self.to_rucaibox(), path)
         return path
 

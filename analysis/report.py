@@ -16,6 +16,7 @@ import numpy as np
 
 from analysis.masks import Mask
 from harvester.errors import HarvestError
+from harvester.fs import output_dir
 
 TOP_PAIRS = 10
 MAX_LAYER_TABLE = 40
@@ -200,8 +201,7 @@ def write_report(mask: Mask, out: str | Path, title: str | None = None) -> Path:
     """Write the CSVs, the two PNGs and ``report.md`` into directory ``out``; returns ``report.md``."""
     if not mask.languages:
         raise HarvestError("the mask has no languages; there is nothing to report")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(out)
     appear = checked_appear(mask)
     counts = mask.counts()  # [language, layer]
     shared = overlap(mask)  # [language, language]

@@ -56,7 +56,7 @@ def _harvest_into(cfg: HarvestConfig, held: lease.Lease, fingerprint: dict, meta
     portable = cfg.model if cfg.model.startswith("tiny:") else model_path  # what every node can resolve
     wcfg = WorkerConfig(cfg.backend, portable, cfg.dtype, cfg.device, cfg.device_map, cfg.site, cfg.store,
                         spec, cfg.batch_size, unit=cfg.unit, pooling=pooling, tensor_parallel=cfg.tensor_parallel,
-                        seq_len=cfg.seq_len)
+                        seq_len=cfg.seq_len, vllm_memory=cfg.vllm_memory)
     settings = TokenSettings(cfg.seq_len, cfg.shard_tokens, pooling, fingerprint["tokenizer"]["sha256"],
                              tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1,
                              fingerprint_sha256=fingerprint_sha256(fingerprint),
