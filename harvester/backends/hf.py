@@ -272,16 +272,18 @@ def fused_agrees(ref: dict, got: dict, float32: bool) -> bool:
 class HFBackend(Backend):
     """A transformers causal LM with a forward hook on each layer's activation module."""
 
-    def __init__(self, model: str, dtype: str = "float32", device: str = "cpu",
+    def __init__(self, model: str, dtype: str = "auto", device: str = "auto",
                  device_map: str | None = None, site: str | None = None, unit: str = "mlp",
                  fused: bool | None = None):
         """``fused``: use the fused Triton kernel (:mod:`harvester.fused`) in place of each gated MLP's
         activation; ``None`` (default) uses it on CUDA when the MLP and activation are supported and
-        ``LSN_FUSED`` is not ``0``, ``True`` demands it (an error when unsupported), ``False`` never."""
+        ``LSN_FUSED`` is not ``0``, ``True`` demands it (an error when unsupported), ``False`` never.
+        ``device`` and ``dtype`` as :func:`harvester.devices.resolve` takes them, checked on this machine."""
         from transformers import AutoModelForCausalLM
 
-        if dtype not in DTYPES:
-            raise HarvestError(f"unknown dtype '{dtype}'; choose from {', '.join(DTYPES)}")
+        from harvester.devices import resolve_here
+
+        device, dtype = resolve_here(device, dtype)
         self.path = resolve_model(model)
         config = load_config(self.path)
         self.site = arch.resolve_site(config, site, unit)
