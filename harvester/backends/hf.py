@@ -272,13 +272,15 @@ def fused_agrees(ref: dict, got: dict, float32: bool) -> bool:
 class HFBackend(Backend):
     """A transformers causal LM with a forward hook on each layer's activation module."""
 
-    def __init__(self, model: str, dtype: str = "auto", device: str = "auto",
+    def __init__(self, model: str, dtype: str = "float32", device: str = "cpu",
                  device_map: str | None = None, site: str | None = None, unit: str = "mlp",
                  fused: bool | None = None):
         """``fused``: use the fused Triton kernel (:mod:`harvester.fused`) in place of each gated MLP's
         activation; ``None`` (default) uses it on CUDA when the MLP and activation are supported and
         ``LSN_FUSED`` is not ``0``, ``True`` demands it (an error when unsupported), ``False`` never.
-        ``device`` and ``dtype`` as :func:`harvester.devices.resolve` takes them, checked on this machine."""
+        ``device`` and ``dtype`` as :func:`harvester.devices.resolve` takes them (``auto`` too), checked on this
+        machine; the defaults are fixed, not ``auto``, so that the class computes the same on every machine
+        (the commands default to ``auto``)."""
         from transformers import AutoModelForCausalLM
 
         from harvester.devices import resolve_here
