@@ -6,6 +6,7 @@ tested here without a GPU; the refusals on this machine's CPU build of torch are
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -172,3 +173,17 @@ def test_only_rays_token_notice_is_dropped():
         logger.removeHandler(handler)
     assert [m.split(".")[0] for m in seen] == ["Token authentication is disabled for this Ray cluster",
                                                 "Token authentication is enabled for this Ray cluster"]
+
+
+def test_intervene_with_default_flags_runs_in_this_process(default_store, tmp_path):
+    """The row jobs follow the same rule: one local actor, no Ray; the resolved dtype is what they record."""
+    store, _ = default_store
+    mask = tmp_path / "lape.npz"
+    assert main(["analyze", "lape", "--store", str(store), "--out", str(mask)]) == 0
+    run = lsn("intervene", "ppl", "--model", "tiny:llama", "--mask", mask, "--corpus", "sample:docs=4,seed=7,langs=en+de",
+              "--out", tmp_path / "ppl", "--seq-len", "64", "--controls", "0")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "ray imported: False" in run.stderr
+    resolved = json.loads((tmp_path / "ppl" / "ppl.json").read_text())["settings"]["dtype"]
+    assert f"lsn: device {'cuda' if torch.cuda.is_available() else 'cpu'}, dtype {resolved}" in run.stderr.splitlines()
+    assert resolved != "auto"
