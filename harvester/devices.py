@@ -101,9 +101,9 @@ def wants_ray(device: str, actors: int | None, address: str | None, tensor_paral
     return (actors or (probe().cuda_devices if on_gpu else 1)) > 1
 
 
-def describe(device: str, dtype: str) -> str:
-    """The one line a command prints at its start."""
-    return f"device {device}, dtype {dtype}"
+def start_line(device: str, dtype: str, on_ray: bool) -> str:
+    """The one line a command prints when its model work starts (after its inputs were checked)."""
+    return f"lsn: device {device}, dtype {dtype}, {'on Ray' if on_ray else 'in this process'}"
 
 
 def add_flags(parser) -> None:

@@ -18,7 +18,7 @@ from harvester import __version__, arch, lease, signals
 from harvester.backends.hf import load_config, load_tokenizer, max_positions, model_identity, resolve_model
 from harvester.config import HarvestConfig
 from harvester.corpus import parse_corpora
-from harvester.devices import describe, wants_ray
+from harvester.devices import start_line, wants_ray
 from harvester.errors import HarvestError
 from harvester.stats import StatsSpec
 from harvester.store import Store, StoreAttrs, fingerprint_sha256, read_attrs, tokens_dir
@@ -75,7 +75,7 @@ def _harvest_into(cfg: HarvestConfig, held: lease.Lease, fingerprint: dict, meta
         return Store.create(cfg.store, attrs, n_shards=n_streams * SHARDS_PER_STREAM, owner=held.info)
 
     on_ray = cfg.use_ray and wants_ray(cfg.device, cfg.actors, cfg.address, cfg.tensor_parallel)
-    _say(cfg, f"lsn: {describe(cfg.device, cfg.dtype)}, {'on Ray' if on_ray else 'in this process'}")
+    _say(cfg, start_line(cfg.device, cfg.dtype, on_ray))
     runner = _run_ray if on_ray else _run_local
     infos = runner(cfg, wcfg, job, n_streams, open_store, held.raise_if_lost)
     held.check()

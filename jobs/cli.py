@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 from harvester.devices import add_flags as add_device_flags
 from harvester.errors import HarvestError
 
@@ -94,15 +92,6 @@ def _langs(text: str | None) -> list[str] | None:
     return langs
 
 
-def _announced(args, job):
-    """``job``, after its resolved device and dtype are printed (one line, unless --no-progress)."""
-    from harvester.devices import describe
-
-    if not args.no_progress:
-        print(f"lsn: {describe(job.device, job.dtype)}", file=sys.stderr)
-    return job
-
-
 def run(args) -> None:
     if args.command == "finetune":
         from jobs.finetune import FinetuneJob, run_finetune
@@ -110,7 +99,7 @@ def run(args) -> None:
 
         import pandas as pd
 
-        result = run_finetune(_announced(args, FinetuneJob(
+        result = run_finetune(FinetuneJob(
             model=args.model, mask=args.mask, langs=_langs(args.lang), task=args.task, data=args.data, out=args.out,
             controls=_langs(args.control), train_lang=args.train_lang, eval_langs=_langs(args.eval_langs),
             eval_data=args.eval_data, steps=args.steps, rank=args.rank, alpha=args.alpha, lr=args.lr,
@@ -118,7 +107,7 @@ def run(args) -> None:
             intervene=None if args.intervene == "none" else args.intervene, max_train=args.max_train,
             max_eval=args.max_eval, seed=args.seed, dtype=args.dtype, device=args.device, use_ray=not args.no_ray,
             address=args.address, progress=not args.no_progress, store=args.store,
-            allow_other_model=args.allow_other_model)))
+            allow_other_model=args.allow_other_model))
         frame = pd.DataFrame.from_records(result["table"])
         print(markdown(frame[["lang", "condition", "eval_lang", "metric", "value", "intervened"]]), end="")
         print(f"wrote {args.out}/results.json, results.csv, results.md and one adapter per condition")
@@ -133,24 +122,24 @@ def run(args) -> None:
     elif args.command == "intervene" and args.intervene_command == "generate":
         from jobs.generate import GenerateJob, flat_table, markdown, run_generate
 
-        result = run_generate(_announced(args, GenerateJob(
+        result = run_generate(GenerateJob(
             model=args.model, mask=args.mask, prompts=args.prompts, out=args.out, mode=args.mode,
             controls=args.controls, seed=args.seed, langs=_langs(args.langs), store=args.store, dtype=args.dtype,
             device=args.device, max_new_tokens=args.max_new_tokens,
             sample=args.sample, temperature=args.temperature, top_p=args.top_p, actors=args.actors,
             use_ray=not args.no_ray, address=args.address, progress=not args.no_progress,
-            allow_other_model=args.allow_other_model)))
+            allow_other_model=args.allow_other_model))
         print(markdown(flat_table(result["table"])[["intervened", "prompt_lang", "in_prompt_lang", "length"]]), end="")
         print(f"wrote {args.out}/generate.csv, generate.md, generate.json")
     elif args.command == "intervene" and args.intervene_command == "ppl":
         from jobs.ppl import PPLJob, run_ppl, summary
 
         langs = _langs(args.langs)
-        result = run_ppl(_announced(args, PPLJob(model=args.model, mask=args.mask, corpus=args.corpus, out=args.out, mode=args.mode,
+        result = run_ppl(PPLJob(model=args.model, mask=args.mask, corpus=args.corpus, out=args.out, mode=args.mode,
                                 controls=args.controls, seed=args.seed, langs=langs, store=args.store,
                                 dtype=args.dtype, device=args.device, seq_len=args.seq_len,
                                 batch_size=args.batch_size, max_tokens_per_lang=args.max_tokens_per_lang,
                                 actors=args.actors, use_ray=not args.no_ray, address=args.address,
-                                progress=not args.no_progress, allow_other_model=args.allow_other_model)))
+                                progress=not args.no_progress, allow_other_model=args.allow_other_model))
         print(summary(result))
         print(f"wrote {args.out}/ppl.csv, ppl_change.csv, ppl_relative.csv, ppl_change.png, ppl.json")

@@ -195,11 +195,14 @@ def prepare_data(job: FinetuneJob) -> dict:
 def _run(job: FinetuneJob, conditions: list[tuple[str, str]], data: dict) -> list[dict]:
     from tqdm.auto import tqdm
 
-    from harvester.devices import wants_ray
+    from harvester.devices import start_line, wants_ray
 
+    on_ray = job.use_ray and wants_ray(job.device, None, job.address)
+    if job.progress:
+        print(start_line(job.device, job.dtype, on_ray), file=sys.stderr)
     bar = tqdm(total=len(conditions), unit="condition", desc="finetune", disable=not job.progress, file=sys.stderr)
     try:
-        if not (job.use_ray and wants_ray(job.device, None, job.address)):
+        if not on_ray:
             out = []
             for lang, control in conditions:
                 out.append(run_condition(job, lang, control, data))

@@ -181,16 +181,19 @@ def check_shape(shape: tuple[int, int], mask) -> None:
 
 
 def run_rows(worker_cls, init: tuple, method: str, calls: list[tuple], mask, *, use_ray: bool, device: str,
-             actors: int | None, address: str | None, progress: bool, desc: str, shared=None) -> list:
+             dtype: str, actors: int | None, address: str | None, progress: bool, desc: str, shared=None) -> list:
     """``getattr(worker, method)(*call, shared)`` for every call, in order; ``shared`` (large, the same
     for every row) goes once into Ray's object store."""
     from tqdm.auto import tqdm
 
-    from harvester.devices import wants_ray
+    from harvester.devices import start_line, wants_ray
 
+    use_ray = use_ray and wants_ray(device, actors, address)
+    if progress:
+        print(start_line(device, dtype, use_ray), file=sys.stderr)
     bar = tqdm(total=len(calls), unit="row", desc=desc, disable=not progress, file=sys.stderr)
     try:
-        if not (use_ray and wants_ray(device, actors, address)):
+        if not use_ray:
             worker = worker_cls(*init)
             check_shape(worker.shape(), mask)
             out = []

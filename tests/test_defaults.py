@@ -185,5 +185,6 @@ def test_intervene_with_default_flags_runs_in_this_process(default_store, tmp_pa
     assert run.returncode == 0, run.stderr[-2000:]
     assert "ray imported: False" in run.stderr
     resolved = json.loads((tmp_path / "ppl" / "ppl.json").read_text())["settings"]["dtype"]
-    assert f"lsn: device {'cuda' if torch.cuda.is_available() else 'cpu'}, dtype {resolved}" in run.stderr.splitlines()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert f"lsn: device {device}, dtype {resolved}, in this process" in run.stderr.splitlines()
     assert resolved != "auto"
