@@ -67,9 +67,10 @@ def add_commands(sub, positive) -> None:
     f.add_argument("--max-eval", type=positive, default=None)
     f.add_argument("--seed", type=int, default=0)
     add_device_flags(f)
-    f.add_argument("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS; without either, "
-                   "the conditions run one after another in this process, or on Ray with several local GPUs)")
-    f.add_argument("--no-ray", action="store_true", help="run every condition in this process")
+    f.add_argument("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else an embedded "
+                   "local instance)")
+    f.add_argument("--no-ray", action="store_true", help="run every condition in this process, without Ray's "
+                   "start-up; peak memory is then the process's, not each condition's")
     f.add_argument("--no-progress", action="store_true")
     _allow_other(f)
     d = sub.add_parser("demo", help="train (once) the demo model, then harvest, LAPE, PPL matrix, generation, report")

@@ -73,8 +73,8 @@ class FinetuneJob:
     device: str = "auto"
     """``auto`` values are resolved when the job is made (:func:`harvester.devices.resolve_here`)."""
     use_ray: bool = True
-    """False: every condition in this process; True: on Ray where it buys something (a cluster, several
-    local GPUs: :func:`harvester.devices.wants_ray`), each condition in a fresh process."""
+    """False: every condition in this process (``peak_memory_bytes`` is then the process's peak so far);
+    True: each condition a Ray task in a fresh process, so its peak memory is its own."""
     address: str | None = None
     progress: bool = True
     store: str | None = None
@@ -195,9 +195,9 @@ def prepare_data(job: FinetuneJob) -> dict:
 def _run(job: FinetuneJob, conditions: list[tuple[str, str]], data: dict) -> list[dict]:
     from tqdm.auto import tqdm
 
-    from harvester.devices import start_line, wants_ray
+    from harvester.devices import start_line
 
-    on_ray = job.use_ray and wants_ray(job.device, None, job.address)
+    on_ray = job.use_ray  # Ray buys a fresh process per condition, hence its own peak memory
     if job.progress:
         print(start_line(job.device, job.dtype, on_ray), file=sys.stderr)
     bar = tqdm(total=len(conditions), unit="condition", desc="finetune", disable=not job.progress, file=sys.stderr)
