@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass
 
 from harvester.errors import HarvestError
@@ -78,22 +79,22 @@ def probe() -> Capabilities:
 
 
 def resolve_here(device: str, dtype: str, *, use_ray: bool = False, address: str | None = None) -> tuple[str, str]:
-    """:func:`resolve` on this machine. A command that joins a Ray cluster (``use_ray`` with an
-    ``address`` or ``$RAY_ADDRESS``) leaves explicit devices to the cluster to check; ``auto`` is
-    still decided here."""
-    on_cluster = use_ray and cluster_address(address) is not None
-    return resolve(device, dtype, probe(), check=not on_cluster)
+    """:func:`resolve` on this machine. A command that joins a Ray cluster (``use_ray`` and
+    :func:`joins_cluster`) leaves explicit devices to the cluster to check; ``auto`` is still decided here."""
+    return resolve(device, dtype, probe(), check=not (use_ray and joins_cluster(address)))
 
 
-def cluster_address(address: str | None) -> str | None:
-    """The Ray cluster a command joins: ``--address``, else ``$RAY_ADDRESS``, else none (this machine)."""
-    return address or os.environ.get("RAY_ADDRESS") or None
+def joins_cluster(address: str | None) -> bool:
+    """Whether a command's Ray work goes to a cluster rather than this machine: ``--address``,
+    ``$RAY_ADDRESS``, or a Ray instance this process has already joined (which it then uses)."""
+    ray = sys.modules.get("ray")  # never imported here just to ask
+    return bool(address or os.environ.get("RAY_ADDRESS") or (ray is not None and ray.is_initialized()))
 
 
 def wants_ray(device: str, actors: int | None, address: str | None, tensor_parallel: int = 1) -> bool:
     """Ray buys something only on a cluster, with several model actors, or for vLLM's ranks on GPUs
     (a placement group); one local actor runs in this process, without Ray's start-up (25-35 s)."""
-    if cluster_address(address):
+    if joins_cluster(address):
         return True
     on_gpu = device.startswith("cuda")
     if on_gpu and tensor_parallel > 1:
