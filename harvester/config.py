@@ -32,9 +32,9 @@ class HarvestConfig:
     shard_tokens: int = 1 << 20
     """Tokens per shard: the unit of work, of resume and of storage."""
     actors: int | None = None
-    """Ray actors (default: one per GPU, or 1 on CPU)."""
+    """Model actors (default: one per GPU, or 1 on CPU); one on this machine runs in this process, without Ray."""
     address: str | None = None
-    """Ray cluster to join; default ``$RAY_ADDRESS`` or an embedded local instance."""
+    """Ray cluster to join; default ``$RAY_ADDRESS``, else (with several actors) an embedded local instance."""
     use_ray: bool = True
     """False: run the worker in this process. True uses Ray only where it buys something (a cluster,
     several actors, vLLM ranks on GPUs; :func:`harvester.devices.wants_ray`)."""
