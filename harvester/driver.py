@@ -9,6 +9,7 @@ import hashlib
 import os
 import sys
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -17,6 +18,7 @@ from harvester import __version__, arch, lease, signals
 from harvester.backends.hf import load_config, load_tokenizer, max_positions, model_identity, resolve_model
 from harvester.config import HarvestConfig
 from harvester.corpus import parse_corpora
+from harvester.devices import start_line, wants_ray
 from harvester.errors import HarvestError
 from harvester.stats import StatsSpec
 from harvester.store import Store, StoreAttrs, fingerprint_sha256, read_attrs, tokens_dir
@@ -72,7 +74,9 @@ def _harvest_into(cfg: HarvestConfig, held: lease.Lease, fingerprint: dict, meta
         attrs = StoreAttrs.new(fingerprint, layers=layers, width=width, **meta)
         return Store.create(cfg.store, attrs, n_shards=n_streams * SHARDS_PER_STREAM, owner=held.info)
 
-    runner = _run_ray if cfg.use_ray else _run_local
+    on_ray = cfg.use_ray and wants_ray(cfg.device, cfg.actors, cfg.address, cfg.tensor_parallel)
+    _say(cfg, start_line(cfg.device, cfg.dtype, on_ray))
+    runner = _run_ray if on_ray else _run_local
     infos = runner(cfg, wcfg, job, n_streams, open_store, held.raise_if_lost)
     held.check()
     store = Store(cfg.store)
@@ -191,7 +195,8 @@ def ray_init(address: str | None) -> bool:
         else:
             # "local": always a new instance, never one that `ray start` left running on this machine
             _loopback_only()
-            ray.init(address="local", num_cpus=os.cpu_count(), _node_ip_address="127.0.0.1", **kwargs)
+            with _quiet_token_notice():
+                ray.init(address="local", num_cpus=os.cpu_count(), _node_ip_address="127.0.0.1", **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise HarvestError(f"could not connect to Ray at {address or 'a new local instance'}: "
                            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
@@ -201,6 +206,30 @@ def ray_init(address: str | None) -> bool:
         raise
     signals.install()  # Ray's core worker replaced the SIGINT/SIGTERM handlers with its own
     return True
+
+
+class _TokenNotice:
+    """Drops exactly Ray's notice that it enabled token authentication for a new local instance
+    (``authentication_token_setup._warn_token_auth_enabled``): on an instance that only listens on
+    loopback it says nothing the user can act on. Every other record passes."""
+
+    LOGGER = "ray._private.authentication.authentication_token_setup"
+    TEXT = "Token authentication is enabled for this Ray cluster."
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith(self.TEXT)
+
+
+@contextmanager
+def _quiet_token_notice():
+    import logging
+
+    logger, notice = logging.getLogger(_TokenNotice.LOGGER), _TokenNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
 
 
 def _loopback_only() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from harvester.devices import add_flags as add_device_flags
 from harvester.errors import HarvestError
 
 COMMANDS = ("intervene", "demo", "finetune")
@@ -16,11 +17,12 @@ def _common(p, positive) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random controls")
     p.add_argument("--langs", default=None, help="comma-separated mask languages (rows) and evaluated languages")
     p.add_argument("--store", default=None, help="store for mean/p10/p90 and the site (default: the mask's)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--actors", type=positive, default=None, help="Ray actors (default: one per GPU, 1 on CPU)")
-    p.add_argument("--address", default=None, help="Ray cluster address (default $RAY_ADDRESS or embedded)")
-    p.add_argument("--no-ray", action="store_true", help="run every row in this process")
+    add_device_flags(p)
+    p.add_argument("--actors", type=positive, default=None, help="model actors (default: one per GPU, 1 on CPU); "
+                   "one actor on this machine runs in this process, 2 or more on Ray")
+    p.add_argument("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS; without either, "
+                   "several actors run on an embedded local Ray instance)")
+    p.add_argument("--no-ray", action="store_true", help="run every row in this process, even with --actors 2+")
     p.add_argument("--no-progress", action="store_true")
     _allow_other(p)
 
@@ -64,10 +66,11 @@ def add_commands(sub, positive) -> None:
     f.add_argument("--max-train", type=positive, default=None)
     f.add_argument("--max-eval", type=positive, default=None)
     f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    f.add_argument("--device", default="cpu")
-    f.add_argument("--address", default=None)
-    f.add_argument("--no-ray", action="store_true")
+    add_device_flags(f)
+    f.add_argument("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else an embedded "
+                   "local instance)")
+    f.add_argument("--no-ray", action="store_true", help="run every condition in this process, without Ray's "
+                   "start-up; peak memory is then the process's, not each condition's")
     f.add_argument("--no-progress", action="store_true")
     _allow_other(f)
     d = sub.add_parser("demo", help="train (once) the demo model, then harvest, LAPE, PPL matrix, generation, report")

@@ -69,15 +69,23 @@ class FinetuneJob:
     max_train: int | None = None
     max_eval: int | None = None
     seed: int = 0
-    dtype: str = "float32"
-    device: str = "cpu"
+    dtype: str = "auto"
+    device: str = "auto"
+    """``auto`` values are resolved when the job is made (:func:`harvester.devices.resolve_here`)."""
     use_ray: bool = True
+    """False: every condition in this process (``peak_memory_bytes`` is then the process's peak so far);
+    True: each condition a Ray task in a fresh process, so its peak memory is its own."""
     address: str | None = None
     progress: bool = True
     store: str | None = None
     """The store of ``--intervene mean|p10|p90`` statistics (default: the mask's)."""
     allow_other_model: bool = False
     """Apply a mask (and store statistics) from another model than ``model``: a deliberate transfer."""
+
+    def __post_init__(self):
+        from harvester.devices import resolve_here
+
+        self.device, self.dtype = resolve_here(self.device, self.dtype, use_ray=self.use_ray, address=self.address)
 
 
 def condition_dir(job: FinetuneJob, lang: str, control: str) -> Path:
@@ -187,9 +195,14 @@ def prepare_data(job: FinetuneJob) -> dict:
 def _run(job: FinetuneJob, conditions: list[tuple[str, str]], data: dict) -> list[dict]:
     from tqdm.auto import tqdm
 
+    from harvester.devices import start_line
+
+    on_ray = job.use_ray  # Ray buys a fresh process per condition, hence its own peak memory
+    if job.progress:
+        print(start_line(job.device, job.dtype, on_ray), file=sys.stderr)
     bar = tqdm(total=len(conditions), unit="condition", desc="finetune", disable=not job.progress, file=sys.stderr)
     try:
-        if not job.use_ray:
+        if not on_ray:
             out = []
             for lang, control in conditions:
                 out.append(run_condition(job, lang, control, data))

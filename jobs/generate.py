@@ -184,7 +184,7 @@ def run_generate(job: GenerateJob) -> dict:
                 "top_p": job.top_p, "seed": job.seed}
     calls = [(row, mode, mask.width, plan.values.get(row.language), settings) for row in rows]
     outputs = run_rows(GenerateWorker, (job.model, job.dtype, job.device, plan.site), "row", calls, mask,
-                       use_ray=job.use_ray, device=job.device, actors=job.actors, address=job.address,
+                       use_ray=job.use_ray, device=job.device, dtype=job.dtype, actors=job.actors, address=job.address,
                        progress=job.progress, desc="generate rows", shared=prompts)
     prompt_langs = list(dict.fromkeys(p.lang for p in prompts))
     detector = Detector(prompt_langs + list(mask.languages))

@@ -100,7 +100,7 @@ def run_ppl(job: PPLJob) -> dict:
     columns = [g for g in groups if job.langs is None or g in job.langs] or groups
     calls = [(row, mode, mask.width, plan.values.get(row.language), len(groups), job.batch_size) for row in rows]
     results = run_rows(RowWorker, (job.model, job.dtype, job.device, plan.site), "row", calls, mask, use_ray=job.use_ray,
-                       device=job.device, actors=job.actors, address=job.address, progress=job.progress,
+                       device=job.device, dtype=job.dtype, actors=job.actors, address=job.address, progress=job.progress,
                        desc="ppl rows", shared=windows)
     base_nll, base_n = results[0]
     if (base_n == 0).any():

@@ -26,14 +26,21 @@ class Job:
     langs: list[str] | None = None
     store: str | None = None
     """For the statistic modes and the site; default: the store the mask was made from."""
-    dtype: str = "float32"
-    device: str = "cpu"
+    dtype: str = "auto"
+    device: str = "auto"
+    """``auto`` values are resolved when the job is made (:func:`harvester.devices.resolve_here`)."""
     actors: int | None = None
     use_ray: bool = True
+    """False: every row in this process; True: on Ray where it buys something (:func:`harvester.devices.wants_ray`)."""
     address: str | None = None
     progress: bool = True
     allow_other_model: bool = False
     """Apply a mask (and store statistics) from another model than ``model``: a deliberate transfer."""
+
+    def __post_init__(self):
+        from harvester.devices import resolve_here
+
+        self.device, self.dtype = resolve_here(self.device, self.dtype, use_ray=self.use_ray, address=self.address)
 
 
 @dataclass(frozen=True)
@@ -174,11 +181,16 @@ def check_shape(shape: tuple[int, int], mask) -> None:
 
 
 def run_rows(worker_cls, init: tuple, method: str, calls: list[tuple], mask, *, use_ray: bool, device: str,
-             actors: int | None, address: str | None, progress: bool, desc: str, shared=None) -> list:
+             dtype: str, actors: int | None, address: str | None, progress: bool, desc: str, shared=None) -> list:
     """``getattr(worker, method)(*call, shared)`` for every call, in order; ``shared`` (large, the same
     for every row) goes once into Ray's object store."""
     from tqdm.auto import tqdm
 
+    from harvester.devices import start_line, wants_ray
+
+    use_ray = use_ray and wants_ray(device, actors, address)
+    if progress:
+        print(start_line(device, dtype, use_ray), file=sys.stderr)
     bar = tqdm(total=len(calls), unit="row", desc=desc, disable=not progress, file=sys.stderr)
     try:
         if not use_ray:

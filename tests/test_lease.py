@@ -217,7 +217,7 @@ def test_signal_stops_gracefully_then_resume(tmp_path, clean, sig, code):
 def test_sigterm_with_ray(tmp_path):
     """With the embedded Ray instance: 143, one line (no C stack dump), and Ray's processes are gone."""
     store = tmp_path / "store"
-    cmd = [a for a in command(store, LARGE) if a != "--no-ray"]
+    cmd = [a for a in command(store, LARGE, "--actors", "2") if a != "--no-ray"]  # one actor would run in-process
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env=ENV)
     wait_for(lambda: done_shards(store) >= 3, proc, timeout=240)

@@ -157,7 +157,8 @@ def test_harvest_cli_in_a_ray_actor_matches_hf(tmp_path, text_corpus):
     common = ["harvest", "--model", "tiny:llama", "--corpus", f"text:{text_corpus}", "--seq-len", "128",
               "--batch-size", "4", "--shard-tokens", "1500", "--no-progress", "--stats", "active,sum,sqsum"]
     assert main(common + ["--store", str(tmp_path / "hf"), "--no-ray"]) == 0
-    assert main(common + ["--store", str(tmp_path / "vllm"), "--backend", "vllm", "--actors", "1"]) == 0
+    # two actors: one would run in this process, without Ray
+    assert main(common + ["--store", str(tmp_path / "vllm"), "--backend", "vllm", "--actors", "2"]) == 0
     hf, vl = xr.open_zarr(tmp_path / "hf"), xr.open_zarr(tmp_path / "vllm")
     settings = read_attrs(tmp_path / "vllm")["fingerprint"]["settings"]
     assert (settings["backend"], settings["tensor_parallel"]) == ("vllm", 1)

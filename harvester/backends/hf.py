@@ -277,11 +277,15 @@ class HFBackend(Backend):
                  fused: bool | None = None):
         """``fused``: use the fused Triton kernel (:mod:`harvester.fused`) in place of each gated MLP's
         activation; ``None`` (default) uses it on CUDA when the MLP and activation are supported and
-        ``LSN_FUSED`` is not ``0``, ``True`` demands it (an error when unsupported), ``False`` never."""
+        ``LSN_FUSED`` is not ``0``, ``True`` demands it (an error when unsupported), ``False`` never.
+        ``device`` and ``dtype`` as :func:`harvester.devices.resolve` takes them (``auto`` too), checked on this
+        machine; the defaults are fixed, not ``auto``, so that the class computes the same on every machine
+        (the commands default to ``auto``)."""
         from transformers import AutoModelForCausalLM
 
-        if dtype not in DTYPES:
-            raise HarvestError(f"unknown dtype '{dtype}'; choose from {', '.join(DTYPES)}")
+        from harvester.devices import resolve_here
+
+        device, dtype = resolve_here(device, dtype)
         self.path = resolve_model(model)
         config = load_config(self.path)
         self.site = arch.resolve_site(config, site, unit)
