@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 from harvester import lease
 from harvester.backends.hf import resolve_model
 from harvester.cli import main
+from harvester.errors import HarvestError
 from harvester.store import Store, StoreAttrs, read_attrs
 from tests import fixtures
 
@@ -220,3 +221,19 @@ def test_analysis_and_interventions_flag_empty_groups_and_masks(tmp_path, capsys
     assert "lsn: warning: row en:prompt intervenes on no unit (its mask is empty); it repeats the row none" in err
     settings = json.loads((tmp_path / "ppl" / "ppl.json").read_text())["settings"]
     assert settings["empty_mask"] == empty
+
+
+def test_per_group_truncation_is_checked_and_older_stores_still_read(tmp_path, capsys, instruct):
+    store = tmp_path / "st"
+    assert run(capsys, "harvest", *FAST, "--corpus", f"instruct:{instruct}", "--seq-len", 256, "--store", store)[0] == 0
+    raw = read_attrs(store).to_dict()
+    older = json.loads(json.dumps(raw))
+    for key in ("truncated_tokens_per_group", "truncated_documents_per_group"):
+        del older["meta"]["corpus"][key]
+    assert StoreAttrs.from_dict(older, store).corpus.truncated_tokens_per_group is None
+    raw["meta"]["corpus"]["truncated_tokens_per_group"] = [0, 0]
+    with pytest.raises(HarvestError, match=r"meta.corpus.truncated_tokens_per_group: has 2 entries for 4 groups"):
+        StoreAttrs.from_dict(raw, store)
+    raw["meta"]["corpus"]["truncated_tokens_per_group"] = [0, 0, -1, 0]
+    with pytest.raises(HarvestError, match=r"truncated_tokens_per_group\[2\]: is negative"):
+        StoreAttrs.from_dict(raw, store)
