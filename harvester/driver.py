@@ -90,8 +90,9 @@ def _harvest_into(cfg: HarvestConfig, held: lease.Lease, fingerprint: dict, meta
             return store
         layers, width = shape
         attrs = StoreAttrs.new(fingerprint, layers=layers, width=width, **meta)
-        created.append(cfg.store)
-        return Store.create(cfg.store, attrs, n_shards=n_streams * SHARDS_PER_STREAM, owner=held.info)
+        store = Store.create(cfg.store, attrs, n_shards=n_streams * SHARDS_PER_STREAM, owner=held.info)
+        created.append(store)  # only once it exists: a refused creation removes nothing
+        return store
 
     runner = _run_ray if cfg.use_ray else _run_local
     try:
