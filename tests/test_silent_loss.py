@@ -237,3 +237,20 @@ def test_per_group_truncation_is_checked_and_older_stores_still_read(tmp_path, c
     raw["meta"]["corpus"]["truncated_tokens_per_group"] = [0, 0, -1, 0]
     with pytest.raises(HarvestError, match=r"truncated_tokens_per_group\[2\]: is negative"):
         StoreAttrs.from_dict(raw, store)
+
+
+def test_an_ec40_target_side_cut_short_is_a_warning(tmp_path, capsys):
+    data = fixtures.write_ec40(tmp_path / "ec40", langs=("fr",), n=6)
+    store = tmp_path / "st"
+    code, out, err = run(capsys, "harvest", *FAST, "--corpus", f"ec40:{data}", "--pairs", "en-fr,fr-en",
+                         "--seq-len", 24, "--store", store)
+    assert code == 0, err
+    corpus = read_attrs(store).corpus
+    kept, cut = corpus.tokens_per_group, corpus.truncated_tokens_per_group
+    lossy = {g for g, k, c in zip(corpus.groups, kept, cut) if c > 0.01 * (k + c)}
+    assert "en-fr:tgt" in lossy and sum(cut) == corpus.truncated_tokens > 0
+    warned = {line.split()[3] for line in err.splitlines() if line.startswith("lsn: warning: group ")}
+    assert warned == lossy
+    row = next(line for line in out.splitlines() if line.startswith("en-fr:tgt")).split()
+    assert row[-2:] == [str(cut[corpus.groups.index("en-fr:tgt")]),
+                        str(corpus.truncated_documents_per_group[corpus.groups.index("en-fr:tgt")])]
