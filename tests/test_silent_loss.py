@@ -8,6 +8,7 @@ import json
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 from transformers import AutoTokenizer
 
@@ -254,3 +255,24 @@ def test_an_ec40_target_side_cut_short_is_a_warning(tmp_path, capsys):
     row = next(line for line in out.splitlines() if line.startswith("en-fr:tgt")).split()
     assert row[-2:] == [str(cut[corpus.groups.index("en-fr:tgt")]),
                         str(corpus.truncated_documents_per_group[corpus.groups.index("en-fr:tgt")])]
+
+
+def test_generate_marks_rows_of_an_empty_mask(tmp_path, capsys, instruct):
+    store = tmp_path / "st"
+    assert run(capsys, "harvest", *FAST, "--corpus", f"instruct:{instruct}", "--seq-len", 64, "--store", store)[0] == 0
+    assert run(capsys, "analyze", "lape", "--store", store, "--langs", "en:prompt,de:prompt", "--out",
+               tmp_path / "m.npz")[0] == 0
+    assert run(capsys, "analyze", "lape", "--store", store, "--langs", "en:prompt,de:prompt", "--top-rate", 0,
+               "--out", tmp_path / "empty.npz")[0] == 0
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"lang": "en", "prompt": "the people who"}) + "\n")
+    for mask, empty in (("m.npz", []), ("empty.npz", ["en:prompt", "de:prompt"])):
+        out = tmp_path / f"gen-{mask}"
+        code, _, err = run(capsys, "intervene", "generate", "--model", MODEL, "--mask", tmp_path / mask, "--prompts",
+                           prompts, "--out", out, "--max-new-tokens", 3, "--controls", 0, "--no-ray", "--no-progress")
+        assert code == 0, err
+        units = pd.read_csv(out / "generate.csv").set_index("intervened")["units"]
+        assert units["none"] == 0
+        assert [lang for lang in ("en:prompt", "de:prompt") if units[lang] == 0] == empty
+        assert json.loads((out / "generate.json").read_text())["settings"]["empty_mask"] == empty
+        assert ("intervenes on no unit" in err) == bool(empty)
