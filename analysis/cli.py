@@ -160,6 +160,7 @@ def _analyze(args) -> None:
         mask = Mask(base.languages, base.n_layers, base.width, selected, "random",
                     {"seed": args.seed, "controls": base.method, "of": args.mask}, base.source)
         print(f"wrote {mask.save(args.out)}: {_describe(mask)}")
+        _warn_empty_masks(mask)
         return
     _check_rates(args)
     if args.out:
@@ -167,6 +168,7 @@ def _analyze(args) -> None:
     if args.report:
         output_dir(args.report, "--report", make=False)
     counts = open_counts(args.store, _langs(args.langs), getattr(args, "response_only", False))
+    _warn_empty_groups(counts)
     P = counts.probabilities()
     names, params, extra = counts.names, {}, {}
     if args.method == "lape":
@@ -227,10 +229,26 @@ def _analyze(args) -> None:
 def _write(args, mask) -> None:
     path = mask.save(args.out)
     print(f"wrote {path}: {mask.method}, {_describe(mask)}")
+    _warn_empty_masks(mask)
     if getattr(args, "report", None):
         from analysis.report import write_report
 
         print(f"report: {write_report(mask, args.report)}")
+
+
+def _warn_empty_groups(counts) -> None:
+    """A language counted over no token: its probabilities are zeros, not a measurement."""
+    for name, n, groups in zip(counts.names, counts.tokens, counts.groups):
+        if n == 0:
+            print(f"lsn: warning: language {name} has no tokens in {counts.store} (groups {', '.join(groups)}); "
+                  "its probabilities are all zero, and nothing selected for it is evidence", file=sys.stderr)
+
+
+def _warn_empty_masks(mask) -> None:
+    empty = mask.empty_languages()
+    if empty:
+        print(f"lsn: warning: the mask selects no unit for {', '.join(empty)}; interventions on "
+              f"{'it' if len(empty) == 1 else 'them'} change nothing", file=sys.stderr)
 
 
 def _check_rates(args) -> None:

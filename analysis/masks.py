@@ -143,6 +143,10 @@ class Mask:
             out[k, sel] = True
         return out.reshape(len(self.languages), self.n_layers, self.width)
 
+    def empty_languages(self) -> list[str]:
+        """Languages with no selected unit: intervening on them changes nothing."""
+        return [lang for lang, sel in zip(self.languages, self.selected) if sel.size == 0]
+
     def index(self, language: str) -> int:
         if language not in self.languages:
             raise HarvestError(f"language '{language}' is not in the mask; it has {', '.join(self.languages)}")

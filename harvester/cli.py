@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--max-pairs", type=_positive, default=30_000, help="EC40 examples per direction")
     h.add_argument("--max-tokens-per-lang", type=_positive, default=None, help="Wikipedia tokens per language")
     h.add_argument("--no-progress", action="store_true")
+    h.add_argument("--overwrite", action="store_true", help="discard an existing store at --store (after every "
+                   "up-front check passed) and harvest anew, instead of resuming it")
     s = sub.add_parser("summary", help="per-group summary of a store")
     s.add_argument("--store", required=True)
     v = sub.add_parser("verify", help="check a store in depth: every chunk's checksum, every finished shard's "
@@ -147,7 +149,7 @@ def _harvest(args) -> None:
     from harvester.corpus import CorpusOptions
     from harvester.driver import harvest
     from harvester.stats import parse_edges, parse_stats
-    from harvester.summary import summarize
+    from harvester.summary import report_losses, summarize
 
     for name in ("model", "corpus", "store"):
         if not getattr(args, name):
@@ -163,9 +165,10 @@ def _harvest(args) -> None:
                         hist_edges=parse_edges(args.hist_edges) if "hist" in stats else None,
                         site=args.site_module, unit=args.site, tokenize_tasks=args.tokenize_tasks,
                         tensor_parallel=args.tensor_parallel, vllm_memory=args.vllm_memory,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, overwrite=args.overwrite)
     store = harvest(cfg)
     print(summarize(str(store.path)))
+    report_losses(store.attrs)
 
 
 def _verify(path: str, repair: bool) -> None:
@@ -198,9 +201,11 @@ def _dispatch(argv: list[str] | None) -> None:
     if args.command == "harvest":
         _harvest(args)
     elif args.command == "summary":
-        from harvester.summary import summarize
+        from harvester.store import open_finished
+        from harvester.summary import report_losses, summarize
 
         print(summarize(args.store))
+        report_losses(open_finished(args.store), fail=False)
     elif args.command == "verify":
         _verify(args.store, args.repair)
     elif args.command in job_commands:

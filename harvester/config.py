@@ -51,6 +51,8 @@ class HarvestConfig:
     tokenize_tasks: int | None = None
     """Concurrent tokenization tasks (default: the CPUs the model actors leave free, at least 1)."""
     progress: bool = True
+    overwrite: bool = False
+    """Discard an existing store at ``store`` (once every up-front check passed) instead of resuming it."""
 
     def __post_init__(self):
         from harvester.devices import resolve_here

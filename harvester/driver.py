@@ -21,15 +21,19 @@ from harvester.corpus import parse_corpora
 from harvester.devices import start_line, wants_ray
 from harvester.errors import HarvestError
 from harvester.stats import StatsSpec
-from harvester.store import Store, StoreAttrs, fingerprint_sha256, read_attrs, tokens_dir
-from harvester.windows import SHARDS_PER_STREAM, ShardInfo, TokenSettings, read_manifest
+from harvester.store import Store, StoreAttrs, discard, fingerprint_sha256, read_attrs, tokens_dir
+from harvester.windows import SHARDS_PER_STREAM, ShardInfo, TokenSettings, precheck, read_manifest
 from harvester.worker import ShardWorker, TokenizeJob, WorkerConfig, tokenize
 
 _MAX_ATTEMPTS = 3
 
 
 def harvest(cfg: HarvestConfig) -> Store:
-    """Run (or resume) the harvest ``cfg`` describes; returns the completed store."""
+    """Run (or resume) the harvest ``cfg`` describes; returns the completed store.
+
+    Every check that runs no model on the corpus comes before a store is created (or, with
+    ``cfg.overwrite``, discarded); a run refused later removes the store it created while none of the
+    store's shards is finished, so the same command with other settings can follow."""
     read_attrs(cfg.store)  # a file, or a foreign directory, is refused before any work
     with lease.acquire(cfg.store, say=_log) as held:  # one writer per store, before anything is written
         model_path = resolve_model(cfg.model)
@@ -42,29 +46,45 @@ def harvest(cfg: HarvestConfig) -> Store:
         corpora = parse_corpora(cfg.corpus, cfg.corpus_options)  # reads and checks every local input
         if len(corpora.groups) > np.iinfo(np.int16).max:
             raise HarvestError(f"too many groups ({len(corpora.groups)})")
-        spec = StatsSpec(cfg.stats, cfg.hist_edges if "hist" in cfg.stats else None)
-        fingerprint = _fingerprint(cfg, config, model_path, site, tokenizer, corpora, spec)
+        fingerprint = _fingerprint(cfg, config, model_path, site, tokenizer, corpora, _stats_spec(cfg))
+        settings = _token_settings(cfg, fingerprint, tokenizer)
+        existing = read_attrs(cfg.store)
+        if cfg.overwrite or existing is None or not existing.complete:
+            precheck(corpora, tokenizer, settings)  # pooled corpora: every document fits --seq-len
+        if cfg.overwrite and existing is not None:
+            _overwrite(cfg.store, existing)
         store = Store.open_for_writing(cfg.store, fingerprint)
         if store is not None and store.complete:
             _say(cfg, f"store {cfg.store} is already complete")
             return store
-        return _harvest_into(cfg, held, fingerprint, _meta(cfg, config), corpora, spec, tokenizer, model_path)
+        return _harvest_into(cfg, held, fingerprint, _meta(cfg, config), corpora, settings, model_path)
 
 
-def _harvest_into(cfg: HarvestConfig, held: lease.Lease, fingerprint: dict, meta: dict, corpora, spec: StatsSpec,
-                  tokenizer, model_path: str) -> Store:
+def _token_settings(cfg: HarvestConfig, fingerprint: dict, tokenizer) -> TokenSettings:
+    return TokenSettings(cfg.seq_len, cfg.shard_tokens, cfg.corpus_options.pooling, fingerprint["tokenizer"]["sha256"],
+                         tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1,
+                         fingerprint_sha256=fingerprint_sha256(fingerprint),
+                         corpus_sha256=fingerprint_sha256(fingerprint["corpus"]))
+
+
+def _overwrite(path: str, attrs: StoreAttrs) -> None:
+    """``--overwrite``: discard the store at ``path`` (under its lease, after every up-front check passed)."""
+    state = "complete" if attrs.complete else "unfinished"
+    discard(path)
+    _log(f"--overwrite: removed store {path} (the {state} harvest of {attrs.model.id} on {attrs.corpus.spec})")
+
+
+def _harvest_into(cfg: HarvestConfig, held: lease.Lease, fingerprint: dict, meta: dict, corpora,
+                  settings: TokenSettings, model_path: str) -> Store:
     """Create or resume the store under the lease ``held``, run every shard, reduce the totals."""
     pooling = cfg.corpus_options.pooling
     portable = cfg.model if cfg.model.startswith("tiny:") else model_path  # what every node can resolve
     wcfg = WorkerConfig(cfg.backend, portable, cfg.dtype, cfg.device, cfg.device_map, cfg.site, cfg.store,
-                        spec, cfg.batch_size, unit=cfg.unit, pooling=pooling, tensor_parallel=cfg.tensor_parallel,
-                        seq_len=cfg.seq_len, vllm_memory=cfg.vllm_memory)
-    settings = TokenSettings(cfg.seq_len, cfg.shard_tokens, pooling, fingerprint["tokenizer"]["sha256"],
-                             tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1,
-                             fingerprint_sha256=fingerprint_sha256(fingerprint),
-                             corpus_sha256=fingerprint_sha256(fingerprint["corpus"]))
+                        _stats_spec(cfg), cfg.batch_size, unit=cfg.unit, pooling=pooling,
+                        tensor_parallel=cfg.tensor_parallel, seq_len=cfg.seq_len, vllm_memory=cfg.vllm_memory)
     job = TokenizeJob(portable, tuple(cfg.corpus), cfg.corpus_options, settings, tokens_dir(cfg.store))
     n_streams = len(corpora.streams)
+    created = []
 
     def open_store(shape) -> Store:
         store = Store.open_for_writing(cfg.store, fingerprint)  # compared again: on every open for writing
@@ -72,16 +92,38 @@ def _harvest_into(cfg: HarvestConfig, held: lease.Lease, fingerprint: dict, meta
             return store
         layers, width = shape
         attrs = StoreAttrs.new(fingerprint, layers=layers, width=width, **meta)
-        return Store.create(cfg.store, attrs, n_shards=n_streams * SHARDS_PER_STREAM, owner=held.info)
+        store = Store.create(cfg.store, attrs, n_shards=n_streams * SHARDS_PER_STREAM, owner=held.info)
+        created.append(store)  # only once it exists: a refused creation removes nothing
+        return store
 
     on_ray = cfg.use_ray and wants_ray(cfg.device, cfg.actors, cfg.address, cfg.tensor_parallel)
     _say(cfg, start_line(cfg.device, cfg.dtype, on_ray))
     runner = _run_ray if on_ray else _run_local
-    infos = runner(cfg, wcfg, job, n_streams, open_store, held.raise_if_lost)
+    try:
+        infos = runner(cfg, wcfg, job, n_streams, open_store, held.raise_if_lost)
+    except Exception:
+        if created:
+            _remove_created(cfg.store, held)
+        raise
     held.check()
     store = Store(cfg.store)
     store.reduce([i.index for i in infos], _corpus_meta(job.root, corpora, infos))
     return store
+
+
+def _stats_spec(cfg: HarvestConfig) -> StatsSpec:
+    return StatsSpec(cfg.stats, cfg.hist_edges if "hist" in cfg.stats else None)
+
+
+def _remove_created(path: str, held: lease.Lease) -> None:
+    """A run refused after it created the store at ``path``: remove it while it holds no finished
+    shard and the lease is still this run's (nothing another run made is touched)."""
+    try:
+        held.check()
+    except HarvestError:
+        return
+    if discard(path, unless_finished_shards=True):
+        _log(f"removed store {path}, which this run created and which holds no finished shard")
 
 
 def _corpus_meta(root: str, corpora, infos: list[ShardInfo]) -> dict:
@@ -95,7 +137,20 @@ def _corpus_meta(root: str, corpora, infos: list[ShardInfo]) -> dict:
     return {"tokens_per_group": tokens, "digest": digest, "tokens": sum(tokens), "shards": len(infos),
             "windows": sum(i.n_windows for i in infos),
             "truncated_tokens": sum(m["truncated_tokens"] for m in manifests),
-            "truncated_documents": sum(m["truncated_documents"] for m in manifests)}
+            "truncated_documents": sum(m["truncated_documents"] for m in manifests),
+            **{f"{key}_per_group": _per_group(manifests, f"{key}_per_group", len(corpora.groups))
+               for key in ("truncated_tokens", "truncated_documents")}}
+
+
+def _per_group(manifests: list[dict], key: str, n_groups: int) -> list[int] | None:
+    """The manifests' ``key`` (group id -> count) summed per group; None if a manifest predates it."""
+    if any(key not in m for m in manifests):
+        return None
+    out = [0] * n_groups
+    for m in manifests:
+        for g, n in m[key].items():
+            out[int(g)] += n
+    return out
 
 
 class _Progress:
@@ -152,15 +207,18 @@ def _run_ray(cfg: HarvestConfig, wcfg: WorkerConfig, job: TokenizeJob, n_streams
     import ray
 
     started = ray_init(cfg.address)
+    actors: list = []  # the dispatcher replaces dead ones in this list
     try:
         res = _resources(cfg, ray)
-        actors = [res.spawn(wcfg) for _ in range(res.n_actors)]
+        actors.extend(res.spawn(wcfg) for _ in range(res.n_actors))
         store = open_store(ray_get(ray, actors[0].shape.remote()))
         task = ray.remote(num_returns="streaming", num_cpus=res.tokenize_cpus, max_retries=2,
                           _generator_backpressure_num_objects=2)(tokenize)
         with _Progress(cfg) as bar:
             return _Dispatcher(ray, store, actors, res, wcfg, task, job, n_streams, bar).run(guard)
     finally:
+        for actor in actors:  # none writes a shard after the harvest stopped (a refused one removes its store)
+            ray.kill(actor)
         if started:
             ray.shutdown()
 

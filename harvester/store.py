@@ -286,7 +286,12 @@ class CorpusInfo(_Section):
     shards: int | None = _field(_optional(_integer))
     windows: int | None = _field(_optional(_integer))
     truncated_tokens: int | None = _field(_optional(_integer))
+    """Tokens that ``sequence`` packing cut off documents longer than ``--seq-len`` (not harvested)."""
     truncated_documents: int | None = _field(_optional(_integer))
+    truncated_tokens_per_group: tuple[int, ...] | None = _field(_optional(_list_of(_integer)))
+    """``truncated_tokens`` per group, in group order (absent in stores made before lsn recorded it)."""
+    truncated_documents_per_group: tuple[int, ...] | None = _field(_optional(_list_of(_integer)))
+    """Per group: documents that lost at least one of its tokens."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -412,6 +417,9 @@ class StoreAttrs(_Section, Mapping):
                     raise _Malformed(f"meta.{section}.{key}", f"differs from fingerprint.{section}.{key}")
         n = len(self.corpus.groups)
         for key, values in (("meta.corpus.tokens_per_group", self.corpus.tokens_per_group),
+                            ("meta.corpus.truncated_tokens_per_group", self.corpus.truncated_tokens_per_group),
+                            ("meta.corpus.truncated_documents_per_group",
+                             self.corpus.truncated_documents_per_group),
                             ("totals.tokens", self.totals and self.totals.tokens)):
             if values is not None and len(values) != n:
                 raise _Malformed(key, f"has {len(values)} entries for {n} groups")
@@ -730,12 +738,30 @@ _SKELETON = {"zarr.json", "group", "layer", "neuron", "bin", "hist_lo", "hist_hi
 """What a store's skeleton holds at its top level (before any shard or token shard is written)."""
 
 
+def _finished_shards(fsys, p: str) -> bool:
+    """Whether any shard of the store at ``p`` is marked done (a ``done`` chunk is written only then)."""
+    return bool(fsys.exists(f"{p}/shards/done/c") and fsys.ls(f"{p}/shards/done/c", detail=False))
+
+
+def discard(path: str | Path, unless_finished_shards: bool = False) -> bool:
+    """Remove the store at ``path`` with its token shards; call it holding the store's lease. With
+    ``unless_finished_shards`` a store holding any finished shard is kept (False returned)."""
+    fsys, p = fs.filesystem(str(path))
+    if not fsys.exists(p) or (unless_finished_shards and _finished_shards(fsys, p)):
+        return False
+    fsys.rm(p, recursive=True)
+    marker_fs, marker = fs.filesystem(creating_marker(path))
+    if marker_fs.exists(marker):
+        marker_fs.rm(marker)
+    return True
+
+
 def _check_skeleton_only(fsys, p: str, path) -> None:
     """Refuse to remove ``p`` unless it holds nothing but a skeleton: names of the skeleton only, no
     finished shard, no token shard. A leftover marker beside other data must never cost that data."""
     names = {n.rstrip("/").rsplit("/", 1)[-1] for n in fsys.ls(p, detail=False)}
     extra = sorted(names - _SKELETON)
-    done = fsys.exists(f"{p}/shards/done/c") and fsys.ls(f"{p}/shards/done/c", detail=False)
+    done = _finished_shards(fsys, p)
     token_shards = fsys.exists(f"{p}/tokens") and any(
         n.rstrip("/").rsplit("/", 1)[-1] not in ("zarr.json", "c") for n in fsys.ls(f"{p}/tokens", detail=False))
     if extra or done or token_shards:

@@ -1,19 +1,29 @@
-"""A per-group summary of a harvest store, as a plain-text table."""
+"""A per-group summary of a harvest store, as a plain-text table, and what the harvest lost per group."""
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
-from harvester.store import open_dataset, open_finished
+from harvester.errors import HarvestError
+from harvester.store import StoreAttrs, open_dataset, open_finished
+
+LOSS_WARNING = 0.01
+"""A group that lost more than this share of its tokens to truncation is warned about."""
 
 
 def summarize(path: str) -> str:
-    """Tokens, mean activation probability, share of never-active neurons, mean activation per group."""
+    """Tokens, mean activation probability, share of never-active neurons, mean activation per group,
+    and the tokens and documents that truncation at ``--seq-len`` cut off (when the store records them)."""
     attrs = open_finished(path)
     ds = open_dataset(path, attrs)
     model = attrs.model
+    cut_tokens, cut_docs = _cut(attrs)
+    width = max([12, *(len(str(g)) + 2 for g in ds["group"].values)])
+    cut_head = f"{'cut tok':>9}{'cut docs':>9}" if cut_tokens is not None else ""
     lines = [f"{attrs.corpus.spec} on {model.id} ({model.architecture}, {model.layers} layers x {model.width} neurons)",
-             f"{'group':<12}{'tokens':>10}{'P(active)':>11}{'never':>8}{'mean act':>10}"]
+             f"{'group':<{width}}{'tokens':>10}{'P(active)':>11}{'never':>8}{'mean act':>10}{cut_head}"]
     tokens = ds["tokens"].values
     active = ds["active"].values
     act_sum = ds["act_sum"].values if "act_sum" in ds else None
@@ -21,6 +31,52 @@ def summarize(path: str) -> str:
         n = max(int(tokens[g]), 1)
         prob = active[g] / n
         mean = f"{act_sum[g].mean() / n:>10.4f}" if act_sum is not None else f"{'-':>10}"
-        lines.append(f"{str(name):<12}{int(tokens[g]):>10}{prob.mean():>11.4f}{np.mean(active[g] == 0):>8.3f}{mean}")
-    lines.append(f"{'total':<12}{int(tokens.sum()):>10}")
+        cut = f"{cut_tokens[g]:>9}{cut_docs[g]:>9}" if cut_tokens is not None else ""
+        lines.append(f"{str(name):<{width}}{int(tokens[g]):>10}{prob.mean():>11.4f}{np.mean(active[g] == 0):>8.3f}"
+                     f"{mean}{cut}")
+    total_cut = f"{sum(cut_tokens):>9}{attrs.corpus.truncated_documents or 0:>9}" if cut_tokens is not None else ""
+    lines.append(f"{'total':<{width}}{int(tokens.sum()):>10}{'':>29}{total_cut}")
     return "\n".join(lines)
+
+
+def _cut(attrs: StoreAttrs) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
+    """Tokens and documents cut off per group; None when the store does not record them per group."""
+    corpus = attrs.corpus
+    if corpus.truncated_tokens_per_group is None or corpus.truncated_documents_per_group is None:
+        return None, None
+    return corpus.truncated_tokens_per_group, corpus.truncated_documents_per_group
+
+
+def losses(attrs: StoreAttrs) -> tuple[list[str], list[str]]:
+    """``(warnings, empty)``: a line per group that lost more than :data:`LOSS_WARNING` of its tokens
+    to truncation, and a description of each group that ended with no tokens."""
+    tokens = attrs.totals.tokens if attrs.totals else attrs.corpus.tokens_per_group
+    if tokens is None:
+        return [], []
+    cut_tokens, cut_docs = _cut(attrs)
+    seq_len = attrs.settings.seq_len
+    warnings, empty = [], []
+    for g, name in enumerate(attrs.corpus.groups):
+        cut = cut_tokens[g] if cut_tokens is not None else 0
+        if tokens[g] == 0:
+            empty.append(f"{name} (all {cut} cut off at --seq-len {seq_len})" if cut else name)
+        elif cut > LOSS_WARNING * (tokens[g] + cut):
+            warnings.append(f"group {name} lost {cut} of its {tokens[g] + cut} tokens "
+                            f"({100 * cut / (tokens[g] + cut):.1f}%) in {cut_docs[g]} documents longer than "
+                            f"--seq-len {seq_len}; a larger --seq-len keeps them")
+    return warnings, empty
+
+
+def report_losses(attrs: StoreAttrs, fail: bool = True) -> None:
+    """Print :func:`losses`' warnings to stderr; with ``fail``, a group without tokens is an error
+    (the store stays complete: its numbers for the other groups are exact and nothing is left to resume)."""
+    warnings, empty = losses(attrs)
+    for line in warnings:
+        print(f"lsn: warning: {line}", file=sys.stderr)
+    if not empty:
+        return
+    text = (f"{len(empty)} group(s) ended with no tokens: {', '.join(empty)}; the store is complete for the "
+            "other groups; harvest again with a larger --seq-len and --overwrite (or a new --store)")
+    if fail:
+        raise HarvestError(text)
+    print(f"lsn: warning: {text}", file=sys.stderr)

@@ -149,9 +149,29 @@ def pack(docs: Iterable[tuple[list[int], list[int]]], seq_len: int) -> Iterator[
 
 
 class _Truncation:
+    """What ``sequence`` packing cut off: tokens and documents, in all and per group id (a document
+    counts for every group that lost a token in it)."""
+
     def __init__(self):
         self.tokens = 0
         self.documents = 0
+        self.group_tokens: dict[int, int] = {}
+        self.group_documents: dict[int, int] = {}
+
+    def add(self, lost_groups: list[int]) -> None:
+        """One document cut, whose tokens cut off carry the group ids ``lost_groups``."""
+        self.tokens += len(lost_groups)
+        self.documents += 1
+        values, counts = np.unique(np.asarray(lost_groups, dtype=np.int64), return_counts=True)
+        for g, n in zip(values.tolist(), counts.tolist()):
+            self.group_tokens[g] = self.group_tokens.get(g, 0) + n
+            self.group_documents[g] = self.group_documents.get(g, 0) + 1
+
+    def record(self) -> dict:
+        """The manifest's entries (JSON: group ids as strings)."""
+        return {"truncated_tokens": self.tokens, "truncated_documents": self.documents,
+                "truncated_tokens_per_group": {str(g): n for g, n in sorted(self.group_tokens.items())},
+                "truncated_documents_per_group": {str(g): n for g, n in sorted(self.group_documents.items())}}
 
 
 def sequences(docs, seq_len: int, pooled: bool, stream: str, cut: _Truncation):
@@ -161,8 +181,7 @@ def sequences(docs, seq_len: int, pooled: bool, stream: str, cut: _Truncation):
             if pooled:
                 raise HarvestError(f"document {n} of stream '{stream}' has {len(ids)} tokens, more than "
                                    f"--seq-len {seq_len}; pooled statistics need whole documents")
-            cut.tokens += len(ids) - seq_len
-            cut.documents += 1
+            cut.add(groups[seq_len:])
             ids, groups = ids[:seq_len], groups[:seq_len]
         yield np.asarray(ids, dtype=np.int32), np.asarray(groups, dtype=np.int16)
 
@@ -221,12 +240,26 @@ def tokenize_stream(corpora, index: int, tokenizer, settings: TokenSettings, roo
         infos.append(_write_shard(root, index, k, current))
         yield infos[-1]
     if not infos:
-        raise HarvestError(f"corpus stream '{stream.name}' has no tokens")
+        raise _no_tokens(stream.name)
     fs.write_text(manifest_path, json.dumps({
         "format": TOKENS_FORMAT, "stream": stream.name, "settings": asdict(settings),
-        "shards": [asdict(i) for i in infos], "truncated_tokens": cut.tokens, "truncated_documents": cut.documents,
-        "digest": stream_digest(infos),
+        "shards": [asdict(i) for i in infos], **cut.record(), "digest": stream_digest(infos),
     }))
+
+
+def _no_tokens(stream: str) -> HarvestError:
+    return HarvestError(f"corpus stream '{stream}' has no tokens")
+
+
+def precheck(corpora, tokenizer, settings: TokenSettings) -> None:
+    """Tokenize every stream once, writing nothing, when the harvest refuses overlong documents
+    (pooled statistics need whole ones): that refusal, and a stream without tokens, then come before
+    a store exists. Token statistics cut long documents instead, so nothing needs checking up front."""
+    if settings.pooling == "token":
+        return
+    for index, stream in enumerate(corpora.streams):
+        if not any(True for _ in stream_windows(corpora, index, tokenizer, settings, _Truncation())):
+            raise _no_tokens(stream.name)
 
 
 def _check_manifest(manifest: dict, path: str, settings: TokenSettings, stream: str) -> None:

@@ -32,7 +32,7 @@ from harvester.corpus import text_lines
 from harvester.errors import HarvestError
 from harvester.fs import output_dir
 from harvester.names import check_name
-from jobs.interventions import Mode, intervene
+from jobs.interventions import Mode, empty_rows, intervene
 from jobs.rows import Job, ModelWorker, Row, intervention_for, make_plan, run_rows
 
 _CHARACTER_WORDS = {"zh", "ja"}
@@ -188,10 +188,12 @@ def run_generate(job: GenerateJob) -> dict:
                        progress=job.progress, desc="generate rows", shared=prompts)
     prompt_langs = list(dict.fromkeys(p.lang for p in prompts))
     detector = Detector(prompt_langs + list(mask.languages))
-    table = {row.name: metrics(prompts, out, detector, prompt_langs) for row, out in zip(rows, outputs)}
+    table = {row.name: {lang: {"units": len(row.selected), **values}  # 0 units: the row repeats none
+                        for lang, values in metrics(prompts, out, detector, prompt_langs).items()}
+             for row, out in zip(rows, outputs)}
     result = {"settings": {"model": job.model, "mask": job.mask, "mode": str(mode), "site": plan.site,
                            "controls": job.controls, **settings, "prompts": job.prompts,
-                           "units": {r.name: len(r.selected) for r in rows}},
+                           "units": {r.name: len(r.selected) for r in rows}, "empty_mask": empty_rows(rows)},
               "table": table,
               "outputs": {row.name: [{"lang": p.lang, "prompt": p.text, **o} for p, o in zip(prompts, out)]
                           for row, out in zip(rows, outputs)}}

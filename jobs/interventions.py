@@ -21,6 +21,7 @@ Modes (``--mode``):
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass
 from functools import partial
 
@@ -111,6 +112,16 @@ def unit_statistic(store: str, groups: list[str], mode: Mode) -> np.ndarray:
     edges = ds["hist_lo"].values[1:]  # hist_lo is (-inf, e0, e1, ...)
     q = {"p10": 0.10, "p90": 0.90}[mode.kind]
     return hist_quantile(summed("hist"), edges, q)
+
+
+def empty_rows(rows) -> list[str]:
+    """The rows (``none`` aside) whose mask selects no unit, each warned about on stderr: their numbers
+    are the baseline's, never an effect of zero size."""
+    empty = [row.name for row in rows if row.language is not None and not row.selected]
+    for name in empty:
+        print(f"lsn: warning: row {name} intervenes on no unit (its mask is empty); it repeats the row none",
+              file=sys.stderr)
+    return empty
 
 
 @dataclass

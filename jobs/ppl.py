@@ -24,7 +24,7 @@ import numpy as np
 
 from harvester.errors import HarvestError
 from harvester.fs import output_dir
-from jobs.interventions import Intervention, Mode, intervene
+from jobs.interventions import Intervention, Mode, empty_rows, intervene
 from jobs.rows import Job, ModelWorker, Row, intervention_for, make_plan, run_rows
 
 
@@ -112,7 +112,7 @@ def run_ppl(job: PPLJob) -> dict:
     settings = {"model": job.model, "mask": job.mask, "mask_method": mask.method, "mode": str(mode),
                 "site": plan.site, "store": plan.store, "corpus": job.corpus, "controls": job.controls, "seed": job.seed,
                 "seq_len": job.seq_len, "batch_size": job.batch_size, "dtype": job.dtype,
-                "units": {r.name: len(r.selected) for r in rows}, "tokens": {g: int(base_n[groups.index(g)]) for g in columns}}
+                "units": {r.name: len(r.selected) for r in rows}, "empty_mask": empty_rows(rows), "tokens": {g: int(base_n[groups.index(g)]) for g in columns}}
     write_outputs(Path(job.out), [r.name for r in rows], columns, ppl, settings)
     return {"rows": [r.name for r in rows], "columns": columns, "ppl": ppl, "settings": settings}
 
@@ -158,7 +158,8 @@ def summary(result: dict) -> str:
     rel = ppl / ppl[0] - 1
     cols = result["columns"]
     lines = ["intervened      " + " ".join(f"{c:>8s}" for c in cols)]
+    empty = result["settings"].get("empty_mask", [])
     for name, r in zip(result["rows"], rel):
-        lines.append(f"{name:15s} " + " ".join(f"{v:+8.3f}" for v in r))
+        lines.append(f"{name:15s} " + " ".join(f"{v:+8.3f}" for v in r) + ("  (empty mask)" if name in empty else ""))
     return "\n".join(lines)
 
