@@ -138,8 +138,8 @@ def run(args) -> None:
         print(f"wrote {write_report(mask, args.out)}")
 
 
-def _note(note: str | None) -> None:
-    if note:
+def _note(notes: list[str]) -> None:
+    for note in notes:
         print(f"lsn: {note}", file=sys.stderr)
 
 

@@ -27,7 +27,7 @@ import numpy as np
 from harvester.errors import HarvestError
 from harvester.store import StoreAttrs, fingerprint_sha256, open_finished
 
-from analysis.masks import model_identity
+from analysis.masks import model_identity, store_location
 
 
 @dataclass
@@ -57,13 +57,14 @@ class Counts:
         return self.numer / self.denom[:, None, None].astype(np.float64)
 
     def source(self) -> dict:
-        """Where a mask made from these counts comes from: the store, and the model it was harvested
+        """Where a mask made from these counts comes from: the store (absolute path or URL) and its
+        fingerprint digest, the site, and the model it was harvested
         on (``model`` its id, ``revision``, ``weights`` its weight files' hash; see
         :func:`analysis.masks.model_identity`)."""
         model = model_identity(self.attrs.model.to_dict())
-        return {"store": self.store, "fingerprint_sha256": fingerprint_sha256(self.attrs.fingerprint),
+        return {"store": store_location(self.store), "fingerprint_sha256": fingerprint_sha256(self.attrs.fingerprint),
                 "model": model["id"], "revision": model["revision"], "weights": model["weights"],
-                "groups": self.groups}
+                "site": self.attrs.model.site, "groups": self.groups}
 
     def variable(self, name: str):
         """Another statistic ``[K, L, I(, B)]`` summed over each language's groups."""
