@@ -4,7 +4,9 @@ PNGs beside their CSVs, legible many-label plots. Through the real CLI, on real 
 from __future__ import annotations
 
 import json
+import re
 
+import numpy as np
 import pytest
 
 from analysis.masks import Mask
@@ -98,3 +100,74 @@ def test_an_older_mask_with_a_relative_store(made, tmp_path, monkeypatch, capsys
     assert f"the mask's store store (a relative path, read from {tmp_path}) is not there; pass --store" in err
     assert "another model" not in err
     assert main([*PPL, "--mask", str(old), "--out", "there", "--store", str(made / "work" / "store")]) == 0
+
+
+# -- what people read ----------------------------------------------------------------------------
+def test_the_ppl_table_names_its_quantity_and_aligns(made, tmp_path, capsys):
+    """Stdout: the PPL without intervention, then the relative change in %, equal to ppl_relative.csv,
+    columns aligned with a 40-character language name; every PNG has the CSV of its name."""
+    import pandas as pd
+
+    mask = Mask.load(made / "work" / "lape.npz")
+    long = "a-language-name-of-forty-characters-long"
+    renamed = Mask([long, "de"], mask.n_layers, mask.width, mask.selected, mask.method, mask.params, mask.source)
+    renamed.save(tmp_path / "long.npz")
+    capsys.readouterr()
+    assert main([*PPL, "--mask", str(tmp_path / "long.npz"), "--out", str(tmp_path / "ppl"), "--controls", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("PPL without intervention (none), then the relative PPL change")
+    assert "(PPL - PPL none) / PPL none in % (ppl_relative.csv x 100)" in lines[0]
+    table = lines[1:7]
+    assert table[0].split() == ["intervened", "\\", "evaluated", "en", "de"] and lines[7].startswith("wrote ")
+    assert [t.split()[0] for t in table[1:]] == ["none", long, "de", f"random:{long}", "random:de"]
+    ends = {tuple(m.end() for m in re.finditer(r"\S+", t))[-2:] for t in table}
+    assert len(ends) == 1  # both columns end at the same character on every line
+    relative = pd.read_csv(tmp_path / "ppl" / "ppl_relative.csv", index_col=0)
+    printed = [[float(v.rstrip("%")) for v in t.split()[-2:]] for t in table[2:]]
+    np.testing.assert_allclose(printed, 100 * relative.values[1:], atol=0.006)
+    ppl = pd.read_csv(tmp_path / "ppl" / "ppl.csv", index_col=0)
+    np.testing.assert_allclose([float(v) for v in table[1].split()[-2:]], ppl.values[0], rtol=1e-3)
+    written = {p.name for p in (tmp_path / "ppl").iterdir()}
+    pngs = [n for n in written if n.endswith(".png")]
+    assert pngs == ["ppl_relative.png"] and all(n[:-4] + ".csv" in written for n in pngs)
+
+
+def eighty_language_mask(tmp_path) -> str:
+    rng = np.random.default_rng(0)
+    n_layers, width = 80, 64
+    selected = [np.sort(rng.choice(n_layers * width, size=40, replace=False)) for _ in range(80)]
+    langs = [f"xx{k:02d}-en:src" for k in range(80)]
+    return str(Mask(langs, n_layers, width, selected, "lape").save(tmp_path / "m80.npz"))
+
+
+def test_eighty_labels_stay_legible(tmp_path, capsys):
+    """An 80-language report: every tick label is drawn at 8 pt (11 pixels at the PNG's 100 dpi) and no
+    two neighbouring labels overlap; the PNG written by lsn report is that figure."""
+    from PIL import Image
+
+    from analysis.report import heatmap_figure, jaccard, overlap
+
+    path = eighty_language_mask(tmp_path)
+    assert main(["report", "--mask", path, "--out", str(tmp_path / "r")]) == 0
+    mask = Mask.load(path)
+    fig = heatmap_figure(jaccard(overlap(mask)), mask.languages, mask.languages, "t", "language", "language", "J")
+    fig.draw_without_rendering()
+    ax = fig.axes[0]
+    for labels, along in ((ax.get_xticklabels(), 0), (ax.get_yticklabels(), 1)):
+        assert len(labels) == 80
+        assert min(t.get_fontsize() * fig.dpi / 72 for t in labels) >= 11
+        boxes = sorted((b.get_points()[:, along] for b in (t.get_window_extent() for t in labels)),
+                       key=lambda p: p[0])
+        assert min(b[1] - b[0] for b in boxes) >= 10  # the text's own height, in pixels
+        assert all(a[1] <= b[0] for a, b in zip(boxes, boxes[1:]))  # no overlap
+    with Image.open(tmp_path / "r" / "overlap_jaccard.png") as png:
+        assert png.size == tuple(int(round(v)) for v in fig.get_size_inches() * fig.dpi)
+    with Image.open(tmp_path / "r" / "counts.png") as png:
+        assert png.size[1] >= 80 * 12  # 80 language rows of at least 12 pixels
+
+
+def test_one_language_has_no_overlap_plot(tmp_path, capsys):
+    path = Mask(["en"], 2, 8, [np.array([1, 9])], "lape").save(tmp_path / "one.npz")
+    assert main(["report", "--mask", str(path), "--out", str(tmp_path / "r")]) == 0
+    assert "lsn: one language (en): no overlap plot" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "r").glob("*.png")) == ["counts.png"]
