@@ -69,7 +69,8 @@ def find_store(mask, given: str | None, needed: str | None = None) -> str | None
     records no site to intervene at without it (an older mask)."""
     store, note = mask.find_store(given)
     if store is None and note and (needed or not mask.source.get("site")):
-        raise HarvestError(f"{needed or 'the site of the mask'} needs the store the mask was made from: {note}")
+        raise HarvestError(f"{needed or 'an older mask, which records no site,'} needs the store the mask was made "
+                           f"from: {note}")
     if note:
         print(f"lsn: {note}" + ("" if store else f"; intervening at the site the mask records, {mask.source['site']}"),
               file=sys.stderr)
