@@ -125,8 +125,6 @@ OUTPUTS = ("ppl.csv", "ppl_change.csv", "ppl_relative.csv", "ppl_relative.png", 
 def write_outputs(out: Path, rows: list[str], columns: list[str], ppl: np.ndarray, settings: dict) -> None:
     import pandas as pd
 
-    from analysis.report import heatmap
-
     output_dir(out)
     table = pd.DataFrame(ppl, index=pd.Index(rows, name="intervened"), columns=columns)
     change = table - table.loc["none"]
@@ -135,8 +133,15 @@ def write_outputs(out: Path, rows: list[str], columns: list[str], ppl: np.ndarra
     change.to_csv(out / "ppl_change.csv", float_format="%.10g")
     relative.to_csv(out / "ppl_relative.csv", float_format="%.10g")
     (out / "ppl.json").write_text(json.dumps({"settings": settings, "ppl": table.to_dict(orient="index")}, indent=2))
-    heatmap(out / "ppl_relative.png", relative.values, list(relative.index), list(relative.columns),
-            f"Relative PPL change, (PPL - PPL none) / PPL none, mode {settings['mode']}", "evaluated language",
+    plot_relative(relative, out / "ppl_relative.png", settings["mode"])
+
+
+def plot_relative(relative, path: Path, mode: str) -> None:
+    """The heatmap of ``ppl_relative.csv`` (a DataFrame, rows x evaluated columns)."""
+    from analysis.report import heatmap
+
+    heatmap(path, relative.values, list(map(str, relative.index)), list(map(str, relative.columns)),
+            f"Relative PPL change, (PPL - PPL none) / PPL none, mode {mode}", "evaluated language",
             "intervened neurons", "(PPL - PPL none) / PPL none", diverging=True)
 
 

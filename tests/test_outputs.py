@@ -130,6 +130,19 @@ def test_the_ppl_table_names_its_quantity_and_aligns(made, tmp_path, capsys):
     written = {p.name for p in (tmp_path / "ppl").iterdir()}
     pngs = [n for n in written if n.endswith(".png")]
     assert pngs == ["ppl_relative.png"] and all(n[:-4] + ".csv" in written for n in pngs)
+    # the PNG is the heatmap of its CSV, not of another quantity (the PPXC of ppl_change.csv)
+    from PIL import Image
+
+    from jobs.ppl import plot_relative
+
+    def pixels(path):
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+
+    for name in ("ppl_relative", "ppl_change"):
+        plot_relative(pd.read_csv(tmp_path / "ppl" / f"{name}.csv", index_col=0), tmp_path / f"{name}.png", "zero")
+    assert (pixels(tmp_path / "ppl" / "ppl_relative.png") == pixels(tmp_path / "ppl_relative.png")).all()
+    assert (pixels(tmp_path / "ppl" / "ppl_relative.png") != pixels(tmp_path / "ppl_change.png")).any()
 
 
 def eighty_language_mask(tmp_path) -> str:
