@@ -6,6 +6,7 @@ import contextlib
 import json
 import sys
 
+from analysis.data import BY
 from harvester.errors import HarvestError
 from harvester.fs import output_dir, output_file
 
@@ -30,7 +31,11 @@ def add_commands(sub, positive) -> None:
             continue
         m.add_argument("--store", required=True)
         m.add_argument("--out", required=name != "autosweep", help="mask file to write (.npz)")
-        m.add_argument("--langs", default=None, help="languages in mask order: groups, or NAME=G1+G2")
+        m.add_argument("--langs", default=None, help="languages in mask order, comma-separated: groups, or "
+                       "NAME=G1+G2 (a sum of groups); with --by, names of its languages")
+        m.add_argument("--by", default=None, choices=BY, help="languages without --langs (default language: the "
+                       "store's languages; EC40 sides pooled per language; the response groups of prompt/"
+                       "response stores); direction: EC40 directions, both sides pooled; group: every group")
         m.add_argument("--report", default=None, help="also write a report (CSV, Markdown, PNG) into this directory")
         m.add_argument("--dask-address", default=None, help="an existing Dask scheduler (tcp://host:8786)")
         m.add_argument("--local-cluster", type=positive, default=None, help="run on a dask.distributed "
@@ -138,8 +143,8 @@ def run(args) -> None:
         print(f"wrote {write_report(mask, args.out)}")
 
 
-def _note(note: str | None) -> None:
-    if note:
+def _note(notes: list[str]) -> None:
+    for note in notes:
         print(f"lsn: {note}", file=sys.stderr)
 
 
@@ -167,7 +172,8 @@ def _analyze(args) -> None:
         output_file(args.out, make=False)
     if args.report:
         output_dir(args.report, "--report", make=False)
-    counts = open_counts(args.store, _langs(args.langs), getattr(args, "response_only", False))
+    counts = open_counts(args.store, _langs(args.langs), getattr(args, "response_only", False), args.by)
+    _note([counts.note] if counts.note else [])
     _warn_empty_groups(counts)
     P = counts.probabilities()
     names, params, extra = counts.names, {}, {}

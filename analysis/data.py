@@ -13,21 +13,34 @@ until a method computes. Languages are named by ``--langs``, in that order, each
   ``L:prompt`` (imported from two runs: ``max(active_full - active_prompt, 0)`` over
   ``max(tokens_full - tokens_prompt, 1)``).
 
-Default languages: every group (per language for text and Wikipedia, per direction side for EC40),
-or with ``--response-only`` every language that has response counts.
+Without ``--langs`` the languages are the store's own (``--by language``, said in one line where
+they are not simply its groups): the groups of text, sample and Wikipedia stores; the response
+groups of a store of prompt and response groups (as ``--response-only``); for EC40, each language
+with all its sides pooled (``fr = en-fr:tgt + fr-en:src``, English pooled over every direction).
+``--by direction`` pools each EC40 direction's two sides (``en-fr = en-fr:src + en-fr:tgt``), and
+``--by group`` takes every group as it is; with ``--by``, ``--langs`` chooses among its languages.
+
+Pooling is exact: every statistic (``tokens``, ``active``, ``act_sum``, ``act_sqsum``,
+``act_abssum``, ``hist``) is a sum over tokens, so a pooled language's counts are those its groups'
+tokens would give as one group, and every method reads them as it reads a harvested group. The
+probability is token-weighted (a direction with more tokens weighs more), and a target side was
+counted in the context of its source sentence, which pooling does not change. Only the
+full-minus-prompt difference of imported stores is not a sum (it is clipped at 0 per neuron).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import dask.array as da
 import numpy as np
 
 from harvester.errors import HarvestError
-from harvester.store import StoreAttrs, fingerprint_sha256, open_finished
 
-from analysis.masks import model_identity
+from analysis.masks import model_identity, store_location
+
+if TYPE_CHECKING:
+    from harvester.store import StoreAttrs
 
 
 @dataclass
@@ -51,19 +64,24 @@ class Counts:
     """Positions of :attr:`groups` in the store."""
     subtracted: list[bool] = field(default_factory=list)
     """Per language: counts are ``full - prompt`` (imported from two runs), not a sum of groups."""
+    note: str | None = None
+    """One line saying which languages were chosen by default, for the command to print."""
 
     def probabilities(self):
         """Dask float64 ``[K, L, I]``: ``P = numer / denom``."""
         return self.numer / self.denom[:, None, None].astype(np.float64)
 
     def source(self) -> dict:
-        """Where a mask made from these counts comes from: the store, and the model it was harvested
+        """Where a mask made from these counts comes from: the store (absolute path or URL) and its
+        fingerprint digest, the site, and the model it was harvested
         on (``model`` its id, ``revision``, ``weights`` its weight files' hash; see
         :func:`analysis.masks.model_identity`)."""
+        from harvester.store import fingerprint_sha256
+
         model = model_identity(self.attrs.model.to_dict())
-        return {"store": self.store, "fingerprint_sha256": fingerprint_sha256(self.attrs.fingerprint),
+        return {"store": store_location(self.store), "fingerprint_sha256": fingerprint_sha256(self.attrs.fingerprint),
                 "model": model["id"], "revision": model["revision"], "weights": model["weights"],
-                "groups": self.groups}
+                "site": self.attrs.model.site, "groups": self.groups}
 
     def variable(self, name: str):
         """Another statistic ``[K, L, I(, B)]`` summed over each language's groups."""
@@ -73,60 +91,143 @@ class Counts:
         return _stack(self.dataset, name, self.index)
 
 
-def open_counts(store: str, langs: list[str] | None = None, response_only: bool = False) -> Counts:
-    from harvester.store import open_dataset
+BY = ("language", "direction", "group")
+"""What the languages of an analysis are, without --langs (``--by``): ``language`` (the default) the
+store's languages as its corpus names them; ``direction`` EC40's directions, each its two sides
+pooled; ``group`` every store group as it is."""
+
+
+def open_counts(store: str, langs: list[str] | None = None, response_only: bool = False,
+                by: str | None = None) -> Counts:
+    """The counts of the languages named by ``langs`` (groups, ``NAME=G1+G2``) or, without them, by
+    ``by`` (:data:`BY`; with ``by`` given, ``langs`` chooses among its languages)."""
+    from harvester.store import open_dataset, open_finished
 
     attrs = open_finished(store)
     ds = open_dataset(store, attrs)  # every chunk read is checked: damage is an error, never a number
     groups = [str(g) for g in ds["group"].values]
-    tokens = ds["tokens"].values.astype(np.int64)
-    position = {g: i for i, g in enumerate(groups)}
+    if response_only and by not in (None, "language"):
+        raise HarvestError(f"--response-only takes the response groups' languages; it does not combine with --by {by}")
+    note = None
+    if not response_only and (by or not langs):
+        chosen, response_only, note = language_view(groups, by or "language", explicit=by is not None)
+        if chosen is not None:
+            return _summed(store, attrs, ds, groups, _pick(chosen, langs, by), note)
+        langs = _pick([(lang, []) for lang in _response_languages(groups)], langs, by)
+        langs = [name for name, _ in langs]
     if response_only:
-        spec = langs or _response_languages(groups)
-        if not spec:
-            raise HarvestError(f"store {store} has no response groups (LANG:response, or LANG:full with LANG:prompt)")
-        rows, denom, toks, behind, subtracted = [], [], [], [], []
-        for lang in spec:
-            if f"{lang}:response" in position:
-                g = position[f"{lang}:response"]
-                rows.append(ds["active"].data[g])
-                toks.append(tokens[g])
-                denom.append(max(tokens[g], 1))
-                behind.append([f"{lang}:response"])
-                subtracted.append(False)
-            elif f"{lang}:full" in position and f"{lang}:prompt" in position:
-                f, p = position[f"{lang}:full"], position[f"{lang}:prompt"]
-                rows.append(da.maximum(ds["active"].data[f] - ds["active"].data[p], 0))
-                toks.append(max(tokens[f] - tokens[p], 0))
-                denom.append(max(tokens[f] - tokens[p], 1))
-                behind.append([f"{lang}:full", f"{lang}:prompt"])
-                subtracted.append(True)
-            else:
-                raise HarvestError(f"language '{lang}' has no response counts in {store} "
-                                   f"(needs group {lang}:response, or {lang}:full and {lang}:prompt)")
-        return Counts(list(spec), da.stack(rows), np.array(denom, np.int64), np.array(toks, np.int64),
-                      ds.sizes["layer"], ds.sizes["neuron"], str(store), attrs, behind, ds,
-                      [[position[g] for g in b] for b in behind], subtracted)
-    names, index = [], []
-    for item in (langs or groups):
-        # a group's own name, which may hold '=', is that group; otherwise NAME=G1+G2 sums groups
-        name, sep, expr = item.partition("=") if langs and item not in position else (item, "", "")
+        counts = _response_only(store, attrs, ds, groups, langs)
+        counts.note = note
+        return counts
+    return _summed(store, attrs, ds, groups, _parse_langs(langs, groups, store), None)
+
+
+def language_view(groups: list[str], by: str, explicit: bool) -> tuple[list | None, bool, str | None]:
+    """``(languages, response_only, note)`` for ``--by``: languages as ``(name, [groups])``, or None with
+    response_only for a store of prompt and response groups (its response groups are its languages);
+    the note says in one line what was chosen when ``--by`` was not given and it is not every group."""
+    from harvester.corpus.ec40 import parse_side
+
+    sides = [parse_side(g) for g in groups]
+    responses = _response_languages(groups)
+    roles = responses and all(g.rpartition(":")[2] in ("prompt", "response", "full") for g in groups)
+    if by == "group":
+        return [(g, [g]) for g in groups], False, None
+    if by == "direction" and not all(sides):
+        raise HarvestError(f"--by direction needs a store of translation directions (EC40 groups like en-fr:src); "
+                           f"group '{groups[sides.index(None)]}' is not one")
+    if all(sides):
+        key = 0 if by == "direction" else 1
+        pooled: dict[str, list[str]] = {}
+        for group, side in zip(groups, sides):
+            pooled.setdefault(side[key], []).append(group)
+        note = None if explicit else (f"languages: the {len(pooled)} languages of the EC40 sides, each pooling its "
+                                      "sides of every direction; --by direction, --by group or --langs chooses others")
+        return list(pooled.items()), False, note
+    if roles:
+        note = None if explicit else (f"languages: the response groups of this store ({', '.join(responses)}); "
+                                      "--langs picks any groups")
+        return None, True, note
+    return [(g, [g]) for g in groups], False, None
+
+
+def _pick(view: list[tuple[str, list[str]]], langs: list[str] | None, by: str | None) -> list[tuple[str, list[str]]]:
+    """The languages of ``view`` named in ``langs``, in that order (all of them without ``langs``)."""
+    if not langs:
+        return view
+    names = dict(view)
+    unknown = [lang for lang in langs if lang not in names]
+    if unknown:
+        raise HarvestError(f"--by {by} has no language '{unknown[0]}'; it has {', '.join(names)}")
+    return [(lang, names[lang]) for lang in langs]
+
+
+def _parse_langs(langs: list[str], groups: list[str], store: str) -> list[tuple[str, list[str]]]:
+    """``--langs`` items: a group (its own name, which may hold '=', is that group) or NAME=G1+G2."""
+    chosen = []
+    for item in langs:
+        name, sep, expr = item.partition("=") if item not in groups else (item, "", "")
         members = expr.split("+") if sep else [item]
-        missing = [m for m in members if m not in position]
+        missing = [m for m in members if m not in groups]
+        if "+" in item and not sep and missing:
+            raise HarvestError(f"'{item}' is not a group: separate languages with commas (--langs "
+                               f"{item.replace('+', ',')}), or name a sum of groups (NAME={item})")
         if missing or not name:
             raise HarvestError(f"unknown group '{missing[0] if missing else item}' in {store}; "
                                f"groups: {', '.join(groups)}")
-        names.append(name if sep else item)
-        index.append([position[m] for m in members])
+        chosen.append((name, members))
+    return chosen
+
+
+def _summed(store, attrs, ds, groups: list[str], chosen: list[tuple[str, list[str]]], note: str | None) -> Counts:
+    """Each language's counts summed over its groups."""
+    names = [name for name, _ in chosen]
     if len(set(names)) != len(names):
         raise HarvestError(f"a language is named twice in --langs: {', '.join(names)}")
+    tokens = ds["tokens"].values.astype(np.int64)
+    index = [[groups.index(m) for m in members] for _, members in chosen]
     toks = np.array([sum(int(tokens[g]) for g in idx) for idx in index], np.int64)
     return Counts(names, _stack(ds, "active", index), np.maximum(toks, 1), toks, ds.sizes["layer"],
-                  ds.sizes["neuron"], str(store), attrs, [[groups[g] for g in idx] for idx in index], ds, index,
-                  [False] * len(names))
+                  ds.sizes["neuron"], str(store), attrs, [list(members) for _, members in chosen], ds, index,
+                  [False] * len(names), note)
+
+
+def _response_only(store, attrs, ds, groups: list[str], langs: list[str] | None) -> Counts:
+    """Response-only languages: ``L:response``, or ``L:full`` minus ``L:prompt`` clipped at 0."""
+    import dask.array as da
+
+    tokens = ds["tokens"].values.astype(np.int64)
+    position = {g: i for i, g in enumerate(groups)}
+    spec = langs or _response_languages(groups)
+    if not spec:
+        raise HarvestError(f"store {store} has no response groups (LANG:response, or LANG:full with LANG:prompt)")
+    rows, denom, toks, behind, subtracted = [], [], [], [], []
+    for lang in spec:
+        if f"{lang}:response" in position:
+            g = position[f"{lang}:response"]
+            rows.append(ds["active"].data[g])
+            toks.append(tokens[g])
+            denom.append(max(tokens[g], 1))
+            behind.append([f"{lang}:response"])
+            subtracted.append(False)
+        elif f"{lang}:full" in position and f"{lang}:prompt" in position:
+            f, p = position[f"{lang}:full"], position[f"{lang}:prompt"]
+            rows.append(da.maximum(ds["active"].data[f] - ds["active"].data[p], 0))
+            toks.append(max(tokens[f] - tokens[p], 0))
+            denom.append(max(tokens[f] - tokens[p], 1))
+            behind.append([f"{lang}:full", f"{lang}:prompt"])
+            subtracted.append(True)
+        else:
+            raise HarvestError(f"language '{lang}' has no response counts in {store} "
+                               f"(needs group {lang}:response, or {lang}:full and {lang}:prompt)")
+    return Counts(list(spec), da.stack(rows), np.array(denom, np.int64), np.array(toks, np.int64),
+                  ds.sizes["layer"], ds.sizes["neuron"], str(store), attrs, behind, ds,
+                  [[position[g] for g in b] for b in behind], subtracted)
 
 
 def _stack(ds, name: str, index: list[list[int]]):
+    import dask.array as da
+
     if name not in ds:
         raise HarvestError(f"the store has no '{name}' statistic; harvest with --stats including it")
     data = ds[name].data

@@ -53,6 +53,8 @@ class Format:
     """The dict key of the token count."""
     prefix: str | None = None
     """File name of a language's prompt-only counts (``lna``), or None."""
+    order: tuple[str, ...] = ()
+    """The study's own language order (its masks' order), which an import without --langs keeps."""
 
     def parts(self, lang: str, tag: str) -> list[tuple[str, str]]:
         """``(group name, file name)`` of one language, in store order."""
@@ -63,9 +65,13 @@ class Format:
 
 
 FORMATS = {
-    "rucaibox": Format(r"activation\.([^.]+)\.train\.(.+)", "activation.{lang}.train.{tag}", "n"),
+    # LAPE's released masks: "the language 0-6 indices stand for en, zh, fr, es, vi, id, ja"
+    "rucaibox": Format(r"activation\.([^.]+)\.train\.(.+)", "activation.{lang}.train.{tag}", "n",
+                       order=("en", "zh", "fr", "es", "vi", "id", "ja")),
+    # the alignment study's languages (MGSM's), in its README's order
     "lna": Format(r"activation\.([^.]+)\.(.+)\.pt", "activation.{lang}.{tag}.pt", "total_tokens",
-                  prefix="prefix.activation.{lang}.{tag}.pt"),
+                  prefix="prefix.activation.{lang}.{tag}.pt",
+                  order=("en", "zh", "es", "fr", "de", "ja", "ru", "bn", "th", "sw")),
 }
 
 
@@ -120,12 +126,15 @@ def _only_tag(fmt: str, src: Path, found: dict[str, list[str]]) -> str:
 
 def _languages(form: Format, src: Path, found: dict[str, list[str]], tag: str,
                langs: list[str] | None) -> list[str]:
-    """The requested languages in order (default: all of ``tag``, sorted), each with all its files."""
+    """The requested languages in order, each with all its files. Default: all of ``tag``, in the study's
+    own order (:attr:`Format.order`), then any others alphabetically, as one line says."""
     if langs is None:
-        langs = sorted(found.get(tag, []))
+        present = set(found.get(tag, []))
+        langs = [lang for lang in form.order if lang in present] + sorted(present - set(form.order))
         if not langs:
             raise HarvestError(f"no {form.full.format(lang='*', tag=tag)} files in {src}"
                                + (f" (tags there: {', '.join(sorted(found))})" if found else ""))
+        print(f"lsn: languages in the study's order: {', '.join(langs)} (--langs sets another)", file=sys.stderr)
     seen = set()
     for lang in langs:
         check_name(lang, "language")

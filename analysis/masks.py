@@ -5,7 +5,8 @@ A mask selects, for each of its languages (groups, in a chosen order), a set of 
 with ``allow_pickle=False``)::
 
     meta            a JSON string: format, format_version, method, params, languages, n_layers, width,
-                    source {store, fingerprint_sha256, model, groups used}, extra (appear, tau, ...)
+                    source {store (absolute path or URL), fingerprint_sha256,
+                    model, site, groups used}, extra (appear, tau, ...)
     sel_{k}         int64, the sorted flat indices ``layer * width + neuron`` of language k
 
 The published format (``lsn mask export --format rucaibox``) is a ``torch.save``d list over
@@ -71,6 +72,21 @@ def check_applied(origin: dict | None, subject: str, target: dict | None, where:
                 "as --allow-other-model asks")
     hint = "" if allow_other is None else "; pass --allow-other-model to apply it to another model"
     raise HarvestError(f"{subject} {describe_model(origin)}, but {where} is {describe_model(target)}{hint}")
+
+
+def store_location(store: str) -> str:
+    """How a mask records its store: a URL as given, a local path made absolute, so that the mask
+    finds it from any directory."""
+    from harvester import fs
+
+    return str(store) if fs.is_url(str(store)) else str(Path(store).expanduser().resolve())
+
+
+def is_located(store: str) -> bool:
+    """Whether a recorded store names one place wherever it is read from (not an older relative path)."""
+    from harvester import fs
+
+    return fs.is_url(store) or Path(store).is_absolute()
 
 
 def describe_model(identity: dict) -> str:
@@ -159,30 +175,62 @@ class Mask:
         selected on an imported store)."""
         src = self.source
         found = {k: src.get("model" if k == "id" else k) for k in ("id", "revision", "weights")}
-        if not found["weights"] and src.get("store") and src.get("fingerprint_sha256"):
+        if not found["weights"] and src.get("fingerprint_sha256"):
             with contextlib.suppress(HarvestError, OSError, ValueError, KeyError, TypeError):
-                from harvester.store import fingerprint_sha256, read_attrs
+                from harvester.store import read_attrs
 
-                attrs = read_attrs(src["store"])
-                if attrs and fingerprint_sha256(attrs.fingerprint) == src["fingerprint_sha256"]:
-                    found = model_identity(attrs.model.to_dict())
+                store, _ = self.find_store()
+                if store:
+                    found = model_identity(read_attrs(store).model.to_dict())
         return found if found["id"] or found["weights"] else None
+
+    def find_store(self, given: str | None = None) -> tuple[str | None, str | None]:
+        """``(store, note)``: the store of the mask's statistics and site. ``given`` (--store) is used as
+        asked, with a note when it holds another harvest than the mask's (another fingerprint digest).
+        Otherwise the recorded store (an absolute path or URL; an older mask's relative path is read
+        from the current directory), which must still hold the mask's harvest. ``(None, note)`` when
+        it is not there, the note naming --store; ``(None, None)`` when the mask records none."""
+        from harvester.store import fingerprint_sha256, read_attrs
+
+        recorded, digest = self.source.get("store"), self.source.get("fingerprint_sha256")
+        where = "" if not recorded or is_located(recorded) else f" (a relative path, read from {Path.cwd()})"
+        if given:
+            attrs = read_attrs(given)
+            found = fingerprint_sha256(attrs.fingerprint) if attrs else None
+            if digest and found and found != digest:
+                return given, (f"store {given} holds another harvest (fingerprint sha256 {found[:12]}) than the "
+                               f"mask's store {recorded} ({digest[:12]}); its statistics and site are used, "
+                               "as --store asks")
+            return given, None
+        if not recorded:
+            return None, None
+        attrs = read_attrs(recorded)
+        if attrs is None:
+            return None, f"the mask's store {recorded}{where} is not there; pass --store with where it is now"
+        found = fingerprint_sha256(attrs.fingerprint)
+        if digest and found != digest:
+            raise HarvestError(f"{recorded}{where} holds another harvest (fingerprint sha256 {found[:12]}) than the "
+                               f"mask was made from ({digest[:12]}); pass --store with the mask's store")
+        return recorded, None
 
     def check_model(self, target: dict, where: str, allow_other: bool | None = False) -> str | None:
         """Refuse to apply the mask to another model than it was selected on (:func:`check_applied`)."""
         return check_applied(self.identity(), "the mask was selected on", target, where,
                              f"{self.n_layers} x {self.width}", allow_other)
 
-    def check_store(self, store: str, allow_other: bool | None = None) -> str | None:
+    def check_store(self, store: str, allow_other: bool | None = None) -> list[str]:
         """Refuse a store of another shape or another model than the mask was selected on, or one whose
-        harvest did not finish; returns a note as :meth:`check_model`."""
+        harvest did not finish; returns the notes to print (another harvest, as :meth:`find_store`;
+        another or no model, as :meth:`check_model`)."""
         from harvester.store import open_finished
 
         model = open_finished(store).model
         if (model.layers, model.width) != (self.n_layers, self.width):
             raise HarvestError(f"the mask is for {self.n_layers} layers x {self.width} units, but store {store} "
                                f"has {model.layers} x {model.width}")
-        return self.check_model(model_identity(model.to_dict()), f"store {store}", allow_other)
+        notes = [self.find_store(store)[1], self.check_model(model_identity(model.to_dict()), f"store {store}",
+                                                            allow_other)]
+        return [n for n in notes if n]
 
     # -- files ---------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -273,7 +321,7 @@ _META = {"format_version": (int, True), "method": (str, True), "languages": (lis
          "width": (int, True), "params": (dict, False), "source": (dict, False), "extra": (dict, False)}
 # what the checks against a model read from the source: key -> types (None allowed)
 _SOURCE = {"store": str, "fingerprint_sha256": str, "model": str, "revision": str, "weights": str, "file": str,
-           "groups": list}
+           "groups": list, "site": str}
 
 
 def _check_meta(meta: dict, path: Path) -> None:

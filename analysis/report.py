@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -124,28 +125,48 @@ def write_tables(mask: Mask, out: Path, counts: np.ndarray, shared: np.ndarray, 
     _write_csv(out / "appear.csv", ["c", "appear"], [[c, a] for c, a in enumerate(appear)])
 
 
-def _heatmap(path: Path, data: np.ndarray, rows: list[str], cols: list[str], title: str, xlabel: str,
-             ylabel: str, bar: str) -> None:
-    """One labelled heatmap; sizes and tick fonts scale so that 80 x 80 stays legible."""
+LABEL_PT = 8
+"""Tick label size: at the PNGs' 100 dpi about 11 pixels, whatever the number of labels."""
+LABEL_STEP_IN = 0.17
+"""Inches per label: the plot grows with its labels (8 pt with room between them) instead of
+shrinking the font."""
+MAX_LABELS = 250
+"""More labels than this on an axis are shown every n-th (the CSV beside the plot has them all)."""
+
+
+def heatmap_figure(data: np.ndarray, rows: list[str], cols: list[str], title: str, xlabel: str, ylabel: str,
+                   bar: str, diverging: bool = False):
+    """One labelled heatmap as a matplotlib Figure, sized so that every label is LABEL_PT points:
+    80 x 80 labels give a plot of about 16 x 16 inches. ``diverging``: a red-blue scale centred on 0."""
     import matplotlib
     from matplotlib.figure import Figure  # no pyplot: no global state and no display, Agg renders PNG
 
     n_rows, n_cols = data.shape
-    width = min(max(6.0, 4 + 0.16 * n_cols), 18)
-    fig = Figure(figsize=(width, min(max(4.5, 3 + 0.16 * n_rows), 18)), dpi=100, layout="constrained")
+    width = max(6.0, 3.5 + LABEL_STEP_IN * min(n_cols, MAX_LABELS))
+    fig = Figure(figsize=(width, max(4.5, 2.5 + LABEL_STEP_IN * min(n_rows, MAX_LABELS))), dpi=100,
+                 layout="constrained")
     ax = fig.add_subplot()
-    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
-    image = ax.imshow(np.ma.masked_invalid(data), aspect="auto", interpolation="nearest", cmap=cmap)
+    values = np.ma.masked_invalid(data)
+    if diverging:
+        bound = float(np.nanmax(np.abs(data))) if np.isfinite(data).any() else 0.0
+        kw = dict(cmap=matplotlib.colormaps["RdBu_r"], vmin=-(bound or 1.0), vmax=bound or 1.0)
+    else:
+        kw = dict(cmap=matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey"))
+    image = ax.imshow(values, aspect="auto", interpolation="nearest", **kw)
     for axis, labels, count in ((ax.xaxis, cols, n_cols), (ax.yaxis, rows, n_rows)):
-        step = max(1, math.ceil(count / 80))
-        axis.set_ticks(range(0, count, step), [labels[i] for i in range(0, count, step)],
-                       fontsize=max(4, min(9, 400 // max(count, 1))))
+        step = max(1, math.ceil(count / MAX_LABELS))
+        axis.set_ticks(range(0, count, step), [labels[i] for i in range(0, count, step)], fontsize=LABEL_PT)
     ax.tick_params(axis="x", labelrotation=90)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title("\n".join(_wrap(title, int(width * 11))), fontsize=9)
     fig.colorbar(image, ax=ax, label=bar, shrink=0.8)
-    fig.savefig(path, format="png", backend="agg")
+    return fig
+
+
+def heatmap(path: Path, *args, **kw) -> None:
+    """Write :func:`heatmap_figure` as a PNG; it plots what the CSV of its name holds."""
+    heatmap_figure(*args, **kw).savefig(path, format="png", backend="agg")
 
 
 def _wrap(text: str, width: int) -> list[str]:
@@ -154,18 +175,25 @@ def _wrap(text: str, width: int) -> list[str]:
     return textwrap.wrap(text, width) or [""]
 
 
-def write_plots(mask: Mask, out: Path, counts: np.ndarray, shared: np.ndarray) -> None:
+def write_plots(mask: Mask, out: Path, counts: np.ndarray, shared: np.ndarray) -> list[str]:
+    """``counts.png`` and, for two languages or more, ``overlap_jaccard.png``: each plots the CSV of its
+    name. Returns the names written."""
     what = describe(mask)
     layers = [str(l) for l in range(mask.n_layers)]
-    _heatmap(out / "layers.png", counts.astype(float), mask.languages, layers,
-             f"Selected neurons per layer: {what}", "layer", "language", "selected neurons")
+    heatmap(out / "counts.png", counts.astype(float), mask.languages, layers,
+            f"Selected neurons per layer: {what}", "layer", "language", "selected neurons")
+    if len(mask.languages) < 2:
+        print(f"lsn: one language ({mask.languages[0]}): no overlap plot", file=sys.stderr)
+        return ["counts.png"]
     jac = jaccard(shared)
     np.fill_diagonal(jac, np.nan)  # the diagonal (1) would flatten the colour scale of the pairs
-    _heatmap(out / "overlap.png", jac, mask.languages, mask.languages,
-             f"Language overlap (Jaccard, diagonal omitted): {what}", "language", "language", "Jaccard")
+    heatmap(out / "overlap_jaccard.png", jac, mask.languages, mask.languages,
+            f"Language overlap (Jaccard, diagonal omitted): {what}", "language", "language", "Jaccard")
+    return ["counts.png", "overlap_jaccard.png"]
 
 
-def markdown(mask: Mask, title: str, counts: np.ndarray, shared: np.ndarray, appear: list[int]) -> str:
+def markdown(mask: Mask, title: str, counts: np.ndarray, shared: np.ndarray, appear: list[int],
+             plots: list[str]) -> str:
     units = mask.n_layers * mask.width
     lines = [f"# {title}", "", f"- method: `{mask.method}`", f"- parameters: {_short(mask.params)}"]
     lines += [f"- {k}: {_short(mask.extra[k])}" for k in ("tau", "beta", "lambda") if k in mask.extra]
@@ -184,21 +212,23 @@ def markdown(mask: Mask, title: str, counts: np.ndarray, shared: np.ndarray, app
                         [[lang, *map(int, row)] for lang, row in zip(mask.languages, counts)])
     else:
         lines += [f"{mask.n_layers} layers are too many for a table: see [counts.csv](counts.csv) "
-                  "and [layers.png](layers.png)."]
+                  "and [counts.png](counts.png)."]
     lines += ["", "## Units by number of languages (appear[c])", ""]
     lines += _table(["c", "appear"], [[c, a] for c, a in enumerate(appear)])
     lines += ["", f"## Top overlapping language pairs (by Jaccard, up to {TOP_PAIRS})", ""]
     pairs = top_pairs(mask, shared)
     lines += _table(["language", "language", "shared", "Jaccard"], [[a, b, n, f"{j:.4f}"] for a, b, n, j in pairs]) \
         if pairs else ["No two languages share a unit."]
-    lines += ["", "## Files", "", "![neurons per layer](layers.png)", "", "![language overlap](overlap.png)", ""]
-    lines += [f"- [{name}]({name})" for name in ("counts.csv", "overlap.csv", "overlap_jaccard.csv",
-                                                 "appear.csv", "layers.png", "overlap.png")]
+    lines += ["", "## Files", "", "![neurons per layer](counts.png)", ""]
+    lines += ["![language overlap](overlap_jaccard.png)", ""] if "overlap_jaccard.png" in plots else \
+        ["One language: no overlap plot.", ""]
+    lines += [f"- [{name}]({name})" for name in ("counts.csv", "overlap.csv", "overlap_jaccard.csv", "appear.csv",
+                                                 *plots)]
     return "\n".join(lines) + "\n"
 
 
 def write_report(mask: Mask, out: str | Path, title: str | None = None) -> Path:
-    """Write the CSVs, the two PNGs and ``report.md`` into directory ``out``; returns ``report.md``."""
+    """Write the CSVs, the PNGs (no overlap plot for one language) and ``report.md`` into directory ``out``; returns ``report.md``."""
     if not mask.languages:
         raise HarvestError("the mask has no languages; there is nothing to report")
     out = output_dir(out)
@@ -206,8 +236,8 @@ def write_report(mask: Mask, out: str | Path, title: str | None = None) -> Path:
     counts = mask.counts()  # [language, layer]
     shared = overlap(mask)  # [language, language]
     write_tables(mask, out, counts, shared, appear)
-    write_plots(mask, out, counts, shared)
+    plots = write_plots(mask, out, counts, shared)
     path = out / "report.md"
-    path.write_text(markdown(mask, title or f"Mask report: {mask.method}", counts, shared, appear),
+    path.write_text(markdown(mask, title or f"Mask report: {mask.method}", counts, shared, appear, plots),
                     encoding="utf-8")
     return path

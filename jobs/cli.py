@@ -133,7 +133,7 @@ def run(args) -> None:
         print(markdown(flat_table(result["table"])[["intervened", "prompt_lang", "in_prompt_lang", "length"]]), end="")
         print(f"wrote {args.out}/generate.csv, generate.md, generate.json")
     elif args.command == "intervene" and args.intervene_command == "ppl":
-        from jobs.ppl import PPLJob, run_ppl, summary
+        from jobs.ppl import OUTPUTS, PPLJob, run_ppl, summary
 
         langs = _langs(args.langs)
         result = run_ppl(PPLJob(model=args.model, mask=args.mask, corpus=args.corpus, out=args.out, mode=args.mode,
@@ -143,4 +143,4 @@ def run(args) -> None:
                                 actors=args.actors, use_ray=not args.no_ray, address=args.address,
                                 progress=not args.no_progress, allow_other_model=args.allow_other_model))
         print(summary(result))
-        print(f"wrote {args.out}/ppl.csv, ppl_change.csv, ppl_relative.csv, ppl_change.png, ppl.json")
+        print(f"wrote {args.out}/{', '.join(OUTPUTS)}")

@@ -185,7 +185,7 @@ def write_report(root: Path, model: str) -> Path:
         "Rows: intervened neurons (`random:L` has as many random neurons per layer as L's mask). "
         "Columns: evaluated language. `ppl/ppl.csv` has the perplexities, `ppl/ppl_change.csv` the PPXC.",
         "",
-        "![relative PPL change](ppl/ppl_change.png)",
+        "![relative PPL change](ppl/ppl_relative.png)",
         "",
         markdown(relative.reset_index()),
         "## Known answer",
@@ -209,7 +209,7 @@ def write_report(root: Path, model: str) -> Path:
         markdown(generation[["intervened", "prompt_lang", "in_prompt_lang", "length", "stopwords", "prompt_overlap"]]),
         "## Masks",
         "",
-        "![neurons per layer](lape-report/layers.png) ![overlap](lape-report/overlap.png)",
+        "![neurons per layer](lape-report/counts.png) ![overlap](lape-report/overlap_jaccard.png)",
         "",
         "`lape.npz` (this tool's format), `lape.pt` (the published list-of-LongTensor format), `lape-report/`.",
         "",

@@ -150,10 +150,11 @@ def run_finetune(job: FinetuneJob) -> dict:
 def intervention_store(job: FinetuneJob, mask) -> str | None:
     """The store ``--intervene mean|p10|p90`` reads (None for the other modes)."""
     from jobs.interventions import Mode
+    from jobs.rows import find_store
 
     if job.intervene is None or not Mode.parse(job.intervene).needs_store:
         return job.store
-    store = job.store or mask.source.get("store")
+    store = find_store(mask, job.store, f"--intervene {job.intervene}")
     if not store:
         raise HarvestError(f"--intervene {job.intervene} needs the store the mask was made from; pass --store")
     return store

@@ -8,7 +8,8 @@ are ``random:{lang}:{k}``. Columns (evaluated): the evaluation corpus' groups.
 Perplexity is the exponential of the mean next-token negative log-likelihood over a column's tokens.
 The evaluation corpus is tokenized and windowed exactly as a harvest does it, and a token belongs to
 the group of the token it predicts. ``PPXC`` (``ppl_change.csv``) is the PPL with the intervention
-minus the PPL without. ``ppl_relative.csv`` is that change divided by the PPL without.
+minus the PPL without. ``ppl_relative.csv`` is that change divided by the PPL without, and
+``ppl_relative.png`` its heatmap.
 
 Rows run in parallel on Ray actors that each load the model once (or in this process with
 ``--no-ray``); each row is an independent job.
@@ -117,6 +118,10 @@ def run_ppl(job: PPLJob) -> dict:
     return {"rows": [r.name for r in rows], "columns": columns, "ppl": ppl, "settings": settings}
 
 
+OUTPUTS = ("ppl.csv", "ppl_change.csv", "ppl_relative.csv", "ppl_relative.png", "ppl.json")
+"""What :func:`write_outputs` writes; a PNG holds what the CSV of the same name holds."""
+
+
 def write_outputs(out: Path, rows: list[str], columns: list[str], ppl: np.ndarray, settings: dict) -> None:
     import pandas as pd
 
@@ -128,38 +133,29 @@ def write_outputs(out: Path, rows: list[str], columns: list[str], ppl: np.ndarra
     change.to_csv(out / "ppl_change.csv", float_format="%.10g")
     relative.to_csv(out / "ppl_relative.csv", float_format="%.10g")
     (out / "ppl.json").write_text(json.dumps({"settings": settings, "ppl": table.to_dict(orient="index")}, indent=2))
-    heatmap(relative, out / "ppl_change.png", f"relative PPL change, mode {settings['mode']}")
+    plot_relative(relative, out / "ppl_relative.png", settings["mode"])
 
 
-def heatmap(relative, path: Path, title: str) -> None:
-    import matplotlib
+def plot_relative(relative, path: Path, mode: str) -> None:
+    """The heatmap of ``ppl_relative.csv`` (a DataFrame, rows x evaluated columns)."""
+    from analysis.report import heatmap
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    data = relative.values
-    fig, ax = plt.subplots(figsize=(0.6 * len(relative.columns) + 3, 0.35 * len(relative.index) + 2))
-    bound = np.nanmax(np.abs(data)) or 1.0
-    im = ax.imshow(data, cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto")
-    ax.set_xticks(range(len(relative.columns)), relative.columns, rotation=90)
-    ax.set_yticks(range(len(relative.index)), relative.index)
-    ax.set_xlabel("evaluated language")
-    ax.set_ylabel("intervened neurons")
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax, label="(PPL - PPL none) / PPL none")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    heatmap(path, relative.values, list(map(str, relative.index)), list(map(str, relative.columns)),
+            f"Relative PPL change, (PPL - PPL none) / PPL none, mode {mode}", "evaluated language",
+            "intervened neurons", "(PPL - PPL none) / PPL none", diverging=True)
 
 
 def summary(result: dict) -> str:
-    """The relative change as a text table, rows x columns."""
-    ppl = result["ppl"]
-    rel = ppl / ppl[0] - 1
-    cols = result["columns"]
-    lines = ["intervened      " + " ".join(f"{c:>8s}" for c in cols)]
-    empty = result["settings"].get("empty_mask", [])
-    for name, r in zip(result["rows"], rel):
-        lines.append(f"{name:15s} " + " ".join(f"{v:+8.3f}" for v in r) + ("  (empty mask)" if name in empty else ""))
-    return "\n".join(lines)
+    """The table printed on stdout: the PPL without intervention, then each row's relative change in %
+    (``ppl_relative.csv`` x 100), columns aligned whatever the names' lengths."""
+    import pandas as pd
 
+    ppl, columns = result["ppl"], pd.Index(result["columns"], name="intervened \\ evaluated")
+    base = pd.DataFrame(ppl[:1], index=["none (PPL)"], columns=columns).map(lambda v: f"{v:.4g}")
+    empty = set(result["settings"].get("empty_mask", []))
+    rows = [f"{name} (empty mask)" if name in empty else name for name in result["rows"][1:]]
+    change = pd.DataFrame(100 * (ppl[1:] / ppl[0] - 1), index=rows, columns=columns)
+    text = pd.concat([base, change.map(lambda v: f"{v:+.2f}%")]).to_string()
+    mode = result["settings"]["mode"]
+    return (f"PPL without intervention (none), then the relative PPL change with each row's units intervened "
+            f"(mode {mode}): (PPL - PPL none) / PPL none in % (ppl_relative.csv x 100)\n{text}")

@@ -59,18 +59,29 @@ def mask_groups(mask, language: str) -> list[str]:
     return [language]
 
 
-def site_of(store: str | None, config, required: bool = False) -> str:
-    """The module the statistics were taken at: the store's recorded site, else (no store, or the
-    mask's store moved away) the MLP activation, which the mask's shape is then checked against."""
-    from harvester.store import open_finished
+def site_of(store: str | None, config, recorded: str | None = None) -> str:
+    """The module the statistics were taken at: the store's recorded site, else (no store) the site the
+    mask records, else the MLP activation, which the mask's shape is then checked against."""
     from harvester import arch
-    from harvester.store import read_attrs
+    from harvester.store import open_finished
 
-    if store and (required or read_attrs(store) is not None):
-        return open_finished(store).model.site
     if store:
-        print(f"lsn: the mask's store {store} is not here; intervening on the MLP neurons", file=sys.stderr)
-    return arch.resolve_site(config, None, "mlp")
+        return open_finished(store).model.site
+    return recorded or arch.resolve_site(config, None, "mlp")
+
+
+def find_store(mask, given: str | None, needed: str | None = None) -> str | None:
+    """The store a job reads (:meth:`analysis.masks.Mask.find_store`), its note printed. A recorded store
+    that is not there is an error naming --store when ``needed`` (what needs it) says so, or when the mask
+    records no site to intervene at without it (an older mask)."""
+    store, note = mask.find_store(given)
+    if store is None and note and (needed or not mask.source.get("site")):
+        raise HarvestError(f"{needed or 'an older mask, which records no site,'} needs the store the mask was made "
+                           f"from: {note}")
+    if note:
+        print(f"lsn: {note}" + ("" if store else f"; intervening at the site the mask records, {mask.source['site']}"),
+              file=sys.stderr)
+    return store
 
 
 def check_models(mask, model: str, store: str | None, allow_other: bool) -> None:
@@ -80,13 +91,12 @@ def check_models(mask, model: str, store: str | None, allow_other: bool) -> None
     from harvester.store import open_finished
     from analysis.masks import check_applied, model_identity, same_model
     from harvester.backends.hf import load_config, model_identity as loaded_identity, resolve_model
-    from harvester.store import read_attrs
 
     path = resolve_model(model)
     target = loaded_identity(model, path, load_config(path))
     shape = f"{mask.n_layers} x {mask.width}"
     notes = [mask.check_model(target, "--model", allow_other)]
-    if store and read_attrs(store) is not None:
+    if store:
         model = open_finished(store).model
         if (model.layers, model.width) != (mask.n_layers, mask.width):
             raise HarvestError(f"the mask is for {shape} units, but store {store} has {model.layers} x {model.width}")
@@ -122,10 +132,10 @@ def make_plan(model: str, mask_path: str, langs: list[str] | None, store: str | 
     mask = Mask.load(mask_path)
     langs = langs or list(mask.languages)
     check_langs(mask, langs)
-    resolved = store or mask.source.get("store")
+    resolved = find_store(mask, store, f"--mode {mode}" if mode.needs_store else None)
     if mode.needs_store and not resolved:
         raise HarvestError(f"--mode {mode} needs the store the mask was made from; pass --store")
-    site = site_of(resolved, load_config(resolve_model(model)), required=store is not None or mode.needs_store)
+    site = site_of(resolved, load_config(resolve_model(model)), mask.source.get("site"))
     check_models(mask, model, resolved, allow_other_model)
     values = {lang: unit_statistic(resolved, mask_groups(mask, lang), mode) for lang in langs} if mode.needs_store else {}
     return Plan(mask, mode, resolved, site, values, build_rows(mask, langs, controls, seed))

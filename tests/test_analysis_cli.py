@@ -55,7 +55,7 @@ def test_lape_in_the_order_given_matches_the_reference(store, tmp_path, capsys):
     assert mask.languages == langs and as_layers(mask) == want
     assert mask.extra["tau"] == tau and mask.params["top_rate"] == 0.05
     assert mask.source["fingerprint_sha256"] and mask.source["store"] == str(store)
-    assert (tmp_path / "report" / "layers.png").is_file() and (tmp_path / "report" / "report.md").is_file()
+    assert (tmp_path / "report" / "counts.png").is_file() and (tmp_path / "report" / "report.md").is_file()
 
 
 def test_export_loads_with_weights_only_and_imports_back(store, tmp_path):

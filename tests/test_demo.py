@@ -27,8 +27,8 @@ def test_demo_has_its_known_answer(tmp_path, capsys):
     table = pd.read_csv(out / "ppl" / "ppl.csv", index_col=0)
     assert table.index[0] == "none" and len(table.columns) == 12 and len(table.index) == 1 + 12 + 12
     report = (out / "report.md").read_text()
-    assert "![relative PPL change](ppl/ppl_change.png)" in report and "| random:ko |" in report
-    for png in ("ppl/ppl_change.png", "lape-report/layers.png", "lape-report/overlap.png"):
+    assert "![relative PPL change](ppl/ppl_relative.png)" in report and "| random:ko |" in report
+    for png in ("ppl/ppl_relative.png", "lape-report/counts.png", "lape-report/overlap_jaccard.png"):
         assert (out / png).stat().st_size > 1000, png
     generated = pd.read_csv(out / "generate" / "generate.csv")
     assert set(generated["intervened"]) == set(table.index)

@@ -95,7 +95,7 @@ def test_csvs_by_hand(tmp_path):
 
 def test_pngs_are_valid(tmp_path):
     write_report(hand_mask(), tmp_path)
-    for name in ("layers.png", "overlap.png"):
+    for name in ("counts.png", "overlap_jaccard.png"):
         data = (tmp_path / name).read_bytes()
         assert data[:8] == PNG_SIGNATURE and len(data) > 2000
         width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
@@ -114,7 +114,7 @@ def test_markdown_summary(tmp_path):
     assert "| en | 2 | 1 | 0 | 1 |" in text  # the per-layer table (L <= 40)
     assert "| 3 | 1 |" in text  # appear[3]
     assert "| en | de | 2 | 0.5000 |" in text.split("Top overlapping")[1]
-    for name in ("layers.png", "overlap.png", "counts.csv", "overlap.csv", "overlap_jaccard.csv", "appear.csv"):
+    for name in ("counts.png", "overlap_jaccard.png", "counts.csv", "overlap.csv", "overlap_jaccard.csv", "appear.csv"):
         assert f"]({name})" in text and (tmp_path / "r" / name).is_file()
 
 
@@ -164,10 +164,11 @@ def test_full_size_smoke(tmp_path):
     assert len(read_csv(tmp_path / "counts.csv")) == K + 1
 
 
-def test_single_language_and_empty_masks_report(tmp_path):
-    write_report(Mask(["en"], L, I, [units((0, 1), (0, 2))], "lape"), tmp_path / "one")
+def test_single_language_and_empty_masks_report(tmp_path, capsys):
+    text = write_report(Mask(["en"], L, I, [units((0, 1), (0, 2))], "lape"), tmp_path / "one").read_text()
     assert read_csv(tmp_path / "one" / "overlap_jaccard.csv") == [["language", "en"], ["en", "1.0"]]
-    assert (tmp_path / "one" / "overlap.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert not (tmp_path / "one" / "overlap_jaccard.png").exists() and "One language: no overlap plot." in text
+    assert "one language (en): no overlap plot" in capsys.readouterr().err
     write_report(Mask(["en", "fr"], L, I, [np.zeros(0, np.int64)] * 2, "lape"), tmp_path / "none")
     assert read_csv(tmp_path / "none" / "appear.csv")[1:] == [["0", "0"], ["1", "0"], ["2", "0"]]
     with pytest.raises(HarvestError, match="no languages"):

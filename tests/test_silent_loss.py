@@ -202,8 +202,8 @@ def test_analysis_and_interventions_flag_empty_groups_and_masks(tmp_path, capsys
     assert run(capsys, "harvest", *FAST, "--corpus", f"instruct:{instruct}", "--seq-len", 12, "--store", store)[0] == 2
     code, _, err = run(capsys, "analyze", "lape", "--store", store, "--out", tmp_path / "m.npz")
     assert code == 0
-    for lang in ("en:response", "de:response"):
-        assert f"lsn: warning: language {lang} has no tokens in {store}" in err
+    for lang in ("en", "de"):  # the response groups, the languages by default
+        assert f"lsn: warning: language {lang} has no tokens in {store} (groups {lang}:response)" in err
     code, out, err = run(capsys, "analyze", "lape", "--store", store, "--langs", "en:prompt,de:prompt",
                          "--top-rate", 0, "--out", tmp_path / "empty.npz")
     assert code == 0 and "has no tokens" not in err
@@ -216,7 +216,7 @@ def test_analysis_and_interventions_flag_empty_groups_and_masks(tmp_path, capsys
                          "--corpus", f"text:{corpus}", "--seq-len", 32, "--out", tmp_path / "ppl", "--no-ray",
                          "--no-progress")
     assert code == 0, err
-    marked = [line.split()[0] for line in out.splitlines() if line.endswith("(empty mask)")]
+    marked = [line.split()[0] for line in out.splitlines() if line.split()[1:3] == ["(empty", "mask)"]]
     empty = ["en:prompt", "de:prompt", "random:en:prompt", "random:de:prompt"]  # controls of an empty mask too
     assert marked == empty
     assert "lsn: warning: row en:prompt intervenes on no unit (its mask is empty); it repeats the row none" in err

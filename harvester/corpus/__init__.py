@@ -82,6 +82,17 @@ class Corpus(Protocol):
 KINDS = ("text", "sample", "ec40", "wikipedia", "instruct", "stimuli")
 
 
+def split_list(text: str, what: str, example: str) -> list[str]:
+    """A comma list (languages, directions), the one separator of specs and flags; ``+`` sums groups
+    in ``--langs NAME=G1+G2`` only, so a ``+`` list is refused with the comma form as a hint."""
+    items = [item.strip() for item in text.split(",")]
+    joined = next((item for item in items if "+" in item), None)
+    if joined is not None:
+        raise HarvestError(f"{what} are separated by commas, not '+': {joined.replace('+', ',')} "
+                           f"(e.g. {example})")
+    return items
+
+
 def parse_corpus(spec: str, options: CorpusOptions | None = None) -> Corpus:
     """Build the corpus named by ``spec``; a clear error for an unknown kind or missing data."""
     options = options or CorpusOptions()

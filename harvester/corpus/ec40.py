@@ -32,7 +32,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Iterator
 
-from harvester.corpus import CorpusOptions, Segment, Stream, decode_line, file_identity
+from harvester.corpus import CorpusOptions, Segment, Stream, decode_line, file_identity, split_list
 from harvester.errors import HarvestError
 
 HUB_REPO = "ShaomuTan/EC40"
@@ -54,6 +54,25 @@ SPLITS = {
     "test": ("Flores200-test-set/en-test-set", "test."),
 }
 """Split -> (folder, file name prefix): files are ``{folder}/{prefix}en-{xx}.{en|xx}``."""
+
+
+SIDES = ("src", "tgt")
+"""A direction's two groups: its source side, then its target side."""
+
+
+def side_group(direction: str, side: str) -> str:
+    """The group of one side of a direction: ``en-fr:src`` (English), ``en-fr:tgt`` (French)."""
+    return f"{direction}:{side}"
+
+
+def parse_side(group: str) -> tuple[str, str] | None:
+    """``(direction, language written on that side)`` of a group named by :func:`side_group`
+    (``fr-en:src`` -> ``("fr-en", "fr")``); None for any other name."""
+    direction, _, side = group.rpartition(":")
+    source, dash, target = direction.partition("-")
+    if side not in SIDES or not dash or not source or not target or "-" in target or "en" not in (source, target):
+        return None
+    return direction, source if side == "src" else target
 
 
 def split_files(split: str, lang: str) -> tuple[str, str]:
@@ -83,14 +102,14 @@ class EC40Corpus:
         self.files = {lang: self._fetch(lang) for lang in langs}
         for lang in langs:
             self._check(lang)
-        self.groups = [f"{d}:{side}" for d in self.directions for side in ("src", "tgt")]
+        self.groups = [side_group(d, side) for d in self.directions for side in SIDES]
         self.streams = [Stream(d, packing="sequence") for d in self.directions]
 
     def documents(self, stream: str) -> Iterator[list[Segment]]:
         english_first = stream.startswith("en-")
         for _, en, xx in islice(self._pairs(_other(stream)), self.max_pairs):
             src, tgt = (en, xx) if english_first else (xx, en)
-            yield [(f"{stream}:src", src), (f"{stream}:tgt", tgt)]
+            yield [(side_group(stream, "src"), src), (side_group(stream, "tgt"), tgt)]
 
     def source(self) -> dict:
         out = {"kind": "ec40", "split": self.split, "pairs": list(self.directions), "max_pairs": self.max_pairs}
@@ -148,7 +167,7 @@ def parse_directions(pairs: str | None, available: tuple[str, ...], where: objec
         if not available:
             raise HarvestError(f"no EC40 files (en-xx.en and en-xx.xx) in {where}")
         return [d for lang in available for d in (f"en-{lang}", f"{lang}-en")]
-    directions = [p.strip() for p in pairs.split(",") if p.strip()]
+    directions = [p for p in split_list(pairs, "EC40 directions", "--pairs en-fr,fr-en") if p]
     if not directions:
         raise HarvestError("no EC40 direction given: --pairs en-fr,fr-en,... or all")
     known = tuple(dict.fromkeys(LANGUAGES + tuple(available)))

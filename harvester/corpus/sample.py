@@ -34,7 +34,7 @@ TOP_WORDS = 2000
 
 @dataclass
 class SampleCorpus:
-    """``sample[:docs=N,seed=S,langs=a+b+c,sentences=K]``"""
+    """``sample[:docs=N,seed=S,sentences=K,langs=a,b,c]`` (``langs=a+b+c`` is read too)"""
 
     spec: str
     groups: list[str]
@@ -45,11 +45,13 @@ class SampleCorpus:
     @classmethod
     def from_spec(cls, spec: str, arg: str) -> "SampleCorpus":
         opts = dict(docs=200, seed=0, sentences=3)
-        langs = list(LANGUAGES)
+        langs, listing = list(LANGUAGES), False
         for item in filter(None, arg.split(",")):
-            key, _, value = item.partition("=")
-            if key == "langs":
-                langs = value.split("+")
+            key, eq, value = item.partition("=")
+            if not eq and listing:  # languages are a comma list like everywhere: langs=en,de,fr
+                langs.append(key)
+            elif key == "langs":
+                langs = value.split("+")  # the older form langs=en+de is still read
             elif key in opts:
                 try:
                     opts[key] = int(value)
@@ -57,6 +59,7 @@ class SampleCorpus:
                     raise HarvestError(f"sample corpus option {key} must be an integer, got '{value}'") from None
             else:
                 raise HarvestError(f"unknown sample corpus option '{key}'; options: docs, seed, sentences, langs")
+            listing = listing and not eq or key == "langs"
         unknown = [lang for lang in langs if lang not in LANGUAGES]
         if unknown or not langs:
             raise HarvestError(f"sample corpus has no language {', '.join(unknown)}; languages: {', '.join(LANGUAGES)}")

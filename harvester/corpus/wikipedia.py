@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 from typing import Iterator
 
-from harvester.corpus import CorpusOptions, Segment, Stream, file_identity
+from harvester.corpus import CorpusOptions, Segment, Stream, file_identity, split_list
 from harvester.corpus.ec40 import hub_offline
 from harvester.errors import HarvestError
 
@@ -110,7 +110,7 @@ def _parse(spec: str, arg: str) -> tuple[str, list[str], Path | None]:
     parts = arg.split(":", 2)
     if len(parts) < 2 or (len(parts) == 3 and not parts[2].strip()):
         raise HarvestError(f"bad wikipedia corpus '{spec}'; expected {_USAGE}")
-    date, langs = parts[0].strip(), [lang.strip() for lang in parts[1].split(",")]
+    date, langs = parts[0].strip(), split_list(parts[1], "wikipedia languages", "wikipedia:20231101:de,fr")
     if not re.fullmatch(r"\d{8}", date):
         raise HarvestError(f"wikipedia dump date must be YYYYMMDD, not '{date}' in '{spec}'; expected {_USAGE}")
     if not any(langs):
