@@ -55,6 +55,10 @@ def atomic_write(path: str):
         with fsys.open(tmp, "wb") as f:
             yield f
         fsys.mv(tmp, p)
+    except OSError as err:  # a full or read-only disk: name the file asked for, not its temporary name
+        if err.filename in (None, tmp):
+            err.filename = str(path)
+        raise
     finally:
         if fsys.exists(tmp):
             fsys.rm(tmp)
