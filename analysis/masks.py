@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from harvester.errors import HarvestError
+from harvester import fs
+from harvester.errors import FAULTS, HarvestError
 from harvester.names import check_name
 
 FORMAT = "lsn-mask"
@@ -186,11 +189,9 @@ class Mask:
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "method": self.method, "params": self.params,
                 "languages": self.languages, "n_layers": self.n_layers, "width": self.width,
                 "source": self.source, "extra": self.extra}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp.npz")
-        np.savez_compressed(tmp, meta=np.array(json.dumps(meta)),
-                            **{f"sel_{k}": s for k, s in enumerate(self.selected)})
-        tmp.replace(path)
+        with fs.atomic_write(str(path)) as f:  # a full disk leaves no partial mask
+            np.savez_compressed(f, meta=np.array(json.dumps(meta)),
+                                **{f"sel_{k}": s for k, s in enumerate(self.selected)})
         return path
 
     @classmethod
@@ -205,8 +206,12 @@ class Mask:
                     raise HarvestError(f"{path} is not an lsn mask file")
                 _check_meta(meta, path)
                 selected = [data[f"sel_{k}"] for k in range(len(meta["languages"]))]
-        except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as err:
-            raise HarvestError(f"{path} is not an lsn mask file ({type(err).__name__})") from None
+        except OSError as err:
+            if err.errno in FAULTS:
+                raise  # a filesystem fault, not the file's: the CLI names it and what to do
+            raise _unreadable(path, err) from None
+        except (ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+            raise _unreadable(path, err) from None  # truncated, garbage, a flipped byte, a hand edit
         for k, sel in enumerate(selected):
             if sel.ndim != 1 or sel.dtype.kind not in "iu":
                 raise HarvestError(f"{path}: sel_{k} must be a 1-d integer array, not {sel.dtype} of shape {sel.shape}")
@@ -226,8 +231,8 @@ class Mask:
         import torch
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(self.to_rucaibox(), path)
+        with fs.atomic_write(str(path)) as f:
+            torch.save(self.to_rucaibox(), f)
         return path
 
     @classmethod
@@ -263,6 +268,13 @@ class Mask:
         layers = [[t.numpy() for t in per] for per in obj]
         return cls.from_layers(layers, languages, n_layers, width, "imported:rucaibox",
                                source={"file": str(path)})
+
+
+def _unreadable(path: Path, err: Exception) -> HarvestError:
+    reason = str(err).splitlines()[0] if str(err) else ""
+    reason = "not a NumPy .npz archive" if "pickle" in reason else reason  # not numpy's advice to unpickle
+    return HarvestError(f"{path} is not an lsn mask file, or it is damaged ({type(err).__name__}"
+                        f"{': ' + reason[:120] if reason else ''}); write it again (lsn analyze), or pass another mask")
 
 
 # what Mask.load requires of the meta JSON: key -> (types, required)
