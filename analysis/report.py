@@ -8,6 +8,7 @@ dense ``[K, L, I]`` array, so a report of 80 languages x 80 layers x 28672 neuro
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from analysis.masks import Mask
+from harvester import fs
 from harvester.errors import HarvestError
 
 TOP_PAIRS = 10
@@ -106,10 +108,11 @@ def top_pairs(mask: Mask, shared: np.ndarray, n: int = TOP_PAIRS) -> list[tuple[
 
 # -- files ---------------------------------------------------------------------------------------
 def _write_csv(path: Path, header: list, rows: list[list]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(header)
+    writer.writerows(rows)
+    fs.write_text(str(path), text.getvalue())  # whole or not at all, on a full disk too
 
 
 def write_tables(mask: Mask, out: Path, counts: np.ndarray, shared: np.ndarray, appear: list[int]) -> None:
@@ -144,7 +147,8 @@ def _heatmap(path: Path, data: np.ndarray, rows: list[str], cols: list[str], tit
     ax.set_ylabel(ylabel)
     ax.set_title("\n".join(_wrap(title, int(width * 11))), fontsize=9)
     fig.colorbar(image, ax=ax, label=bar, shrink=0.8)
-    fig.savefig(path, format="png", backend="agg")
+    with fs.atomic_write(str(path)) as f:
+        fig.savefig(f, format="png", backend="agg")
 
 
 def _wrap(text: str, width: int) -> list[str]:
@@ -208,6 +212,5 @@ def write_report(mask: Mask, out: str | Path, title: str | None = None) -> Path:
     write_tables(mask, out, counts, shared, appear)
     write_plots(mask, out, counts, shared)
     path = out / "report.md"
-    path.write_text(markdown(mask, title or f"Mask report: {mask.method}", counts, shared, appear),
-                    encoding="utf-8")
+    fs.write_text(str(path), markdown(mask, title or f"Mask report: {mask.method}", counts, shared, appear))
     return path

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from harvester import fs
 from harvester.errors import HarvestError
 from jobs.tasks import check_task
 
@@ -254,7 +255,7 @@ def run_condition(job: FinetuneJob, lang: str, control: str, data: dict) -> dict
     model.eval()
     record["eval"] = evaluate(model, tokenizer, job, data, mask)
     record["peak_memory_bytes"] = peak_memory(job.device)
-    (out_dir / "results.json").write_text(json.dumps(record, indent=2))
+    fs.write_text(str(out_dir / "results.json"), json.dumps(record, indent=2))
     return record
 
 
@@ -417,7 +418,8 @@ def write_table(out: Path, table: list[dict], job: FinetuneJob) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame.from_records(table)
-    frame.to_csv(out / "results.csv", index=False, float_format="%.6g")
-    (out / "results.md").write_text(markdown(frame), encoding="utf-8")
-    (out / "results.json").write_text(json.dumps({"settings": asdict(job), "table": table}, indent=2, default=str))
+    fs.write_text(str(out / "results.csv"), frame.to_csv(index=False, float_format="%.6g"))  # whole or not at all
+    fs.write_text(str(out / "results.md"), markdown(frame))
+    fs.write_text(str(out / "results.json"), json.dumps({"settings": asdict(job), "table": table}, indent=2,
+                                                        default=str))
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from harvester import fs
 from harvester.errors import HarvestError
 from harvester.names import check_name
 from jobs.interventions import Mode, intervene
@@ -217,6 +218,6 @@ def markdown(frame) -> str:
 def write_outputs(out: Path, result: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     frame = flat_table(result["table"])
-    frame.to_csv(out / "generate.csv", index=False, float_format="%.4g")
-    (out / "generate.md").write_text(markdown(frame), encoding="utf-8")
-    (out / "generate.json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
+    fs.write_text(str(out / "generate.csv"), frame.to_csv(index=False, float_format="%.4g"))  # whole or not at all
+    fs.write_text(str(out / "generate.md"), markdown(frame))
+    fs.write_text(str(out / "generate.json"), json.dumps(result, indent=2, ensure_ascii=False))

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from harvester import fs
 from harvester.errors import HarvestError
 from jobs.interventions import Intervention, Mode, intervene
 from jobs.rows import Job, ModelWorker, Row, intervention_for, make_plan, run_rows
@@ -122,10 +123,10 @@ def write_outputs(out: Path, rows: list[str], columns: list[str], ppl: np.ndarra
     table = pd.DataFrame(ppl, index=pd.Index(rows, name="intervened"), columns=columns)
     change = table - table.loc["none"]
     relative = change / table.loc["none"]
-    table.to_csv(out / "ppl.csv", float_format="%.10g")
-    change.to_csv(out / "ppl_change.csv", float_format="%.10g")
-    relative.to_csv(out / "ppl_relative.csv", float_format="%.10g")
-    (out / "ppl.json").write_text(json.dumps({"settings": settings, "ppl": table.to_dict(orient="index")}, indent=2))
+    for name, frame in (("ppl", table), ("ppl_change", change), ("ppl_relative", relative)):
+        fs.write_text(str(out / f"{name}.csv"), frame.to_csv(float_format="%.10g"))  # whole or not at all
+    fs.write_text(str(out / "ppl.json"), json.dumps({"settings": settings, "ppl": table.to_dict(orient="index")},
+                                                    indent=2))
     heatmap(relative, out / "ppl_change.png", f"relative PPL change, mode {settings['mode']}")
 
 
@@ -146,7 +147,8 @@ def heatmap(relative, path: Path, title: str) -> None:
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="(PPL - PPL none) / PPL none")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with fs.atomic_write(str(path)) as f:
+        fig.savefig(f, dpi=100, format="png")
     plt.close(fig)
 
 
