@@ -203,15 +203,15 @@ class Mask:
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
                 if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-                    raise HarvestError(f"{path} is not an lsn mask file")
+                    raise _unreadable(path, "its meta names no lsn mask format")
                 _check_meta(meta, path)
                 selected = [data[f"sel_{k}"] for k in range(len(meta["languages"]))]
         except OSError as err:
             if err.errno in FAULTS:
                 raise  # a filesystem fault, not the file's: the CLI names it and what to do
-            raise _unreadable(path, err) from None
+            raise _unreadable(path, _reason(err)) from None
         except (ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, zlib.error) as err:
-            raise _unreadable(path, err) from None  # truncated, garbage, a flipped byte, a hand edit
+            raise _unreadable(path, _reason(err)) from None  # truncated, garbage, a flipped byte, a hand edit
         for k, sel in enumerate(selected):
             if sel.ndim != 1 or sel.dtype.kind not in "iu":
                 raise HarvestError(f"{path}: sel_{k} must be a 1-d integer array, not {sel.dtype} of shape {sel.shape}")
@@ -270,11 +270,15 @@ class Mask:
                                source={"file": str(path)})
 
 
-def _unreadable(path: Path, err: Exception) -> HarvestError:
-    reason = str(err).splitlines()[0] if str(err) else ""
-    reason = "not a NumPy .npz archive" if "pickle" in reason else reason  # not numpy's advice to unpickle
-    return HarvestError(f"{path} is not an lsn mask file, or it is damaged ({type(err).__name__}"
-                        f"{': ' + reason[:120] if reason else ''}); write it again (lsn analyze), or pass another mask")
+def _reason(err: Exception) -> str:
+    text = str(err).splitlines()[0][:120] if str(err) else ""
+    text = "not a NumPy .npz archive" if "pickle" in text else text  # not numpy's advice to unpickle
+    return f"{type(err).__name__}{': ' + text if text else ''}"
+
+
+def _unreadable(path: Path, reason: str) -> HarvestError:
+    return HarvestError(f"{path} is not an lsn mask file, or it is damaged ({reason}); write it again "
+                        "(lsn analyze), or pass another mask")
 
 
 # what Mask.load requires of the meta JSON: key -> (types, required)
