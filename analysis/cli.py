@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import json
 import sys
 
@@ -109,12 +108,7 @@ def _scheduler(args):
                         n_workers=args.local_cluster, threads_per_worker=1, processes=True, host="127.0.0.1",
                         dashboard_address=None))
                     client = running.enter_context(Client(cluster))
-            try:
-                yield client
-            except KeyboardInterrupt:  # stopped mid-computation: its cancelled tasks are no news
-                for name in ("distributed", "asyncio"):
-                    logging.getLogger(name).setLevel(logging.CRITICAL)
-                raise
+            yield client
     else:
         yield None
 
