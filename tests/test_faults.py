@@ -29,7 +29,7 @@ import pytest
 import zarr
 
 from harvester.cli import main
-from tests.helpers import assert_same_totals
+from tests.helpers import assert_group_ends, assert_same_totals
 
 HARVEST = ["harvest", "--model", "tiny:llama", "--corpus", "sample:docs=20,langs=en+de", "--seq-len", "64",
            "--shard-tokens", "512", "--no-progress"]
@@ -361,14 +361,7 @@ def _stopped_cleanly(proc: subprocess.Popen, sig) -> None:
     _, err = proc.communicate(timeout=120)
     one_line(subprocess.CompletedProcess(proc.args, proc.returncode, "", err),
              f"lsn: stopped by {sig.name}; finished work is kept", code=128 + sig)
-    deadline = time.time() + 30
-    while True:  # nothing it started outlives it (Dask's workers)
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            break
-        assert time.time() < deadline, "processes it started outlived it"
-        time.sleep(0.1)
+    assert_group_ends(proc.pid, "a process it started (Dask's workers)")
 
 
 @pytest.mark.parametrize("sig, after, cluster", [(signal.SIGINT, 0.5, []), (signal.SIGTERM, 1.5, []),
