@@ -105,8 +105,10 @@ def one_line(proc: subprocess.CompletedProcess, *words: str, code: int = 2) -> s
 
 def tmpfs(mnt: Path, size: int, free: int | None = None) -> str:
     """Shell commands: a tmpfs of ``size`` bytes at ``mnt``, filled up to ``free`` bytes when given."""
-    fill = f" && dd if=/dev/zero of={mnt}/fill bs=4096 count={(size - free) // 4096} 2>/dev/null" if free is not None else ""
-    return f"mount -t tmpfs -o size={size} tmpfs {mnt}{fill}"
+    mount = f"mount -t tmpfs -o size={size} tmpfs {mnt}"
+    if free is None:
+        return mount
+    return f"{mount} && dd if=/dev/zero of={mnt}/fill bs=4096 count={(size - free) // 4096} 2>/dev/null"
 
 
 def footprint(path: Path) -> int:
@@ -298,7 +300,8 @@ DAMAGE = {
     "empty": (lambda p: p.write_bytes(b""), "EOFError"),
     "garbage": (lambda p: p.write_bytes(b"\x00garbage" * 64), "not a NumPy .npz archive"),
     "a flipped byte": (lambda p: p.write_bytes(_flip(p.read_bytes())), "BadZipFile: Bad CRC-32|error: Error -3"),
-    "meta not JSON": (lambda p: _rewrite_meta(p, lambda a: {**a, "meta": np.array("{'format': lsn")}), "JSONDecodeError"),
+    "meta not JSON": (lambda p: _rewrite_meta(p, lambda a: {**a, "meta": np.array("{'format': lsn")}),
+                      "JSONDecodeError"),
     "meta not a string": (lambda p: _rewrite_meta(p, lambda a: {**a, "meta": np.arange(3)}), "is not an lsn mask file"),
     "no selections": (lambda p: _rewrite_meta(p, lambda a: {"meta": a["meta"]}), "KeyError"),
 }
