@@ -7,6 +7,7 @@ import json
 import sys
 
 from harvester.errors import HarvestError
+from harvester.fs import output_dir, output_file
 
 METHODS = ("lape", "lape-variant", "entropy-lambda", "autosweep", "act-prob-zero", "act-prob-90p", "coverage",
            "localizer", "random")
@@ -166,6 +167,10 @@ def _analyze(args) -> None:
         print(f"wrote {mask.save(args.out)}: {_describe(mask)}")
         return
     _check_rates(args)
+    if args.out:
+        output_file(args.out, make=False)
+    if args.report:
+        output_dir(args.report, "--report", make=False)
     counts = open_counts(args.store, _langs(args.langs), getattr(args, "response_only", False))
     P = counts.probabilities()
     names, params, extra = counts.names, {}, {}
@@ -238,5 +243,12 @@ def _check_rates(args) -> None:
         value = getattr(args, name, None)
         if value is not None and not 0 <= value <= 1:
             raise HarvestError(f"--{name.replace('_', '-')} must lie in [0, 1], got {value}")
-    if getattr(args, "top_percent", None) is not None and not 0 <= args.top_percent <= 100:
-        raise HarvestError(f"--top-percent must lie in [0, 100], got {args.top_percent}")
+    for name in ("filter_rate", "bar_ratio"):  # quantiles of the probabilities: 0 names no value
+        if getattr(args, name, None) == 0:
+            raise HarvestError(f"--{name.replace('_', '-')} is a quantile and must lie in (0, 1], got 0")
+    for name in ("top_percent", "percent"):
+        value = getattr(args, name, None)
+        if value is not None and not 0 <= value <= 100:
+            raise HarvestError(f"--{name.replace('_', '-')} must lie in [0, 100], got {value}")
+    if getattr(args, "eps", None) is not None and not args.eps > 0:
+        raise HarvestError(f"--eps must be positive, got {args.eps}")

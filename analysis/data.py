@@ -25,7 +25,7 @@ import dask.array as da
 import numpy as np
 
 from harvester.errors import HarvestError
-from harvester.store import fingerprint_sha256, open_finished
+from harvester.store import StoreAttrs, fingerprint_sha256, open_finished
 
 from analysis.masks import model_identity
 
@@ -42,7 +42,7 @@ class Counts:
     n_layers: int
     width: int
     store: str
-    attrs: dict
+    attrs: StoreAttrs
     groups: list[list[str]]
     """The store groups behind each language."""
     dataset: object = field(repr=False, default=None)
@@ -60,8 +60,8 @@ class Counts:
         """Where a mask made from these counts comes from: the store, and the model it was harvested
         on (``model`` its id, ``revision``, ``weights`` its weight files' hash; see
         :func:`analysis.masks.model_identity`)."""
-        model = model_identity(self.attrs["fingerprint"]["model"])
-        return {"store": self.store, "fingerprint_sha256": fingerprint_sha256(self.attrs["fingerprint"]),
+        model = model_identity(self.attrs.model.to_dict())
+        return {"store": self.store, "fingerprint_sha256": fingerprint_sha256(self.attrs.fingerprint),
                 "model": model["id"], "revision": model["revision"], "weights": model["weights"],
                 "groups": self.groups}
 
@@ -109,7 +109,8 @@ def open_counts(store: str, langs: list[str] | None = None, response_only: bool 
                       [[position[g] for g in b] for b in behind], subtracted)
     names, index = [], []
     for item in (langs or groups):
-        name, sep, expr = item.partition("=") if langs else (item, "", "")  # a group's own name may hold '='
+        # a group's own name, which may hold '=', is that group; otherwise NAME=G1+G2 sums groups
+        name, sep, expr = item.partition("=") if langs and item not in position else (item, "", "")
         members = expr.split("+") if sep else [item]
         missing = [m for m in members if m not in position]
         if missing or not name:

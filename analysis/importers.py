@@ -15,7 +15,8 @@ Formats (``fmt``), each one file per language in a directory ``DIR``:
 ``tag`` (usually the model's name) is found when ``DIR`` holds files of exactly one tag. Every file
 is loaded with ``torch.load(weights_only=True)`` (never an arbitrary unpickle) and checked (keys,
 integer counts, no negatives, ``over_zero <= tokens``, one shape ``[L, I]`` for all) before anything
-is written. The store holds the statistic ``active`` only: the totals ``tokens (group)`` and
+is written, and the store is written holding its lease (:mod:`harvester.lease`), as a harvest does, so
+an import and a harvest into one new path never mix. The store holds the statistic ``active`` only: the totals ``tokens (group)`` and
 ``active (group, layer, neuron)``, an empty shard dimension, and attributes shaped like a harvest's
 with the model unknown (``model.id`` None) and ``meta.imported = {format, tag, files}``.
 """
@@ -24,17 +25,18 @@ from __future__ import annotations
 
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from harvester import __version__, fs
+from harvester import __version__, fs, lease
 from harvester.corpus import file_identity
 from harvester.errors import HarvestError
 from harvester.names import check_name, inside
 from harvester.stats import StatsSpec
-from harvester.store import Store, read_attrs, totals_record
+from harvester.store import Store, StoreAttrs, Totals, read_attrs
 
 SPEC = StatsSpec(("active",))
 
@@ -93,7 +95,8 @@ def import_published(fmt: str, src: str | Path, store: str | Path, langs: list[s
     langs = _languages(form, src, found, tag, langs)
     counts = [_load(src / name, group, form.tokens_key) for lang in langs for group, name in form.parts(lang, tag)]
     _check_shapes(counts)
-    return _write(store, fmt, src, tag, counts)
+    with lease.acquire(str(store), say=lambda text: print(f"lsn: {text}", file=sys.stderr)) as held:
+        return _write(store, _attrs(fmt, src, tag, counts), counts, held.info)
 
 
 def _scan(form: Format, src: Path) -> dict[str, list[str]]:
@@ -194,27 +197,24 @@ def _check_shapes(counts: list[Counts]) -> None:
                                f"has {tuple(first.active.shape)}")
 
 
-def _write(store: str | Path, fmt: str, src: Path, tag: str, counts: list[Counts]) -> Store:
-    """Create the store, write the totals, mark it complete; on any failure, remove what was made."""
-    n_layers, width = counts[0].active.shape
-    fingerprint, meta = _attrs(fmt, src, tag, counts)
-    meta["model"].update(layers=int(n_layers), width=int(width))
-    out = Store.create(store, fingerprint=fingerprint, meta=meta, n_layers=int(n_layers), width=int(width),
-                       n_shards=0, spec=SPEC)
+def _write(store: str | Path, attrs: StoreAttrs, counts: list[Counts], owner: dict) -> Store:
+    """Create the store (holding its lease: ``owner``), write the totals, mark it complete; on any
+    failure, remove what was made."""
+    out = Store.create(store, attrs, n_shards=0, owner=owner)
     tokens = np.array([c.tokens for c in counts], dtype=np.int64)
     try:
         out.root["tokens"][:] = tokens
         for g, c in enumerate(counts):
             out.root["active"][g] = c.active.astype(np.int64)  # [L, I]
-        out.set_attrs(complete=True, totals=totals_record([], tokens))
+        out.set_attrs(complete=True, totals=Totals.of([], tokens))
     except BaseException:
         _remove(store)
         raise
     return out
 
 
-def _attrs(fmt: str, src: Path, tag: str, counts: list[Counts]) -> tuple[dict, dict]:
-    """A fingerprint and metadata shaped like a harvest's: what is unknown about the source is None."""
+def _attrs(fmt: str, src: Path, tag: str, counts: list[Counts]) -> StoreAttrs:
+    """Attributes made as a harvest's: what is unknown about the source is None."""
     import torch
 
     files = [{**file_identity(c.path), "group": c.group} for c in counts]
@@ -229,16 +229,11 @@ def _attrs(fmt: str, src: Path, tag: str, counts: list[Counts]) -> tuple[dict, d
                      "stats": list(SPEC.stats), "hist_edges": None, "pooling": "token"},
     }
     tokens = [c.tokens for c in counts]
-    meta = {
-        "model": {**fingerprint["model"], "architectures": []},
-        "tokenizer": fingerprint["tokenizer"],
-        "corpus": {**fingerprint["corpus"], "specs": [fingerprint["corpus"]["spec"]], "tokens_per_group": tokens,
-                   "tokens": sum(tokens), "shards": 0, "digest": None},
-        "settings": fingerprint["settings"],
-        "versions": {"lsn-harvester": __version__, "torch": torch.__version__},
-        "imported": {"format": fmt, "tag": tag, "files": files},
-    }
-    return fingerprint, meta
+    n_layers, width = counts[0].active.shape
+    return StoreAttrs.new(fingerprint, layers=int(n_layers), width=int(width), specs=[fingerprint["corpus"]["spec"]],
+                          versions={"lsn-harvester": __version__, "torch": torch.__version__},
+                          imported={"format": fmt, "tag": tag, "files": files},
+                          corpus={"tokens_per_group": tokens, "tokens": sum(tokens), "shards": 0, "digest": None})
 
 
 def _remove(store: str | Path) -> None:

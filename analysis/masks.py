@@ -162,8 +162,8 @@ class Mask:
                 from harvester.store import fingerprint_sha256, read_attrs
 
                 attrs = read_attrs(src["store"])
-                if attrs and fingerprint_sha256(attrs["fingerprint"]) == src["fingerprint_sha256"]:
-                    found = model_identity(attrs["fingerprint"]["model"])
+                if attrs and fingerprint_sha256(attrs.fingerprint) == src["fingerprint_sha256"]:
+                    found = model_identity(attrs.model.to_dict())
         return found if found["id"] or found["weights"] else None
 
     def check_model(self, target: dict, where: str, allow_other: bool | None = False) -> str | None:
@@ -176,16 +176,15 @@ class Mask:
         harvest did not finish; returns a note as :meth:`check_model`."""
         from harvester.store import open_finished
 
-        attrs = open_finished(store)
-        model = attrs["meta"]["model"]
-        if (model.get("layers"), model.get("width")) != (self.n_layers, self.width):
+        model = open_finished(store).model
+        if (model.layers, model.width) != (self.n_layers, self.width):
             raise HarvestError(f"the mask is for {self.n_layers} layers x {self.width} units, but store {store} "
-                               f"has {model.get('layers')} x {model.get('width')}")
-        return self.check_model(model_identity(attrs["fingerprint"]["model"]), f"store {store}", allow_other)
+                               f"has {model.layers} x {model.width}")
+        return self.check_model(model_identity(model.to_dict()), f"store {store}", allow_other)
 
     # -- files ---------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
+        path = fs.output_file(path)
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "method": self.method, "params": self.params,
                 "languages": self.languages, "n_layers": self.n_layers, "width": self.width,
                 "source": self.source, "extra": self.extra}
@@ -198,7 +197,8 @@ class Mask:
     def load(cls, path: str | Path) -> "Mask":
         path = Path(path)
         if not path.is_file():
-            raise HarvestError(f"mask file not found: {path}")
+            raise HarvestError(f"mask {path} is a directory, not a mask file" if path.is_dir()
+                               else f"mask file not found: {path}")
         try:
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
@@ -230,7 +230,7 @@ class Mask:
     def export_rucaibox(self, path: str | Path) -> Path:
         import torch
 
-        path = Path(path)
+        path = fs.output_file(path)
         with fs.atomic_write(str(path)) as f:
             torch.save(self.to_rucaibox(), f)
         return path

@@ -313,6 +313,8 @@ def localizer(count: np.ndarray, sums, sqsums, a: list[int], b: list[int], top_p
 def random_control(mask_selected: list[np.ndarray], n_layers: int, width: int, seed: int) -> list[np.ndarray]:
     """Per language and layer, as many neurons as the mask has, drawn uniformly without replacement
     from the layer's neurons not in that language's mask (``numpy.random.default_rng(seed)``)."""
+    if seed < 0:
+        raise HarvestError(f"--seed must be 0 or more, got {seed}")
     rng = np.random.default_rng(seed)
     out = []
     for sel in mask_selected:

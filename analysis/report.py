@@ -204,8 +204,7 @@ def write_report(mask: Mask, out: str | Path, title: str | None = None) -> Path:
     """Write the CSVs, the two PNGs and ``report.md`` into directory ``out``; returns ``report.md``."""
     if not mask.languages:
         raise HarvestError("the mask has no languages; there is nothing to report")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = fs.output_dir(out)
     appear = checked_appear(mask)
     counts = mask.counts()  # [language, layer]
     shared = overlap(mask)  # [language, language]

@@ -46,8 +46,8 @@ METHODS = ("lape", "lape_variant", "entropy_lambda", "act_prob_zero", "coverage"
 
 
 # -- the synthetic store ---------------------------------------------------------------------
-def _attrs(groups: list[str], stats: list[str], edges) -> tuple[dict, dict]:
-    """A fingerprint and metadata shaped like a harvest's, for a synthetic 70B-shaped model."""
+def _fingerprint(groups: list[str], stats: list[str], edges) -> dict:
+    """A fingerprint shaped like a harvest's, for a synthetic 70B-shaped model."""
     model = {"id": "synthetic:llama-3-70b-shaped", "revision": None, "weights": None, "architecture": "llama",
              "site": "mlp.act_fn", "unit": "mlp", "dtype": None, "device": None, "device_map": None}
     fingerprint = {
@@ -57,10 +57,7 @@ def _attrs(groups: list[str], stats: list[str], edges) -> tuple[dict, dict]:
         "settings": {"backend": None, "seq_len": None, "batch_size": None, "shard_tokens": None,
                      "stats": stats, "hist_edges": list(edges) if edges else None, "pooling": "token"},
     }
-    meta = {"model": {**model, "architectures": ["LlamaForCausalLM"]}, "tokenizer": fingerprint["tokenizer"],
-            "corpus": {**fingerprint["corpus"], "specs": ["synthetic"]}, "settings": fingerprint["settings"],
-            "versions": {}, "synthetic": {"generator": "benchmarks/analysis_scale.py"}}
-    return fingerprint, meta
+    return fingerprint
 
 
 class Generator:
@@ -121,22 +118,21 @@ def _spread(rng, out: np.ndarray, total: np.ndarray, weights: np.ndarray) -> Non
 
 def write_store(path: str, L: int, I: int, K: int, seed: int, hist: bool) -> None:
     """Create the store and write it group by group (one group's arrays in memory at a time)."""
-    from harvester.stats import StatsSpec
-    from harvester.store import Store
+    from harvester.store import Store, StoreAttrs, Totals
 
     stats = ["active", "sum", "sqsum"] + (["hist"] if hist else [])
     groups = [f"g{g:02d}" for g in range(K)]
-    fingerprint, meta = _attrs(groups, stats, EDGES if hist else None)
-    meta["model"].update(layers=L, width=I)
+    attrs = StoreAttrs.new(_fingerprint(groups, stats, EDGES if hist else None), layers=L, width=I,
+                           specs=["synthetic"], architectures=["LlamaForCausalLM"])
+    attrs = attrs.replace(meta=attrs.meta.replace(extra={"synthetic": {"generator": "benchmarks/analysis_scale.py"}}))
     gen = Generator(L, I, K, seed)
-    store = Store.create(path, fingerprint=fingerprint, meta=meta, n_layers=L, width=I, n_shards=0,
-                         spec=StatsSpec(tuple(stats), EDGES if hist else None))
+    store = Store.create(path, attrs, n_shards=0)
     for g in range(K):
         for name, values in gen.group(g, hist).items():
             store.root[name][g] = values
     store.root["tokens"][:] = gen.tokens
-    store.attrs["meta"]["corpus"].update(tokens_per_group=gen.tokens.tolist(), tokens=int(gen.tokens.sum()))
-    store.set_attrs(complete=True)
+    corpus = store.attrs.corpus.replace(tokens_per_group=gen.tokens.tolist(), tokens=int(gen.tokens.sum()))
+    store.set_attrs(meta=store.attrs.meta.replace(corpus=corpus), complete=True, totals=Totals.of([], gen.tokens))
 
 
 # -- one method in this process (the child) --------------------------------------------------
@@ -268,10 +264,9 @@ def ensure_store(path: str, L: int, I: int, K: int, seed: int, hist: bool, work:
 
     attrs = read_attrs(path)
     if attrs is not None:
-        model = attrs["meta"]["model"]
-        shape = (model.get("layers"), model.get("width"), len(attrs["meta"]["corpus"]["groups"]))
-        if not attrs.get("complete") or shape != (L, I, K):
-            raise SystemExit(f"{path}: a store of shape {shape} (complete={attrs.get('complete')}), not {(L, I, K)}")
+        shape = (attrs.model.layers, attrs.model.width, len(attrs.corpus.groups))
+        if not attrs.complete or shape != (L, I, K):
+            raise SystemExit(f"{path}: a store of shape {shape} (complete={attrs.complete}), not {(L, I, K)}")
         print(f"reusing {path} ({L} layers x {I} neurons x {K} groups)", flush=True)
         return False, {}
     free = shutil.disk_usage(Path(path).parent if Path(path).parent.exists() else work).free / GIB

@@ -61,7 +61,7 @@ def harvest_rate(model: str, corpus: str, actors: int, root: str) -> tuple[float
     start = time.perf_counter()
     result = harvest(cfg)
     wall = time.perf_counter() - start
-    tokens = sum(result.attrs["meta"]["corpus"]["tokens_per_group"])
+    tokens = sum(result.attrs.corpus.tokens_per_group)
     return tokens / wall, wall, tokens
 
 

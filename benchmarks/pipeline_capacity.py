@@ -50,7 +50,7 @@ from harvester.corpus import parse_corpora  # noqa: E402
 from harvester.corpus.sample import SampleCorpus  # noqa: E402
 from harvester.driver import harvest  # noqa: E402
 from harvester.stats import StatsSpec  # noqa: E402
-from harvester.store import Store  # noqa: E402
+from harvester.store import Store, StoreAttrs  # noqa: E402
 from harvester.windows import TokenSettings, load_shard, tokenize_stream  # noqa: E402
 
 NULL_BACKEND = "tests.null_backend:NullBackend"
@@ -134,8 +134,10 @@ def stages(model: str, corpus: str, chars: int, seq_len: int, shard_tokens: int,
 
     backend, spec = NullBackend(model), StatsSpec()
     results = [backend.statistics(s.windows, spec, 8) for s in shards]
-    store = Store.create(root / "store", fingerprint={"settings": {"stats": list(spec.stats)}},
-                         meta={"corpus": {"groups": corpora.groups}, "model": {}}, n_layers=backend.n_layers, width=backend.width, n_shards=len(infos), spec=spec)
+    fingerprint = {"model": {}, "tokenizer": {}, "corpus": {"spec": corpus, "groups": corpora.groups},
+                   "settings": {"stats": list(spec.stats)}}
+    attrs = StoreAttrs.new(fingerprint, layers=backend.n_layers, width=backend.width, specs=[corpus])
+    store = Store.create(root / "store", attrs, n_shards=len(infos))
     start = time.perf_counter()
     for k, result in enumerate(results):
         store.write_shard(k, result)

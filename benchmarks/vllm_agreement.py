@@ -12,7 +12,6 @@ matmuls and activations differently. For scale, each bf16 run is also compared w
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -56,7 +55,6 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--dtypes", default="float32,bfloat16")
     args = ap.parse_args()
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
     from harvester.backends.hf import HFBackend
     from harvester.backends.vllm_engine import VLLMBackend

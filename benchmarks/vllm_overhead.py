@@ -11,7 +11,6 @@ repeats of harvest time / plain time.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -47,7 +46,6 @@ def main() -> None:
     ap.add_argument("--tensor-parallel", type=int, default=1)
     ap.add_argument("--device", default=None, help="default: cuda when torch sees a GPU, else cpu")
     args = ap.parse_args()
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
     import torch
 

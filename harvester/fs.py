@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
+from pathlib import Path
 
 
 def is_url(path: str) -> bool:
@@ -23,6 +24,37 @@ def filesystem(path: str):
         return fsspec.core.url_to_fs(str(path))
     except (ImportError, ValueError) as err:
         raise HarvestError(f"cannot open {path}: {str(err).splitlines()[0]}") from None
+
+
+def output_dir(path, what: str = "--out", make: bool = True) -> Path:
+    """A local output directory, made when ``make``; checked first, so that a refused run leaves
+    nothing behind: a file in its place or in its parents' is a one-line error."""
+    from harvester.errors import FAULTS, HarvestError
+
+    out = Path(path).expanduser()
+    blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise HarvestError(f"{what} {out}: {blocking} is a file, not a directory")
+    if make:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            if err.errno in FAULTS:
+                raise  # a full or read-only disk, no permission: the CLI names it and what to do
+            raise HarvestError(f"{what} {out} cannot be made: {err.strerror or err}") from None
+    return out
+
+
+def output_file(path, what: str = "--out", make: bool = True) -> Path:
+    """A local output file's path, its directory made when ``make``: a directory in its place is a
+    one-line error."""
+    from harvester.errors import HarvestError
+
+    out = Path(path).expanduser()
+    if out.is_dir():
+        raise HarvestError(f"{what} {out} is a directory; give a file name")
+    output_dir(out.parent, f"the directory of {what}", make)
+    return out
 
 
 def read_text(path: str) -> str | None:

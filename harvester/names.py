@@ -9,6 +9,7 @@ The rule, in one place:
   ``中文`` -> ``%E4%B8%AD%E6%96%87``). The mapping is one-to-one (``%`` itself is encoded) and
   ``urllib.parse.unquote`` reverses it; names that differ only in case are still refused together
   where they would share a directory, since some file systems do not tell them apart.
+- A name whose path component would be longer than 255 bytes is refused: no file system takes it.
 - Every path built from a name is checked to resolve inside the directory it was meant for.
 """
 
@@ -20,6 +21,8 @@ from pathlib import Path
 
 from harvester.errors import HarvestError
 
+NAME_MAX = 255
+"""The longest file name (bytes) common file systems allow."""
 _KEEP = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._+-")
 
 
@@ -36,9 +39,14 @@ def check_name(name, what: str = "name") -> str:
 
 
 def path_part(name: str, what: str = "name") -> str:
-    """One safe path component for a checked ``name`` (see the module docstring)."""
+    """One safe path component for a checked ``name`` (see the module docstring), at most
+    :data:`NAME_MAX` bytes long, as file systems allow."""
     check_name(name, what)
-    return "".join(c if c in _KEEP else "".join(f"%{b:02X}" for b in c.encode("utf-8")) for c in name)
+    part = "".join(c if c in _KEEP else "".join(f"%{b:02X}" for b in c.encode("utf-8")) for c in name)
+    if len(part) > NAME_MAX:
+        raise HarvestError(f"{what} '{name[:40]}...' ({len(name)} characters) is too long to name a file: "
+                           f"{len(part)} bytes once encoded, at most {NAME_MAX}")
+    return part
 
 
 def path_parts(names: list[str], what: str = "name") -> list[str]:

@@ -2,7 +2,7 @@
 
 Layout::
 
-    STORE/                      root attrs ``lsn``: fingerprint, metadata, completion
+    STORE/                      root attrs ``lsn``: fingerprint, metadata, completion (:class:`StoreAttrs`)
       group, layer, neuron      coordinates (``group`` is a string coordinate)
       tokens   (group)          int64    totals, reduced from finished shards
       active   (group, layer, neuron)    int64
@@ -14,7 +14,7 @@ Layout::
         tokens (shard, group)             each shard's own chunk row
         active, act_sum, ... (shard, group, layer, neuron)
         done   (shard,)                   the completion manifest: 1 once a shard's data is written
-        digest (shard, 32)                sha256 of a shard's rows (groups with tokens, in reduce order) and tokens
+        digest (shard, 32)                sha256 of a shard's rows and tokens (:class:`ShardDigest`)
       tokens/                       token shards (Parquet) and per-stream manifests, see windows.py
 
 The shard dimension has room for ``SHARDS_PER_STREAM`` shards per corpus stream (shard ``k`` of
@@ -31,12 +31,16 @@ the reduce checks each shard's digest and records what the totals came from; :mo
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
 import shutil
 import sys
 import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -101,8 +105,361 @@ def tokens_dir(path: str | Path) -> str:
     return f"{str(path).rstrip('/')}/tokens"
 
 
-def read_attrs(path: str | Path) -> dict | None:
-    """The store's ``lsn`` attributes; None if nothing is there. Errors for a file or a foreign directory."""
+# -- the metadata -------------------------------------------------------------------------------
+class _Malformed(Exception):
+    """A value of the attributes that is not what the schema says: ``key`` (a dotted path) and what is wrong."""
+
+    def __init__(self, key: str, what: str):
+        super().__init__(f"{key or 'lsn'}: {what}")
+
+
+def _shown(value) -> str:
+    kind = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
+            int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
+    text = json.dumps(value, default=str)
+    return kind if isinstance(value, (dict, list)) or value is None else f"{kind} {text[:40]}"
+
+
+def _text(value, key: str) -> str:
+    if not isinstance(value, str):
+        raise _Malformed(key, f"expected a string, found {_shown(value)}")
+    return value
+
+
+def _integer(value, key: str, least: int = 0) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _Malformed(key, f"expected an integer, found {_shown(value)}")
+    if value < least:
+        raise _Malformed(key, f"is negative ({value})" if value < 0 else f"is {value}; it must be at least {least}")
+    return value
+
+
+def _positive(value, key: str) -> int:
+    return _integer(value, key, least=1)
+
+
+def _flag(value, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise _Malformed(key, f"expected true or false, found {_shown(value)}")
+    return value
+
+
+def _list_of(item):
+    """A checker of a JSON list whose every item passes ``item``; read as a tuple."""
+    def check(value, key: str) -> tuple:
+        if not isinstance(value, list):
+            raise _Malformed(key, f"expected a list, found {_shown(value)}")
+        return tuple(item(v, f"{key}[{i}]") for i, v in enumerate(value))
+    return check
+
+
+def _number(value, key: str) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise _Malformed(key, f"expected a number, found {_shown(value)}")
+    return value
+
+
+def _stat(value, key: str) -> str:
+    if _text(value, key) not in VARIABLES:
+        raise _Malformed(key, f"unknown statistic {value!r} (known: {', '.join(VARIABLES)})")
+    return value
+
+
+def _groups(value, key: str) -> tuple[str, ...]:
+    groups = _list_of(_text)(value, key)
+    if not groups:
+        raise _Malformed(key, "is empty")
+    twice = sorted({g for g in groups if groups.count(g) > 1})
+    if twice:
+        raise _Malformed(key, f"names group {twice[0]!r} twice")
+    return groups
+
+
+def _object(value, key: str) -> dict:
+    if not isinstance(value, dict):
+        raise _Malformed(key, f"expected an object, found {_shown(value)}")
+    return copy.deepcopy(value)
+
+
+def _anything(value, key: str):
+    return copy.deepcopy(value)
+
+
+def _optional(check):
+    return lambda value, key: None if value is None else check(value, key)
+
+
+def _field(check, required: bool = False):
+    """A typed field read by ``check(value, key)``; a missing ``required`` one is malformed."""
+    metadata = {"check": check, "required": required}
+    return field(metadata=metadata) if required else field(default=None, metadata=metadata)
+
+
+def _plain(value):
+    """The JSON form of a field's value (tuples become lists, sections objects)."""
+    if isinstance(value, _Section):
+        return value.to_dict()
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return copy.deepcopy(value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Section:
+    """Typed fields read from one JSON object of the attributes, and written back to it: keys it does not
+    know are kept in ``extra`` (a newer lsn's), and a field is written when it was read or is set (so a
+    key absent stays absent, and one read as null stays null)."""
+
+    extra: dict = field(default_factory=dict, repr=False)
+    read_keys: frozenset = field(default=frozenset(), repr=False)
+
+    @classmethod
+    def read(cls, value, key: str):
+        d = _object(value, key)
+        known = {f.name: f for f in fields(cls) if "check" in f.metadata}
+        values = {}
+        for name, f in known.items():
+            if name in d:
+                values[name] = f.metadata["check"](d[name], f"{key}.{name}".lstrip("."))
+            elif f.metadata["required"]:
+                raise _Malformed(f"{key}.{name}".lstrip("."), "is missing")
+        return cls(**values, extra={k: v for k, v in d.items() if k not in known}, read_keys=frozenset(values))
+
+    def to_dict(self) -> dict:
+        out = {f.name: _plain(getattr(self, f.name)) for f in fields(self) if "check" in f.metadata
+               and (f.name in self.read_keys or getattr(self, f.name) is not None)}
+        return {**out, **copy.deepcopy(self.extra)}
+
+    def replace(self, **values):
+        return dataclasses.replace(self, **values)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelInfo(_Section):
+    """``meta.model``: the fingerprint's ``model`` (what names the model, where its statistics were
+    taken) and its shape. An imported store's model is unknown: ``id`` and the rest None."""
+
+    id: str | None = _field(_optional(_text))
+    """``--model`` as given (a hub id, a path, ``tiny:ARCH``)."""
+    revision: str | None = _field(_optional(_text))
+    weights: str | None = _field(_optional(_text))
+    """Hash of the weight files (``sha256-full:...``)."""
+    weights_sampled: str | None = _field(_optional(_text))
+    architecture: str | None = _field(_optional(_text))
+    site: str | None = _field(_optional(_text))
+    """The hooked module pattern, ``...{layer}...``."""
+    unit: str | None = _field(_optional(_text))
+    dtype: str | None = _field(_optional(_text))
+    device: str | None = _field(_optional(_text))
+    device_map: str | None = _field(_optional(_text))
+    architectures: tuple[str, ...] | None = _field(_optional(_list_of(_text)))
+    layers: int = _field(_positive, required=True)
+    width: int = _field(_positive, required=True)
+    """Units per layer (neurons, or the hidden size at the residual site)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenizerInfo(_Section):
+    """``meta.tokenizer`` (as the fingerprint's)."""
+
+    name: str | None = _field(_optional(_text))
+    vocab_size: int | None = _field(_optional(_integer))
+    eos_token_id: int | None = _field(_optional(_integer))
+    sha256: str | None = _field(_optional(_text))
+
+
+@dataclass(frozen=True, kw_only=True)
+class CorpusInfo(_Section):
+    """``meta.corpus``: the fingerprint's ``corpus`` (spec, groups, streams, sources), the specs as given,
+    and what the plan turned out to be (recorded by the reduce; an import's at creation)."""
+
+    spec: str = _field(_text, required=True)
+    groups: tuple[str, ...] = _field(_groups, required=True)
+    """The store's groups, in the order of its ``group`` dimension."""
+    streams: tuple[str, ...] | None = _field(_optional(_list_of(_text)))
+    source: object = _field(_anything)
+    options: dict | None = _field(_optional(_object))
+    specs: tuple[str, ...] | None = _field(_optional(_list_of(_text)))
+    tokens_per_group: tuple[int, ...] | None = _field(_optional(_list_of(_integer)))
+    tokens: int | None = _field(_optional(_integer))
+    digest: str | None = _field(_optional(_text))
+    shards: int | None = _field(_optional(_integer))
+    windows: int | None = _field(_optional(_integer))
+    truncated_tokens: int | None = _field(_optional(_integer))
+    truncated_documents: int | None = _field(_optional(_integer))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings(_Section):
+    """``meta.settings`` (as the fingerprint's): the statistics kept and how they were taken; the
+    harvest's own settings are None in an imported store."""
+
+    backend: str | None = _field(_optional(_text))
+    seq_len: int | None = _field(_optional(_positive))
+    batch_size: int | None = _field(_optional(_positive))
+    shard_tokens: int | None = _field(_optional(_positive))
+    stats: tuple[str, ...] = _field(_list_of(_stat), required=True)
+    hist_edges: tuple[float, ...] | None = _field(_optional(_list_of(_number)))
+    pooling: str | None = _field(_optional(_text))
+
+    @property
+    def spec(self) -> StatsSpec:
+        return StatsSpec(self.stats, self.hist_edges if "hist" in self.stats else None)
+
+    @property
+    def variables(self) -> list[str]:
+        """The store's statistic arrays, in the order shards write and the reduce sums them."""
+        return [VARIABLES[s] for s in self.stats]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Totals(_Section):
+    """``totals``: what the totals were reduced from: the shards (count, and digest of their sorted
+    indices) and the tokens per group, compared on every open and by ``lsn verify``."""
+
+    shards: int = _field(_integer, required=True)
+    shards_sha256: str = _field(_text, required=True)
+    tokens: tuple[int, ...] = _field(_list_of(_integer), required=True)
+
+    @classmethod
+    def of(cls, indices, tokens) -> "Totals":
+        indices = sorted(int(i) for i in indices)
+        return cls(shards=len(indices), shards_sha256=hashlib.sha256(json.dumps(indices).encode()).hexdigest(),
+                   tokens=tuple(int(n) for n in tokens))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Meta(_Section):
+    """``meta``: what is known about the harvest beyond its fingerprint."""
+
+    model: ModelInfo = _field(ModelInfo.read, required=True)
+    tokenizer: TokenizerInfo | None = _field(_optional(TokenizerInfo.read))
+    corpus: CorpusInfo = _field(CorpusInfo.read, required=True)
+    settings: Settings = _field(Settings.read, required=True)
+    versions: dict | None = _field(_optional(_object))
+    """lsn-harvester, torch, transformers (and vLLM) versions that wrote the store."""
+    imported: dict | None = _field(_optional(_object))
+    """An imported store's source: ``{format, tag, files}``."""
+
+
+_FINGERPRINT = ("model", "tokenizer", "corpus", "settings")
+
+
+def _fingerprint(value, key: str) -> dict:
+    """The fingerprint, kept as the plain JSON object it is (its digest names the harvest)."""
+    d = _object(value, key)
+    for section in _FINGERPRINT:
+        if section not in d:
+            raise _Malformed(f"{key}.{section}", "is missing")
+        _object(d[section], f"{key}.{section}")
+    return d
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoreAttrs(_Section, Mapping):
+    """A store's root attributes ``lsn``, the one owner of their schema: built for a new store by
+    :meth:`new` (a harvest and an import alike), read and checked by :meth:`from_dict`, written by
+    :meth:`to_dict` in the JSON layout every lsn store has. Read its parts as attributes
+    (``attrs.corpus.groups``, ``attrs.model.width``); as a Mapping it is a read-only view of that JSON."""
+
+    format: str = _field(_text, required=True)
+    format_version: int | None = _field(_optional(_positive))
+    """Absent in the first stores: 1."""
+    fingerprint: dict = _field(_fingerprint, required=True)
+    """Everything that decides the numbers (model, tokenizer, corpus, settings), as plain JSON: a resumed
+    harvest must match it, and :func:`fingerprint_sha256` of it names the harvest. Do not change it."""
+    meta: Meta = _field(Meta.read, required=True)
+    complete: bool = _field(_flag, required=True)
+    created: str | None = _field(_optional(_text))
+    totals: Totals | None = _field(_optional(Totals.read))
+
+    @classmethod
+    def new(cls, fingerprint: dict, *, layers: int, width: int, specs, architectures=(), versions: dict | None = None,
+            imported: dict | None = None, corpus: dict | None = None) -> "StoreAttrs":
+        """The attributes of a new (incomplete) store: its metadata is the fingerprint and the model's
+        shape and ``architectures``, the corpus ``specs`` as given and, for an import, the ``corpus``
+        results and its source ``imported``."""
+        meta = {"model": {**fingerprint["model"], "architectures": list(architectures), "layers": layers,
+                          "width": width},
+                "tokenizer": fingerprint["tokenizer"],
+                "corpus": {**fingerprint["corpus"], "specs": list(specs), **(corpus or {})},
+                "settings": fingerprint["settings"], "versions": versions or {},
+                **({"imported": imported} if imported is not None else {})}
+        return cls.from_dict({"format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": fingerprint,
+                              "meta": meta, "complete": False,
+                              "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
+                             "(new)")
+
+    @classmethod
+    def from_dict(cls, d, path) -> "StoreAttrs":
+        """The attributes ``d`` read from the store at ``path``, checked: anything not as the schema says
+        is one error naming its key."""
+        try:
+            attrs = cls.read(d, "")
+            attrs._check()
+        except _Malformed as err:
+            raise HarvestError(f"store {path} has malformed metadata: {err}") from None
+        return attrs
+
+    def _check(self) -> None:
+        """What involves several keys: the metadata repeats the fingerprint, lengths agree."""
+        if self.format != FORMAT:
+            raise _Malformed("format", f"is {self.format!r}, not {FORMAT!r}")
+        meta = self.meta.to_dict()
+        for section in _FINGERPRINT:
+            for key, value in self.fingerprint[section].items():
+                if meta.get(section, {}).get(key, _ABSENT) != value:
+                    raise _Malformed(f"meta.{section}.{key}", f"differs from fingerprint.{section}.{key}")
+        n = len(self.corpus.groups)
+        for key, values in (("meta.corpus.tokens_per_group", self.corpus.tokens_per_group),
+                            ("totals.tokens", self.totals and self.totals.tokens)):
+            if values is not None and len(values) != n:
+                raise _Malformed(key, f"has {len(values)} entries for {n} groups")
+        try:
+            self.settings.spec
+        except HarvestError as err:
+            raise _Malformed("meta.settings.hist_edges", str(err)) from None
+
+    # -- the parts, as attributes
+    @property
+    def model(self) -> ModelInfo:
+        return self.meta.model
+
+    @property
+    def corpus(self) -> CorpusInfo:
+        return self.meta.corpus
+
+    @property
+    def settings(self) -> Settings:
+        return self.meta.settings
+
+    @property
+    def version(self) -> int:
+        return self.format_version or 1
+
+    def finished(self, indices, tokens, **corpus) -> "StoreAttrs":
+        """These attributes once the totals are reduced from the shards ``indices`` (``tokens`` per
+        group), with the ``corpus`` results recorded."""
+        return self.replace(complete=True, totals=Totals.of(indices, tokens),
+                            meta=self.meta.replace(corpus=self.corpus.replace(**corpus)))
+
+    # -- a read-only view of the JSON layout
+    def __getitem__(self, key: str):
+        return self.to_dict()[key]
+
+    def __iter__(self):
+        return iter(self.to_dict())
+
+    def __len__(self) -> int:
+        return len(self.to_dict())
+
+
+_ABSENT = object()
+
+
+def read_attrs(path: str | Path) -> StoreAttrs | None:
+    """The store's ``lsn`` attributes, checked; None if nothing is there. Errors for a file, a foreign
+    directory, a store of a newer format or malformed attributes."""
     fsys, p = fs.filesystem(str(path))
     if not fsys.exists(p):
         return None
@@ -123,29 +480,30 @@ def read_attrs(path: str | Path) -> dict | None:
             return None
         raise HarvestError(f"cannot read store {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
                            ) from None
-    if not attrs or attrs.get("format") != FORMAT:
+    if not isinstance(attrs, dict) or attrs.get("format") != FORMAT:
         if half_made:
             return None  # rebuilt by the next harvest that holds the lease
         raise HarvestError(f"{path} is a Zarr store but not an lsn-harvester store")
-    if attrs.get("format_version", 1) > FORMAT_VERSION:
-        raise HarvestError(f"store {path} has format version {attrs['format_version']}, newer than this lsn "
+    version = attrs.get("format_version")
+    if isinstance(version, int) and version > FORMAT_VERSION:  # before its layout is read: it may differ
+        raise HarvestError(f"store {path} has format version {version}, newer than this lsn "
                            f"reads ({FORMAT_VERSION}); upgrade lsn-harvester")
-    return attrs
+    return StoreAttrs.from_dict(attrs, path)
 
 
-def open_finished(path: str | Path) -> dict:
+def open_finished(path: str | Path) -> StoreAttrs:
     """The attributes of a store whose harvest (or import) finished; every reader of a store's totals
     (summary, analysis/, jobs/) opens it through here, since an unfinished store's totals are zeros."""
     attrs = read_attrs(path)
     if attrs is None:
         raise HarvestError(f"no store at {path}")
-    if attrs.get("complete") is not True:
+    if not attrs.complete:
         raise HarvestError(f"store {path} is not complete (its harvest did not finish): run the same "
                            "lsn harvest again to finish it")
     return attrs
 
 
-def open_dataset(path: str | Path, attrs: dict):
+def open_dataset(path: str | Path, attrs: StoreAttrs):
     """The lazy xarray Dataset of a finished store's totals, every chunk read checked (format 2); a
     format-1 store (no checksums) is read as it is, with a one-line note."""
     import xarray as xr
@@ -153,14 +511,14 @@ def open_dataset(path: str | Path, attrs: dict):
     from harvester.checked import checked
 
     zstore = zarr_store(path, read_only=True)
-    if attrs.get("format_version", 1) < 2:
+    if attrs.version < 2:
         print(f"lsn: note: store {path} has format version 1 (no checksums): read as it is, and read-only; "
               "harvest into a new --store for a checked one", file=sys.stderr)
     else:
         zstore = checked(zstore, str(path))
     ds = xr.open_zarr(zstore, consolidated=True)
-    recorded = (attrs.get("totals") or {}).get("tokens")
-    if recorded is not None and [int(n) for n in ds["tokens"].values] != recorded:
+    recorded = attrs.totals.tokens if attrs.totals else None
+    if recorded is not None and tuple(int(n) for n in ds["tokens"].values) != recorded:
         raise HarvestError(f"store {path} is damaged: its tokens totals differ from those recorded when they "
                            f"were reduced (lsn verify {path} lists every problem)")
     return ds
@@ -195,9 +553,9 @@ class Store:
 
         self._zstore = checked(zarr_store(self.path), self.path)  # every chunk read checked
         self.root = _zarr().open_group(store=self._zstore, mode="r+", use_consolidated=False)
-        self.attrs = self.root.attrs.asdict()["lsn"]
-        self.groups: list[str] = self.attrs["meta"]["corpus"]["groups"]
-        self.variables: list[str] = [VARIABLES[s] for s in self.attrs["fingerprint"]["settings"]["stats"]]
+        self.attrs = StoreAttrs.from_dict(self.root.attrs.asdict().get("lsn"), self.path)
+        self.groups: list[str] = list(self.attrs.corpus.groups)
+        self.variables: list[str] = self.attrs.settings.variables
 
     @classmethod
     def open_for_writing(cls, path: str | Path, fingerprint: dict) -> "Store | None":
@@ -206,12 +564,12 @@ class Store:
         attrs = read_attrs(path)
         if attrs is None:
             return None
-        diffs = fingerprint_differences(attrs["fingerprint"], fingerprint)
+        diffs = fingerprint_differences(attrs.fingerprint, fingerprint)
         if diffs:
             raise HarvestError(f"store {path} holds a different harvest ({diffs[0]}); "
                                "use a new --store, or the same settings to resume")
-        if attrs.get("format_version", 1) < FORMAT_VERSION:
-            raise HarvestError(f"store {path} has format version {attrs.get('format_version', 1)} (no checksums) "
+        if attrs.version < FORMAT_VERSION:
+            raise HarvestError(f"store {path} has format version {attrs.version} (no checksums) "
                                "and is read-only: lsn reads it, but harvests only into a new --store")
         fsys, marker = fs.filesystem(creating_marker(path))
         if fsys.exists(marker):  # left by a creator killed after the attributes (by URL or by path)
@@ -220,9 +578,9 @@ class Store:
 
     # -- creation ---------------------------------------------------------------------------
     @classmethod
-    def create(cls, path: str | Path, *, fingerprint: dict, meta: dict, n_layers: int, width: int,
-               n_shards: int, spec: StatsSpec, owner: dict | None = None) -> "Store":
-        """Build the whole skeleton; on local disk in a sibling temporary directory renamed into place,
+    def create(cls, path: str | Path, attrs: StoreAttrs, *, n_shards: int, owner: dict | None = None) -> "Store":
+        """Build the whole skeleton of a store with the attributes ``attrs`` (:meth:`StoreAttrs.new`: its
+        groups, model shape and statistics); on local disk in a sibling temporary directory renamed into place,
         elsewhere (fsspec URLs) in place, behind a marker written first and removed after the ``lsn``
         attributes that make it a store. Call it holding the store's lease (``owner``: its record;
         by default this process).
@@ -231,9 +589,6 @@ class Store:
         """
         if read_attrs(path) is not None:
             raise HarvestError(f"store {path} already exists")
-        groups = meta["corpus"]["groups"]
-        attrs = {"format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": fingerprint, "meta": meta,
-                 "complete": False, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         owner = owner or lease.owner_record()
         marker = json.dumps({k: owner.get(k) for k in ("owner", "host", "machine", "pid", "pid_start")})
         if fs.is_url(str(path)):
@@ -244,7 +599,7 @@ class Store:
                       file=sys.stderr)
                 fsys.rm(p, recursive=True)
             fs.write_text(creating_marker(path), marker)
-            _write_skeleton(zarr_store(path), groups, n_layers, width, n_shards, spec, attrs)
+            _write_skeleton(zarr_store(path), attrs, n_shards)
             fsys.rm(fs.filesystem(creating_marker(path))[1])
             return cls(path)
         path = Path(path)
@@ -252,7 +607,7 @@ class Store:
         _remove_dead_partials(path)
         tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
         Path(f"{tmp}.json").write_text(marker)  # first: says whose directory this is
-        _write_skeleton(zarr_store(tmp), groups, n_layers, width, n_shards, spec, attrs)
+        _write_skeleton(zarr_store(tmp), attrs, n_shards)
         if path.exists():  # an empty directory given as the store path
             path.rmdir()
         tmp.rename(path)
@@ -277,7 +632,7 @@ class Store:
         """Write one shard's statistics (whole chunks) and their digest, then mark it done."""
         shards = {name: self.array(f"shards/{name}") for name in ("done", "tokens", "digest", *self.variables)}
         tokens = np.zeros(len(self.groups), dtype=np.int64)
-        digest = hashlib.sha256()
+        digest = ShardDigest()
         for g in sorted(result):
             values = result[g]
             tokens[g] = values["tokens"]
@@ -285,16 +640,15 @@ class Store:
                 row = np.asarray(values[var], dtype=shards[var].dtype)
                 shards[var][index, g] = row
                 if tokens[g] > 0:  # the rows the reduce sums, in its order
-                    digest.update(np.ascontiguousarray(row).tobytes())
+                    digest.add(row)
         shards["tokens"][index] = tokens
-        digest.update(tokens.tobytes())
-        shards["digest"][index] = np.frombuffer(digest.digest(), dtype=np.uint8)
+        shards["digest"][index] = np.frombuffer(digest.digest(tokens), dtype=np.uint8)
         shards["done"][index] = 1
 
     # -- totals -----------------------------------------------------------------------------
     @property
     def complete(self) -> bool:
-        return bool(self.attrs.get("complete"))
+        return self.attrs.complete
 
     def reduce(self, indices: list[int], corpus_meta: dict | None = None) -> None:
         """Sum the shards ``indices`` into the totals (in index order: deterministic), record
@@ -307,7 +661,7 @@ class Store:
         shard_tokens = np.stack([tokens[i] for i in indices]) if indices else np.zeros((0, len(self.groups)), int)
         totals = shard_tokens.sum(axis=0)
         self.array("tokens")[:] = totals
-        digests = {i: hashlib.sha256() for i in indices}  # each shard's rows, as write_shard hashed them
+        digests = {i: ShardDigest() for i in indices}  # each shard's rows, as write_shard hashed them
         for g in range(len(self.groups)):
             rows = [i for i, n in zip(indices, shard_tokens[:, g]) if n > 0]
             for var in self.variables:
@@ -315,35 +669,46 @@ class Store:
                 total = np.zeros(source.shape[2:], dtype=source.dtype)
                 for s in rows:
                     row = source[s, g]
-                    digests[s].update(np.ascontiguousarray(row).tobytes())
+                    digests[s].add(row)
                     total += row
                 self.array(var)[g] = total
         self._check_digests(digests, shard_tokens)
-        if corpus_meta:
-            self.attrs["meta"]["corpus"].update(corpus_meta)
-        self.set_attrs(complete=True, totals=totals_record(indices, totals))
+        meta = self.attrs.meta.replace(corpus=self.attrs.corpus.replace(**(corpus_meta or {})))
+        self.set_attrs(meta=meta, complete=True, totals=Totals.of(indices, totals))
 
     def _check_digests(self, digests: dict, shard_tokens: np.ndarray) -> None:
         """Every shard summed holds the rows it wrote (not rows copied from elsewhere, nor an older write)."""
         stored = self.array("shards/digest")
         for (index, digest), tokens in zip(digests.items(), shard_tokens):
-            digest.update(np.ascontiguousarray(tokens, dtype=np.int64).tobytes())
-            if digest.digest() != bytes(stored[index]):
+            if digest.digest(tokens) != bytes(stored[index]):
                 raise HarvestError(f"store {self.path} is damaged: the rows of shard {index} do not match the "
                                    f"digest written with them (lsn verify {self.path} lists every problem)")
 
     def set_attrs(self, **values) -> None:
-        self.attrs.update(values)
-        self.root.attrs["lsn"] = self.attrs
+        """Replace fields of the attributes (``complete=True, totals=...``) and write them, checked as
+        every read checks them."""
+        attrs = StoreAttrs.from_dict(self.attrs.replace(**values).to_dict(), self.path)
+        self.root.attrs["lsn"] = attrs.to_dict()
         _zarr().consolidate_metadata(self._zstore)
+        self.attrs = attrs
 
 
-def totals_record(indices: list[int], tokens) -> dict:
-    """What the totals were reduced from: the shards (count and digest of their sorted indices) and the
-    tokens per group, compared on every open and by ``lsn verify``."""
-    indices = sorted(int(i) for i in indices)
-    return {"shards": len(indices), "shards_sha256": hashlib.sha256(json.dumps(indices).encode()).hexdigest(),
-            "tokens": [int(n) for n in tokens]}
+class ShardDigest:
+    """The sha256 written with each shard, and checked by the reduce and by ``lsn verify``: the shard's
+    rows of every group with tokens, in group order and within a group in the store's variable order
+    (each row's bytes in the array's dtype), then its tokens per group (int64)."""
+
+    def __init__(self):
+        self._sha = hashlib.sha256()
+
+    def add(self, row: np.ndarray) -> None:
+        """The next row (``[L, I(, B)]``), in the order above."""
+        self._sha.update(np.ascontiguousarray(row).tobytes())
+
+    def digest(self, tokens) -> bytes:
+        """The digest, once every row is in: the shard's ``tokens [group]`` close it."""
+        self._sha.update(np.ascontiguousarray(tokens, dtype=np.int64).tobytes())
+        return self._sha.digest()
 
 
 def _remove_dead_partials(path: Path) -> None:
@@ -380,11 +745,12 @@ def _check_skeleton_only(fsys, p: str, path) -> None:
                            "this store is yours and should be resumed, or use another --store")
 
 
-def _write_skeleton(zstore, groups, n_layers, width, n_shards, spec, attrs) -> None:
-    _write_totals_skeleton(zstore, groups, n_layers, width, spec)
-    _write_shards_skeleton(zstore, len(groups), n_layers, width, n_shards, spec)
+def _write_skeleton(zstore, attrs: StoreAttrs, n_shards: int) -> None:
+    groups, spec = list(attrs.corpus.groups), attrs.settings.spec
+    _write_totals_skeleton(zstore, groups, attrs.model.layers, attrs.model.width, spec)
+    _write_shards_skeleton(zstore, len(groups), attrs.model.layers, attrs.model.width, n_shards, spec)
     root = _zarr().open_group(store=zstore, mode="r+", use_consolidated=False)
-    root.attrs["lsn"] = attrs
+    root.attrs["lsn"] = attrs.to_dict()
     _zarr().consolidate_metadata(zstore)
 
 

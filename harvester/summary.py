@@ -11,9 +11,8 @@ def summarize(path: str) -> str:
     """Tokens, mean activation probability, share of never-active neurons, mean activation per group."""
     attrs = open_finished(path)
     ds = open_dataset(path, attrs)
-    model = attrs["meta"]["model"]
-    lines = [f"{attrs['meta']['corpus']['spec']} on {model['id']} ({model['architecture']}, "
-             f"{model['layers']} layers x {model['width']} neurons)",
+    model = attrs.model
+    lines = [f"{attrs.corpus.spec} on {model.id} ({model.architecture}, {model.layers} layers x {model.width} neurons)",
              f"{'group':<12}{'tokens':>10}{'P(active)':>11}{'never':>8}{'mean act':>10}"]
     tokens = ds["tokens"].values
     active = ds["active"].values

@@ -1,69 +1,103 @@
-"""``lsn verify``: a store checked in depth, one line per problem.
+"""``lsn verify``: a store checked in depth, one line per problem; ``--repair`` makes a damaged store
+resumable.
 
 Every chunk's crc32c, every chunk of a written array present, every finished shard's rows present and
 equal to the digest written with them, the totals equal to the sum of their shards (bit for bit, in the
-reduce's order) and ``0 <= active <= tokens``.
+reduce's order), ``0 <= active <= tokens``, and every stream's token manifest readable. The store is
+read chunk by chunk (one row or one group's totals in memory at a time).
+
+Repair marks the damaged shards unfinished, clears stale totals and removes the damaged chunks (a shard's
+re-harvest, or the next reduce, writes them again), so that running the same harvest again re-harvests
+exactly those shards and leaves a store equal to an undamaged run's.
 """
 
 from __future__ import annotations
 
-import hashlib
+import re
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from harvester import fs
+from harvester import fs, lease
 from harvester.errors import HarvestError
 from harvester.stats import VARIABLES
-from harvester.store import _zarr, read_attrs, totals_record, zarr_store
+from harvester.store import ShardDigest, Store, StoreAttrs, Totals, _zarr, read_attrs, tokens_dir, zarr_store
+from harvester.windows import read_manifest
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem found, and what fixes it (a shard's re-harvest, the next reduce, or nothing lsn does)."""
+
+    text: str
+    shard: int | None = None
+    """The shard whose re-harvest fixes it."""
+    totals: bool = False
+    """Fixed by the next reduce (the totals, or their record)."""
+    key: str | None = None
+    """A damaged chunk (its key in the store), removed by repair: rewritten by the harvest or the reduce."""
+
+    @property
+    def repairable(self) -> bool:
+        return self.shard is not None or self.totals
 
 
 def run(path: str, repair: bool = False) -> None:
-    """``lsn verify STORE [--repair]``: one line per problem on stdout, an error if there is any."""
+    """``lsn verify STORE [--repair]``: one line per problem on stdout, an error if there is any (after a
+    repair: if any is beyond repair)."""
     if repair:
-        raise HarvestError("lsn verify --repair is not built yet")
-    problems, checked = verify(path)
-    for line in problems:
-        print(f"{path}: {line}")
+        return _repair(path)
+    problems, checked = inspect(path)
+    for p in problems:
+        print(f"{path}: {p.text}")
     if problems:
-        raise HarvestError(f"store {path} is damaged: {len(problems)} problem(s), listed above")
+        step = (f"lsn verify --repair {path} marks the damaged shards for the same harvest to redo"
+                if all(p.repairable for p in problems) else "some are beyond repair: harvest into a new --store")
+        raise HarvestError(f"store {path} is damaged: {len(problems)} problem(s), listed above; {step}")
     print(f"{checked}: no problem found")
 
 
 def verify(path: str | Path) -> tuple[list[str], str]:
-    """Check a store in depth: every chunk's checksum, every chunk of a written array present, every done
-    shard's rows present and matching their digest, the totals equal to the sum of their shards and
-    ``0 <= active <= tokens``. Returns one line per problem, and a line saying what was checked."""
+    """Check a store in depth. Returns one line per problem, and a line saying what was checked."""
+    problems, checked = inspect(path)
+    return [p.text for p in problems], checked
+
+
+def inspect(path: str | Path) -> tuple[list[Problem], str]:
+    """Every problem of the store at ``path`` with what fixes it, and a line saying what was checked."""
     from harvester.checked import checked
 
     attrs = read_attrs(path)
     if attrs is None:
         raise HarvestError(f"no store at {path}")
-    if attrs.get("format_version", 1) < 2:
+    if attrs.version < 2:
         raise HarvestError(f"store {path} has format version 1: it has no checksums or digests to verify")
     fsys, root_path = fs.filesystem(str(path))
     files = {f[len(root_path.rstrip("/")) + 1:]: f for f in fsys.find(root_path)}
-    variables = [VARIABLES[s] for s in attrs["fingerprint"]["settings"]["stats"]]  # write_shard's order
-    expected = ["tokens", *variables, "shards/done", "shards/tokens", "shards/digest",
+    variables = attrs.settings.variables  # write_shard's order
+    coords = ["group", "layer", "neuron", *(["hist_lo", "hist_hi"] if "hist" in variables else [])]
+    expected = [*coords, "tokens", *variables, "shards/done", "shards/tokens", "shards/digest",
                 *(f"shards/{v}" for v in variables)]
-    gone = [f"array '{name}': its metadata (zarr.json) is missing" for name in expected
+    gone = [Problem(f"array '{name}': its metadata (zarr.json) is missing") for name in expected
             if f"{name}/zarr.json" not in files]
     if gone:
         return gone, f"store {path}: arrays"
-    problems = _bad_checksums(fsys, files)
+    problems = _bad_checksums(fsys, files) + _bad_manifests(path, files)
     root = _zarr().open_group(store=checked(zarr_store(path, read_only=True), str(path)), mode="r",
                               use_consolidated=False)
     done = _done_shards(root, files)
-    if attrs.get("complete"):
+    if attrs.complete:
         for name, _ in root.arrays():
             problems += _missing_chunks(root[name], name, files)
-    for index in done:
-        problems += _check_shard(root, index, files, variables)
-    if attrs.get("complete"):
-        problems += _check_totals(root, attrs, done, variables)
+    shards, missing = _shard_tokens(root, done, files, variables)
+    problems += missing + _check_rows(root, shards, variables, attrs.corpus.groups, attrs.complete)
+    if attrs.complete:
+        problems += _check_record(root, attrs, shards)
     n_chunks = sum(1 for key in files if _chunk_of(key))
     return problems, (f"store {path}: {n_chunks} chunks, {len(done)} finished shards"
-                      + (", totals" if attrs.get("complete") else " (harvest not finished: no totals)"))
+                      + (", totals" if attrs.complete else " (harvest not finished: no totals)"))
 
 
 def _chunk_of(key: str):
@@ -72,23 +106,44 @@ def _chunk_of(key: str):
     return chunk_of(key) if not key.startswith("tokens/0") else None  # not the token shards (Parquet)
 
 
-def _bad_checksums(fsys, files: dict[str, str]) -> list[str]:
+def _problem(text: str, array: str, index: tuple, key: str | None = None) -> Problem:
+    """A problem of chunk ``index`` of ``array``: a shard's rows are redone by its re-harvest, the totals by
+    the next reduce; the coordinates by nothing lsn does."""
+    if array.startswith("shards/"):
+        return Problem(text, shard=index[0], key=key)
+    if array == "tokens" or array in VARIABLES.values():
+        return Problem(text, totals=True, key=key)
+    return Problem(text, key=key)
+
+
+def _bad_checksums(fsys, files: dict[str, str]) -> list[Problem]:
     from harvester.checked import checksum_ok
 
     bad = []
     for key, full in sorted(files.items()):
         where = _chunk_of(key)
         if where and not checksum_ok(fsys.cat_file(full)):
-            bad.append(f"array '{where[0]}' chunk {where[1]}: fails its crc32c checksum")
+            bad.append(_problem(f"array '{where[0]}' chunk {where[1]}: fails its crc32c checksum", *where, key=key))
     return bad
 
 
-def _missing_chunks(array, name: str, files: dict[str, str], prefix: tuple = ()) -> list[str]:
+def _bad_manifests(path, files: dict[str, str]) -> list[Problem]:
+    """Stream manifests that cannot be read (the harvest refuses them; it does not rebuild them)."""
+    bad = []
+    for key in sorted(k for k in files if re.fullmatch(r"tokens/\d+\.json", k)):
+        try:
+            read_manifest(f"{tokens_dir(path)}/{key.rpartition('/')[2]}")
+        except HarvestError as err:
+            bad.append(Problem(str(err)))
+    return bad
+
+
+def _missing_chunks(array, name: str, files: dict[str, str], prefix: tuple = ()) -> list[Problem]:
     """Chunks of ``array`` (those under ``prefix``) that were written and are gone."""
     import itertools
 
     grid = [range(n) for n in array.cdata_shape[len(prefix):]]
-    return [f"array '{name}' chunk {prefix + idx}: is missing"
+    return [_problem(f"array '{name}' chunk {prefix + idx}: is missing", name, prefix + idx)
             for idx in itertools.product(*grid)
             if f"{name}/c/{'/'.join(str(i) for i in prefix + idx)}" not in files]
 
@@ -107,67 +162,52 @@ def _done_shards(root, files: dict[str, str]) -> list[int]:
     return [i for i in indices if _read(root["shards/done"], i) == 1]
 
 
-def _check_shard(root, index: int, files: dict[str, str], variables: list[str]) -> list[str]:
-    """A done shard: its tokens, digest and rows (groups with tokens) present, the rows matching the digest."""
-    problems = _missing_chunks(root["shards/tokens"], "shards/tokens", files, (index,))
-    problems += _missing_chunks(root["shards/digest"], "shards/digest", files, (index,))
-    tokens = _read(root["shards/tokens"], index)
-    if tokens is None:
-        return problems
-    digest = hashlib.sha256()
-    for g in np.flatnonzero(tokens > 0):
-        for var in variables:
-            missing = _missing_chunks(root[f"shards/{var}"], f"shards/{var}", files, (index, int(g)))
-            row = _read(root[f"shards/{var}"], (index, int(g)))
-            problems += missing
-            if missing or row is None:
-                digest = None
-            elif digest is not None:
-                digest.update(np.ascontiguousarray(row).tobytes())
-    stored = _read(root["shards/digest"], index)
-    if digest is not None and stored is not None:
-        digest.update(np.ascontiguousarray(tokens, dtype=np.int64).tobytes())
-        if digest.digest() != bytes(stored):
-            problems.append(f"shard {index}: its rows do not match the digest written with them")
-    return problems
+def _shard_tokens(root, done: list[int], files: dict[str, str], variables: list[str]) -> tuple[dict, list[Problem]]:
+    """Each done shard's tokens row (None where unreadable), and its missing chunks: tokens, digest, and
+    the rows of its groups with tokens."""
+    tokens, problems = {}, []
+    for index in done:
+        problems += _missing_chunks(root["shards/tokens"], "shards/tokens", files, (index,))
+        problems += _missing_chunks(root["shards/digest"], "shards/digest", files, (index,))
+        tokens[index] = _read(root["shards/tokens"], index)
+        for g in np.flatnonzero(tokens[index] > 0) if tokens[index] is not None else []:
+            for var in variables:
+                problems += _missing_chunks(root[f"shards/{var}"], f"shards/{var}", files, (index, int(g)))
+    return tokens, problems
 
 
-def _check_totals(root, attrs: dict, done: list[int], variables: list[str]) -> list[str]:
-    """The totals: reduced from the shards marked done, equal to their sum (in shard order, as the reduce
-    sums: bit for bit), and ``0 <= active <= tokens``."""
+def _check_rows(root, shards: dict, variables: list[str], groups: list[str], totals: bool) -> list[Problem]:
+    """Every done shard's rows (groups with tokens) read once, in the reduce's order (group, variable,
+    shard): each shard's digest recomputed as ``write_shard`` made it and, with ``totals``, each group's
+    totals compared with the sum of its shards (bit for bit) and ``0 <= active <= tokens``."""
+    readable = {s: t for s, t in shards.items() if t is not None}
+    digests = {s: ShardDigest() for s in readable}
+    tokens = _read(root["tokens"], slice(None)) if totals else None
     problems = []
-    record = attrs.get("totals") or {}
-    if record.get("shards_sha256") != totals_record(done, [])["shards_sha256"]:
-        problems.append(f"totals: reduced from {record.get('shards')} shards, but {len(done)} are marked done "
-                        "(not the same shards)")
-    groups = attrs["meta"]["corpus"]["groups"]
-    rows = {i: _read(root["shards/tokens"], i) for i in done}
-    readable = [i for i in done if rows[i] is not None]
-    shard_tokens = np.stack([rows[i] for i in readable]) if readable else np.zeros((0, len(groups)), np.int64)
-    tokens = _read(root["tokens"], slice(None))
-    if tokens is not None:
-        for g in np.flatnonzero(tokens != shard_tokens.sum(axis=0)):
-            problems.append(f"array 'tokens' group '{groups[g]}': {tokens[g]}, but its shards sum to "
-                            f"{shard_tokens[:, g].sum()}")
-        if record.get("tokens") is not None and [int(n) for n in tokens] != record["tokens"]:
-            problems.append("array 'tokens': differs from the tokens recorded when the totals were reduced")
-    for var in variables:
-        for g, name in enumerate(groups):
-            problems += _check_total(root, var, g, name, [i for i, n in zip(readable, shard_tokens[:, g]) if n > 0],
-                                     None if tokens is None else int(tokens[g]))
+    for g, name in enumerate(groups):
+        for var in variables:
+            total = _read(root[var], g) if totals and len(readable) == len(shards) else None
+            expected = None if total is None else np.zeros_like(total)
+            for s in (s for s, t in readable.items() if t[g] > 0):
+                row = _read(root[f"shards/{var}"], (s, g))
+                if row is None:  # bad or missing: reported by the listing already
+                    digests[s] = expected = None
+                    continue
+                if digests[s] is not None:
+                    digests[s].add(row)
+                if expected is not None:
+                    expected += row
+            if expected is not None:
+                problems += _compare_total(var, name, total, expected, None if tokens is None else int(tokens[g]))
+    for s, digest in digests.items():
+        stored = _read(root["shards/digest"], s)
+        if digest is not None and stored is not None:
+            if digest.digest(readable[s]) != bytes(stored):
+                problems.append(Problem(f"shard {s}: its rows do not match the digest written with them", shard=s))
     return problems
 
 
-def _check_total(root, var: str, g: int, name: str, shards: list[int], tokens: int | None) -> list[str]:
-    total = _read(root[var], g)
-    if total is None:
-        return []
-    expected = np.zeros_like(total)
-    for s in shards:
-        row = _read(root[f"shards/{var}"], (s, g))
-        if row is None:
-            return []  # a bad or missing row, reported already
-        expected += row
+def _compare_total(var: str, name: str, total, expected, tokens: int | None) -> list[Problem]:
     problems = []
     differ = int(np.sum(~((total == expected) | (np.isnan(total) & np.isnan(expected)))))
     if differ:
@@ -175,4 +215,75 @@ def _check_total(root, var: str, g: int, name: str, shards: list[int], tokens: i
     if var == "active" and tokens is not None and ((total < 0) | (total > tokens)).any():
         problems.append(f"array 'active' group '{name}': {int(((total < 0) | (total > tokens)).sum())} cells "
                         f"outside 0..tokens ({tokens})")
-    return problems
+    return [Problem(line, totals=True) for line in problems]
+
+
+def _check_record(root, attrs: StoreAttrs, shards: dict) -> list[Problem]:
+    """The totals were reduced from the shards marked done, and the tokens equal their sum and the record."""
+    lines = []
+    record = attrs.totals
+    if record is None or record.shards_sha256 != Totals.of(list(shards), []).shards_sha256:
+        lines.append(f"totals: reduced from {record and record.shards} shards, but {len(shards)} are marked done "
+                     "(not the same shards)")
+    groups = attrs.corpus.groups
+    tokens = _read(root["tokens"], slice(None))
+    if tokens is not None and all(t is not None for t in shards.values()):
+        summed = np.sum([t for t in shards.values()], axis=0, dtype=np.int64) if shards else np.zeros(len(groups), np.int64)
+        for g in np.flatnonzero(tokens != summed):
+            lines.append(f"array 'tokens' group '{groups[g]}': {tokens[g]}, but its shards sum to {summed[g]}")
+    if tokens is not None and record is not None and tuple(int(n) for n in tokens) != tuple(record.tokens):
+        lines.append("array 'tokens': differs from the tokens recorded when the totals were reduced")
+    return [Problem(line, totals=True) for line in lines]
+
+
+# -- repair ----------------------------------------------------------------------------------------
+def _repair(path: str) -> None:
+    """``lsn verify --repair``: under the store's lease, verify, then (if all damage is repairable) clear
+    stale totals, mark the damaged shards unfinished and remove the damaged chunks, in that order, so
+    that a repair killed at any point leaves a store that verify still flags or that is consistent."""
+    try:
+        if read_attrs(path) is None:
+            raise HarvestError(f"no store at {path}")
+    except HarvestError as err:
+        raise HarvestError(f"{err}; lsn verify --repair cannot fix this: harvest into a new --store") from None
+    with lease.acquire(path, say=lambda text: print(f"lsn: {text}", file=sys.stderr)) as held:
+        problems, checked = inspect(path)
+        for p in problems:
+            print(f"{path}: {p.text}" + ("" if p.repairable else " (beyond repair)"))
+        beyond = [p for p in problems if not p.repairable]
+        if beyond:
+            raise HarvestError(f"store {path} has {len(beyond)} problem(s) lsn verify --repair cannot fix (marked "
+                               "above); nothing was changed: harvest into a new --store")
+        if problems:
+            held.check()  # still ours: nothing is written otherwise
+            shards = _apply(Store(path), problems)
+            print(f"{path}: repaired; run the same lsn harvest again (--store {path}) to re-harvest "
+                  f"{len(shards)} shard(s) and sum the totals")
+            return
+        print(f"{checked}: no problem found; nothing to repair")
+        if not read_attrs(path).complete:
+            print(f"{path}: harvest not finished: run the same lsn harvest again (--store {path}) to finish it")
+
+
+def _apply(store: Store, problems: list[Problem]) -> list[int]:
+    """The writes of a repair, in a kill-safe order; one line per action. Returns the shards marked."""
+    shards: dict[int, str] = {}
+    for p in problems:
+        if p.shard is not None:
+            shards.setdefault(p.shard, p.text)
+    if (shards or any(p.totals for p in problems)) and (store.complete or store.attrs.totals is not None):
+        reason = next((p.text for p in problems if p.totals), f"shards {sorted(shards)} are redone")
+        store.set_attrs(complete=False, totals=None)  # first: no reader takes the totals from here on
+        print(f"{store.path}: totals: cleared (store marked not complete, totals record dropped; {reason})")
+    done = store.array("shards/done")
+    for index, reason in sorted(shards.items()):
+        done[index] = 0  # before its chunks go: a shard never counts as finished without them
+        print(f"{store.path}: shard {index}: marked unfinished ({reason})")
+    fsys, root_path = fs.filesystem(store.path)
+    for p in problems:
+        if p.key is not None and not p.key.startswith("shards/done/"):  # a done chunk was just rewritten
+            fsys.rm(f"{root_path.rstrip('/')}/{p.key}")
+            array, index = _chunk_of(p.key)
+            by = "the next reduce" if p.totals else f"shard {p.shard}'s re-harvest"
+            print(f"{store.path}: array '{array}' chunk {index}: removed (damaged; {by} writes it again)")
+    return sorted(shards)

@@ -83,6 +83,11 @@ class TokenSettings:
     corpus_sha256: str = ""
     """The corpus identity (specs, groups, streams, sources and options) the tokens were made from."""
 
+    def __post_init__(self):
+        for name in ("seq_len", "shard_tokens"):
+            if getattr(self, name) <= 0:
+                raise HarvestError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+
 
 def shard_index(stream: int, k: int) -> int:
     if k >= SHARDS_PER_STREAM:
@@ -129,6 +134,8 @@ def windows_of(token_lists: Iterable[list[int]], seq_len: int) -> Iterator[np.nd
 
 def pack(docs: Iterable[tuple[list[int], list[int]]], seq_len: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Concatenate documents and cut into consecutive windows of ``seq_len`` (the last may be shorter)."""
+    if seq_len <= 0:
+        raise HarvestError(f"--seq-len must be positive, got {seq_len}")
     ids: list[int] = []
     groups: list[int] = []
     for doc_ids, doc_groups in docs:
@@ -304,6 +311,8 @@ def load_shard(info: ShardInfo) -> Shard:
 # -- batching -----------------------------------------------------------------------------------
 def batches(windows: list[Window], batch_size: int, pad_id: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Right-padded batches ``(ids [B, S], attention_mask [B, S], groups [B, S])``; padding has group -1."""
+    if batch_size <= 0:
+        raise HarvestError(f"--batch-size must be positive, got {batch_size}")
     for start in range(0, len(windows), batch_size):
         chunk = windows[start:start + batch_size]
         width = max(len(w.ids) for w in chunk)

@@ -73,6 +73,8 @@ class WorkerConfig:
     """vLLM: ranks per model."""
     seq_len: int = 512
     """vLLM: ``max_model_len`` (no window is longer)."""
+    vllm_memory: str | None = None
+    """vLLM: ``--vllm-memory`` (None: derived on CPU, vLLM's default on GPUs)."""
 
 
 class ShardWorker:
@@ -84,7 +86,8 @@ class ShardWorker:
         self.cfg = cfg
         extra = {}
         if cfg.backend == "vllm":
-            extra = dict(tensor_parallel=cfg.tensor_parallel, seq_len=cfg.seq_len, batch_size=cfg.batch_size)
+            extra = dict(tensor_parallel=cfg.tensor_parallel, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                         memory=cfg.vllm_memory)
         self.backend = backend_class(cfg.backend)(cfg.model, dtype=cfg.dtype, device=cfg.device,
                                                   device_map=cfg.device_map, site=cfg.site, unit=cfg.unit, **extra)
         self._store: Store | None = None

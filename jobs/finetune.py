@@ -98,9 +98,11 @@ def check(job: FinetuneJob):
     bad = [c for c in job.controls if c not in CONTROLS]
     if bad or not job.controls:
         raise HarvestError(f"--control must be from {', '.join(CONTROLS)}, not '{','.join(bad or job.controls)}'")
-    for name in ("steps", "rank", "batch_size", "seq_len"):
-        if getattr(job, name) <= 0:
+    for name in ("steps", "rank", "batch_size", "seq_len", "alpha", "lr"):
+        if not getattr(job, name) > 0:
             raise HarvestError(f"--{name.replace('_', '-')} must be positive, got {getattr(job, name)}")
+    if job.seq_len < 2:
+        raise HarvestError(f"--seq-len {job.seq_len} leaves no token to predict; give at least 2")
     if job.intervene is not None:
         Mode.parse(job.intervene)
     mask = Mask.load(job.mask)
@@ -108,6 +110,7 @@ def check(job: FinetuneJob):
     if len(set(job.langs)) != len(job.langs):
         raise HarvestError(f"--lang names a language twice: {','.join(job.langs)}")
     path_parts([f"{lang}-{control}" for lang in job.langs for control in job.controls], "language")
+    fs.output_dir(job.out, make=False)
     for lang in job.langs:
         condition_dir(job, lang, job.controls[0])
     empty = [lang for lang in job.langs if mask.selected[mask.index(lang)].size == 0 and set(job.controls) & {"none", "random"}]
@@ -233,8 +236,7 @@ def run_condition(job: FinetuneJob, lang: str, control: str, data: dict) -> dict
     own = mask.selected[mask.index(lang)]
     selected = {"none": own, "random": random_control([own], mask.n_layers, mask.width, job.seed)[0],
                 "full": None}.get(control)
-    out_dir = condition_dir(job, lang, control)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = fs.output_dir(condition_dir(job, lang, control))
     record = {"lang": lang, "control": control, "condition": CONDITION[control], "task": job.task,
               "units": None if selected is None else int(len(selected))}
     started = time.perf_counter()
@@ -416,7 +418,7 @@ def write_table(out: Path, table: list[dict], job: FinetuneJob) -> None:
 
     from jobs.generate import markdown
 
-    out.mkdir(parents=True, exist_ok=True)
+    fs.output_dir(out)
     frame = pd.DataFrame.from_records(table)
     fs.write_text(str(out / "results.csv"), frame.to_csv(index=False, float_format="%.6g"))  # whole or not at all
     fs.write_text(str(out / "results.md"), markdown(frame))

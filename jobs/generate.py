@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from harvester import fs
+from harvester.corpus import text_lines
 from harvester.errors import HarvestError
 from harvester.names import check_name
 from jobs.interventions import Mode, intervene
@@ -58,23 +59,22 @@ def read_prompts(path: str) -> list[Prompt]:
     if not Path(path).is_file():
         raise HarvestError(f"prompts file not found: {path}")
     prompts = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise HarvestError(f"{path}:{n}: not JSON ({err.msg})") from None
-            if not isinstance(item, dict) or not isinstance(item.get("lang"), str) or not isinstance(item.get("prompt"), str):
-                raise HarvestError(f"{path}:{n}: each line needs string fields 'lang' and 'prompt'")
-            if not item["prompt"].strip():
-                raise HarvestError(f"{path}:{n}: empty prompt")
-            try:
-                check_name(item["lang"], "prompt language")
-            except HarvestError as err:
-                raise HarvestError(f"{path}:{n}: {err}") from None
-            prompts.append(Prompt(item["lang"], item["prompt"]))
+    for n, line in text_lines(Path(path)):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise HarvestError(f"{path}:{n}: not JSON ({err.msg})") from None
+        if not isinstance(item, dict) or not isinstance(item.get("lang"), str) or not isinstance(item.get("prompt"), str):
+            raise HarvestError(f"{path}:{n}: each line needs string fields 'lang' and 'prompt'")
+        if not item["prompt"].strip():
+            raise HarvestError(f"{path}:{n}: empty prompt")
+        try:
+            check_name(item["lang"], "prompt language")
+        except HarvestError as err:
+            raise HarvestError(f"{path}:{n}: {err}") from None
+        prompts.append(Prompt(item["lang"], item["prompt"]))
     if not prompts:
         raise HarvestError(f"prompts file {path} has no prompts")
     return prompts
@@ -171,6 +171,11 @@ def metrics(prompts: list[Prompt], outputs: list[dict], detector: Detector, lang
 def run_generate(job: GenerateJob) -> dict:
     if job.max_new_tokens <= 0:
         raise HarvestError(f"--max-new-tokens must be positive, got {job.max_new_tokens}")
+    if not job.temperature > 0:
+        raise HarvestError(f"--temperature must be positive, got {job.temperature}")
+    if not 0 < job.top_p <= 1:
+        raise HarvestError(f"--top-p must lie in (0, 1], got {job.top_p}")
+    fs.output_dir(job.out, make=False)
     plan = make_plan(job.model, job.mask, job.langs, job.store, job.mode, job.controls, job.seed,
                      job.allow_other_model)
     mask, mode, rows = plan.mask, plan.mode, plan.rows
@@ -216,7 +221,7 @@ def markdown(frame) -> str:
 
 
 def write_outputs(out: Path, result: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+    fs.output_dir(out)
     frame = flat_table(result["table"])
     fs.write_text(str(out / "generate.csv"), frame.to_csv(index=False, float_format="%.4g"))  # whole or not at all
     fs.write_text(str(out / "generate.md"), markdown(frame))

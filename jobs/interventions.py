@@ -101,6 +101,9 @@ def unit_statistic(store: str, groups: list[str], mode: Mode) -> np.ndarray:
     if tokens == 0:
         raise HarvestError(f"store {store} counted no tokens for {'+'.join(groups)}")
     if mode.kind == "mean":
+        if "act_sum" not in ds:
+            raise HarvestError(f"--mode mean needs activation sums, and store {store} has none; harvest with "
+                               "--stats active,sum")
         return summed("act_sum") / tokens
     if "hist" not in ds:
         raise HarvestError(f"--mode {mode} needs histograms, and store {store} has none; harvest with "

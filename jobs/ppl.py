@@ -92,6 +92,7 @@ def group_nll(model, windows, n_groups: int, batch_size: int, pad_id: int):
 
 def run_ppl(job: PPLJob) -> dict:
     """Compute and write the matrix; returns the settings and the matrices."""
+    fs.output_dir(job.out, make=False)
     plan = make_plan(job.model, job.mask, job.langs, job.store, job.mode, job.controls, job.seed,
                      job.allow_other_model)
     mask, mode, rows = plan.mask, plan.mode, plan.rows
@@ -119,7 +120,7 @@ def run_ppl(job: PPLJob) -> dict:
 def write_outputs(out: Path, rows: list[str], columns: list[str], ppl: np.ndarray, settings: dict) -> None:
     import pandas as pd
 
-    out.mkdir(parents=True, exist_ok=True)
+    fs.output_dir(out)
     table = pd.DataFrame(ppl, index=pd.Index(rows, name="intervened"), columns=columns)
     change = table - table.loc["none"]
     relative = change / table.loc["none"]

@@ -60,7 +60,7 @@ def site_of(store: str | None, config, required: bool = False) -> str:
     from harvester.store import read_attrs
 
     if store and (required or read_attrs(store) is not None):
-        return open_finished(store)["fingerprint"]["model"]["site"]
+        return open_finished(store).model.site
     if store:
         print(f"lsn: the mask's store {store} is not here; intervening on the MLP neurons", file=sys.stderr)
     return arch.resolve_site(config, None, "mlp")
@@ -80,11 +80,10 @@ def check_models(mask, model: str, store: str | None, allow_other: bool) -> None
     shape = f"{mask.n_layers} x {mask.width}"
     notes = [mask.check_model(target, "--model", allow_other)]
     if store and read_attrs(store) is not None:
-        attrs = open_finished(store)
-        layers, width = attrs["meta"]["model"].get("layers"), attrs["meta"]["model"].get("width")
-        if (layers, width) != (mask.n_layers, mask.width):
-            raise HarvestError(f"the mask is for {shape} units, but store {store} has {layers} x {width}")
-        origin = model_identity(attrs["fingerprint"]["model"])
+        model = open_finished(store).model
+        if (model.layers, model.width) != (mask.n_layers, mask.width):
+            raise HarvestError(f"the mask is for {shape} units, but store {store} has {model.layers} x {model.width}")
+        origin = model_identity(model.to_dict())
         if not same_model(origin, mask.identity()):  # the mask's own check covered the store's model
             notes.append(check_applied(origin, f"store {store} was harvested on", target, "--model", shape,
                                        allow_other))

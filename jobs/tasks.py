@@ -49,6 +49,7 @@ def check_task(task: str) -> None:
 def load_rows(task: str, source: str, lang: str, split: str, limit: int | None) -> list[dict]:
     """Rows of ``source`` (a local directory or a hub id) for ``lang`` and ``split``, checked for the
     task's columns."""
+    from harvester.corpus import text_lines
     from harvester.names import check_name, inside
 
     check_name(lang, f"{task} language")
@@ -58,13 +59,12 @@ def load_rows(task: str, source: str, lang: str, split: str, limit: int | None) 
         if not file.is_file():
             raise HarvestError(f"{task} data: no file {file}")
         rows = []
-        with file.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise HarvestError(f"{file}:{n}: not JSON ({err.msg})") from None
+        for n, line in text_lines(file):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise HarvestError(f"{file}:{n}: not JSON ({err.msg})") from None
     else:
         rows = _hub_rows(task, source, lang, split)
     if not rows:

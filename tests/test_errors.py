@@ -85,10 +85,10 @@ def cases(tmp, corpus, models):
                                     "field 'lang' is empty"),
         "store is a file": (ok, "is a file", a_file),
         "seq-len too long": ([*ok, "--seq-len", "100000"], "exceeds the model's maximum of 512"),
-        "zero seq-len": ([*ok, "--seq-len", "0"], "--seq-len must be positive"),
-        "negative batch": ([*ok, "--batch-size", "-2"], "--batch-size must be positive"),
-        "zero shard tokens": ([*ok, "--shard-tokens", "0"], "--shard-tokens must be positive"),
-        "zero actors": ([*ok, "--actors", "0"], "--actors must be positive"),
+        "zero seq-len": ([*ok, "--seq-len", "0"], "--seq-len: must be a positive integer"),
+        "negative batch": ([*ok, "--batch-size", "-2"], "--batch-size: must be a positive integer"),
+        "zero shard tokens": ([*ok, "--shard-tokens", "0"], "--shard-tokens: must be a positive integer"),
+        "zero actors": ([*ok, "--actors", "0"], "--actors: must be a positive integer"),
         "not an integer": ([*ok, "--batch-size", "two"], "is not an integer"),
         "unknown stat": ([*ok, "--stats", "active,median"], "unknown statistic"),
         "bad site": ([*ok, "--site-module", "model.layers.mlp"], "must contain '{layer}'"),
@@ -116,7 +116,7 @@ def test_process_exit_code_and_stderr(tmp_path, saved_models):
     assert_clean_error(run_cli("harvest", "--store", str(tmp_path / "s"), "--model", str(saved_models / "bert"),
                                "--corpus", "sample:docs=2", *BASE), "not a causal language model")
     assert_clean_error(run_cli("harvest", "--store", str(tmp_path / "s"), "--model", "tiny:llama",
-                               "--corpus", "sample", "--seq-len", "0"), "--seq-len must be positive")
+                               "--corpus", "sample", "--seq-len", "0"), "--seq-len: must be a positive integer")
 
 
 def test_bad_input_leaves_existing_store_intact(good_store, tmp_path, saved_models):

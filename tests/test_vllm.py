@@ -6,6 +6,7 @@ vLLM engines take 15-30 s to start, so each module-scoped fixture starts one and
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import types
 
@@ -13,15 +14,14 @@ import numpy as np
 import pytest
 import xarray as xr
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache per engine; the default is larger
-
-from harvester.backends.hf import HFBackend  # noqa: E402
-from harvester.backends.vllm_engine import VLLMBackend, _RankState, cpu_binding, gate_activation, place  # noqa: E402
-from harvester.cli import main  # noqa: E402
-from harvester.errors import HarvestError  # noqa: E402
-from harvester.stats import StatsSpec  # noqa: E402
-from harvester.store import read_attrs  # noqa: E402
-from harvester.windows import Window  # noqa: E402
+from harvester.backends.hf import HFBackend, load_config, resolve_model
+from harvester.backends.vllm_engine import VLLMBackend, _RankState, cpu_binding, gate_activation, place
+from harvester.backends.vllm_start import GiB, KV_FLOOR, StartLog, kv_bytes_per_token, kv_cache_bytes, parse_memory
+from harvester.cli import main
+from harvester.errors import HarvestError
+from harvester.stats import StatsSpec
+from harvester.store import read_attrs
+from harvester.windows import Window
 
 pytestmark = pytest.mark.vllm
 
@@ -68,6 +68,21 @@ def engine():
 @pytest.fixture(scope="module")
 def hf_llama():
     return HFBackend("tiny:llama")
+
+
+def user_env() -> dict:
+    """The environment a user has: none of the VLLM_* variables a test (or vLLM in this process) set."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}
+
+
+def test_engine_reserves_the_derived_kv_cache(engine):
+    """No VLLM_CPU_KVCACHE_SPACE: the KV cache is the one derived from --seq-len and --batch-size,
+    and it holds --batch-size full windows at once."""
+    cache = engine.llm.llm_engine.vllm_config.cache_config
+    config = load_config(resolve_model("tiny:llama"))
+    assert "VLLM_CPU_KVCACHE_SPACE" not in os.environ
+    assert cache.kv_cache_memory_bytes == kv_cache_bytes(config, "float32", SEQ, BATCH)
+    assert cache.num_gpu_blocks * cache.block_size >= BATCH * (SEQ + 1)
 
 
 def test_agrees_with_hf_float32(engine, hf_llama):
@@ -154,6 +169,29 @@ def test_harvest_cli_in_a_ray_actor_matches_hf(tmp_path, text_corpus):
         np.testing.assert_allclose(vl[var].values, hf[var].values, rtol=0, atol=1e-4 * scale)
     # the same settings with another backend are another harvest: refused, not mixed
     assert main(common + ["--store", str(tmp_path / "vllm"), "--no-ray"]) == 2
+
+
+def test_harvest_cli_as_a_user_runs_it(tmp_path):
+    """``lsn harvest --backend vllm`` in a subprocess with the user's environment: it starts, and the
+    same command asking vLLM for 100% of the NUMA node fails in one line naming vLLM's root cause, with
+    vLLM's whole log kept in a file, and no store."""
+    cmd = [sys.executable, "-m", "harvester", "harvest", "--model", "tiny:llama", "--corpus",
+           "sample:docs=20,langs=en+de", "--backend", "vllm", "--no-ray", "--seq-len", "64", "--shard-tokens", "512",
+           "--no-progress"]
+    ok = subprocess.run(cmd + ["--store", str(tmp_path / "ok")], env=user_env(), capture_output=True, text=True,
+                        timeout=600)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert ok.stdout.splitlines()[1].split()[0] == "group" and "Traceback" not in ok.stderr
+    assert read_attrs(tmp_path / "ok")["fingerprint"]["settings"]["backend"] == "vllm"
+    bad = subprocess.run(cmd + ["--store", str(tmp_path / "bad"), "--vllm-memory", "100%"], env=user_env(),
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
+    assert bad.stderr.startswith("lsn: error: vLLM could not start 'tiny:llama': ValueError: Available memory")
+    assert "--vllm-memory" in bad.stderr
+    log = bad.stderr.rpartition("vLLM's log: ")[2].rstrip(")\n")
+    assert "Traceback" in open(log).read()
+    os.unlink(log)
+    assert not (tmp_path / "bad").exists()
 
 
 # --- no engine needed ---------------------------------------------------------------------------
@@ -264,3 +302,54 @@ def test_tensor_parallel_actors_get_placement_groups_of_one_gpu_bundles(tmp_path
             _resources(config(tensor_parallel=4, actors=2), ray)
     finally:
         ray.shutdown()
+
+
+def test_kv_cache_size_follows_seq_len_and_batch_size():
+    """A plain count against the function: keys and values, every layer, the KV heads, float32."""
+    config = load_config(resolve_model("tiny:llama"))
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    per_token = 2 * config.num_hidden_layers * kv_heads * (config.hidden_size // heads) * 4
+    assert kv_bytes_per_token(config, "float32") == per_token
+    assert kv_bytes_per_token(config, "bfloat16") == per_token // 2
+    big = types.SimpleNamespace(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                                hidden_size=4096)
+    assert kv_bytes_per_token(big, "bfloat16") == 2 * 32 * 8 * 128 * 2
+    assert kv_bytes_per_token(big, "bfloat16", tensor_parallel=2) == 2 * 32 * 4 * 128 * 2
+    # 8 windows of 512 (+1) tokens: 3 blocks of 256 each, plus the null block, with 25% headroom
+    assert kv_cache_bytes(big, "bfloat16", 512, 8) == int((8 * 3 + 1) * 256 * 2 * 32 * 8 * 128 * 2 * 1.25)
+    assert kv_cache_bytes(big, "bfloat16", 1024, 8) > kv_cache_bytes(big, "bfloat16", 512, 8)
+    assert kv_cache_bytes(big, "bfloat16", 512, 16) > kv_cache_bytes(big, "bfloat16", 512, 8)
+    assert kv_cache_bytes(config, "float32", 64, 1) == KV_FLOOR
+    mla = types.SimpleNamespace(num_hidden_layers=4, kv_lora_rank=512, qk_rope_head_dim=64)
+    assert kv_bytes_per_token(mla, "bfloat16") == 4 * (512 + 64) * 2
+
+
+def test_vllm_memory_values():
+    assert parse_memory("2") == parse_memory("2GiB") == {"kv_cache_memory_bytes": 2 * GiB}
+    assert parse_memory("0.5") == {"kv_cache_memory_bytes": GiB // 2}
+    assert parse_memory("80%") == {"gpu_memory_utilization": 0.8}
+    for bad in ("0", "-1", "0%", "101%", "lots", "nan", "inf"):
+        with pytest.raises(HarvestError, match="--vllm-memory"):
+            parse_memory(bad)
+
+
+def test_start_log_keeps_subprocess_output_and_names_the_root_cause(capfd):
+    """Real subprocesses writing to the inherited stdout and stderr, as vLLM's engine core does."""
+    script = ("import sys; print('INFO loading'); "
+              "print('(EngineCore pid=1) ERROR 12-01 16:09:12 [core.py:1] ValueError: out of room', file=sys.stderr); "
+              "print('Exception: WorkerProc initialization failed', file=sys.stderr)")
+    log = StartLog()
+    with log:
+        subprocess.run([sys.executable, "-c", script], check=True)
+    assert "INFO loading" in capfd.readouterr().err  # replayed after a good start
+    log = StartLog()
+    with pytest.raises(RuntimeError):
+        with log:
+            subprocess.run([sys.executable, "-c", script], check=True)
+            raise RuntimeError("Engine core initialization failed. See root cause above.")
+    err = log.failure("m", RuntimeError("Engine core initialization failed. See root cause above."))
+    assert str(err).startswith("vLLM could not start 'm': ValueError: out of room (vLLM's log: ")
+    assert capfd.readouterr().err == ""  # nothing replayed after a failed start
+    path = str(err).rpartition("vLLM's log: ")[2].rstrip(")")
+    assert "INFO loading" in open(path).read()
+    os.unlink(path)

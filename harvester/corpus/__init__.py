@@ -164,6 +164,21 @@ def parse_corpora(specs: list[str] | str, options: CorpusOptions | None = None) 
 _SAMPLE = 1 << 20
 
 
+def decode_line(line: bytes, path: Path, lineno: int) -> str:
+    """One line of a text file, without its line break; not UTF-8 is a one-line error naming the line."""
+    try:
+        return line.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise HarvestError(f"{path}:{lineno}: not UTF-8 text") from None
+
+
+def text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of a UTF-8 text file, line breaks removed (see :func:`decode_line`)."""
+    with Path(path).open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            yield lineno, decode_line(raw, path, lineno)
+
+
 def file_identity(path: Path) -> dict:
     """Name, size and sha256 of a file (of its first and last MiB when it is larger than 4 MiB)."""
     path = Path(path)

@@ -32,7 +32,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Iterator
 
-from harvester.corpus import CorpusOptions, Segment, Stream, file_identity
+from harvester.corpus import CorpusOptions, Segment, Stream, decode_line, file_identity
 from harvester.errors import HarvestError
 
 HUB_REPO = "ShaomuTan/EC40"
@@ -137,7 +137,7 @@ class EC40Corpus:
         en_path, xx_path = self.files[lang]
         with en_path.open("rb") as en, xx_path.open("rb") as xx:
             for lineno, (a, b) in enumerate(zip(en, xx), 1):
-                a, b = _decode(a, en_path, lineno), _decode(b, xx_path, lineno)
+                a, b = decode_line(a, en_path, lineno), decode_line(b, xx_path, lineno)
                 if a.strip() and b.strip():
                     yield lineno, a, b
 
@@ -204,10 +204,3 @@ def _count_lines(path: Path) -> int:
             count += chunk.count(b"\n")
             last = chunk[-1:]
     return count + (last != b"\n")
-
-
-def _decode(line: bytes, path: Path, lineno: int) -> str:
-    try:
-        return line.decode("utf-8").rstrip("\r\n")
-    except UnicodeDecodeError:
-        raise HarvestError(f"{path}:{lineno}: not UTF-8 text") from None
