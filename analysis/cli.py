@@ -103,13 +103,18 @@ def _scheduler(args):
     if getattr(args, "dask_address", None) or getattr(args, "local_cluster", None):
         from dask.distributed import Client, LocalCluster
 
-        if args.dask_address:
-            with Client(args.dask_address) as client:
-                yield client
-        else:
-            with LocalCluster(n_workers=args.local_cluster, threads_per_worker=1, processes=True,
-                              host="127.0.0.1", dashboard_address=None) as cluster, Client(cluster) as client:
-                yield client
+        from harvester.signals import deferred
+
+        with contextlib.ExitStack() as running:
+            with deferred():  # SIGINT/SIGTERM while it starts: stop once it can be shut down
+                if args.dask_address:
+                    client = running.enter_context(Client(args.dask_address))
+                else:
+                    cluster = running.enter_context(LocalCluster(
+                        n_workers=args.local_cluster, threads_per_worker=1, processes=True, host="127.0.0.1",
+                        dashboard_address=None))
+                    client = running.enter_context(Client(cluster))
+            yield client
     else:
         yield None
 

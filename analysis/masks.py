@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from harvester.errors import HarvestError
-from harvester.fs import output_file
+from harvester import fs
+from harvester.errors import FAULTS, HarvestError
 from harvester.names import check_name
 
 FORMAT = "lsn-mask"
@@ -234,14 +236,13 @@ class Mask:
 
     # -- files ---------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        path = output_file(path)
+        path = fs.output_file(path)
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "method": self.method, "params": self.params,
                 "languages": self.languages, "n_layers": self.n_layers, "width": self.width,
                 "source": self.source, "extra": self.extra}
-        tmp = path.with_name(f".{path.name}.tmp.npz")
-        np.savez_compressed(tmp, meta=np.array(json.dumps(meta)),
-                            **{f"sel_{k}": s for k, s in enumerate(self.selected)})
-        tmp.replace(path)
+        with fs.atomic_write(str(path)) as f:  # a full disk leaves no partial mask
+            np.savez_compressed(f, meta=np.array(json.dumps(meta)),
+                                **{f"sel_{k}": s for k, s in enumerate(self.selected)})
         return path
 
     @classmethod
@@ -254,11 +255,15 @@ class Mask:
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
                 if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-                    raise HarvestError(f"{path} is not an lsn mask file")
+                    raise _unreadable(path, "its meta names no lsn mask format")
                 _check_meta(meta, path)
                 selected = [data[f"sel_{k}"] for k in range(len(meta["languages"]))]
-        except (OSError, EOFError, ValueError, KeyError, TypeError, json.JSONDecodeError) as err:
-            raise HarvestError(f"{path} is not an lsn mask file ({type(err).__name__})") from None
+        except OSError as err:
+            if err.errno in FAULTS:
+                raise  # a filesystem fault, not the file's: the CLI names it and what to do
+            raise _unreadable(path, _reason(err)) from None
+        except (ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+            raise _unreadable(path, _reason(err)) from None  # truncated, garbage, a flipped byte, a hand edit
         for k, sel in enumerate(selected):
             if sel.ndim != 1 or sel.dtype.kind not in "iu":
                 raise HarvestError(f"{path}: sel_{k} must be a 1-d integer array, not {sel.dtype} of shape {sel.shape}")
@@ -277,8 +282,9 @@ class Mask:
     def export_rucaibox(self, path: str | Path) -> Path:
         import torch
 
-        path = output_file(path)
-        torch.save(self.to_rucaibox(), path)
+        path = fs.output_file(path)
+        with fs.atomic_write(str(path)) as f:
+            torch.save(self.to_rucaibox(), f)
         return path
 
     @classmethod
@@ -314,6 +320,17 @@ class Mask:
         layers = [[t.numpy() for t in per] for per in obj]
         return cls.from_layers(layers, languages, n_layers, width, "imported:rucaibox",
                                source={"file": str(path)})
+
+
+def _reason(err: Exception) -> str:
+    text = str(err).splitlines()[0][:120] if str(err) else ""
+    text = "not a NumPy .npz archive" if "pickle" in text else text  # not numpy's advice to unpickle
+    return f"{type(err).__name__}{': ' + text if text else ''}"
+
+
+def _unreadable(path: Path, reason: str) -> HarvestError:
+    return HarvestError(f"{path} is not an lsn mask file, or it is damaged ({reason}); write it again "
+                        "(lsn analyze), or pass another mask")
 
 
 # what Mask.load requires of the meta JSON: key -> (types, required)

@@ -8,6 +8,7 @@ dense ``[K, L, I]`` array, so a report of 80 languages x 80 layers x 28672 neuro
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import sys
@@ -16,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from analysis.masks import Mask
+from harvester import fs
 from harvester.errors import HarvestError
-from harvester.fs import output_dir
 
 TOP_PAIRS = 10
 MAX_LAYER_TABLE = 40
@@ -108,10 +109,11 @@ def top_pairs(mask: Mask, shared: np.ndarray, n: int = TOP_PAIRS) -> list[tuple[
 
 # -- files ---------------------------------------------------------------------------------------
 def _write_csv(path: Path, header: list, rows: list[list]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(header)
+    writer.writerows(rows)
+    fs.write_text(str(path), text.getvalue())  # whole or not at all, on a full disk too
 
 
 def write_tables(mask: Mask, out: Path, counts: np.ndarray, shared: np.ndarray, appear: list[int]) -> None:
@@ -166,7 +168,8 @@ def heatmap_figure(data: np.ndarray, rows: list[str], cols: list[str], title: st
 
 def heatmap(path: Path, *args, **kw) -> None:
     """Write :func:`heatmap_figure` as a PNG; it plots what the CSV of its name holds."""
-    heatmap_figure(*args, **kw).savefig(path, format="png", backend="agg")
+    with fs.atomic_write(str(path)) as f:  # whole or not at all, on a full disk too
+        heatmap_figure(*args, **kw).savefig(f, format="png", backend="agg")
 
 
 def _wrap(text: str, width: int) -> list[str]:
@@ -231,13 +234,12 @@ def write_report(mask: Mask, out: str | Path, title: str | None = None) -> Path:
     """Write the CSVs, the PNGs (no overlap plot for one language) and ``report.md`` into directory ``out``; returns ``report.md``."""
     if not mask.languages:
         raise HarvestError("the mask has no languages; there is nothing to report")
-    out = output_dir(out)
+    out = fs.output_dir(out)
     appear = checked_appear(mask)
     counts = mask.counts()  # [language, layer]
     shared = overlap(mask)  # [language, language]
     write_tables(mask, out, counts, shared, appear)
     plots = write_plots(mask, out, counts, shared)
     path = out / "report.md"
-    path.write_text(markdown(mask, title or f"Mask report: {mask.method}", counts, shared, appear, plots),
-                    encoding="utf-8")
+    fs.write_text(str(path), markdown(mask, title or f"Mask report: {mask.method}", counts, shared, appear, plots))
     return path

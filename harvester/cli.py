@@ -6,7 +6,7 @@ import argparse
 import signal
 import sys
 
-from harvester.errors import HarvestError
+from harvester.errors import HarvestError, explain, fault_of
 
 
 class _Parser(argparse.ArgumentParser):
@@ -180,9 +180,11 @@ def _verify(path: str, repair: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     from harvester.signals import graceful
 
+    args = None
     try:
         with graceful():  # SIGINT/SIGTERM: every cleanup runs, then one line and 128 + signal
-            _dispatch(argv)
+            args = _apply_config(build_parser(), argv)
+            _dispatch(args)
     except HarvestError as err:
         print(f"lsn: error: {err}", file=sys.stderr)
         return 2
@@ -191,13 +193,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lsn: stopped by {signal.Signals(signum).name}; finished work is kept, run the same command "
               "again to resume", file=sys.stderr)
         return 128 + signum
+    except Exception as err:  # a full disk, a read-only filesystem, no permission: wherever it was met
+        fault = fault_of(err)
+        if fault is None:
+            raise
+        resumable = getattr(args, "command", None) == "harvest"
+        print(f"lsn: error: {explain(fault, _places(args), resumable)}", file=sys.stderr)
+        return 2
     return 0
 
 
-def _dispatch(argv: list[str] | None) -> None:
+_WRITES = {"harvest": "store", "import": "store", "verify": "store"}
+"""Where a command writes, when not to ``--out``."""
+_READS = ("store", "mask", "src", "model", "data", "prompts", "config")
+
+
+def _places(args) -> list[tuple[str, str]]:
+    """``(flag, path)`` of the paths the command names, the one it writes first."""
+    if args is None:
+        return []
+    first = _WRITES.get(args.command, "out")
+    names = [first, "report", *(n for n in _READS if n != first)]
+    return [(f"--{n}", getattr(args, n)) for n in names if isinstance(getattr(args, n, None), str)]
+
+
+def _dispatch(args) -> None:
     from jobs.cli import COMMANDS as job_commands
 
-    args = _apply_config(build_parser(), argv)
     if args.command == "harvest":
         _harvest(args)
     elif args.command == "summary":

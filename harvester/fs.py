@@ -29,7 +29,7 @@ def filesystem(path: str):
 def output_dir(path, what: str = "--out", make: bool = True) -> Path:
     """A local output directory, made when ``make``; checked first, so that a refused run leaves
     nothing behind: a file in its place or in its parents' is a one-line error."""
-    from harvester.errors import HarvestError
+    from harvester.errors import FAULTS, HarvestError
 
     out = Path(path).expanduser()
     blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
@@ -39,6 +39,8 @@ def output_dir(path, what: str = "--out", make: bool = True) -> Path:
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as err:
+            if err.errno in FAULTS:
+                raise  # a full or read-only disk, no permission: the CLI names it and what to do
             raise HarvestError(f"{what} {out} cannot be made: {err.strerror or err}") from None
     return out
 
@@ -85,6 +87,10 @@ def atomic_write(path: str):
         with fsys.open(tmp, "wb") as f:
             yield f
         fsys.mv(tmp, p)
+    except OSError as err:  # a full or read-only disk: name the file asked for, not its temporary name
+        if err.filename in (None, tmp):
+            err.filename = str(path)
+        raise
     finally:
         if fsys.exists(tmp):
             fsys.rm(tmp)

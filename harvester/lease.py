@@ -30,7 +30,7 @@ import time
 import uuid
 
 from harvester import fs
-from harvester.errors import HarvestError
+from harvester.errors import FAULTS, HarvestError
 
 STALE_AFTER = 600.0
 """Seconds without a heartbeat after which a lease of another host is stale (10 minutes)."""
@@ -301,6 +301,8 @@ def acquire(store: str, say=None) -> Lease:
         try:
             created = create_exclusive(_file(directory, gen), json.dumps(info).encode())
         except OSError as err:  # a read-only or full disk, missing permissions
+            if err.errno in FAULTS:
+                raise  # the CLI names the file and what to do
             raise HarvestError(f"cannot take the lease on store {store} ({directory}): "
                                f"{err.strerror or err}") from None
         if not created:

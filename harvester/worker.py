@@ -17,6 +17,7 @@ import numpy as np
 
 from harvester.backends import backend_class
 from harvester.corpus import CorpusOptions, parse_corpora
+from harvester.errors import naming_files
 from harvester.stats import StatsSpec
 from harvester.store import Store
 from harvester.windows import ShardInfo, TokenSettings, load_shard, tokenize_stream
@@ -41,7 +42,8 @@ class TokenizeJob:
 def tokenize(job: TokenizeJob, stream: int) -> Iterator[ShardInfo]:
     """Tokenize one corpus stream into token shards; yields each shard as it is written."""
     tokenizer, corpora = _prepared(job)
-    yield from tokenize_stream(corpora, stream, tokenizer, job.settings, job.root)
+    with naming_files(job.root):
+        yield from tokenize_stream(corpora, stream, tokenizer, job.settings, job.root)
 
 
 @functools.lru_cache(maxsize=2)
@@ -104,7 +106,8 @@ class ShardWorker:
         if self._store is None:
             self._store = Store(self.cfg.store)
         _maybe_fail(self._store, info.index)
-        self._store.write_shard(shard.index, result)
+        with naming_files(self.cfg.store):
+            self._store.write_shard(shard.index, result)
         return info.n_tokens
 
 

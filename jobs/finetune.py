@@ -38,8 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from harvester import fs
 from harvester.errors import HarvestError
-from harvester.fs import output_dir
 from jobs.tasks import check_task
 
 CONTROLS = ("none", "random", "full", "base")
@@ -118,7 +118,7 @@ def check(job: FinetuneJob):
     if len(set(job.langs)) != len(job.langs):
         raise HarvestError(f"--lang names a language twice: {','.join(job.langs)}")
     path_parts([f"{lang}-{control}" for lang in job.langs for control in job.controls], "language")
-    output_dir(job.out, make=False)
+    fs.output_dir(job.out, make=False)
     for lang in job.langs:
         condition_dir(job, lang, job.controls[0])
     empty = [lang for lang in job.langs if mask.selected[mask.index(lang)].size == 0 and set(job.controls) & {"none", "random"}]
@@ -250,7 +250,7 @@ def run_condition(job: FinetuneJob, lang: str, control: str, data: dict) -> dict
     own = mask.selected[mask.index(lang)]
     selected = {"none": own, "random": random_control([own], mask.n_layers, mask.width, job.seed)[0],
                 "full": None}.get(control)
-    out_dir = output_dir(condition_dir(job, lang, control))
+    out_dir = fs.output_dir(condition_dir(job, lang, control))
     record = {"lang": lang, "control": control, "condition": CONDITION[control], "task": job.task,
               "units": None if selected is None else int(len(selected))}
     started = time.perf_counter()
@@ -271,7 +271,7 @@ def run_condition(job: FinetuneJob, lang: str, control: str, data: dict) -> dict
     model.eval()
     record["eval"] = evaluate(model, tokenizer, job, data, mask)
     record["peak_memory_bytes"] = peak_memory(job.device)
-    (out_dir / "results.json").write_text(json.dumps(record, indent=2))
+    fs.write_text(str(out_dir / "results.json"), json.dumps(record, indent=2))
     return record
 
 
@@ -432,9 +432,10 @@ def write_table(out: Path, table: list[dict], job: FinetuneJob) -> None:
 
     from jobs.generate import markdown
 
-    output_dir(out)
+    fs.output_dir(out)
     frame = pd.DataFrame.from_records(table)
-    frame.to_csv(out / "results.csv", index=False, float_format="%.6g")
-    (out / "results.md").write_text(markdown(frame), encoding="utf-8")
-    (out / "results.json").write_text(json.dumps({"settings": asdict(job), "table": table}, indent=2, default=str))
+    fs.write_text(str(out / "results.csv"), frame.to_csv(index=False, float_format="%.6g"))  # whole or not at all
+    fs.write_text(str(out / "results.md"), markdown(frame))
+    fs.write_text(str(out / "results.json"), json.dumps({"settings": asdict(job), "table": table}, indent=2,
+                                                        default=str))
 

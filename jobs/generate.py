@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+from harvester import fs
 from harvester.corpus import text_lines
 from harvester.errors import HarvestError
-from harvester.fs import output_dir
 from harvester.names import check_name
 from jobs.interventions import Mode, empty_rows, intervene
 from jobs.rows import Job, ModelWorker, Row, intervention_for, make_plan, run_rows
@@ -175,7 +175,7 @@ def run_generate(job: GenerateJob) -> dict:
         raise HarvestError(f"--temperature must be positive, got {job.temperature}")
     if not 0 < job.top_p <= 1:
         raise HarvestError(f"--top-p must lie in (0, 1], got {job.top_p}")
-    output_dir(job.out, make=False)
+    fs.output_dir(job.out, make=False)
     plan = make_plan(job.model, job.mask, job.langs, job.store, job.mode, job.controls, job.seed,
                      job.allow_other_model)
     mask, mode, rows = plan.mask, plan.mode, plan.rows
@@ -223,8 +223,8 @@ def markdown(frame) -> str:
 
 
 def write_outputs(out: Path, result: dict) -> None:
-    output_dir(out)
+    fs.output_dir(out)
     frame = flat_table(result["table"])
-    frame.to_csv(out / "generate.csv", index=False, float_format="%.4g")
-    (out / "generate.md").write_text(markdown(frame), encoding="utf-8")
-    (out / "generate.json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
+    fs.write_text(str(out / "generate.csv"), frame.to_csv(index=False, float_format="%.4g"))  # whole or not at all
+    fs.write_text(str(out / "generate.md"), markdown(frame))
+    fs.write_text(str(out / "generate.json"), json.dumps(result, indent=2, ensure_ascii=False))

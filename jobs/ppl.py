@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from harvester import fs
 from harvester.errors import HarvestError
-from harvester.fs import output_dir
 from jobs.interventions import Intervention, Mode, empty_rows, intervene
 from jobs.rows import Job, ModelWorker, Row, intervention_for, make_plan, run_rows
 
@@ -93,7 +93,7 @@ def group_nll(model, windows, n_groups: int, batch_size: int, pad_id: int):
 
 def run_ppl(job: PPLJob) -> dict:
     """Compute and write the matrix; returns the settings and the matrices."""
-    output_dir(job.out, make=False)
+    fs.output_dir(job.out, make=False)
     plan = make_plan(job.model, job.mask, job.langs, job.store, job.mode, job.controls, job.seed,
                      job.allow_other_model)
     mask, mode, rows = plan.mask, plan.mode, plan.rows
@@ -125,14 +125,14 @@ OUTPUTS = ("ppl.csv", "ppl_change.csv", "ppl_relative.csv", "ppl_relative.png", 
 def write_outputs(out: Path, rows: list[str], columns: list[str], ppl: np.ndarray, settings: dict) -> None:
     import pandas as pd
 
-    output_dir(out)
+    fs.output_dir(out)
     table = pd.DataFrame(ppl, index=pd.Index(rows, name="intervened"), columns=columns)
     change = table - table.loc["none"]
     relative = change / table.loc["none"]
-    table.to_csv(out / "ppl.csv", float_format="%.10g")
-    change.to_csv(out / "ppl_change.csv", float_format="%.10g")
-    relative.to_csv(out / "ppl_relative.csv", float_format="%.10g")
-    (out / "ppl.json").write_text(json.dumps({"settings": settings, "ppl": table.to_dict(orient="index")}, indent=2))
+    for name, frame in (("ppl", table), ("ppl_change", change), ("ppl_relative", relative)):
+        fs.write_text(str(out / f"{name}.csv"), frame.to_csv(float_format="%.10g"))  # whole or not at all
+    fs.write_text(str(out / "ppl.json"), json.dumps({"settings": settings, "ppl": table.to_dict(orient="index")},
+                                                    indent=2))
     plot_relative(relative, out / "ppl_relative.png", settings["mode"])
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,3 +23,15 @@ def assert_same_totals(a: Path, b: Path) -> None:
     assert list(da.data_vars) == list(db.data_vars)
     for var in da.data_vars:
         np.testing.assert_array_equal(da[var].values, db[var].values, err_msg=var)
+
+
+def assert_group_ends(pgid: int, what: str, timeout: float = 30) -> None:
+    """Every process of the group ``pgid`` (one started with ``start_new_session``) exits in time."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        assert time.time() < deadline, f"{what} outlived it"
+        time.sleep(0.1)

@@ -23,7 +23,7 @@ import zarr
 from harvester import lease
 from harvester.cli import main
 from harvester.store import creating_marker, read_attrs
-from tests.helpers import assert_same_totals, tree_digest
+from tests.helpers import assert_group_ends, assert_same_totals, tree_digest
 
 SMALL = "sample:docs=20,langs=en+de"
 LARGE = "sample:docs=80,langs=en+de"  # ~80 shards: a few seconds of work to interrupt
@@ -225,14 +225,7 @@ def test_sigterm_with_ray(tmp_path):
     assert proc.wait(timeout=120) == 143
     line = one_line(proc.stderr.read())
     assert line.startswith("lsn: stopped by SIGTERM;")
-    deadline = time.time() + 30
-    while True:
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            break
-        assert time.time() < deadline, "Ray's processes outlived the harvest"
-        time.sleep(0.2)
+    assert_group_ends(proc.pid, "Ray's processes")
     assert not Path(lease.lease_dir(str(store))).exists()
 
 
