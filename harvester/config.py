@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
+from harvester import fs
 from harvester.corpus import CorpusOptions
 from harvester.errors import HarvestError
 
@@ -57,6 +59,9 @@ class HarvestConfig:
     def __post_init__(self):
         from harvester.devices import resolve_here
 
+        if not fs.is_url(str(self.store)):  # one path however it was written (".", "..", relative)
+            self.store = os.path.abspath(self.store)
+        self._check_device_map()
         self.device, self.dtype = resolve_here(self.device, self.dtype, use_ray=self.use_ray, address=self.address)
         if isinstance(self.corpus, str):
             self.corpus = [self.corpus]
@@ -82,3 +87,18 @@ class HarvestConfig:
             raise HarvestError(f"--actors must be positive, got {self.actors}")
         if self.device_map and self.use_ray and (self.actors or 1) > 1:
             raise HarvestError("--device-map spreads one model over all GPUs: use it with --actors 1")
+
+    def _check_device_map(self) -> None:
+        """``--device-map``: a placement transformers knows, and only for the hf backend (checked before
+        any store exists or is discarded)."""
+        if self.device_map is None:
+            return
+        if self.backend != "hf":
+            raise HarvestError("--device-map is for the hf backend; the vLLM backend spreads a model with "
+                               "--tensor-parallel")
+        if self.device_map not in DEVICE_MAPS:
+            raise HarvestError(f"--device-map {self.device_map!r} is not one of {', '.join(DEVICE_MAPS)}")
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+"""The ``device_map`` strategies ``from_pretrained`` accepts by name."""

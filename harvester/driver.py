@@ -51,13 +51,12 @@ def harvest(cfg: HarvestConfig) -> Store:
         existing = read_attrs(cfg.store)
         if cfg.overwrite or existing is None or not existing.complete:
             precheck(corpora, tokenizer, settings)  # pooled corpora: every document fits --seq-len
-        if cfg.overwrite and existing is not None:
-            _overwrite(cfg.store, existing)
-        store = Store.open_for_writing(cfg.store, fingerprint)
+        replace = existing if cfg.overwrite else None  # discarded once the model is loaded (open_store)
+        store = None if replace else Store.open_for_writing(cfg.store, fingerprint)
         if store is not None and store.complete:
             _say(cfg, f"store {cfg.store} is already complete")
             return store
-        return _harvest_into(cfg, held, fingerprint, _meta(cfg, config), corpora, settings, model_path)
+        return _harvest_into(cfg, held, fingerprint, _meta(cfg, config), corpora, settings, model_path, replace)
 
 
 def _token_settings(cfg: HarvestConfig, fingerprint: dict, tokenizer) -> TokenSettings:
@@ -75,8 +74,10 @@ def _overwrite(path: str, attrs: StoreAttrs) -> None:
 
 
 def _harvest_into(cfg: HarvestConfig, held: lease.Lease, fingerprint: dict, meta: dict, corpora,
-                  settings: TokenSettings, model_path: str) -> Store:
-    """Create or resume the store under the lease ``held``, run every shard, reduce the totals."""
+                  settings: TokenSettings, model_path: str, replace: StoreAttrs | None = None) -> Store:
+    """Create or resume the store under the lease ``held``, run every shard, reduce the totals.
+    ``replace``: the attributes of a store ``--overwrite`` discards, once the model has loaded (the last
+    check before anything is written), so that a run refused before then keeps it."""
     pooling = cfg.corpus_options.pooling
     portable = cfg.model if cfg.model.startswith("tiny:") else model_path  # what every node can resolve
     wcfg = WorkerConfig(cfg.backend, portable, cfg.dtype, cfg.device, cfg.device_map, cfg.site, cfg.store,
@@ -87,6 +88,8 @@ def _harvest_into(cfg: HarvestConfig, held: lease.Lease, fingerprint: dict, meta
     created = []
 
     def open_store(shape) -> Store:
+        if replace is not None:
+            _overwrite(cfg.store, replace)
         store = Store.open_for_writing(cfg.store, fingerprint)  # compared again: on every open for writing
         if store is not None:
             return store

@@ -44,8 +44,9 @@ _warned: set[str] = set()
 
 def lease_dir(store: str) -> str:
     """``DIR/.NAME.lease`` for the store ``DIR/NAME`` (same filesystem, usable before the store exists)."""
-    if not fs.is_url(str(store)):
-        path = os.path.realpath(store)  # one lease however the store is reached (symbolic links)
+    local = str(store)[len("file://"):] if str(store).startswith("file://") else None
+    if not fs.is_url(str(store)) or local:
+        path = os.path.realpath(local or store)  # one lease however the store is reached (links, file:// URLs)
         return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lease")
     path = str(store).rstrip("/")
     parent, _, name = path.rpartition("/")

@@ -36,6 +36,7 @@ import dataclasses
 import datetime as _dt
 import hashlib
 import json
+import os
 import shutil
 import sys
 import uuid
@@ -423,10 +424,21 @@ class StoreAttrs(_Section, Mapping):
                             ("totals.tokens", self.totals and self.totals.tokens)):
             if values is not None and len(values) != n:
                 raise _Malformed(key, f"has {len(values)} entries for {n} groups")
+        self._check_sums()
         try:
             self.settings.spec
         except HarvestError as err:
             raise _Malformed("meta.settings.hist_edges", str(err)) from None
+
+    def _check_sums(self) -> None:
+        """Counts recorded twice agree: per group and in all."""
+        corpus = self.corpus
+        for key, per_group, total in (("tokens_per_group", corpus.tokens_per_group, corpus.tokens),
+                                      ("truncated_tokens_per_group", corpus.truncated_tokens_per_group,
+                                       corpus.truncated_tokens)):
+            if per_group is not None and total is not None and sum(per_group) != total:
+                raise _Malformed(f"meta.corpus.{key}", f"sums to {sum(per_group)}, but meta.corpus."
+                                 f"{key.replace('_per_group', '')} is {total}")
 
     # -- the parts, as attributes
     @property
@@ -525,6 +537,10 @@ def open_dataset(path: str | Path, attrs: StoreAttrs):
     else:
         zstore = checked(zstore, str(path))
     ds = xr.open_zarr(zstore, consolidated=True)
+    described = (list(attrs.corpus.groups), attrs.model.layers, attrs.model.width)
+    if ([str(g) for g in ds["group"].values], ds.sizes.get("layer"), ds.sizes.get("neuron")) != described:
+        raise HarvestError(f"store {path} is damaged: its attributes' groups or model shape differ from its "
+                           f"arrays' (lsn verify {path} lists every problem)")
     recorded = attrs.totals.tokens if attrs.totals else None
     if recorded is not None and tuple(int(n) for n in ds["tokens"].values) != recorded:
         raise HarvestError(f"store {path} is damaged: its tokens totals differ from those recorded when they "
@@ -610,17 +626,7 @@ class Store:
             _write_skeleton(zarr_store(path), attrs, n_shards)
             fsys.rm(fs.filesystem(creating_marker(path))[1])
             return cls(path)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_dead_partials(path)
-        tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
-        Path(f"{tmp}.json").write_text(marker)  # first: says whose directory this is
-        _write_skeleton(zarr_store(tmp), attrs, n_shards)
-        if path.exists():  # an empty directory given as the store path
-            path.rmdir()
-        tmp.rename(path)
-        Path(f"{tmp}.json").unlink()
-        return cls(path)
+        return cls(_create_local(Path(os.path.abspath(path)), attrs, n_shards, marker))
 
     # -- shards -----------------------------------------------------------------------------
     def array(self, name: str):
@@ -743,13 +749,48 @@ def _finished_shards(fsys, p: str) -> bool:
     return bool(fsys.exists(f"{p}/shards/done/c") and fsys.ls(f"{p}/shards/done/c", detail=False))
 
 
+def _create_local(path: Path, attrs: "StoreAttrs", n_shards: int, marker: str) -> Path:
+    """:meth:`Store.create` on local disk: built in a sibling temporary directory renamed into place."""
+    if path.is_symlink():
+        raise HarvestError(f"store path {path} is a symbolic link (to {os.path.realpath(path)}); give the real "
+                           "path as --store")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir() and any(path.iterdir()):  # read_attrs let it through: a creation marker beside it
+        _check_skeleton_only(fs.filesystem(str(path))[0], str(path), path)
+        print(f"lsn: rebuilding the skeleton of store {path}, left half-made by an interrupted harvest",
+              file=sys.stderr)
+        shutil.rmtree(path)
+    _remove_dead_partials(path)
+    tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
+    Path(f"{tmp}.json").write_text(marker)  # first: says whose directory this is
+    _write_skeleton(zarr_store(tmp), attrs, n_shards)
+    if path.exists():  # an empty directory given as the store path
+        path.rmdir()
+    tmp.rename(path)
+    Path(f"{tmp}.json").unlink()
+    marker_path = Path(creating_marker(path))
+    if marker_path.exists():  # a file:// creation's, now superseded
+        marker_path.unlink()
+    return path
+
+
 def discard(path: str | Path, unless_finished_shards: bool = False) -> bool:
     """Remove the store at ``path`` with its token shards; call it holding the store's lease. With
-    ``unless_finished_shards`` a store holding any finished shard is kept (False returned)."""
+    ``unless_finished_shards`` a store holding any finished shard is kept (False returned). A local
+    store is first renamed aside, so a fault while deleting never leaves a half-deleted store in place."""
     fsys, p = fs.filesystem(str(path))
     if not fsys.exists(p) or (unless_finished_shards and _finished_shards(fsys, p)):
         return False
-    fsys.rm(p, recursive=True)
+    if fs.is_url(str(path)):
+        fsys.rm(p, recursive=True)
+    else:
+        local = Path(os.path.abspath(path))
+        if local.is_symlink():
+            raise HarvestError(f"store path {path} is a symbolic link (to {os.path.realpath(local)}); give the "
+                               "store's real path to discard it")
+        aside = local.parent / f".{local.name}.discarded-{uuid.uuid4().hex[:8]}"
+        local.rename(aside)
+        shutil.rmtree(aside)
     marker_fs, marker = fs.filesystem(creating_marker(path))
     if marker_fs.exists(marker):
         marker_fs.rm(marker)

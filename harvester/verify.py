@@ -24,7 +24,7 @@ from harvester import fs, lease
 from harvester.errors import HarvestError
 from harvester.stats import VARIABLES
 from harvester.store import ShardDigest, Store, StoreAttrs, Totals, _zarr, read_attrs, tokens_dir, zarr_store
-from harvester.windows import read_manifest
+from harvester.windows import SHARDS_PER_STREAM, read_manifest
 
 
 @dataclass(frozen=True)
@@ -84,10 +84,14 @@ def inspect(path: str | Path) -> tuple[list[Problem], str]:
             if f"{name}/zarr.json" not in files]
     if gone:
         return gone, f"store {path}: arrays"
-    problems = _bad_checksums(fsys, files) + _bad_manifests(path, files)
     root = _zarr().open_group(store=checked(zarr_store(path, read_only=True), str(path)), mode="r",
                               use_consolidated=False)
+    foreign = _attrs_against_arrays(root, attrs, files)
+    if foreign:  # what the attributes say cannot be trusted to check the rest by
+        return foreign, f"store {path}: attributes against arrays"
+    problems = _bad_checksums(fsys, files) + _bad_manifests(path, files)
     done = _done_shards(root, files)
+    problems += _unplanned(path, files, done)
     if attrs.complete:
         for name, _ in root.arrays():
             problems += _missing_chunks(root[name], name, files)
@@ -98,6 +102,42 @@ def inspect(path: str | Path) -> tuple[list[Problem], str]:
     n_chunks = sum(1 for key in files if _chunk_of(key))
     return problems, (f"store {path}: {n_chunks} chunks, {len(done)} finished shards"
                       + (", totals" if attrs.complete else " (harvest not finished: no totals)"))
+
+
+def _attrs_against_arrays(root, attrs: StoreAttrs, files: dict[str, str]) -> list[Problem]:
+    """The attributes describe these arrays: the same statistics, groups, layers, neurons and bins (an
+    edited ``zarr.json`` is beyond repair: re-harvesting by it would rewrite good data)."""
+    variables, lines = attrs.settings.variables, []
+    for prefix in ("", "shards/"):
+        for var in VARIABLES.values():
+            if (var not in variables) and f"{prefix}{var}/zarr.json" in files:
+                lines.append(f"array '{prefix}{var}' exists, but the attributes' settings.stats do not list it")
+    groups = [str(g) for g in (_read(root["group"], slice(None)) if "group/c/0" in files else [])]
+    if groups and groups != list(attrs.corpus.groups):
+        lines.append(f"attributes: meta.corpus.groups {list(attrs.corpus.groups)[:4]} differ from the 'group' "
+                     f"coordinate {groups[:4]}")
+    shape = tuple(root[variables[0]].shape[1:3])
+    if shape != (attrs.model.layers, attrs.model.width):
+        lines.append(f"attributes: the model's layers x width {attrs.model.layers} x {attrs.model.width} differ "
+                     f"from the arrays' {shape[0]} x {shape[1]}")
+    if "hist" in variables and root["hist"].shape[-1] != len(attrs.settings.hist_edges) + 1:
+        lines.append(f"attributes: {len(attrs.settings.hist_edges)} histogram edges for "
+                     f"{root['hist'].shape[-1]} bins")
+    return [Problem(line) for line in lines]
+
+
+def _unplanned(path, files: dict[str, str], done: list[int]) -> list[Problem]:
+    """Shards marked done that their stream's plan (its manifest) does not have: copied in from elsewhere."""
+    planned, streams = set(), set()
+    for key in (k for k in files if re.fullmatch(r"tokens/\d+\.json", k)):
+        try:
+            manifest = read_manifest(f"{tokens_dir(path)}/{key.rpartition('/')[2]}")
+        except HarvestError:
+            continue  # reported by _bad_manifests
+        streams.add(int(key.rpartition("/")[2][:-len(".json")]))
+        planned.update(int(info["index"]) for info in manifest["shards"])
+    return [Problem(f"shard {i}: marked done, but stream {i // SHARDS_PER_STREAM}'s plan has no such shard", shard=i)
+            for i in done if i // SHARDS_PER_STREAM in streams and i not in planned]
 
 
 def _chunk_of(key: str):
