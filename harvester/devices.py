@@ -11,12 +11,13 @@ import os
 import re
 import sys
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from harvester.errors import HarvestError
 
-DTYPES = ("auto", "float32", "float16", "bfloat16")
+Dtype = Literal["auto", "float32", "float16", "bfloat16"]
+DTYPES = get_args(Dtype)
 DEVICE_HELP = "auto (cuda when a GPU is visible, else cpu) | cpu | cuda | cuda:N | mps"
-DTYPE_HELP = "auto (bfloat16 on a GPU that supports it, else float32) | float32 | float16 | bfloat16"
 _DEVICE = re.compile(r"(auto|cpu|mps|cuda)(:\d+)?")
 
 
@@ -107,7 +108,11 @@ def start_line(device: str, dtype: str, on_ray: bool) -> str:
     return f"lsn: device {device}, dtype {dtype}, {'on Ray' if on_ray else 'in this process'}"
 
 
-def add_flags(parser) -> None:
+@dataclass(kw_only=True)
+class DeviceOptions:
     """``--device`` and ``--dtype``, the same for every command that loads a model."""
-    parser.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default: %(default)s)")
-    parser.add_argument("--dtype", default="auto", choices=DTYPES, help=f"{DTYPE_HELP} (default: %(default)s)")
+
+    device: str = "auto"
+    """where the model runs: auto (cuda when a GPU is visible, else cpu) | cpu | cuda | cuda:N | mps"""
+    dtype: Dtype = "auto"
+    """auto: bfloat16 on a GPU that supports it, else float32"""
