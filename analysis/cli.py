@@ -75,14 +75,20 @@ def _mask(options: MethodOptions, counts, params: dict, result: dict, extra: dic
 
 
 @dataclass(kw_only=True)
-class LapeOptions(ProbabilityOptions):
-    METHOD: ClassVar[str] = "lape"
-    top_rate: float = _default(methods.lape, "top_rate")
-    """share of all neurons selected (over all languages)"""
+class LapeFamilyOptions(ProbabilityOptions):
+    """The two thresholds LAPE and its variant share."""
+
     filter_rate: float = _default(methods.lape, "filter_rate")
     """quantile of the activation probabilities a neuron must exceed in some language"""
     bar_ratio: float = _default(methods.lape, "bar_ratio")
     """quantile of a selected neuron's probabilities that makes a language its own"""
+
+
+@dataclass(kw_only=True)
+class LapeOptions(LapeFamilyOptions):
+    METHOD: ClassVar[str] = "lape"
+    top_rate: float = _default(methods.lape, "top_rate")
+    """share of all neurons selected (over all languages)"""
 
     def select(self, counts):
         params = dict(top_rate=self.top_rate, filter_rate=self.filter_rate, bar_ratio=self.bar_ratio)
@@ -91,14 +97,10 @@ class LapeOptions(ProbabilityOptions):
 
 
 @dataclass(kw_only=True)
-class LapeVariantOptions(ProbabilityOptions):
+class LapeVariantOptions(LapeFamilyOptions):
     METHOD: ClassVar[str] = "lape-variant"
     rate: float = _default(methods.lape_variant, "rate")
     """share of all neurons: the m-th smallest entropy is the threshold"""
-    filter_rate: float = _default(methods.lape_variant, "filter_rate")
-    """quantile of the activation probabilities a neuron must exceed in some language"""
-    bar_ratio: float = _default(methods.lape_variant, "bar_ratio")
-    """quantile of a selected neuron's probabilities that makes a language its own"""
 
     def select(self, counts):
         params = dict(rate=self.rate, filter_rate=self.filter_rate, bar_ratio=self.bar_ratio)
@@ -107,14 +109,20 @@ class LapeVariantOptions(ProbabilityOptions):
 
 
 @dataclass(kw_only=True)
-class EntropyLambdaOptions(ProbabilityOptions):
+class EntropyFamilyOptions(ProbabilityOptions):
+    """What entropy-λ and its autosweep share."""
+
     METHOD: ClassVar[str] = "entropy-lambda"
-    lambda_: float
-    """the threshold λ on the normalised entropy"""
     top_rate: float = _default(methods.EntropyLambda, "top_rate")
     """share of neurons with the highest activation probability considered"""
     bar_ratio: float = _default(methods.EntropyLambda, "bar_ratio")
     """quantile of the probabilities that makes a language a neuron's own"""
+
+
+@dataclass(kw_only=True)
+class EntropyLambdaOptions(EntropyFamilyOptions):
+    lambda_: float
+    """the threshold λ on the normalised entropy"""
 
     def select(self, counts):
         model = methods.EntropyLambda(counts.probabilities(), self.top_rate, self.bar_ratio)
@@ -124,14 +132,9 @@ class EntropyLambdaOptions(ProbabilityOptions):
 
 
 @dataclass(kw_only=True)
-class AutosweepOptions(ProbabilityOptions):
-    METHOD: ClassVar[str] = "entropy-lambda"
+class AutosweepOptions(EntropyFamilyOptions):
     out: str | None = None
     """mask file to write (.npz) at the λ found (none: print λ only)"""
-    top_rate: float = _default(methods.EntropyLambda, "top_rate")
-    """share of neurons with the highest activation probability considered"""
-    bar_ratio: float = _default(methods.EntropyLambda, "bar_ratio")
-    """quantile of the probabilities that makes a language a neuron's own"""
     lo: float = _default(methods.EntropyLambda.autosweep, "lo")
     """lowest λ searched"""
     hi: float = _default(methods.EntropyLambda.autosweep, "hi")

@@ -17,7 +17,6 @@ from harvester.errors import HarvestError
 
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 DTYPES = get_args(Dtype)
-DEVICE_HELP = "auto (cuda when a GPU is visible, else cpu) | cpu | cuda | cuda:N | mps"
 _DEVICE = re.compile(r"(auto|cpu|mps|cuda)(:\d+)?")
 
 
@@ -40,7 +39,7 @@ def resolve(device: str, dtype: str, caps: Capabilities = Capabilities(), *, che
     match = _DEVICE.fullmatch(device)
     if not match or (match.group(2) and match.group(1) != "cuda"):
         hint = " (a GPU is --device cuda)" if device.lower() == "gpu" else ""
-        raise HarvestError(f"unknown --device '{device}'{hint}; choose {DEVICE_HELP}")
+        raise HarvestError(f"unknown --device '{device}'{hint}; choose {_device_help()}")
     if dtype not in DTYPES:
         raise HarvestError(f"unknown --dtype '{dtype}'; choose {', '.join(DTYPES)}")
     if device == "auto":
@@ -113,6 +112,12 @@ class DeviceOptions:
     """``--device`` and ``--dtype``, the same for every command that loads a model."""
 
     device: str = "auto"
-    """where the model runs: auto (cuda when a GPU is visible, else cpu) | cpu | cuda | cuda:N | mps"""
+    """auto (cuda when a GPU is visible, else cpu) | cpu | cuda | cuda:N | mps"""
     dtype: Dtype = "auto"
-    """auto: bfloat16 on a GPU that supports it, else float32"""
+    """auto (bfloat16 on a GPU that supports it, else float32) | float32 | float16 | bfloat16"""
+
+
+def _device_help() -> str:
+    from harvester.options import field_docs
+
+    return field_docs(DeviceOptions)["device"]
