@@ -118,7 +118,8 @@ def add_options(parser: argparse.ArgumentParser, cls) -> argparse.ArgumentParser
     hints, docs = typing.get_type_hints(cls, include_extras=True), field_docs(cls)
     positional = getattr(cls, "POSITIONAL", ())
     parser.add_argument("--config", metavar="FILE.yaml", help=CONFIG_HELP)
-    for f in dataclasses.fields(cls):
+    required_first = sorted(dataclasses.fields(cls), key=lambda f: _default(f) is not dataclasses.MISSING)
+    for f in required_first:  # stable: otherwise in the order declared (base classes first)
         if f.name not in docs:
             raise TypeError(f"{cls.__name__}.{f.name} has no docstring")
         default = _default(f)
