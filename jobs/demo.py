@@ -18,7 +18,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-from harvester.errors import HarvestError
 
 DEMO_VERSION = 1
 CONFIG = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
@@ -123,30 +122,26 @@ def write_prompts(path: Path, per_lang: int = 2, words: int = 6) -> Path:
 
 
 def run_demo(out: str, actors: int = 2, progress: bool = True) -> Path:
-    """The whole chain into ``out``; returns the report's path."""
-    from harvester.cli import main
+    """The whole chain into ``out``, each step the function its ``lsn`` command runs; returns the report."""
+    from analysis.cli import ExportOptions, LapeOptions, analyze, export_mask
+    from harvester.cli import harvest
+    from harvester.config import HarvestOptions
+    from jobs.cli import generate, ppl
+    from jobs.options import GenerateOptions, PPLOptions
 
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    model = str(demo_model(progress))
-    quiet = [] if progress else ["--no-progress"]
-
-    def step(argv: list[str]) -> None:
-        if main(argv) != 0:
-            raise HarvestError(f"the demo stopped at: lsn {' '.join(argv)}")
-
-    step(["harvest", "--model", model, "--corpus", HARVEST_CORPUS, "--store", str(root / "store"),
-          "--seq-len", "128", "--batch-size", "8", "--shard-tokens", "16384", "--actors", str(actors),
-          "--stats", "active,sum,sqsum,hist", *quiet])
-    step(["analyze", "lape", "--store", str(root / "store"), "--out", str(root / "lape.npz"),
-          "--top-rate", str(LAPE_TOP_RATE), "--report", str(root / "lape-report")])
-    step(["mask", "export", "--format", "rucaibox", str(root / "lape.npz"), str(root / "lape.pt")])
-    step(["intervene", "ppl", "--model", model, "--mask", str(root / "lape.npz"), "--corpus", EVAL_CORPUS,
-          "--out", str(root / "ppl"), "--seq-len", "128", "--controls", "1", "--actors", str(actors), *quiet])
+    model, quiet = str(demo_model(progress)), not progress
+    store, mask = str(root / "store"), str(root / "lape.npz")
+    harvest(HarvestOptions(model=model, corpus=[HARVEST_CORPUS], store=store, seq_len=128, batch_size=8,
+                           shard_tokens=16384, actors=actors, stats="active,sum,sqsum,hist", no_progress=quiet))
+    analyze(LapeOptions(store=store, out=mask, top_rate=LAPE_TOP_RATE, report=str(root / "lape-report")))
+    export_mask(ExportOptions(mask=mask, out=str(root / "lape.pt")))
+    ppl(PPLOptions(model=model, mask=mask, corpus=[EVAL_CORPUS], out=str(root / "ppl"), seq_len=128, controls=1,
+                   actors=actors, no_progress=quiet))
     prompts = write_prompts(root / "prompts.jsonl")
-    step(["intervene", "generate", "--model", model, "--mask", str(root / "lape.npz"), "--prompts", str(prompts),
-          "--out", str(root / "generate"), "--max-new-tokens", "24", "--controls", "1", "--actors", str(actors),
-          *quiet])
+    generate(GenerateOptions(model=model, mask=mask, prompts=str(prompts), out=str(root / "generate"),
+                             max_new_tokens=24, controls=1, actors=actors, no_progress=quiet))
     return write_report(root, model)
 
 

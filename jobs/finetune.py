@@ -41,6 +41,7 @@ import numpy as np
 from harvester import fs
 from harvester.errors import HarvestError
 from jobs.tasks import check_task
+from jobs.options import FinetuneOptions
 
 CONTROLS = ("none", "random", "full", "base")
 CONDITION = {"none": "language neurons", "random": "random neurons", "full": "full LoRA", "base": "no fine-tuning"}
@@ -55,31 +56,31 @@ class FinetuneJob:
     data: str
     out: str
     controls: list[str] = field(default_factory=lambda: ["none"])
-    train_lang: str = "en"
+    train_lang: str = FinetuneOptions.train_lang
     eval_langs: list[str] | None = None
-    eval_data: str | None = None
-    steps: int = 100
-    rank: int = 8
-    alpha: float = 16.0
-    lr: float = 1e-3
-    batch_size: int = 8
-    seq_len: int = 256
-    attention_lora: bool = False
-    intervene: str | None = "zero"
-    max_train: int | None = None
-    max_eval: int | None = None
-    seed: int = 0
-    dtype: str = "auto"
-    device: str = "auto"
+    eval_data: str | None = FinetuneOptions.eval_data
+    steps: int = FinetuneOptions.steps
+    rank: int = FinetuneOptions.rank
+    alpha: float = FinetuneOptions.alpha
+    lr: float = FinetuneOptions.lr
+    batch_size: int = FinetuneOptions.batch_size
+    seq_len: int = FinetuneOptions.seq_len
+    attention_lora: bool = FinetuneOptions.attention_lora
+    intervene: str | None = FinetuneOptions.intervene
+    max_train: int | None = FinetuneOptions.max_train
+    max_eval: int | None = FinetuneOptions.max_eval
+    seed: int = FinetuneOptions.seed
+    dtype: str = FinetuneOptions.dtype
+    device: str = FinetuneOptions.device
     """``auto`` values are resolved when the job is made (:func:`harvester.devices.resolve_here`)."""
     use_ray: bool = True
     """False: every condition in this process (``peak_memory_bytes`` is then the process's peak so far);
     True: each condition a Ray task in a fresh process, so its peak memory is its own."""
-    address: str | None = None
+    address: str | None = FinetuneOptions.address
     progress: bool = True
-    store: str | None = None
+    store: str | None = FinetuneOptions.store
     """The store of ``--intervene mean|p10|p90`` statistics (default: the mask's)."""
-    allow_other_model: bool = False
+    allow_other_model: bool = FinetuneOptions.allow_other_model
     """Apply a mask (and store statistics) from another model than ``model``: a deliberate transfer."""
 
     def __post_init__(self):

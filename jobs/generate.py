@@ -34,6 +34,7 @@ from harvester.errors import HarvestError
 from harvester.names import check_name
 from jobs.interventions import Mode, empty_rows, intervene
 from jobs.rows import Job, ModelWorker, Row, intervention_for, make_plan, run_rows
+from jobs.options import GenerateOptions
 
 _CHARACTER_WORDS = {"zh", "ja"}
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -48,10 +49,10 @@ class Prompt:
 @dataclass(kw_only=True)
 class GenerateJob(Job):
     prompts: str
-    max_new_tokens: int = 32
-    sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
+    max_new_tokens: int = GenerateOptions.max_new_tokens
+    sample: bool = GenerateOptions.sample
+    temperature: float = GenerateOptions.temperature
+    top_p: float = GenerateOptions.top_p
 
 
 def read_prompts(path: str) -> list[Prompt]:

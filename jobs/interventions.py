@@ -24,9 +24,12 @@ import contextlib
 import sys
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where tensors are made, so that the CLI starts without it
+    import torch
 
 from harvester import arch
 from harvester.errors import HarvestError
@@ -135,6 +138,8 @@ class Intervention:
     """``[L, I]`` per-unit values for the statistic modes."""
 
     def per_layer(self, n_layers: int, device) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
+        import torch
+
         out = {}
         for layer in range(n_layers):
             units = self.selected[self.selected // self.width == layer] - layer * self.width

@@ -27,14 +27,15 @@ from harvester import fs
 from harvester.errors import HarvestError
 from jobs.interventions import Intervention, Mode, empty_rows, intervene
 from jobs.rows import Job, ModelWorker, Row, intervention_for, make_plan, run_rows
+from jobs.options import PPLOptions
 
 
 @dataclass(kw_only=True)
 class PPLJob(Job):
     corpus: list[str]
-    seq_len: int = 256
-    batch_size: int = 8
-    max_tokens_per_lang: int | None = None
+    seq_len: int = PPLOptions.seq_len
+    batch_size: int = PPLOptions.batch_size
+    max_tokens_per_lang: int | None = PPLOptions.max_tokens_per_lang
 
 
 def eval_windows(model: str, corpus: list[str], seq_len: int, max_tokens_per_lang: int | None):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from harvester.errors import HarvestError
+from jobs.options import InterveneOptions
 
 
 @dataclass(kw_only=True)
@@ -20,21 +21,21 @@ class Job:
     model: str
     mask: str
     out: str
-    mode: str = "zero"
-    controls: int = 1
-    seed: int = 0
+    mode: str = InterveneOptions.mode
+    controls: int = InterveneOptions.controls
+    seed: int = InterveneOptions.seed
     langs: list[str] | None = None
-    store: str | None = None
+    store: str | None = InterveneOptions.store
     """For the statistic modes and the site; default: the store the mask was made from."""
-    dtype: str = "auto"
-    device: str = "auto"
+    dtype: str = InterveneOptions.dtype
+    device: str = InterveneOptions.device
     """``auto`` values are resolved when the job is made (:func:`harvester.devices.resolve_here`)."""
-    actors: int | None = None
+    actors: int | None = InterveneOptions.actors
     use_ray: bool = True
     """False: every row in this process; True: on Ray where it buys something (:func:`harvester.devices.wants_ray`)."""
-    address: str | None = None
+    address: str | None = InterveneOptions.address
     progress: bool = True
-    allow_other_model: bool = False
+    allow_other_model: bool = InterveneOptions.allow_other_model
     """Apply a mask (and store statistics) from another model than ``model``: a deliberate transfer."""
 
     def __post_init__(self):

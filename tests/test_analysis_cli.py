@@ -10,7 +10,7 @@ import torch
 import xarray as xr
 
 from analysis.masks import Mask
-from harvester.cli import main
+from lsn.cli import main
 from tests import fixtures
 from tests import method_reference as ref
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harvester.cli import build_parser
+from lsn.cli import build_parser
 
 CLUSTERS = Path(__file__).resolve().parent.parent / "clusters"
 YAMLS = sorted(p for p in CLUSTERS.iterdir() if p.suffix in (".yaml", ".yml"))

@@ -16,7 +16,7 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from harvester.backends.hf import resolve_model
-from harvester.cli import main
+from lsn.cli import main
 from harvester.store import read_attrs
 from tests import fixtures
 from tests.helpers import assert_same_totals

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harvester.cli import main
+from lsn.cli import main
 from harvester.devices import Capabilities, resolve
 from harvester.errors import HarvestError
 from tests.helpers import assert_same_totals, tree_digest
@@ -25,7 +25,7 @@ HARVEST = ["harvest", "--model", "tiny:llama", "--corpus", "sample:docs=20,langs
 GPU = Capabilities(cuda_built=True, cuda_devices=2, bf16_supported=True)
 cpu_build = pytest.mark.skipif(torch.backends.cuda.is_built(), reason="the refusals of a CPU build of torch")
 # runs the CLI in a fresh process and says on stderr whether Ray was ever imported
-PROBE = "import sys; from harvester.cli import main; rc = main(sys.argv[1:]); " \
+PROBE = "import sys; from lsn.cli import main; rc = main(sys.argv[1:]); " \
         "print('ray imported:', 'ray' in sys.modules, file=sys.stderr); sys.exit(rc)"
 
 

@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from harvester.cli import main
+from lsn.cli import main
 from jobs.demo import demo_path, known_answer
 
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 from transformers import AutoConfig
 
-from harvester.cli import main
+from lsn.cli import main
 from tests.helpers import tree_digest
 
 BASE = ["--seq-len", "40", "--shard-tokens", "300", "--no-ray", "--no-progress"]

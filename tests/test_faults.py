@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import zarr
 
-from harvester.cli import main
+from lsn.cli import main
 from tests.helpers import assert_group_ends, assert_same_totals
 
 HARVEST = ["harvest", "--model", "tiny:llama", "--corpus", "sample:docs=20,langs=en+de", "--seq-len", "64",

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from analysis.masks import Mask
 from harvester.backends.hf import resolve_model
-from harvester.cli import main
+from lsn.cli import main
 from harvester.errors import HarvestError
 from jobs.lora import add_restricted_lora, bake, mlp_names, mlp_width
 from jobs.tasks import exact_match, f1, normalize

@@ -9,9 +9,10 @@ import sys
 
 import pytest
 
-from harvester.cli import _positive, build_parser, main
 from harvester.errors import HarvestError
+from harvester.options import positive as _positive
 from harvester.windows import pack
+from lsn.cli import build_parser, main
 from tests.conftest import write_text_corpus
 
 FAST = ["--seq-len", "64", "--shard-tokens", "512", "--no-ray", "--no-progress"]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import zarr
 
-from harvester.cli import main
+from lsn.cli import main
 
 HARVEST = ["harvest", "--model", "tiny:llama", "--corpus", "sample:docs=20,langs=en+de", "--no-ray",
            "--seq-len", "64", "--shard-tokens", "512", "--no-progress"]
@@ -153,7 +153,7 @@ import harvester.store as store
 store.FORMAT_VERSION = 1                     # as lsn wrote stores before checksums:
 store._compressors = lambda: (ZstdCodec(),)  # no crc32c codec,
 checked.checked = lambda zstore, label: zstore  # and no checked reads
-from harvester.cli import main
+from lsn.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 

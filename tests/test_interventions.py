@@ -11,7 +11,7 @@ import torch
 
 from analysis.masks import Mask
 from harvester.backends.hf import HFBackend
-from harvester.cli import main
+from lsn.cli import main
 from harvester.errors import HarvestError
 from jobs.generate import Detector, Prompt, metrics, read_prompts, words
 from jobs.interventions import Intervention, Mode, hist_quantile, intervene, unit_statistic

@@ -9,7 +9,7 @@ import pytest
 import xarray as xr
 
 from analysis.masks import Mask
-from harvester.cli import main
+from lsn.cli import main
 from tests import fixtures
 from tests import method_reference as ref
 

@@ -21,7 +21,7 @@ import pytest
 import zarr
 
 from harvester import lease
-from harvester.cli import main
+from lsn.cli import main
 from harvester.store import creating_marker, read_attrs
 from tests.helpers import assert_group_ends, assert_same_totals, tree_digest
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from analysis.masks import Mask
-from harvester.cli import main
+from lsn.cli import main
 
 BASE = ["--model", "tiny:llama", "--seq-len", "64", "--shard-tokens", "512", "--no-ray", "--no-progress"]
 PPL = ["intervene", "ppl", "--model", "tiny:llama", "--corpus", "sample:docs=3,seed=7,langs=en,de", "--seq-len", "64",

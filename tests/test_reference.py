@@ -5,7 +5,7 @@ import pytest
 import xarray as xr
 
 from harvester.backends.hf import resolve_model
-from harvester.cli import main
+from lsn.cli import main
 from tests.reference import reference_stats
 
 SEQ_LEN = 48

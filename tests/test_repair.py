@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import zarr
 
-from harvester.cli import main
+from lsn.cli import main
 from tests.helpers import tree_digest
 from tests.test_integrity import HARVEST, flip_byte
 
@@ -192,7 +192,7 @@ def test_unreadable_root_attributes_are_refused(store, capsys):
 KILLED = """
 import os, signal, sys
 import harvester.verify as verify
-from harvester.cli import main
+from lsn.cli import main
 count, after = 0, int(sys.argv[1])
 
 def print_then_die(*args, **kwargs):  # each action prints its line once its write is done

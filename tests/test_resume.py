@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import zarr
 
-from harvester.cli import main
+from lsn.cli import main
 from tests.helpers import assert_same_totals
 
 CORPUS = "sample:docs=300,langs=en+ru+zh+ar,seed=5"

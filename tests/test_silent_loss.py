@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 from harvester import lease
 from harvester.backends.hf import resolve_model
-from harvester.cli import main
+from lsn.cli import main
 from harvester.errors import HarvestError
 from harvester.store import Store, StoreAttrs, read_attrs
 from tests import fixtures

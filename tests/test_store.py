@@ -7,7 +7,7 @@ import pytest
 import xarray as xr
 import zarr
 
-from harvester.cli import main
+from lsn.cli import main
 from harvester.stats import parse_edges
 from tests.helpers import tree_digest
 

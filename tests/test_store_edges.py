@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from harvester.cli import main
 from harvester.lease import lease_dir
+from lsn.cli import main
 from tests.test_integrity import fails_with_one_line, harvest
 from tests.test_repair import assert_same_store
 

@@ -22,7 +22,7 @@ import zarr
 
 import harvester
 from analysis.importers import import_published
-from harvester.cli import main
+from lsn.cli import main
 from harvester.errors import HarvestError
 from harvester.store import ShardDigest, StoreAttrs, fingerprint_sha256, read_attrs
 from tests.test_import import write_rucaibox

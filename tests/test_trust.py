@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from analysis.masks import Mask
-from harvester.cli import main
+from lsn.cli import main
 from harvester.errors import HarvestError
 from harvester.names import check_name, inside, path_part, path_parts
 from tests.fixtures import sentences

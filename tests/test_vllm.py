@@ -17,7 +17,7 @@ import xarray as xr
 from harvester.backends.hf import HFBackend, load_config, resolve_model
 from harvester.backends.vllm_engine import VLLMBackend, _RankState, cpu_binding, gate_activation, place
 from harvester.backends.vllm_start import GiB, KV_FLOOR, StartLog, kv_bytes_per_token, kv_cache_bytes, parse_memory
-from harvester.cli import main
+from lsn.cli import main
 from harvester.errors import HarvestError
 from harvester.stats import StatsSpec
 from harvester.store import read_attrs

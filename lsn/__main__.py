@@ -1,0 +1,5 @@
+import sys
+
+from lsn.cli import main
+
+sys.exit(main())

@@ -1,0 +1,81 @@
+"""The ``lsn`` command: every package's commands under one parser, dispatch, and one-line errors.
+
+Each command's flags, help and ``--config FILE.yaml`` come from its options dataclass
+(:mod:`harvester.options`); this module only assembles them and turns failures into one line.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+from analysis.cli import COMMANDS as ANALYSIS
+from harvester.cli import COMMANDS as HARVESTER
+from harvester.errors import HarvestError, explain, fault_of
+from harvester.options import Command, Parser, add_options, parse
+from jobs.cli import COMMANDS as JOBS
+
+
+def _add(sub, name: str, entry) -> None:
+    if isinstance(entry, Command):
+        parser = sub.add_parser(name, help=entry.help, description=entry.help)
+        add_options(parser, entry.options)
+        parser.set_defaults(_run=entry.run)
+        return
+    parser = sub.add_parser(name, help=entry.help, description=entry.help)
+    inner = parser.add_subparsers(dest=entry.dest, required=True, parser_class=Parser)
+    for inner_name, inner_entry in entry.commands.items():
+        _add(inner, inner_name, inner_entry)
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="lsn", description="Exact per-neuron MLP statistics for language-specific neuron "
+                    "research. Every command takes --config FILE.yaml (keys: its flag names).")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for name, entry in {**HARVESTER, **ANALYSIS, **JOBS}.items():
+        _add(sub, name, entry)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from harvester.signals import graceful
+
+    args = None
+    try:
+        with graceful():  # SIGINT/SIGTERM: every cleanup runs, then one line and 128 + signal
+            args, options = parse(build_parser(), argv)
+            args._run(options)
+    except HarvestError as err:
+        print(f"lsn: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as err:
+        signum = getattr(err, "signum", signal.SIGINT)
+        print(f"lsn: stopped by {signal.Signals(signum).name}; finished work is kept, run the same command "
+              "again to resume", file=sys.stderr)
+        return 128 + signum
+    except Exception as err:  # a full disk, a read-only filesystem, no permission: wherever it was met
+        fault = fault_of(err)
+        if fault is None:
+            raise
+        resumable = getattr(args, "command", None) == "harvest"
+        print(f"lsn: error: {explain(fault, _places(args), resumable)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+_WRITES = {"harvest": "store", "import": "store", "verify": "store"}
+"""Where a command writes, when not to ``--out``."""
+_READS = ("store", "mask", "src", "model", "data", "prompts", "config")
+
+
+def _places(args) -> list[tuple[str, str]]:
+    """``(flag, path)`` of the paths the command names, the one it writes first."""
+    if args is None:
+        return []
+    first = _WRITES.get(args.command, "out")
+    names = [first, "report", *(n for n in _READS if n != first)]
+    return [(f"--{n}", getattr(args, n)) for n in names if isinstance(getattr(args, n, None), str)]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
