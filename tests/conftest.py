@@ -1,8 +1,9 @@
-"""Shared fixtures: a per-session model cache, a small text corpus, and the in-process CLI."""
+"""Shared fixtures: a per-session model cache, a small text corpus, and a finished store to damage copies of."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -37,3 +38,21 @@ def write_text_corpus(directory: Path, langs=("fr", "ru", "zh"), docs=12, seed=3
 @pytest.fixture(scope="session")
 def text_corpus(tmp_path_factory) -> Path:
     return write_text_corpus(tmp_path_factory.mktemp("corpus") / "text")
+
+
+@pytest.fixture(scope="session")
+def pristine(tmp_path_factory) -> Path:
+    """A finished store of :data:`tests.helpers.HARVEST`, never changed: tests damage copies (``store``)."""
+    from lsn.cli import main
+    from tests.helpers import harvest
+
+    store = tmp_path_factory.mktemp("pristine") / "S"
+    assert main(harvest(store)) == 0
+    return store
+
+
+@pytest.fixture
+def store(pristine, tmp_path) -> Path:
+    """A fresh copy of :func:`pristine`, to damage or edit."""
+    shutil.copytree(pristine, tmp_path / "S")
+    return tmp_path / "S"

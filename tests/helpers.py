@@ -11,6 +11,15 @@ import numpy as np
 import xarray as xr
 
 
+HARVEST = ["harvest", "--model", "tiny:llama", "--corpus", "sample:docs=20,langs=en+de", "--no-ray",
+           "--seq-len", "64", "--shard-tokens", "512", "--no-progress"]
+"""The small harvest the store tests (integrity, repair, metadata, edges) damage copies of."""
+
+
+def harvest(store: Path) -> list[str]:
+    return [*HARVEST, "--store", str(store)]
+
+
 def tree_digest(path: Path) -> dict[str, str]:
     """sha256 of every file under ``path``: proves that nothing in a store changed."""
     return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()

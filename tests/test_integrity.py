@@ -16,14 +16,7 @@ import pytest
 import zarr
 
 from lsn.cli import main
-
-HARVEST = ["harvest", "--model", "tiny:llama", "--corpus", "sample:docs=20,langs=en+de", "--no-ray",
-           "--seq-len", "64", "--shard-tokens", "512", "--no-progress"]
-
-
-def harvest(store: Path) -> list[str]:
-    return [*HARVEST, "--store", str(store)]
-
+from tests.helpers import HARVEST, harvest
 
 def analyze(store: Path) -> list[str]:
     return ["analyze", "lape", "--store", str(store), "--out", str(store.parent / "m.npz")]
@@ -31,20 +24,6 @@ def analyze(store: Path) -> list[str]:
 
 def summary(store: Path) -> list[str]:
     return ["summary", "--store", str(store)]
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory) -> Path:
-    store = tmp_path_factory.mktemp("pristine") / "S"
-    assert main(harvest(store)) == 0
-    return store
-
-
-@pytest.fixture
-def store(pristine, tmp_path) -> Path:
-    """A fresh copy of the harvested store, to damage."""
-    shutil.copytree(pristine, tmp_path / "S")
-    return tmp_path / "S"
 
 
 def fails_with_one_line(argv: list[str], capsys, *words: str) -> str:

@@ -202,8 +202,9 @@ def test_signal_stops_gracefully_then_resume(tmp_path, clean, sig, code):
     proc = start(store, LARGE)
     wait_for(lambda: done_shards(store) >= 10, proc)
     proc.send_signal(sig)  # to the harvest's own pid only
-    assert proc.wait(timeout=60) == code
-    line = one_line(proc.stderr.read())
+    rc, err = proc.wait(timeout=60), proc.stderr.read()
+    assert rc == code, err  # what it printed, if it ever ends otherwise
+    line = one_line(err)
     assert line.startswith(f"lsn: stopped by {sig.name};") and "run the same command again to resume" in line
     assert not Path(lease.lease_dir(str(store))).exists(), "the lease was not released"
     finished = done_shards(store)

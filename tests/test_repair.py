@@ -6,7 +6,6 @@ repair, then the same ``lsn harvest`` again, which must leave every array equal 
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,24 +18,11 @@ import zarr
 
 from lsn.cli import main
 from tests.helpers import tree_digest
-from tests.test_integrity import HARVEST, flip_byte
+from tests.helpers import HARVEST
+from tests.test_integrity import flip_byte
 
 ARRAYS = ["tokens", "active", "act_sum", "act_sqsum", "group", "layer", "neuron", "shards/done", "shards/tokens",
           "shards/digest", "shards/active", "shards/act_sum", "shards/act_sqsum"]
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory) -> Path:
-    store = tmp_path_factory.mktemp("pristine") / "S"
-    assert main([*HARVEST, "--store", str(store)]) == 0
-    return store
-
-
-@pytest.fixture
-def store(pristine, tmp_path) -> Path:
-    """A fresh copy of the harvested store, to damage."""
-    shutil.copytree(pristine, tmp_path / "S")
-    return tmp_path / "S"
 
 
 def chunk(store: Path, array: str, *index: int) -> Path:

@@ -2,7 +2,6 @@
 written as ``.``, ``..`` or through a link, attributes edited so that they no longer describe the
 arrays, and shards marked done that no plan has. Each as a user meets it, through the CLI."""
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -11,28 +10,9 @@ import pytest
 
 from harvester.lease import lease_dir
 from lsn.cli import main
-from tests.test_integrity import fails_with_one_line, harvest
+from tests.helpers import harvest, tree_digest
+from tests.test_integrity import fails_with_one_line
 from tests.test_repair import assert_same_store
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory) -> Path:
-    store = tmp_path_factory.mktemp("pristine") / "S"
-    assert main(harvest(store)) == 0
-    return store
-
-
-@pytest.fixture
-def store(pristine, tmp_path) -> Path:
-    shutil.copytree(pristine, tmp_path / "S")
-    return tmp_path / "S"
-
-
-def tree_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(str(f.relative_to(path)).encode() + f.read_bytes())
-    return digest.hexdigest()
 
 
 def edit_attrs(store: Path, change) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,21 +25,8 @@ from lsn.cli import main
 from harvester.errors import HarvestError
 from harvester.store import ShardDigest, StoreAttrs, fingerprint_sha256, read_attrs
 from tests.test_import import write_rucaibox
-from tests.test_integrity import analyze, harvest, summary
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory) -> Path:
-    store = tmp_path_factory.mktemp("pristine") / "S"
-    assert main(harvest(store)) == 0
-    return store
-
-
-@pytest.fixture
-def store(pristine, tmp_path) -> Path:
-    """A fresh copy of the harvested store, to edit."""
-    shutil.copytree(pristine, tmp_path / "S")
-    return tmp_path / "S"
+from tests.helpers import harvest
+from tests.test_integrity import analyze, summary
 
 
 def on_disk(store: Path) -> dict:
