@@ -342,6 +342,7 @@ def test_start_log_keeps_subprocess_output_and_names_the_root_cause(capfd):
     log = StartLog()
     with log:
         subprocess.run([sys.executable, "-c", script], check=True)
+    log._thread.join(timeout=30)  # the rest of the pipe passes through after a good start: wait for all of it
     assert "INFO loading" in capfd.readouterr().err  # replayed after a good start
     log = StartLog()
     with pytest.raises(RuntimeError):

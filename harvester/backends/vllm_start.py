@@ -152,7 +152,7 @@ class StartLog:
                 os.write(self._saved[2], b"".join(self._chunks))
                 self._chunks = []
         else:
-            self._thread.join(timeout=1.0)  # what the dying subprocesses still had to say
+            self._thread.join(timeout=10.0)  # what the dying subprocesses still had to say (a busy machine is slow)
             with self._lock:
                 self._live = True
 
