@@ -40,7 +40,7 @@ def harvest(cfg: HarvestConfig) -> Store:
         config = load_config(model_path)
         site = arch.resolve_site(config, cfg.site, cfg.unit)
         max_positions(config, cfg.seq_len)
-        tokenizer = load_tokenizer(model_path)
+        tokenizer = load_tokenizer(model_path, config)
         if tokenizer.eos_token_id is None and cfg.corpus_options.pooling == "token":
             raise HarvestError("the tokenizer has no EOS token; documents cannot be separated")
         corpora = parse_corpora(cfg.corpus, cfg.corpus_options)  # reads and checks every local input

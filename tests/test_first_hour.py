@@ -205,3 +205,33 @@ def test_vllm_memory_is_checked_before_anything(tmp_path, capsys):
     config.write_text("vllm-memory: 4\n")
     one_line(capsys, [*harvest, "--config", str(config)], "--vllm-memory is for --backend vllm")
     assert not (tmp_path / "s").exists()
+
+
+@pytest.fixture(scope="module")
+def short_embedding(tmp_path_factory):
+    """``tiny:llama``'s files with an embedding of 100 rows for its 1,024-token tokenizer."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from harvester.tiny import tiny_path
+
+    path = tmp_path_factory.mktemp("short") / "model"
+    shutil.copytree(tiny_path("tiny:llama"), path)
+    config = AutoConfig.from_pretrained(path)
+    config.vocab_size = 100
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return path
+
+
+def test_an_embedding_smaller_than_the_tokenizer(short_embedding, store, corpus, tmp_path, capsys):
+    """Was an IndexError in the first shard; now one line before a store exists, in every command."""
+    one_line(capsys, ["harvest", "--model", str(short_embedding), "--corpus", f"text:{corpus}",
+                      "--store", str(tmp_path / "s"), *FAST], "has 1024 tokens but the model's embedding has 100 rows")
+    assert not (tmp_path / "s").exists()
+    assert main(["intervene", "ppl", "--model", str(short_embedding), "--mask", str(store / "m.npz"),
+                 "--corpus", f"text:{corpus}", "--out", str(tmp_path / "ppl"), "--allow-other-model",
+                 "--no-ray", "--no-progress", "--seq-len", "32"]) == 2
+    err = capsys.readouterr().err  # the note --allow-other-model asks for, then the error
+    assert err.strip().splitlines()[-1].endswith("use the model's own tokenizer, or resize its embedding"), err
+    assert "Traceback" not in err and not (tmp_path / "ppl").exists()

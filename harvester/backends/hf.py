@@ -54,10 +54,24 @@ def load_config(path: str):
     return _load("model config", AutoConfig.from_pretrained, path)
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, config=None):
+    """The tokenizer at ``path``, checked against the model's embedding (``config``, or the config at
+    ``path``): a token id the embedding has no row for would end a harvest with an IndexError."""
     from transformers import AutoTokenizer
 
-    return _load("tokenizer", AutoTokenizer.from_pretrained, path)
+    tokenizer = _load("tokenizer", AutoTokenizer.from_pretrained, path)
+    check_vocab(config if config is not None else load_config(path), tokenizer, path)
+    return tokenizer
+
+
+def check_vocab(config, tokenizer, path: str) -> None:
+    """Refuse a tokenizer that makes ids beyond the model's embedding (``vocab_size`` rows)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    rows = getattr(text, "vocab_size", None)
+    if isinstance(rows, int) and rows > 0 and len(tokenizer) > rows:
+        raise HarvestError(f"the tokenizer of '{path}' has {len(tokenizer)} tokens but the model's embedding has "
+                           f"{rows} rows (vocab_size): ids {rows} and above cannot be embedded; use the "
+                           "model's own tokenizer, or resize its embedding")
 
 
 def _load(what: str, loader, path: str):
