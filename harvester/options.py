@@ -14,6 +14,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import re
 import textwrap
 import types
 import typing
@@ -24,6 +25,12 @@ CONFIG_HELP = "YAML file of these options (keys: the flag names); flags given he
 
 
 class Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # A value that starts with a minus and a digit is a value, not a flag (no flag looks like
+        # that): ``--hist-edges -1:4:100``, not only the plain numbers argparse knows (``-1``, ``-.5``).
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
+
     def error(self, message):  # one line, not the whole usage block
         self.exit(2, f"{self.prog}: error: {message}\n")
 

@@ -235,3 +235,12 @@ def test_an_embedding_smaller_than_the_tokenizer(short_embedding, store, corpus,
     err = capsys.readouterr().err  # the note --allow-other-model asks for, then the error
     assert err.strip().splitlines()[-1].endswith("use the model's own tokenizer, or resize its embedding"), err
     assert "Traceback" not in err and not (tmp_path / "ppl").exists()
+
+
+def test_a_value_that_starts_with_a_minus(tmp_path):
+    """``--hist-edges -1:4:100`` as the README writes it (argparse took it for a flag)."""
+    assert main(["harvest", "--model", "tiny:llama", "--corpus", "sample:docs=2,langs=en", "--store",
+                 str(tmp_path / "s"), "--stats", "active,hist", "--hist-edges", "-1:4:100", *FAST]) == 0
+    import zarr
+
+    assert zarr.open_group(str(tmp_path / "s"), mode="r")["hist"].shape[-1] == 100 + 2
