@@ -11,7 +11,7 @@ Modes (``--mode``):
 | --- | --- |
 | ``zero`` | 0 (deactivation, as in LAPE) |
 | ``mean`` | the language's mean activation, ``act_sum / tokens`` |
-| ``p10``, ``p90`` | the language's 10th or 90th percentile, from the store's histogram (see :func:`hist_quantile`) |
+| ``p10``, ``p90`` | the language's 10th or 90th percentile, from the store's histogram (:func:`analysis.histogram.hist_quantile`) |
 | ``value:X`` | ``X`` |
 | ``add:X`` | its own value plus ``X`` (steering) |
 
@@ -31,6 +31,7 @@ import numpy as np
 if TYPE_CHECKING:  # torch is imported where tensors are made, so that the CLI starts without it
     import torch
 
+from analysis.histogram import hist_quantile
 from harvester import arch
 from harvester.errors import HarvestError
 
@@ -64,28 +65,6 @@ class Mode:
         return self.kind if self.value is None else f"{self.kind}:{self.value:g}"
 
 
-def hist_quantile(hist: np.ndarray, edges: np.ndarray, q: float) -> np.ndarray:
-    """Per unit, the ``q`` quantile of a histogram ``hist [..., B]`` over bins with ``edges [B-1]``.
-
-    Bin 0 is ``x < e[0]``, bin j is ``e[j-1] <= x < e[j]``, and the last bin is ``x >= e[-1]``.
-    Inside a closed bin, the quantile is interpolated linearly from the rank ``q * n``. The
-    open-ended first and last bins give their one edge. A unit with no counts gives NaN.
-    """
-    hist = np.asarray(hist, dtype=np.float64)
-    n = hist.sum(axis=-1, keepdims=True)
-    cum = np.cumsum(hist, axis=-1)
-    target = q * n
-    j = np.minimum((cum < target).sum(axis=-1, keepdims=True), hist.shape[-1] - 1)  # first bin reaching the rank
-    before = np.take_along_axis(cum, j, -1) - np.take_along_axis(hist, j, -1)
-    inside = np.take_along_axis(hist, j, -1)
-    lo = np.concatenate([[edges[0]], edges])[j]
-    hi = np.concatenate([edges, [edges[-1]]])[j]
-    frac = np.divide(target - before, inside, out=np.zeros_like(target), where=inside > 0)
-    out = lo + np.clip(frac, 0, 1) * (hi - lo)
-    out = np.where(n > 0, out, np.nan)
-    return out[..., 0]
-
-
 def unit_statistic(store: str, groups: list[str], mode: Mode) -> np.ndarray:
     """``[L, I]``: the mode's statistic of the language made of store ``groups``."""
     from harvester.store import open_finished
@@ -113,8 +92,7 @@ def unit_statistic(store: str, groups: list[str], mode: Mode) -> np.ndarray:
         raise HarvestError(f"--mode {mode} needs histograms, and store {store} has none; harvest with "
                            "--stats active,sum,sqsum,hist")
     edges = ds["hist_lo"].values[1:]  # hist_lo is (-inf, e0, e1, ...)
-    q = {"p10": 0.10, "p90": 0.90}[mode.kind]
-    return hist_quantile(summed("hist"), edges, q)
+    return hist_quantile(summed("hist"), edges, {"p10": 10, "p90": 90}[mode.kind])
 
 
 def empty_rows(rows) -> list[str]:

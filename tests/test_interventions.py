@@ -52,7 +52,7 @@ def test_hist_quantile_against_a_plain_loop():
     hist = rng.integers(0, 20, size=(5, 8))
     hist[0] = 0
     hist[1] = [0, 0, 0, 5, 0, 0, 0, 0]
-    got = hist_quantile(hist, edges, 0.1)
+    got = hist_quantile(hist, edges, 10)
     for unit in range(5):
         h = hist[unit]
         n = h.sum()
@@ -68,6 +68,9 @@ def test_hist_quantile_against_a_plain_loop():
         hi = edges[-1] if j == len(h) - 1 else edges[j]
         assert got[unit] == pytest.approx(lo + (target - cum) / c * (hi - lo)), unit
     assert got[1] == pytest.approx(0.0 + 0.1 * 0.5)  # 5 values in [0, 0.5): the rank 0.5 of 5
+    # the rank 63 of 70 ends bin 1 exactly: P90 is that bin's upper edge, not the lower edge of the next
+    # bin holding counts
+    assert hist_quantile(np.array([0, 63, 0, 0, 7, 0, 0, 0]), edges, 90) == edges[1]
 
 
 @pytest.mark.parametrize("mode", ["zero", "value:0.7", "add:-0.3", "mean"])
@@ -148,7 +151,7 @@ def test_unit_statistics_from_the_store(harvested):
     np.testing.assert_allclose(mean, ds["act_sum"].values[ru] / int(ds["tokens"].values[ru]))
     p90 = unit_statistic(str(store), ["ru", "zh"], Mode("p90"))
     hist = ds["hist"].values[[ru, list(ds["group"].values).index("zh")]].sum(0)
-    np.testing.assert_allclose(p90, hist_quantile(hist, ds["hist_lo"].values[1:], 0.9))
+    np.testing.assert_allclose(p90, hist_quantile(hist, ds["hist_lo"].values[1:], 90))
     assert (p90 >= unit_statistic(str(store), ["ru", "zh"], Mode("p10"))).all()
 
 
