@@ -15,6 +15,9 @@ Modes (``--mode``):
 | ``value:X`` | ``X`` |
 | ``add:X`` | its own value plus ``X`` (steering) |
 
+A mask language counted as full minus prompt (``--response-only`` over ``L:full`` and ``L:prompt``)
+takes the response's statistic: the full run's counts, sums and histograms less the prompt run's.
+
 :func:`intervene` is a context manager that always removes its hooks.
 """
 
@@ -65,24 +68,27 @@ class Mode:
         return self.kind if self.value is None else f"{self.kind}:{self.value:g}"
 
 
-def unit_statistic(store: str, groups: list[str], mode: Mode) -> np.ndarray:
-    """``[L, I]``: the mode's statistic of the language made of store ``groups``."""
+def unit_statistic(store: str, groups: list[str], mode: Mode, minus: list[str] | tuple = ()) -> np.ndarray:
+    """``[L, I]``: the mode's statistic of the language made of store ``groups``, less ``minus`` (a
+    language imported as full minus prompt: the response's statistic, from the differences of token
+    counts and sums, and of histograms clipped at 0 per bin as the activation counts are)."""
     from harvester.store import open_finished
     from harvester.store import open_dataset
 
     ds = open_dataset(store, open_finished(store))
     names = list(ds["group"].values)
-    missing = [g for g in groups if g not in names]
+    missing = [g for g in [*groups, *minus] if g not in names]
     if missing:
         raise HarvestError(f"store {store} has no group {', '.join(missing)}; it has {', '.join(names)}")
-    pos = [names.index(g) for g in groups]
 
     def summed(var: str) -> np.ndarray:  # read only these groups' chunks, not the whole variable
-        return ds[var].isel(group=pos).values.sum(axis=0)
+        plus = ds[var].isel(group=[names.index(g) for g in groups]).values.sum(axis=0)
+        return plus - ds[var].isel(group=[names.index(g) for g in minus]).values.sum(axis=0) if minus else plus
 
     tokens = int(summed("tokens"))
-    if tokens == 0:
-        raise HarvestError(f"store {store} counted no tokens for {'+'.join(groups)}")
+    what = "+".join(groups) + "".join(f" - {g}" for g in minus)
+    if tokens <= 0:
+        raise HarvestError(f"store {store} counted no tokens for {what}" + (f" ({tokens})" if tokens else ""))
     if mode.kind == "mean":
         if "act_sum" not in ds:
             raise HarvestError(f"--mode mean needs activation sums, and store {store} has none; harvest with "
@@ -92,7 +98,7 @@ def unit_statistic(store: str, groups: list[str], mode: Mode) -> np.ndarray:
         raise HarvestError(f"--mode {mode} needs histograms, and store {store} has none; harvest with "
                            "--stats active,sum,sqsum,hist")
     edges = ds["hist_lo"].values[1:]  # hist_lo is (-inf, e0, e1, ...)
-    return hist_quantile(summed("hist"), edges, {"p10": 10, "p90": 90}[mode.kind])
+    return hist_quantile(np.maximum(summed("hist"), 0), edges, {"p10": 10, "p90": 90}[mode.kind])
 
 
 def empty_rows(rows) -> list[str]:

@@ -16,7 +16,7 @@ from harvester.errors import HarvestError
 from jobs.generate import Detector, Prompt, metrics, read_prompts, words
 from jobs.interventions import Intervention, Mode, hist_quantile, intervene, unit_statistic
 from jobs.ppl import RowWorker, eval_windows
-from jobs.rows import build_rows
+from jobs.rows import build_rows, language_statistic, mask_groups
 from tests import fixtures
 
 MODEL = "tiny:llama"
@@ -340,10 +340,14 @@ def test_full_minus_prompt_languages_take_the_responses_statistic(backend, tmp_p
     assert main(["analyze", "act-prob-zero", "--store", str(store), "--out", str(mask), "--response-only",
                  "--rate", "0.05"]) == 0
     ds = xr.open_zarr(store)
+    assert Mask.load(mask).source["subtracted"] == [True, True]
     for mode in ("mean", "p90"):
-        plan = make_plan(MODEL, str(mask), None, None, mode, 0, 0)
+        plan = make_plan(MODEL, str(mask), None, None, mode, 0, 0)  # what ppl and generate set
         for lang in ("en", "de"):
-            np.testing.assert_allclose(plan.values[lang], response_statistic(ds, lang, mode), err_msg=f"{mode} {lang}")
+            want = response_statistic(ds, lang, mode)
+            np.testing.assert_allclose(plan.values[lang], want, err_msg=f"{mode} {lang}")
+            # what finetune --intervene sets
+            np.testing.assert_allclose(language_statistic(str(store), Mask.load(mask), lang, Mode(mode)), want)
     out = tmp_path / "ppl"
     assert main(["intervene", "ppl", "--model", MODEL, "--mask", str(mask), "--corpus", "sample:docs=4,langs=en+de",
                  "--out", str(out), "--seq-len", "64", "--mode", "mean", "--no-ray", "--no-progress"]) == 0
@@ -357,3 +361,15 @@ def test_full_minus_prompt_languages_take_the_responses_statistic(backend, tmp_p
                           response_statistic(ds, lang, "mean"))
         total, count = worker.nll(windows, len(groups), 8, iv)
         np.testing.assert_allclose(table.loc[lang].values, np.exp(total / count), rtol=1e-5)
+
+
+def test_which_groups_a_mask_language_subtracts():
+    """Recorded (``subtracted``), or for a mask made before it was: ``L:full`` and ``L:prompt`` behind ``L``."""
+    groups = [["en:full", "en:prompt"], ["en:full", "en:prompt"], ["de"]]
+    mask = Mask(["en", "both", "de"], 1, 4, [np.array([0])] * 3, "t", {}, {"groups": groups})
+    assert mask_groups(mask, "en") == (["en:full"], ["en:prompt"])
+    assert mask_groups(mask, "both") == (["en:full", "en:prompt"], [])  # a sum, named otherwise
+    assert mask_groups(mask, "de") == (["de"], [])
+    mask.source["subtracted"] = [False, True, False]
+    assert mask_groups(mask, "en") == (["en:full", "en:prompt"], [])
+    assert mask_groups(mask, "both") == (["en:full"], ["en:prompt"])
