@@ -177,14 +177,26 @@ class ActProb90pOptions(ProbabilityOptions):
     rate: float = _default(methods.act_prob_90p, "rate")
     """share of each layer's neurons (L * I) each language keeps"""
     percent: int = _default(methods.act_prob_90p, "percent")
-    """the percentile of each neuron's pooled activations (needs --stats ...,hist)"""
+    """the percentile of each neuron's activations (needs --stats ...,hist)"""
+    percentile_of: Literal[methods.PERCENTILE_OF] = _default(methods.act_prob_90p, "percentile_of")
+    """whose activations the percentile is of: pooled, all the store's groups together; own, each language's
+    (Mondal et al.'s code; read from a histogram every neuron then scores 1 - percent/100, see README)"""
 
     def select(self, counts):
-        params = dict(rate=self.rate, percent=self.percent,
-                      percentile="the neuron's own, over all harvested groups pooled, at histogram-bin resolution")
-        result = methods.act_prob_90p(counts.variable("hist"), counts.tokens, self.percent, self.rate)
-        result.pop("percentile_bin")
+        params = dict(rate=self.rate, percent=self.percent, percentile_of=self.percentile_of,
+                      percentile=f"{PERCENTILE_OVER[self.percentile_of]}, interpolated linearly inside its "
+                                 "histogram bin")
+        result = methods.act_prob_90p(counts.variable("hist"), counts.tokens, self.percent, self.rate,
+                                      self.percentile_of)
+        if self.percentile_of == "own":
+            print("lsn: warning: --percentile-of own: each language's share above its own percentile is "
+                  f"{100 - self.percent}% for every neuron with tokens; the mask is decided by ties (flat index)",
+                  file=sys.stderr)
         return _mask(self, counts, params, result)
+
+
+PERCENTILE_OVER = {"pooled": "the neuron's, over all harvested groups pooled",
+                   "own": "the neuron's, over each language's own tokens"}
 
 
 @dataclass(kw_only=True)

@@ -75,13 +75,14 @@ class Counts:
         """Where a mask made from these counts comes from: the store (absolute path or URL) and its
         fingerprint digest, the site, and the model it was harvested
         on (``model`` its id, ``revision``, ``weights`` its weight files' hash; see
-        :func:`analysis.masks.model_identity`)."""
+        :func:`analysis.masks.model_identity`); per language its groups, and whether they are
+        ``full - prompt`` (``subtracted``: the jobs take the response's statistics from them)."""
         from harvester.store import fingerprint_sha256
 
         model = model_identity(self.attrs.model.to_dict())
         return {"store": store_location(self.store), "fingerprint_sha256": fingerprint_sha256(self.attrs.fingerprint),
                 "model": model["id"], "revision": model["revision"], "weights": model["weights"],
-                "site": self.attrs.model.site, "groups": self.groups}
+                "site": self.attrs.model.site, "groups": self.groups, "subtracted": self.subtracted}
 
     def variable(self, name: str):
         """Another statistic ``[K, L, I(, B)]`` summed over each language's groups."""

@@ -6,7 +6,8 @@ with ``allow_pickle=False``)::
 
     meta            a JSON string: format, format_version, method, params, languages, n_layers, width,
                     source {store (absolute path or URL), fingerprint_sha256,
-                    model, site, groups used}, extra (appear, tau, ...)
+                    model, site, groups used, subtracted: per language, full - prompt},
+                    extra (appear, tau, ...)
     sel_{k}         int64, the sorted flat indices ``layer * width + neuron`` of language k
 
 The published format (``lsn mask export --format rucaibox``) is a ``torch.save``d list over
@@ -338,7 +339,7 @@ _META = {"format_version": (int, True), "method": (str, True), "languages": (lis
          "width": (int, True), "params": (dict, False), "source": (dict, False), "extra": (dict, False)}
 # what the checks against a model read from the source: key -> types (None allowed)
 _SOURCE = {"store": str, "fingerprint_sha256": str, "model": str, "revision": str, "weights": str, "file": str,
-           "groups": list, "site": str}
+           "groups": list, "site": str, "subtracted": list}
 
 
 def _check_meta(meta: dict, path: Path) -> None:
@@ -361,6 +362,9 @@ def _check_meta(meta: dict, path: Path) -> None:
         if value is not None and not isinstance(value, types):
             raise HarvestError(f"{path}: mask metadata source '{key}' must be {types.__name__}, "
                                f"not {type(value).__name__}")
+    subtracted = meta.get("source", {}).get("subtracted")
+    if subtracted is not None and not all(isinstance(x, bool) for x in subtracted):
+        raise HarvestError(f"{path}: mask metadata source 'subtracted' must be a list of booleans")
     groups = meta.get("source", {}).get("groups")
     if groups is not None and not all(isinstance(g, list) and all(isinstance(x, str) for x in g) for g in groups):
         raise HarvestError(f"{path}: mask metadata source 'groups' must be lists of group names")

@@ -233,27 +233,60 @@ def act_prob_zero(P, rate: float = 0.00125) -> dict:
     return {"selected": [_top(row, m) for row in _rows(P)]}
 
 
-def _percentile_bin(pooled, percent):
-    total = pooled.sum(axis=-1, keepdims=True)
-    cumulative = np.cumsum(pooled, axis=-1)
-    return np.argmax(100 * cumulative >= percent * total, axis=-1)  # first bin reaching the percentile
+def _pooled_position(pooled, percent):
+    """``[l, i, 3]``: :func:`analysis.histogram.percentile_position` of each pooled histogram, stacked."""
+    from analysis.histogram import percentile_position
+
+    return np.stack(percentile_position(pooled, percent), axis=-1).astype(np.int64)
 
 
-def act_prob_90p(hist, tokens: np.ndarray, percent: int = 90, rate: float = 0.00125) -> dict:
-    """Per language, the neurons most often above their own pooled percentile (histogram bins).
+def _share_block(h, position, percent, tokens):
+    """One block of a language's score: its share of tokens above the percentile (``position`` the
+    pooled one, or None: the language's own)."""
+    from analysis.histogram import percentile_position, share_above
 
-    Share of each language's tokens above the neuron's pooled percentile bin, at bin resolution; each language keeps
-    its top ``round(rate * L * I)``. ``hist`` is Dask ``[K, L, I, B]``."""
-    K, L, I, B = hist.shape
-    (bins,) = _compute(hist.sum(axis=0).map_blocks(_percentile_bin, percent, drop_axis=2, dtype=np.int64))
+    j, g, inside = percentile_position(h, percent) if position is None else np.moveaxis(position, -1, 0)
+    return share_above(h, j, g, inside) / (100 * max(int(tokens), 1))
+
+
+PERCENTILE_OF = ("pooled", "own")
+
+
+def act_prob_90p_scores(hist, tokens: np.ndarray, percent: int = 90, percentile_of: str = "pooled"):
+    """Each language's ``act_prob_90p`` score ``[L, I]`` in turn (float64), one pass over its histograms."""
+    import dask.array as da
+
+    if percentile_of not in PERCENTILE_OF:
+        raise HarvestError(f"--percentile-of must be pooled or own, not '{percentile_of}'")
+    hist = hist.rechunk({3: -1})  # a percentile needs each histogram whole
+    chunks = hist.chunks[1:3] + ((3,),)
+    position = None
+    if percentile_of == "pooled":  # [L, I, 3], small: read once, then one pass per language
+        (position,) = _compute(hist.sum(axis=0).map_blocks(_pooled_position, percent, chunks=chunks, dtype=np.int64))
+        position = da.from_array(position, chunks=chunks)
+    for k in range(hist.shape[0]):
+        if position is None:
+            score = hist[k].map_blocks(_share_block, None, percent, tokens[k], drop_axis=2, dtype=np.float64)
+        else:
+            score = da.map_blocks(_share_block, hist[k], position, percent, tokens[k], drop_axis=2, dtype=np.float64)
+        (score,) = _compute(score)
+        yield np.asarray(score, dtype=np.float64)
+
+
+def act_prob_90p(hist, tokens: np.ndarray, percent: int = 90, rate: float = 0.00125,
+                 percentile_of: str = "pooled") -> dict:
+    """Per language, the neurons most often above a percentile of their activations (histogram, interpolated).
+
+    Score: the share of each language's tokens above the neuron's ``percent`` percentile, of all
+    harvested groups pooled (``pooled``) or of the language's own tokens (``own``). The percentile is
+    interpolated linearly inside the bin that holds it (:mod:`analysis.histogram`), and of that bin
+    the language's tokens above it count ``1 - f``, its fraction of the bin above the percentile; a
+    percentile on a bin edge gives the exact share. With ``own`` every neuron with tokens then scores
+    exactly ``1 - percent/100``, so the ranking is the ties' (by flat index): see README. Each
+    language keeps its top ``round(rate * L * I)``. ``hist`` is Dask ``[K, L, I, B]``."""
+    _, L, I, _ = hist.shape
     m = round(rate * L * I)
-    selected = []
-    above = np.arange(B)[None, None, :] > bins[:, :, None]
-    for k in range(K):
-        (h,) = _compute(hist[k])
-        score = (h * above).sum(axis=-1) / max(int(tokens[k]), 1)
-        selected.append(_top(score, m))
-    return {"selected": selected, "percentile_bin": bins}
+    return {"selected": [_top(score, m) for score in act_prob_90p_scores(hist, tokens, percent, percentile_of)]}
 
 
 # -- coverage --------------------------------------------------------------------------------

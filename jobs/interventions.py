@@ -11,9 +11,12 @@ Modes (``--mode``):
 | --- | --- |
 | ``zero`` | 0 (deactivation, as in LAPE) |
 | ``mean`` | the language's mean activation, ``act_sum / tokens`` |
-| ``p10``, ``p90`` | the language's 10th or 90th percentile, from the store's histogram (see :func:`hist_quantile`) |
+| ``p10``, ``p90`` | the language's 10th or 90th percentile, from the store's histogram (:func:`analysis.histogram.hist_quantile`) |
 | ``value:X`` | ``X`` |
 | ``add:X`` | its own value plus ``X`` (steering) |
+
+A mask language counted as full minus prompt (``--response-only`` over ``L:full`` and ``L:prompt``)
+takes the response's statistic: the full run's counts, sums and histograms less the prompt run's.
 
 :func:`intervene` is a context manager that always removes its hooks.
 """
@@ -31,6 +34,7 @@ import numpy as np
 if TYPE_CHECKING:  # torch is imported where tensors are made, so that the CLI starts without it
     import torch
 
+from analysis.histogram import hist_quantile
 from harvester import arch
 from harvester.errors import HarvestError
 
@@ -64,46 +68,27 @@ class Mode:
         return self.kind if self.value is None else f"{self.kind}:{self.value:g}"
 
 
-def hist_quantile(hist: np.ndarray, edges: np.ndarray, q: float) -> np.ndarray:
-    """Per unit, the ``q`` quantile of a histogram ``hist [..., B]`` over bins with ``edges [B-1]``.
-
-    Bin 0 is ``x < e[0]``, bin j is ``e[j-1] <= x < e[j]``, and the last bin is ``x >= e[-1]``.
-    Inside a closed bin, the quantile is interpolated linearly from the rank ``q * n``. The
-    open-ended first and last bins give their one edge. A unit with no counts gives NaN.
-    """
-    hist = np.asarray(hist, dtype=np.float64)
-    n = hist.sum(axis=-1, keepdims=True)
-    cum = np.cumsum(hist, axis=-1)
-    target = q * n
-    j = np.minimum((cum < target).sum(axis=-1, keepdims=True), hist.shape[-1] - 1)  # first bin reaching the rank
-    before = np.take_along_axis(cum, j, -1) - np.take_along_axis(hist, j, -1)
-    inside = np.take_along_axis(hist, j, -1)
-    lo = np.concatenate([[edges[0]], edges])[j]
-    hi = np.concatenate([edges, [edges[-1]]])[j]
-    frac = np.divide(target - before, inside, out=np.zeros_like(target), where=inside > 0)
-    out = lo + np.clip(frac, 0, 1) * (hi - lo)
-    out = np.where(n > 0, out, np.nan)
-    return out[..., 0]
-
-
-def unit_statistic(store: str, groups: list[str], mode: Mode) -> np.ndarray:
-    """``[L, I]``: the mode's statistic of the language made of store ``groups``."""
+def unit_statistic(store: str, groups: list[str], mode: Mode, minus: list[str] | tuple = ()) -> np.ndarray:
+    """``[L, I]``: the mode's statistic of the language made of store ``groups``, less ``minus`` (a
+    language imported as full minus prompt: the response's statistic, from the differences of token
+    counts and sums, and of histograms clipped at 0 per bin as the activation counts are)."""
     from harvester.store import open_finished
     from harvester.store import open_dataset
 
     ds = open_dataset(store, open_finished(store))
     names = list(ds["group"].values)
-    missing = [g for g in groups if g not in names]
+    missing = [g for g in [*groups, *minus] if g not in names]
     if missing:
         raise HarvestError(f"store {store} has no group {', '.join(missing)}; it has {', '.join(names)}")
-    pos = [names.index(g) for g in groups]
 
     def summed(var: str) -> np.ndarray:  # read only these groups' chunks, not the whole variable
-        return ds[var].isel(group=pos).values.sum(axis=0)
+        plus = ds[var].isel(group=[names.index(g) for g in groups]).values.sum(axis=0)
+        return plus - ds[var].isel(group=[names.index(g) for g in minus]).values.sum(axis=0) if minus else plus
 
     tokens = int(summed("tokens"))
-    if tokens == 0:
-        raise HarvestError(f"store {store} counted no tokens for {'+'.join(groups)}")
+    what = "+".join(groups) + "".join(f" - {g}" for g in minus)
+    if tokens <= 0:
+        raise HarvestError(f"store {store} counted no tokens for {what}" + (f" ({tokens})" if tokens else ""))
     if mode.kind == "mean":
         if "act_sum" not in ds:
             raise HarvestError(f"--mode mean needs activation sums, and store {store} has none; harvest with "
@@ -113,8 +98,7 @@ def unit_statistic(store: str, groups: list[str], mode: Mode) -> np.ndarray:
         raise HarvestError(f"--mode {mode} needs histograms, and store {store} has none; harvest with "
                            "--stats active,sum,sqsum,hist")
     edges = ds["hist_lo"].values[1:]  # hist_lo is (-inf, e0, e1, ...)
-    q = {"p10": 0.10, "p90": 0.90}[mode.kind]
-    return hist_quantile(summed("hist"), edges, q)
+    return hist_quantile(np.maximum(summed("hist"), 0), edges, {"p10": 10, "p90": 90}[mode.kind])
 
 
 def empty_rows(rows) -> list[str]:

@@ -52,12 +52,30 @@ class Row:
     selected: tuple[int, ...] = ()
 
 
-def mask_groups(mask, language: str) -> list[str]:
-    """The store groups a mask language was summed from (its own name when the mask does not say)."""
+def mask_groups(mask, language: str) -> tuple[list[str], list[str]]:
+    """``(groups, minus)``: the store groups a mask language was summed from (its own name when the mask
+    does not say), and those subtracted from them (a full-minus-prompt language: ``[L:prompt]``). A mask
+    made before masks recorded ``subtracted`` is taken as full minus prompt when its groups are
+    exactly ``L:full`` and ``L:prompt``, which is what ``--response-only`` made of them."""
     groups = mask.source.get("groups")
-    if groups and len(groups) == len(mask.languages):
-        return list(groups[mask.languages.index(language)])
-    return [language]
+    if not groups or len(groups) != len(mask.languages):
+        return [language], []
+    k = mask.languages.index(language)
+    groups = list(groups[k])
+    subtracted = mask.source.get("subtracted")
+    if subtracted is not None and len(subtracted) == len(mask.languages):
+        minus = bool(subtracted[k])
+    else:
+        minus = groups == [f"{language}:full", f"{language}:prompt"]
+    return (groups[:1], groups[1:]) if minus else (groups, [])
+
+
+def language_statistic(store: str, mask, language: str, mode) -> np.ndarray:
+    """``[L, I]``: the statistic ``mode`` sets a mask language's units to, from its groups in ``store``."""
+    from jobs.interventions import unit_statistic
+
+    groups, minus = mask_groups(mask, language)
+    return unit_statistic(store, groups, mode, minus)
 
 
 def site_of(store: str | None, config, recorded: str | None = None) -> str:
@@ -127,7 +145,7 @@ def make_plan(model: str, mask_path: str, langs: list[str] | None, store: str | 
     """Check a job's inputs (before any output is written) and resolve what it needs."""
     from analysis.masks import Mask
     from harvester.backends.hf import load_config, resolve_model
-    from jobs.interventions import Mode, unit_statistic
+    from jobs.interventions import Mode
 
     mode = Mode.parse(mode_text)
     mask = Mask.load(mask_path)
@@ -138,7 +156,7 @@ def make_plan(model: str, mask_path: str, langs: list[str] | None, store: str | 
         raise HarvestError(f"--mode {mode} needs the store the mask was made from; pass --store")
     site = site_of(resolved, load_config(resolve_model(model)), mask.source.get("site"))
     check_models(mask, model, resolved, allow_other_model)
-    values = {lang: unit_statistic(resolved, mask_groups(mask, lang), mode) for lang in langs} if mode.needs_store else {}
+    values = {lang: language_statistic(resolved, mask, lang, mode) for lang in langs} if mode.needs_store else {}
     return Plan(mask, mode, resolved, site, values, build_rows(mask, langs, controls, seed))
 
 

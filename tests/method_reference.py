@@ -252,49 +252,45 @@ def act_prob_zero_mask(P, rate=0.00125):
     return top_per_language(P, rate)
 
 
-def histogram_percentile_bin(counts, percent=90) -> int:
-    """The bin holding the percentile: the smallest j with ``Σ_{j' <= j} counts[j'] >= percent/100 · total``.
-
-    Compared exactly in integers, ``100 · cumulative >= percent · total`` (percent an int); an empty
-    histogram gives bin 0.
-    """
+def histogram_percentile(counts, percent=90):
+    """Where the percentile of a histogram lies: ``(j, g, inside)``, ``j`` the smallest bin with
+    ``100 · Σ_{j' <= j} counts[j'] >= percent · total`` (in integers), ``inside = counts[j]`` and
+    ``g = 100 · cum[j] - percent · total``: the bin's counts above the percentile, in hundredths, when
+    they are spread uniformly over the bin. An empty histogram gives ``(0, 0, 0)``."""
     counts = [int(c) for c in counts]
     total = sum(counts)
     cumulative = 0
     for j, c in enumerate(counts):
         cumulative += c
         if 100 * cumulative >= percent * total:
-            return j
+            return j, 100 * cumulative - percent * total, c
     raise AssertionError("unreachable: the last bin holds the whole total")
 
 
-def act_prob_90p(hist, edges, tokens, percent=90):
-    """Share of each language's tokens above the neuron's pooled 90th percentile, at bin resolution.
+def act_prob_90p(hist, tokens, percent=90, percentile_of="pooled"):
+    """Share of each language's tokens above the neuron's 90th percentile, interpolated inside its bin.
 
-    ``hist [K, L, I, B]`` with ``B = len(edges) + 1`` (bin 0: x < e[0]; bin j: e[j-1] <= x < e[j];
-    last bin: x >= e[-1]). The percentile is the neuron's own, over all K groups pooled
-    (``Σ_k hist[k, l, i, :]``), located at bin ``j*`` (``histogram_percentile_bin``);
-    ``score[l, i, k] = Σ_{j > j*} hist[k, l, i, j] / max(tokens[k], 1)`` — the tokens whose
-    activation is at least the upper edge of the percentile's bin. Returns
-    ``(score [L, I, K], bin [L, I], upper_edge [L, I])`` with upper edge +inf for the last bin.
+    ``hist [K, L, I, B]`` (bin 0: x < e[0]; bin j: e[j-1] <= x < e[j]; last bin: x >= e[-1]). The
+    percentile is that of all K groups pooled (``Σ_k hist[k, l, i, :]``) or, with ``own``, of
+    language k's histogram; it lies in bin ``j`` (``histogram_percentile``), and of that bin the share
+    ``g / (100 · inside)`` lies above it. Language k's tokens above it: its bins above ``j`` whole, and
+    the same share of its tokens in bin ``j``:
+    ``score[l, i, k] = (100 · above + hist[k, l, i, j] / inside · g) / (100 · max(tokens[k], 1))``
+    (float64, in this order). Returns ``score [L, I, K]``.
     """
     hist = np.asarray(hist)
     K, L, I, B = hist.shape
-    if B != len(edges) + 1:
-        raise ValueError(f"{B} bins need {B - 1} edges, got {len(edges)}")
     score = np.zeros((L, I, K), dtype=np.float64)
-    bins = np.zeros((L, I), dtype=np.int64)
-    upper = np.zeros((L, I), dtype=np.float64)
     for l in range(L):
         for i in range(I):
             pooled = [sum(int(hist[k, l, i, j]) for k in range(K)) for j in range(B)]
-            j_star = histogram_percentile_bin(pooled, percent)
-            bins[l, i] = j_star
-            upper[l, i] = float(edges[j_star]) if j_star < B - 1 else math.inf
             for k in range(K):
-                above = sum(int(hist[k, l, i, j]) for j in range(j_star + 1, B))
-                score[l, i, k] = above / max(int(tokens[k]), 1)
-    return score, bins, upper
+                own = [int(hist[k, l, i, j]) for j in range(B)]
+                j_star, g, inside = histogram_percentile(pooled if percentile_of == "pooled" else own, percent)
+                above = sum(own[j_star + 1:])
+                part = own[j_star] / inside if inside > 0 else 0.0
+                score[l, i, k] = (100 * above + part * g) / (100 * max(int(tokens[k]), 1))
+    return score
 
 
 def act_prob_90p_mask(score, rate=0.00125):

@@ -96,8 +96,12 @@ def test_thresholds_coverage_localizer_random(store, tmp_path):
     L, I = active.shape[1:]
     out = tmp_path / "x.npz"
     assert main(["analyze", "act-prob-90p", "--store", str(store), "--out", str(out), "--rate", "0.02"]) == 0
-    edges = ds["hist_hi"].values[:-1]
-    score, _, _ = ref.act_prob_90p(ds["hist"].values, edges, tokens)
+    score = ref.act_prob_90p(ds["hist"].values, tokens)
+    assert as_layers(Mask.load(out)) == ref.act_prob_90p_mask(score, 0.02)
+    assert Mask.load(out).params["percentile_of"] == "pooled"
+    assert main(["analyze", "act-prob-90p", "--store", str(store), "--out", str(out), "--rate", "0.02",
+                 "--percentile-of", "own"]) == 0
+    score = ref.act_prob_90p(ds["hist"].values, tokens, percentile_of="own")
     assert as_layers(Mask.load(out)) == ref.act_prob_90p_mask(score, 0.02)
     assert main(["analyze", "coverage", "--store", str(store), "--out", str(out), "--k", "0.5"]) == 0
     assert as_layers(Mask.load(out)) == ref.coverage(active, 0.5)

@@ -16,7 +16,8 @@ from harvester.errors import HarvestError
 from jobs.generate import Detector, Prompt, metrics, read_prompts, words
 from jobs.interventions import Intervention, Mode, hist_quantile, intervene, unit_statistic
 from jobs.ppl import RowWorker, eval_windows
-from jobs.rows import build_rows
+from jobs.rows import build_rows, language_statistic, mask_groups
+from tests import fixtures
 
 MODEL = "tiny:llama"
 
@@ -52,7 +53,7 @@ def test_hist_quantile_against_a_plain_loop():
     hist = rng.integers(0, 20, size=(5, 8))
     hist[0] = 0
     hist[1] = [0, 0, 0, 5, 0, 0, 0, 0]
-    got = hist_quantile(hist, edges, 0.1)
+    got = hist_quantile(hist, edges, 10)
     for unit in range(5):
         h = hist[unit]
         n = h.sum()
@@ -68,6 +69,9 @@ def test_hist_quantile_against_a_plain_loop():
         hi = edges[-1] if j == len(h) - 1 else edges[j]
         assert got[unit] == pytest.approx(lo + (target - cum) / c * (hi - lo)), unit
     assert got[1] == pytest.approx(0.0 + 0.1 * 0.5)  # 5 values in [0, 0.5): the rank 0.5 of 5
+    # the rank 63 of 70 ends bin 1 exactly: P90 is that bin's upper edge, not the lower edge of the next
+    # bin holding counts
+    assert hist_quantile(np.array([0, 63, 0, 0, 7, 0, 0, 0]), edges, 90) == edges[1]
 
 
 @pytest.mark.parametrize("mode", ["zero", "value:0.7", "add:-0.3", "mean"])
@@ -148,7 +152,7 @@ def test_unit_statistics_from_the_store(harvested):
     np.testing.assert_allclose(mean, ds["act_sum"].values[ru] / int(ds["tokens"].values[ru]))
     p90 = unit_statistic(str(store), ["ru", "zh"], Mode("p90"))
     hist = ds["hist"].values[[ru, list(ds["group"].values).index("zh")]].sum(0)
-    np.testing.assert_allclose(p90, hist_quantile(hist, ds["hist_lo"].values[1:], 0.9))
+    np.testing.assert_allclose(p90, hist_quantile(hist, ds["hist_lo"].values[1:], 90))
     assert (p90 >= unit_statistic(str(store), ["ru", "zh"], Mode("p10"))).all()
 
 
@@ -296,3 +300,76 @@ def test_evaluation_needs_an_eos_token(tmp_path):
         eval_windows(str(tmp_path), ["sample"], 64, 500)
     groups, windows = eval_windows("tiny:llama", ["sample"], 64, 500)
     assert min(int(w.ids.min()) for w in windows) >= 0
+
+
+def response_statistic(ds, lang: str, mode: str) -> np.ndarray:
+    """Plain reference of a full-minus-prompt language's statistic: the full run's less the prompt run's
+    (tokens, sums; histogram bins clipped at 0), then the mean or the percentile, unit by unit."""
+    names = list(ds["group"].values)
+    f, p = names.index(f"{lang}:full"), names.index(f"{lang}:prompt")
+    tokens = int(ds["tokens"].values[f]) - int(ds["tokens"].values[p])
+    if mode == "mean":
+        return (ds["act_sum"].values[f] - ds["act_sum"].values[p]) / tokens
+    hist, edges = ds["hist"].values, ds["hist_lo"].values[1:]
+    L, I, B = hist.shape[1:]
+    out = np.zeros((L, I))
+    for l in range(L):
+        for i in range(I):
+            counts = [max(int(hist[f, l, i, j]) - int(hist[p, l, i, j]), 0) for j in range(B)]
+            out[l, i] = hist_quantile(np.array(counts), edges, int(mode[1:]))
+    return out
+
+
+def test_full_minus_prompt_languages_take_the_responses_statistic(backend, tmp_path):
+    """A store of full and prompt runs (the alignment study's layout, harvested here with sums and
+    histograms), a --response-only mask: intervene --mode mean|p90 sets the response's statistic, full
+    minus prompt, never the sum of both runs."""
+    import xarray as xr
+
+    from jobs.rows import make_plan
+
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for lang, docs in fixtures.sentences(("en", "de"), 6).items():
+        prompts = [" ".join(d.split()[:3]) for d in docs]
+        (texts / f"{lang}:full.txt").write_text("".join(f"{d}\n" for d in docs), encoding="utf-8")
+        (texts / f"{lang}:prompt.txt").write_text("".join(f"{p}\n" for p in prompts), encoding="utf-8")
+    store, mask = tmp_path / "store", tmp_path / "mask.npz"
+    assert main(["harvest", "--model", MODEL, "--corpus", f"text:{texts}", "--store", str(store), "--seq-len", "64",
+                 "--no-ray", "--no-progress", "--stats", "active,sum,hist", "--hist-edges=-1:2:30"]) == 0
+    assert main(["analyze", "act-prob-zero", "--store", str(store), "--out", str(mask), "--response-only",
+                 "--rate", "0.05"]) == 0
+    ds = xr.open_zarr(store)
+    assert Mask.load(mask).source["subtracted"] == [True, True]
+    for mode in ("mean", "p90"):
+        plan = make_plan(MODEL, str(mask), None, None, mode, 0, 0)  # what ppl and generate set
+        for lang in ("en", "de"):
+            want = response_statistic(ds, lang, mode)
+            np.testing.assert_allclose(plan.values[lang], want, err_msg=f"{mode} {lang}")
+            # what finetune --intervene sets
+            np.testing.assert_allclose(language_statistic(str(store), Mask.load(mask), lang, Mode(mode)), want)
+    out = tmp_path / "ppl"
+    assert main(["intervene", "ppl", "--model", MODEL, "--mask", str(mask), "--corpus", "sample:docs=4,langs=en+de",
+                 "--out", str(out), "--seq-len", "64", "--mode", "mean", "--no-ray", "--no-progress"]) == 0
+    groups, windows = eval_windows(MODEL, ["sample:docs=4,langs=en+de"], 64, None)
+    worker = RowWorker.__new__(RowWorker)
+    worker.backend = backend
+    loaded = Mask.load(mask)
+    table = pd.read_csv(out / "ppl.csv", index_col=0)
+    for lang in ("en", "de"):
+        iv = Intervention(loaded.selected[loaded.index(lang)], Mode("mean"), loaded.width,
+                          response_statistic(ds, lang, "mean"))
+        total, count = worker.nll(windows, len(groups), 8, iv)
+        np.testing.assert_allclose(table.loc[lang].values, np.exp(total / count), rtol=1e-5)
+
+
+def test_which_groups_a_mask_language_subtracts():
+    """Recorded (``subtracted``), or for a mask made before it was: ``L:full`` and ``L:prompt`` behind ``L``."""
+    groups = [["en:full", "en:prompt"], ["en:full", "en:prompt"], ["de"]]
+    mask = Mask(["en", "both", "de"], 1, 4, [np.array([0])] * 3, "t", {}, {"groups": groups})
+    assert mask_groups(mask, "en") == (["en:full"], ["en:prompt"])
+    assert mask_groups(mask, "both") == (["en:full", "en:prompt"], [])  # a sum, named otherwise
+    assert mask_groups(mask, "de") == (["de"], [])
+    mask.source["subtracted"] = [False, True, False]
+    assert mask_groups(mask, "en") == (["en:full", "en:prompt"], [])
+    assert mask_groups(mask, "both") == (["en:full"], ["en:prompt"])

@@ -194,29 +194,29 @@ def test_act_prob_zero_mask_per_language_with_ties():
     assert ref.act_prob_zero_mask(P, rate=0.5) == [[[1], [0]], [[0], [1]]]
 
 
-def test_histogram_percentile_bin():
-    assert ref.histogram_percentile_bin([1] * 10) == 8  # 9 of 10 reached in bin 8
-    assert ref.histogram_percentile_bin([7, 7, 4, 2]) == 2  # exactly 18 of 20
-    assert ref.histogram_percentile_bin([0, 0, 0]) == 0
-    assert ref.histogram_percentile_bin([1, 1], percent=50) == 0
+def test_histogram_percentile():
+    assert ref.histogram_percentile([1] * 10) == (8, 0, 1)  # 9 of 10 reached at the end of bin 8
+    assert ref.histogram_percentile([7, 7, 4, 2]) == (2, 0, 4)  # exactly 18 of 20: on an edge
+    assert ref.histogram_percentile([19, 0, 1, 0]) == (0, 100, 19)  # one count of bin 0 above 18 of 20
+    assert ref.histogram_percentile([0, 0, 0]) == (0, 0, 0)
+    assert ref.histogram_percentile([1, 1], percent=50) == (0, 0, 1)
 
 
 def test_act_prob_90p_from_a_hand_made_histogram():
-    edges = [0.0, 1.0, 2.0]  # bins: x < 0 | [0, 1) | [1, 2) | >= 2
-    hist = np.array([  # [K=2, L=1, I=3, B=4]
+    hist = np.array([  # [K=2, L=1, I=3, B=4]; bins: x < e0 | [e0, e1) | [e1, e2) | >= e2
         [[[5, 3, 1, 1], [10, 0, 0, 0], [9, 0, 1, 0]]],
         [[[2, 4, 3, 1], [0, 0, 2, 8], [10, 0, 0, 0]]],
     ])
-    score, bins, upper = ref.act_prob_90p(hist, edges, tokens=[10, 10])
-    # pooled: [7 7 4 2] -> bin 2 (cum 18 >= 18); [10 0 2 8] -> bin 3 (last); [19 0 1 0] -> bin 0
-    assert bins.tolist() == [[2, 3, 0]]
-    assert upper.tolist() == [[2.0, math.inf, 0.0]]
-    assert score[0, :, 0].tolist() == [0.1, 0.0, 0.1]
-    assert score[0, :, 1].tolist() == [0.1, 0.0, 0.0]
-    # m = round(.67 * 3) = 2: language 1 fills with the zero-score tie (neuron 1 before 2)
-    assert ref.act_prob_90p_mask(score, rate=0.67) == [[[0, 2]], [[0, 1]]]
-    with pytest.raises(ValueError):
-        ref.act_prob_90p(hist, [0.0, 1.0], tokens=[10, 10])
+    score = ref.act_prob_90p(hist, tokens=[10, 10])
+    # pooled: [7 7 4 2] -> P90 on the upper edge of bin 2: the 2 tokens of bin 3, exactly;
+    # [10 0 2 8] -> 2 of bin 3's 8 counts lie above, all language 1's; [19 0 1 0] -> 1 of bin 0's 19
+    assert score[0, :, 0].tolist() == [0.1, 0.0, (100 + 9 / 19 * 100) / 1000]
+    assert score[0, :, 1].tolist() == [0.1, 0.2, (0 + 10 / 19 * 100) / 1000]
+    assert score[0].sum(axis=1) * 10 == pytest.approx([2, 2, 2])  # 10% of the 20 pooled tokens
+    # m = round(.34 * 3) = 1: language 0 takes neuron 2, language 1 neuron 1
+    assert ref.act_prob_90p_mask(score, rate=0.34) == [[[2]], [[1]]]
+    own = ref.act_prob_90p(hist, tokens=[10, 10], percentile_of="own")
+    assert own[0].tolist() == [[0.1, 0.1], [0.1, 0.1], [0.1, 0.1]]  # by construction: see README
 
 
 # ---------------------------------------------------------------- coverage

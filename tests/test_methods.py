@@ -101,19 +101,52 @@ def test_autosweep_bisects():
     assert methods.EntropyLambda(P, top_rate=0.1, bar_ratio=0.8).autosweep(0.0, 50.0, 1e-3) == (lam, appear)
 
 
-def test_act_prob_zero_and_90p():
+@pytest.mark.parametrize("percentile_of", ["pooled", "own"])
+def test_act_prob_90p_equals_the_plain_loop_exactly(percentile_of):
     rng = np.random.default_rng(6)
-    K, L, I, B = 3, 2, 9, 6
+    K, L, I, B = 3, 4, 9, 6
     hist = rng.integers(0, 20, size=(K, L, I, B))
     hist[:, 0, 2] = 0  # an empty histogram
     hist[:, 1, 4, :-1] = 0  # everything in the last bin
+    hist[0, 2, 1] = 0  # a language without tokens on one neuron
+    hist[:, 3, 0] = [[7, 0, 0, 3, 0, 0]] * K  # P90 on an edge followed by empty bins
     tokens = hist.sum(axis=(2, 3))[:, 0] // I + 1
-    edges = np.linspace(-1, 3, B - 1)
-    score, _, _ = ref.act_prob_90p(hist, edges, tokens)
+    want = ref.act_prob_90p(hist, tokens, percentile_of=percentile_of)
+    for k, got in enumerate(methods.act_prob_90p_scores(lazy(hist), tokens, percentile_of=percentile_of)):
+        np.testing.assert_array_equal(got, want[:, :, k])  # bit for bit
     for rate in (0.1, 0.3):
-        got = methods.act_prob_90p(lazy(hist), tokens, rate=rate)
-        for g, w in zip(got["selected"], flat(ref.act_prob_90p_mask(score, rate), I)):
+        got = methods.act_prob_90p(lazy(hist), tokens, rate=rate, percentile_of=percentile_of)
+        for g, w in zip(got["selected"], flat(ref.act_prob_90p_mask(want, rate), I)):
             np.testing.assert_array_equal(g, w)
+
+
+def test_act_prob_90p_is_exact_when_the_percentile_falls_on_a_bin_edge():
+    """Raw activations whose pooled P90 lies between two bins: the histogram's selection is the raw data's."""
+    rng = np.random.default_rng(11)
+    K, L, I, n = 3, 2, 30, 200  # n tokens per language, 600 pooled: 540 below the edge, 60 above
+    edges = np.linspace(-2.0, 3.0, 51)
+    raw = np.empty((K, L, I, n))
+    for l in range(L):
+        for i in range(I):
+            cut = edges[rng.integers(5, 45)]  # the neuron's P90 falls on this edge
+            high = rng.multinomial(60, rng.dirichlet(np.ones(K)))  # each language's tokens above it
+            for k in range(K):
+                raw[k, l, i] = np.concatenate([rng.uniform(edges[0] - 1, cut, n - high[k]),
+                                               rng.uniform(cut, edges[-1] + 1, high[k])])
+    hist = np.zeros((K, L, I, len(edges) + 1), dtype=np.int64)
+    for index in np.ndindex(K, L, I):
+        hist[index] = np.bincount(np.searchsorted(edges, raw[index], side="right"), minlength=len(edges) + 1)
+    tokens = np.full(K, n)
+    threshold = np.quantile(raw.transpose(1, 2, 0, 3).reshape(L, I, K * n), 0.9, axis=-1)  # [L, I]
+    exact = (raw > threshold[None, :, :, None]).sum(axis=-1) / n  # [K, L, I]
+    for k, got in enumerate(methods.act_prob_90p_scores(lazy(hist), tokens)):
+        np.testing.assert_array_equal(got, exact[k])
+    got = methods.act_prob_90p(lazy(hist), tokens, rate=0.1)["selected"]
+    for k in range(K):
+        np.testing.assert_array_equal(got[k], np.sort(methods.largest(exact[k], round(0.1 * L * I))))
+
+
+def test_act_prob_zero():
     active, tokens = counts_case(7)
     Pr = ref.probabilities(active, tokens)
     got = methods.act_prob_zero(P_of(active, tokens), rate=0.05)
