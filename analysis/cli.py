@@ -224,8 +224,14 @@ class LocalizerOptions(MethodOptions):
     """Welch's t, or the difference of the means"""
     signed: bool = False
     """use act_sum instead of the absolute act_abssum"""
+    count: Literal["round", "int"] = _default(methods.localizer, "rule")
+    """how many units the percent is: round(p·n/100), or int((p/100)·n) as the localizer reference"""
+    ties: Literal["index", "all"] = _default(methods.localizer, "ties")
+    """index: exactly that many, ties to the smaller index; all: every unit whose statistic is among that
+    many largest distinct values (the reference's np.unique rank), so possibly more"""
 
     def select(self, counts):
+        _check_pooled(counts)
         names = counts.names
         a, b = _langs(self.a), _langs(self.b)
         unknown = [g for g in a + b if g not in names]
@@ -233,11 +239,26 @@ class LocalizerOptions(MethodOptions):
             raise HarvestError(f"unknown group '{unknown[0]}'; groups: {', '.join(names)}")
         sums = counts.variable("act_sum" if self.signed else "act_abssum")
         result = methods.localizer(counts.tokens, sums, counts.variable("act_sqsum"), [names.index(g) for g in a],
-                                   [names.index(g) for g in b], self.top_percent, self.per_layer, self.statistic)
+                                   [names.index(g) for g in b], self.top_percent, self.per_layer, self.statistic,
+                                   self.count, self.ties)
         params = dict(a=a, b=b, top_percent=self.top_percent, per_layer=self.per_layer, statistic=self.statistic,
-                      values="signed" if self.signed else "absolute")
-        return _mask(self, counts, params, result, {"n_a": result["n_a"], "n_b": result["n_b"]},
-                     [f"{'+'.join(a)}>{'+'.join(b)}"])
+                      values="signed" if self.signed else "absolute", count=self.count, ties=self.ties)
+        return _mask(self, counts, params, result, {"n_a": result["n_a"], "n_b": result["n_b"],
+                                                    "count": result["count"]}, [f"{'+'.join(a)}>{'+'.join(b)}"])
+
+
+def _check_pooled(counts) -> None:
+    """The localizer compares samples (one pooled vector per stimulus), never token counts."""
+    pooling = counts.attrs.settings.pooling
+    if pooling not in ("last", "mean"):
+        raise HarvestError(f"store {counts.store} counts tokens (pooling {pooling or 'not recorded'}), not one "
+                           "sample per stimulus; the localizer needs a store harvested with --pooling last "
+                           "(or mean)")
+
+
+LOCALIZER: dict = {"top_percent": 1.0, "statistic": "t", "count": "int", "ties": "all"}
+"""The localizer reference's selection as ``analyze localizer`` values (``--preset localizer``): the top 1 %
+of all units (global) by Welch t on absolute values, ``int()`` of the count, every tie at the cut-off in."""
 
 
 @dataclass(kw_only=True)
@@ -247,9 +268,23 @@ class RandomOptions:
     out: str
     """mask file to write (.npz)"""
     seed: int = 0
-    """seed of numpy.random.default_rng"""
+    """seed of the generator"""
     store: str | None = None
     """check that the mask fits this store"""
+    scope: Literal["layer", "global"] = _default(methods.random_control, "scope")
+    """layer: as many per layer as the mask has there, from that layer's other neurons; global: from all
+    neurons outside the mask, over all layers (the localizer reference's random_mask.py)"""
+    generator: Literal["default", "legacy"] = _default(methods.random_control, "generator")
+    """default: numpy.random.default_rng(seed); legacy: numpy.random.seed(seed) then numpy.random.choice, as
+    the localizer reference (its seeds 42, 43, 44 then draw the same units)"""
+    size: Literal["mask", "count"] = "mask"
+    """mask: as many units as the mask selects; count: as many as its method asked for before ties were
+    added (a localizer mask's count; the reference draws int(p·units/100)), with --scope global"""
+
+
+LOCALIZER_RANDOM: dict = {"scope": "global", "generator": "legacy", "size": "count", "seed": 42}
+"""The localizer reference's random control as ``analyze random`` values (``--preset localizer``); it also
+draws seeds 43 and 44."""
 
 
 @contextlib.contextmanager
@@ -308,11 +343,24 @@ def random_mask(options: RandomOptions) -> None:
     base = Mask.load(options.mask)
     if options.store:
         _note(base.check_store(options.store))
-    selected = methods.random_control(base.selected, base.n_layers, base.width, options.seed)
+    selected = methods.random_control(base.selected, base.n_layers, base.width, options.seed, options.scope,
+                                      options.generator, _sizes(options, base))
     mask = Mask(base.languages, base.n_layers, base.width, selected, "random",
-                {"seed": options.seed, "controls": base.method, "of": options.mask}, base.source)
+                {"seed": options.seed, "controls": base.method, "of": options.mask, "scope": options.scope,
+                 "generator": options.generator, "size": options.size}, base.source)
     print(f"wrote {mask.save(options.out)}: {_describe(mask)}")
     _warn_empty_masks(mask)
+
+
+def _sizes(options: RandomOptions, base) -> list[int] | None:
+    """``--size count``: the count the mask's method asked for (recorded in the mask), not its size."""
+    if options.size == "mask":
+        return None
+    if options.scope != "global":
+        raise HarvestError("--size count needs --scope global (a count is over all layers)")
+    if not isinstance(base.extra.get("count"), int):
+        raise HarvestError(f"mask {options.mask} records no count (only localizer masks do); use --size mask")
+    return [base.extra["count"]] * len(base.selected)
 
 
 def _write(args, mask) -> None:

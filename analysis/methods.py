@@ -330,12 +330,44 @@ def welch_t(n_a: int, s_a, ss_a, n_b: int, s_b, ss_b) -> np.ndarray:
         return np.where(denominator > 0, (mean_a - mean_b) / denominator, np.nan)
 
 
+def unit_count(percent: float, n: int, rule: str = "round") -> int:
+    """How many of ``n`` units ``percent`` % is: ``round(percent * n / 100)``, or the localizer reference's
+    ``int((percent / 100) * n)`` (truncated, in its order of operations)."""
+    if rule == "int":
+        return int((percent / 100) * n)
+    if rule == "round":
+        return round(percent * n / 100)
+    raise HarvestError(f"unknown count rule '{rule}'; choose round or int")
+
+
+def largest_with_ties(score: np.ndarray, count: int) -> np.ndarray:
+    """Flat indices of every unit whose score is among the ``count`` largest distinct scores (the
+    reference's dense rank from ``np.unique``): all ties are in, so more than ``count`` may be; NaN never."""
+    flat = np.asarray(score, dtype=np.float64).ravel()
+    valid = ~np.isnan(flat)
+    distinct = np.unique(flat[valid])
+    if count <= 0 or not distinct.size:
+        return np.zeros(0, np.int64)
+    return np.flatnonzero(valid & (flat >= distinct[-min(count, distinct.size)]))
+
+
+def top_units(score: np.ndarray, count: int, ties: str = "index") -> np.ndarray:
+    """The ``count`` largest (``ties="index"``: ties to the smaller flat index) or every unit tied with
+    them (``ties="all"``)."""
+    if ties == "index":
+        return largest(score, count)
+    if ties == "all":
+        return largest_with_ties(score, count)
+    raise HarvestError(f"unknown tie rule '{ties}'; choose index or all")
+
+
 def localizer(count: np.ndarray, sums, sqsums, a: list[int], b: list[int], top_percent: float,
-              per_layer: bool = False, statistic: str = "t") -> dict:
+              per_layer: bool = False, statistic: str = "t", rule: str = "round", ties: str = "index") -> dict:
     """Localizer: the units most selective for condition A over B (Welch t or mean difference).
 
     Units whose statistic (Welch ``t``, or ``mean-diff``) of A (groups ``a`` pooled) over B is in the top
-    ``top_percent`` %, globally or per layer. ``sums``/``sqsums`` Dask ``[K, L, U]``."""
+    ``top_percent`` %, globally or per layer: :func:`unit_count` by ``rule``, :func:`top_units` by ``ties``.
+    ``sums``/``sqsums`` Dask ``[K, L, U]``. ``count`` in the result is the number asked for before ties."""
     n_a, n_b = int(sum(count[g] for g in a)), int(sum(count[g] for g in b))
     s_a, ss_a, s_b, ss_b = _compute(sums[a].sum(axis=0), sqsums[a].sum(axis=0),
                                     sums[b].sum(axis=0), sqsums[b].sum(axis=0))
@@ -347,30 +379,47 @@ def localizer(count: np.ndarray, sums, sqsums, a: list[int], b: list[int], top_p
         raise HarvestError(f"unknown localizer statistic '{statistic}'; choose t or mean-diff")
     L, U = score.shape
     if per_layer:
-        chosen = np.concatenate([largest(score[l], round(top_percent * U / 100)) + l * U for l in range(L)])
+        k = unit_count(top_percent, U, rule)
+        chosen = np.concatenate([top_units(score[l], k, ties) + l * U for l in range(L)])
+        k *= L
     else:
-        chosen = largest(score, round(top_percent * L * U / 100))
-    return {"selected": [np.sort(chosen).astype(np.int64)], "score": score, "n_a": n_a, "n_b": n_b}
+        k = unit_count(top_percent, L * U, rule)
+        chosen = top_units(score, k, ties)
+    return {"selected": [np.sort(chosen).astype(np.int64)], "score": score, "n_a": n_a, "n_b": n_b, "count": k}
 
 
 # -- random controls -------------------------------------------------------------------------
-def random_control(mask_selected: list[np.ndarray], n_layers: int, width: int, seed: int) -> list[np.ndarray]:
-    """Random control: per language and layer, as many random neurons as a mask has, outside it.
+def random_control(mask_selected: list[np.ndarray], n_layers: int, width: int, seed: int,
+                   scope: str = "layer", generator: str = "default", sizes: list[int] | None = None) -> list[np.ndarray]:
+    """Random control: per language, as many random neurons as a mask has, outside it.
 
-    Drawn uniformly without replacement from the layer's neurons not in that language's mask
-    (``numpy.random.default_rng(seed)``)."""
+    ``scope="layer"``: per layer, as many as the mask has in that layer, from the layer's neurons not in it;
+    ``"global"``: ``sizes[k]`` (default: the mask's size) from all neurons not in language ``k``'s mask, as
+    the localizer reference's ``random_mask.py`` does. Uniform, without replacement, with
+    ``numpy.random.default_rng(seed)`` or (``generator="legacy"``) ``numpy.random.seed(seed)``'s generator,
+    the reference's, so that its seeds draw the same units."""
     if seed < 0:
         raise HarvestError(f"--seed must be 0 or more, got {seed}")
-    rng = np.random.default_rng(seed)
+    if generator not in ("default", "legacy"):
+        raise HarvestError(f"unknown generator '{generator}'; choose default or legacy")
+    rng = np.random.RandomState(seed) if generator == "legacy" else np.random.default_rng(seed)
+    if scope == "global":
+        sizes = sizes if sizes is not None else [len(sel) for sel in mask_selected]
+        return [_draw(rng, np.arange(n_layers * width), sel, n, "all layers") for sel, n in zip(mask_selected, sizes)]
+    if scope != "layer":
+        raise HarvestError(f"unknown scope '{scope}'; choose layer or global")
     out = []
     for sel in mask_selected:
         layer_of = sel // width
-        drawn = []
-        for layer in range(n_layers):
-            taken = sel[layer_of == layer] - layer * width
-            free = np.setdiff1d(np.arange(width), taken, assume_unique=True)
-            if taken.size > free.size:
-                raise HarvestError(f"layer {layer}: cannot draw {taken.size} of {free.size} free neurons")
-            drawn.append(np.sort(rng.choice(free, size=taken.size, replace=False)) + layer * width)
+        drawn = [_draw(rng, np.arange(width), sel[layer_of == layer] - layer * width,
+                       int(np.sum(layer_of == layer)), f"layer {layer}") + layer * width for layer in range(n_layers)]
         out.append(np.concatenate(drawn).astype(np.int64) if drawn else np.zeros(0, np.int64))
     return out
+
+
+def _draw(rng, units: np.ndarray, taken: np.ndarray, n: int, where: str) -> np.ndarray:
+    """``n`` of ``units`` not in ``taken`` (ascending, as the reference lists them), sorted."""
+    free = np.setdiff1d(units, taken, assume_unique=True)
+    if n > free.size:
+        raise HarvestError(f"{where}: cannot draw {n} of {free.size} free neurons")
+    return np.sort(rng.choice(free, size=n, replace=False)).astype(np.int64)

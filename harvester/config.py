@@ -71,6 +71,8 @@ class HarvestConfig:
         self.corpus = list(self.corpus)
         if not self.corpus:
             raise HarvestError("no corpus given: --corpus SPEC (repeatable)")
+        if self.corpus_options.lowercase and not any(str(c).startswith("stimuli:") for c in self.corpus):
+            raise HarvestError("--lowercase is for stimuli corpora (stimuli:FILE.csv); no corpus here is one")
         if self.tokenize_tasks is not None and self.tokenize_tasks <= 0:
             raise HarvestError(f"--tokenize-tasks must be positive, got {self.tokenize_tasks}")
         for name in ("seq_len", "batch_size", "shard_tokens", "tensor_parallel"):
@@ -177,6 +179,14 @@ class HarvestOptions(DeviceOptions):
     """EC40 examples per direction"""
     max_tokens_per_lang: Positive | None = CorpusOptions.max_tokens_per_lang
     """Wikipedia tokens per language (none: all)"""
+    lowercase: bool = CorpusOptions.lowercase
+    """stimuli: lowercase every stimulus before tokenizing (the localizer reference does)"""
+    truncate: Positive | None = CorpusOptions.truncate
+    """cut every example or stimulus (every document when pooled) to N tokens (see
+    --truncation-side), counted as truncated, before --seq-len applies; the localizer reference uses 12
+    (none: only --seq-len cuts)"""
+    truncation_side: Literal["right", "left"] = CorpusOptions.truncation_side
+    """which end --truncate cuts: right keeps the first tokens (the localizer reference's), left the last"""
     no_progress: bool = False
     """no progress bars"""
     overwrite: bool = HarvestConfig.overwrite
@@ -189,7 +199,9 @@ class HarvestOptions(DeviceOptions):
         pooled = self.pooling != "token"
         stats = parse_stats(self.stats or ("active,sum,sqsum,abs" if pooled else "active,sum,sqsum"))
         options = CorpusOptions(pairs=self.pairs, split=self.split, max_pairs=self.max_pairs,
-                                max_tokens_per_lang=self.max_tokens_per_lang, pooling=self.pooling)
+                                max_tokens_per_lang=self.max_tokens_per_lang, pooling=self.pooling,
+                                lowercase=self.lowercase, truncate=self.truncate,
+                                truncation_side=self.truncation_side)
         return HarvestConfig(
             model=self.model, corpus=self.corpus, store=self.store, corpus_options=options, backend=self.backend,
             dtype=self.dtype, device=self.device, device_map=self.device_map, seq_len=self.seq_len,
@@ -198,3 +210,14 @@ class HarvestOptions(DeviceOptions):
             site=self.site_module, unit=self.unit, tokenize_tasks=self.tokenize_tasks,
             tensor_parallel=self.tensor_parallel, vllm_memory=self.vllm_memory, progress=not self.no_progress,
             overwrite=self.overwrite)
+
+
+LOCALIZER: dict = {"unit": "residual", "pooling": "last", "lowercase": True, "truncate": 12,
+                   "truncation_side": "right"}
+"""The localizer reference's harvest (BKHMSI/llm-localization ``localize.py``), as :class:`HarvestOptions`
+values for ``--preset localizer``: each transformer block's output, the last token of each stimulus,
+stimuli lowercased and cut to their first 12 tokens. Its tokenizer call also puts the model's BOS (Llama,
+Gemma, Mistral; none for GPT-2) inside those 12 tokens: that is the ``--bos`` option's to set. Padding
+needs no setting: the reference runs one stimulus at a time, and lsn pools over each stimulus's own
+tokens, never over padding, whatever ``--batch-size``. Statistics default to ``active,sum,sqsum,abs``
+when pooled, which the Welch t on absolute values needs."""

@@ -11,7 +11,8 @@ segment's group. With ``pack`` packing a stream's documents are concatenated and
 windows of ``seq_len`` tokens (the last may be shorter): every token lands in exactly one window.
 With ``sequence`` packing each document is its own window; a longer document is cut at ``seq_len``
 (the tokens cut off are counted in the manifest), except with pooled statistics, where the last
-token matters and a too-long document is an error.
+token matters and a too-long document is an error. ``--truncate N`` first cuts every document of a
+``sequence`` stream to ``N`` tokens on one side (the localizer reference's 12 tokens), counted the same way.
 
 Consecutive windows form a shard of at most ``shard_tokens`` tokens (at least one window). Shard
 ``k`` of stream ``s`` has the global index ``s * SHARDS_PER_STREAM + k``: same inputs and settings
@@ -186,6 +187,24 @@ def sequences(docs, seq_len: int, pooled: bool, stream: str, cut: _Truncation):
         yield np.asarray(ids, dtype=np.int32), np.asarray(groups, dtype=np.int16)
 
 
+def capped(docs, limit: int, side: str, cut: _Truncation, head: int = 0):
+    """Each document ``(ids, groups)`` cut to ``limit`` tokens (``--truncate``): ``right`` keeps the first
+    tokens, ``left`` the last. The first ``head`` tokens are never cut: a BOS the harvest prepends counts
+    towards ``limit`` but stays, as tokenizers keep special tokens when they truncate (the BOS hook)."""
+    keep_head = min(head, limit)
+    for ids, groups in docs:
+        if len(ids) > limit:
+            body = limit - keep_head
+            if side == "right":
+                kept = list(range(body + keep_head))
+            else:
+                kept = list(range(keep_head)) + list(range(len(ids) - body, len(ids)))
+            lost = sorted(set(range(len(ids))) - set(kept))
+            cut.add([groups[i] for i in lost])
+            ids, groups = [ids[i] for i in kept], [groups[i] for i in kept]
+        yield ids, groups
+
+
 def _limit(windows, max_tokens: int | None):
     """Stop after ``max_tokens`` tokens, cutting the last window there."""
     if max_tokens is None:
@@ -205,6 +224,9 @@ def stream_windows(corpora, index: int, tokenizer, settings: TokenSettings, cut:
     pooled = settings.pooling != "token"
     group_ids = {g: i for i, g in enumerate(corpora.groups)}
     docs = document_tokens(tokenizer, corpora.documents(index), group_ids, None if pooled else settings.eos_id)
+    options = getattr(corpora, "options", None)
+    if stream.packing == "sequence" and options is not None and options.truncate is not None:
+        docs = capped(docs, options.truncate, options.truncation_side, cut)
     if stream.packing == "pack":
         windows = pack(docs, settings.seq_len)
     else:

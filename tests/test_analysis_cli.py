@@ -26,6 +26,16 @@ def store(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def pooled_store(tmp_path_factory):
+    """Stimuli with one pooled sample each (the localizer's input), without the absolute sums."""
+    root = tmp_path_factory.mktemp("pooled")
+    data = fixtures.write_stimuli(root / "s.csv", "en", n=8)
+    assert main(["harvest", *BASE, "--corpus", f"stimuli:{data}", "--store", str(root / "store"), "--pooling", "last",
+                 "--unit", "residual", "--stats", "active,sum,sqsum", "--seq-len", "256"]) == 0
+    return root / "store"
+
+
+@pytest.fixture(scope="module")
 def instruct_store(tmp_path_factory):
     root = tmp_path_factory.mktemp("instruct")
     data = fixtures.write_instruct(root / "i.jsonl", langs=("en", "de", "zh"), n=6)
@@ -90,7 +100,7 @@ def test_autosweep_json_and_entropy_lambda_response_only(instruct_store, tmp_pat
     assert mask.languages == ["en", "de", "zh"] and as_layers(mask) == want and mask.extra["appear"] == appear
 
 
-def test_thresholds_coverage_localizer_random(store, tmp_path):
+def test_thresholds_coverage_localizer_random(store, pooled_store, tmp_path):
     active, tokens = arrays(store)
     ds = xr.open_zarr(store)
     L, I = active.shape[1:]
@@ -105,11 +115,13 @@ def test_thresholds_coverage_localizer_random(store, tmp_path):
     assert as_layers(Mask.load(out)) == ref.act_prob_90p_mask(score, 0.02)
     assert main(["analyze", "coverage", "--store", str(store), "--out", str(out), "--k", "0.5"]) == 0
     assert as_layers(Mask.load(out)) == ref.coverage(active, 0.5)
-    assert main(["analyze", "localizer", "--store", str(store), "--out", str(out), "--a", "en,de", "--b", "zh",
+    assert main(["analyze", "localizer", "--store", str(pooled_store), "--out", str(out), "--a", "S", "--b", "N",
                  "--signed", "--top-percent", "5", "--per-layer"]) == 0
-    want, _ = ref.localizer(tokens, ds["act_sum"].values, ds["act_sqsum"].values, [0, 1], [2], 5, per_layer=True)
+    pooled = xr.open_zarr(pooled_store)
+    want, _ = ref.localizer(pooled["tokens"].values, pooled["act_sum"].values, pooled["act_sqsum"].values, [0], [1], 5,
+                            per_layer=True)
     mask = Mask.load(out)
-    assert mask.languages == ["en+de>zh"] and as_layers(mask) == [want]
+    assert mask.languages == ["S>N"] and as_layers(mask) == [want]
     assert main(["analyze", "random", "--mask", str(out), "--out", str(tmp_path / "r.npz"), "--seed", "1"]) == 0
     control = Mask.load(tmp_path / "r.npz")
     assert (control.counts() == mask.counts()).all() and not np.intersect1d(control.selected[0], mask.selected[0]).size
@@ -141,9 +153,12 @@ def test_import_published_then_analyze(tmp_path):
     (["analyze", "lape", "--langs", "en,xx"], "unknown group 'xx'"),
     (["analyze", "entropy-lambda", "--lambda", "0.1", "--response-only"], "no response groups"),
     (["analyze", "lape", "--top-rate", "2"], "--top-rate must lie in [0, 1]"),
-    (["analyze", "localizer", "--a", "en", "--b", "de"], "no 'act_abssum' statistic"),
+    (["analyze", "localizer", "--a", "en", "--b", "de"], "counts tokens (pooling token), not one sample per"),
+    (["analyze", "localizer", "--a", "S", "--b", "N", "pooled"], "no 'act_abssum' statistic"),
 ])
-def test_bad_analysis_input(store, tmp_path, capsys, args, message):
+def test_bad_analysis_input(store, pooled_store, tmp_path, capsys, args, message):
+    if args[-1] == "pooled":
+        args, store = args[:-1], pooled_store
     assert main([*args, "--store", str(store), "--out", str(tmp_path / "m.npz")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "m.npz").exists()

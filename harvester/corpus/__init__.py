@@ -52,6 +52,14 @@ class CorpusOptions:
     """Wikipedia tokens per language."""
     pooling: Literal["token", "last", "mean"] = "token"
     """``last``/``mean``: one pooled sample per document segment instead of one per token."""
+    lowercase: bool = False
+    """Stimuli: lowercase each stimulus (``str.lower``) before tokenizing, as the localizer reference does."""
+    truncate: int | None = None
+    """Cut every document of a ``sequence`` stream to this many tokens (the reference localizer's 12); the
+    tokens cut off are counted as truncated. None: only ``--seq-len`` cuts."""
+    truncation_side: Literal["right", "left"] = "right"
+    """Which end ``truncate`` cuts: ``right`` keeps the first tokens (the reference's, transformers'
+    default), ``left`` the last."""
 
     def __post_init__(self):
         if self.split not in ("train", "validation", "test"):
@@ -62,6 +70,10 @@ class CorpusOptions:
             raise HarvestError(f"--max-tokens-per-lang must be positive, got {self.max_tokens_per_lang}")
         if self.pooling not in ("token", "last", "mean"):
             raise HarvestError(f"--pooling must be token, last or mean, not '{self.pooling}'")
+        if self.truncate is not None and self.truncate <= 0:
+            raise HarvestError(f"--truncate must be positive, got {self.truncate}")
+        if self.truncation_side not in ("right", "left"):
+            raise HarvestError(f"--truncation-side must be right or left, not '{self.truncation_side}'")
 
 
 class Corpus(Protocol):
@@ -120,7 +132,7 @@ def parse_corpus(spec: str, options: CorpusOptions | None = None) -> Corpus:
     if kind == "stimuli":
         from harvester.corpus.stimuli import StimuliCorpus
 
-        return StimuliCorpus(spec, arg)
+        return StimuliCorpus(spec, arg, options.lowercase)
     raise HarvestError(f"unknown corpus kind '{kind}' in '{spec}'; known kinds: {', '.join(KINDS)}")
 
 

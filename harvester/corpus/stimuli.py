@@ -4,7 +4,8 @@ A UTF-8 CSV file whose header names at least the columns ``text`` and ``conditio
 are ignored), e.g. sentences ``S`` against non-word strings ``N`` as written by
 :func:`harvester.corpus.sample.write_stimuli`. Each condition is one group and one ``sequence``
 stream (a stimulus is seen alone, in its own window), conditions in order of first appearance;
-a document is ``[(condition, text)]``, in file order. Blank lines are skipped.
+a document is ``[(condition, text)]``, in file order. Blank lines are skipped. With ``lowercase``
+(``--lowercase``) each text is lowercased, as the localizer reference does with its stimuli.
 
 The whole file is checked when the corpus is opened: a row with the wrong number of fields or an
 empty text or condition is an error ``FILE:LINE: ...`` (the header is line 1).
@@ -23,10 +24,11 @@ from harvester.errors import HarvestError
 class StimuliCorpus:
     """One group and one stream per condition."""
 
-    def __init__(self, spec: str, path: str):
+    def __init__(self, spec: str, path: str, lowercase: bool = False):
         if not path:
             raise HarvestError("stimuli corpus needs a file: --corpus stimuli:FILE.csv")
         self.spec = spec
+        self.lowercase = lowercase
         self.file = Path(path).expanduser()
         if not self.file.is_file():
             raise HarvestError(f"stimuli file not found: {self.file}")
@@ -39,7 +41,7 @@ class StimuliCorpus:
     def documents(self, stream: str) -> Iterator[list[Segment]]:
         for condition, text in self._rows():
             if condition == stream:
-                yield [(condition, text)]
+                yield [(condition, text.lower() if self.lowercase else text)]
 
     def source(self) -> dict:
         return {"kind": "stimuli", "files": [file_identity(self.file)]}
