@@ -220,8 +220,9 @@ def run_ppl(job: PPLJob) -> dict:
     over = AGGREGATES[job.aggregate][1]
     settings = {"model": job.model, "mask": job.mask, "mask_method": mask.method, "mode": str(mode),
                 "site": plan.site, "store": plan.store, "corpus": job.corpus, "controls": job.controls, "seed": job.seed,
-                "seq_len": job.seq_len, "batch_size": job.batch_size, "dtype": job.dtype, "aggregate": job.aggregate,
-                "units": {r.name: len(r.selected) for r in rows}, "empty_mask": empty_rows(rows),
+                "seq_len": job.seq_len, "batch_size": job.batch_size, "dtype": job.dtype,
+                "aggregate": job.aggregate, "units": {r.name: len(r.selected) for r in rows},
+                "empty_mask": empty_rows(rows),
                 "tokens": {g: int(tokens[groups.index(g)]) for g in columns},
                 **({over: {g: int(units[groups.index(g)]) for g in columns}} if over != "tokens" else {})}
     write_outputs(Path(job.out), [r.name for r in rows], columns, ppl, settings)
@@ -236,7 +237,9 @@ def _check_columns(groups: list[str], aggregate: str, seq_len: int, windows) -> 
         count += np.bincount(target[target >= 0], minlength=len(groups))
     empty = [g for g, n in zip(groups, count) if n == 0]
     if empty:
-        hint = f" in a full --seq-len {seq_len} window (window-nll drops shorter ones)" if aggregate == "window-nll" else ""
+        hint = ""
+        if aggregate == "window-nll":
+            hint = f" in a full --seq-len {seq_len} window (window-nll drops shorter ones)"
         raise HarvestError(f"the evaluation corpus has no predicted tokens for {', '.join(empty)}{hint}")
 
 
