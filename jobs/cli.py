@@ -53,7 +53,7 @@ def ppl(options: PPLOptions) -> None:
 
     o = options
     result = run_ppl(PPLJob(**o.job(), corpus=o.corpus, seq_len=o.seq_len, batch_size=o.batch_size,
-                            max_tokens_per_lang=o.max_tokens_per_lang))
+                            max_tokens_per_lang=o.max_tokens_per_lang, aggregate=o.aggregate))
     print(summary(result))
     print(f"wrote {o.out}/{', '.join(OUTPUTS)}")
 

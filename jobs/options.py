@@ -4,6 +4,7 @@ dataclass per command, a docstring under each field, the defaults the jobs take 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from harvester.devices import DeviceOptions
 from harvester.errors import HarvestError
@@ -66,6 +67,10 @@ class InterveneOptions(RayOptions):
                     progress=not self.no_progress, allow_other_model=self.allow_other_model)
 
 
+Aggregate = Literal["tokens", "window-nll", "per-prompt"]
+"""How ``lsn intervene ppl`` turns a column's next-token NLLs into one number (:mod:`jobs.ppl`)."""
+
+
 @dataclass(kw_only=True)
 class PPLOptions(InterveneOptions):
     corpus: list[str]
@@ -76,6 +81,12 @@ class PPLOptions(InterveneOptions):
     """windows per forward pass"""
     max_tokens_per_lang: Positive | None = None
     """evaluation tokens per language (none: all)"""
+    aggregate: Aggregate = "tokens"
+    """how a column's next-token NLLs become one number. tokens: PPL = exp of their mean over all its predicted
+    tokens. window-nll (LAPE's code): the mean over full --seq-len windows of each window's mean NLL, no exp,
+    a shorter window (the remainder) dropped; LAPE's is --seq-len 4096 on running text. per-prompt (the
+    alignment study's code): PPL = exp of the mean over examples of each example's mean NLL, the tokenizer's
+    BOS first, an example cut at --seq-len tokens; needs a corpus of examples (instruct:FILE.jsonl)"""
 
 
 @dataclass(kw_only=True)
