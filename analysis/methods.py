@@ -1,4 +1,4 @@
-"""The published neuron-selection methods, exactly as ../shared/METHODS.md defines them, out of core.
+"""The published neuron-selection methods, exactly as docs/METHODS.md defines them, out of core.
 
 Inputs are Dask arrays ``[K, L, I]`` (language, layer, neuron) read chunk by chunk from the store.
 What is large (``P`` over all languages, layers and neurons: 183M values for a Llama-3-70B-shaped

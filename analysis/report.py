@@ -27,7 +27,7 @@ MAX_LAYER_TABLE = 40
 # -- statistics ----------------------------------------------------------------------------------
 def appear_counts(mask: Mask) -> list[int]:
     """``appear[c]``, ``c = 0..K``: units ``(layer, neuron)`` in exactly ``c`` languages' masks,
-    counting only units in at least one (so ``appear[0] = 0``), as METHODS.md (Entropy-λ step 6)."""
+    counting only units in at least one (so ``appear[0] = 0``), as docs/METHODS.md (Entropy-λ step 6)."""
     K = len(mask.languages)
     flat = np.concatenate(mask.selected) if K else np.zeros(0, np.int64)
     if not flat.size:

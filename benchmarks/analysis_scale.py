@@ -11,7 +11,7 @@ whole process: imports, opening the store, the method), against the 8 GiB target
 ``act_prob_90p`` needs the histogram statistic (16 bins here); at 70B shape that is 23.5 GB raw,
 so it runs on the reduced store only. The reduced store (default 80 x 28,672 x 8 groups) also holds
 the exactness and speed cross-check: LAPE on Dask against an in-memory torch LAPE written straight
-from METHODS.md (``torch.kthvalue`` for tau and beta, a stable sort for the top-k), the masks
+from docs/METHODS.md (``torch.kthvalue`` for tau and beta, a stable sort for the top-k), the masks
 compared as flat indices. The last line is ``dask/torch time ratio: X``: the median Dask time over
 the median torch time, the torch time including one read of the counts from the store into memory
 (the compute-only ratio is printed above it). ``--compare-full`` runs the same cross-check on the
@@ -200,7 +200,7 @@ def in_child(method: str, store: str, work: str) -> dict:
 
 # -- LAPE in memory, with torch (the cross-check) ----------------------------------------------
 def torch_lape(active, denom, top_rate=0.01, filter_rate=0.95, bar_ratio=0.95) -> tuple[list, float, float]:
-    """LAPE exactly as METHODS.md writes it, on an in-memory ``active [K, L, I]`` (torch int64)."""
+    """LAPE exactly as docs/METHODS.md writes it, on an in-memory ``active [K, L, I]`` (torch int64)."""
     import torch
 
     K, L, I = active.shape

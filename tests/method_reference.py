@@ -1,13 +1,13 @@
-"""Plain reference implementations of the neuron-selection methods in METHODS.md.
+"""Plain reference implementations of the neuron-selection methods in docs/METHODS.md.
 
 The ground truth for the out-of-core analysis: explicit loops over in-memory NumPy arrays,
-following the published definitions step by step (the step numbers in comments are METHODS.md's).
+following the published definitions step by step (the step numbers in comments are docs/METHODS.md's).
 Nothing here is fast; everything here should be obviously right.
 
 Conventions (the documented behaviour the analysis must reproduce):
 - Inputs are group-first like the store: ``active [K, L, I]``, ``tokens [K]``,
   ``hist [K, L, I, B]``, moments ``[K, L, U]``.
-- ``P`` is an array of shape ``[L, I, K]`` indexed ``P[l, i, k]``, exactly as METHODS.md writes it.
+- ``P`` is an array of shape ``[L, I, K]`` indexed ``P[l, i, k]``, exactly as docs/METHODS.md writes it.
 - All arithmetic is float64. ``round`` is Python's (half to even) applied to the float64 product,
   e.g. ``round(filter_rate * N)``; "the r-th smallest" is ``sorted(values)[r - 1]`` and a rank
   outside ``1..len(values)`` raises ``ValueError``.
