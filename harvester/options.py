@@ -158,9 +158,9 @@ def read_yaml(path: str) -> dict:
     return values
 
 
-def _value(action: argparse.Action, key: str, value, path: str):
-    """A YAML value checked (and converted) as the flag's own value would be."""
-    bad = HarvestError(f"config {path}: bad value {value!r} for '{key}'")
+def _value(action: argparse.Action, key: str, value, where: str):
+    """A YAML (or preset) value checked (and converted) as the flag's own value would be."""
+    bad = HarvestError(f"{where}: bad value {value!r} for '{key}'")
     if value is None:
         return None
     if isinstance(action, argparse._StoreTrueAction):  # noqa: SLF001
@@ -170,7 +170,7 @@ def _value(action: argparse.Action, key: str, value, path: str):
     if isinstance(action, argparse._AppendAction):  # noqa: SLF001
         value = [value] if isinstance(value, str) else value
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise HarvestError(f"config {path}: {key} must be a value or a list of values")
+            raise HarvestError(f"{where}: {key} must be a value or a list of values")
         return value
     if isinstance(value, (bool, list, dict)):
         raise bad
@@ -185,6 +185,11 @@ def _value(action: argparse.Action, key: str, value, path: str):
 
 def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
     """``dest: value`` of the YAML file at ``path``; an unknown key is refused in one line."""
+    return _defaults_from(parser, read_yaml(path), f"config {path}")
+
+
+def _defaults_from(parser: argparse.ArgumentParser, items: dict, where: str) -> dict:
+    """``dest: value`` of ``items`` (flag names, ``seq-len`` or ``seq_len``), each checked as its flag."""
     known = {}
     for action in parser._actions:  # noqa: SLF001
         for option in action.option_strings:
@@ -193,26 +198,41 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
         if not action.option_strings and action.dest != "help":
             known[action.dest.replace("_", "-")] = action
     values = {}
-    for key, value in read_yaml(path).items():
+    for key, value in items.items():
         action = known.get(str(key).replace("_", "-"))
-        if action is None:
-            shown = sorted(k for k, a in known.items() if a.help is not argparse.SUPPRESS)
-            raise HarvestError(f"config {path}: unknown option '{key}'; known: {', '.join(shown)}")
-        values[action.dest] = _value(action, str(key), value, path)
+        if action is None or action.dest == "preset":
+            shown = sorted(k for k, a in known.items() if a.help is not argparse.SUPPRESS and k != "preset")
+            raise HarvestError(f"{where}: unknown option '{key}'; known: {', '.join(shown)}")
+        values[action.dest] = _value(action, str(key), value, where)
     return values
 
 
+def add_presets(parser: argparse.ArgumentParser, presets: dict[str, dict]) -> None:
+    """``--preset NAME``: ``presets[NAME]`` (flag names to values) as this command's defaults."""
+    if presets:
+        parser.add_argument("--preset", choices=sorted(presets), help=PRESET_HELP)
+        parser.set_defaults(_presets=presets)
+
+
+PRESET_HELP = ("the settings of a published study's code for this command (lsn presets NAME lists them); "
+               "--config and flags given win over it")
+
+
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None):
-    """``(args, options)``: the command's dataclass from ``--config FILE.yaml``, then the flags."""
+    """``(args, options)``: the command's dataclass from ``--preset``, then ``--config FILE.yaml``,
+    then the flags (each later one wins)."""
     args = parser.parse_args(argv)
     cls, leaf = getattr(args, "_options", None), getattr(args, "_parser", None)
     if cls is None:
         return args, None
-    appended = {}
+    values = {}
+    if getattr(args, "preset", None):
+        values.update(_defaults_from(leaf, args._presets[args.preset], f"preset {args.preset}"))  # noqa: SLF001
     if args.config:
-        values = _config_defaults(leaf, args.config)
-        appended = {k: values.pop(k) for k in list(values)
-                    if isinstance(_action(leaf, k), argparse._AppendAction)}  # noqa: SLF001
+        values.update(_config_defaults(leaf, args.config))
+    appended = {k: values.pop(k) for k in list(values)
+                if isinstance(_action(leaf, k), argparse._AppendAction)}  # noqa: SLF001
+    if values or appended:
         leaf.set_defaults(**values)
         args = parser.parse_args(argv)
     return args, _options(args, cls, appended)

@@ -89,6 +89,17 @@ class PPLOptions(InterveneOptions):
     BOS first, an example cut at --seq-len tokens; needs a corpus of examples (instruct:FILE.jsonl)"""
 
 
+LAPE_PPL: dict = {"aggregate": "window-nll", "seq_len": 4096}
+"""LAPE's perplexity (RUCAIBox ``ppl.py``) as ``intervene ppl`` values (``--preset lape``): the mean NLL of
+4,096-token windows (Llama-2's length), the remainder dropped, no exp. Its 2^20-token cap per language is
+``--max-tokens-per-lang 1048576`` on a ``wikipedia:`` corpus."""
+
+LNA_PPL: dict = {"aggregate": "per-prompt", "seq_len": 4096}
+"""The alignment study's perplexity (``language_neurons_alignment/ppl.py``) as ``intervene ppl`` values
+(``--preset lna``): each instruction alone with the tokenizer's BOS, cut at 4,096 tokens, exp of the mean
+over prompts of each prompt's mean NLL."""
+
+
 @dataclass(kw_only=True)
 class GenerateOptions(InterveneOptions):
     prompts: str

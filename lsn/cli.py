@@ -12,28 +12,29 @@ import sys
 from analysis.cli import COMMANDS as ANALYSIS
 from harvester.cli import COMMANDS as HARVESTER
 from harvester.errors import HarvestError, explain, fault_of
-from harvester.options import Command, Parser, add_options, parse
+from harvester.options import Command, Parser, add_options, add_presets, parse
 from jobs.cli import COMMANDS as JOBS
+from lsn import presets
 
 
-def _add(sub, name: str, entry) -> None:
+def _add(sub, path: tuple[str, ...], entry) -> None:
+    parser = sub.add_parser(path[-1], help=entry.help, description=entry.help)
     if isinstance(entry, Command):
-        parser = sub.add_parser(name, help=entry.help, description=entry.help)
         add_options(parser, entry.options)
+        add_presets(parser, presets.for_command(path))
         parser.set_defaults(_run=entry.run)
         return
-    parser = sub.add_parser(name, help=entry.help, description=entry.help)
     inner = parser.add_subparsers(dest=entry.dest, required=True, parser_class=Parser)
     for inner_name, inner_entry in entry.commands.items():
-        _add(inner, inner_name, inner_entry)
+        _add(inner, (*path, inner_name), inner_entry)
 
 
 def build_parser() -> Parser:
     parser = Parser(prog="lsn", description="Exact per-neuron MLP statistics for language-specific neuron "
                     "research. Every command takes --config FILE.yaml (keys: its flag names).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for name, entry in {**HARVESTER, **ANALYSIS, **JOBS}.items():
-        _add(sub, name, entry)
+    for name, entry in {**HARVESTER, **ANALYSIS, **JOBS, "presets": presets.COMMAND}.items():
+        _add(sub, (name,), entry)
     return parser
 
 

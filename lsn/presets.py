@@ -1,0 +1,77 @@
+"""Presets: one name per published study, setting every option its code fixes, in every command it touches.
+
+A preset is defaults, not a mode: ``--config`` and the flags given win over it. Each preset's values for
+a command are the dict its stage exports (``harvester.config.LOCALIZER``, ``analysis.cli.LOCALIZER``, ...),
+so a fact about a study lives in one place; this table only names them and the reference files they follow.
+``lsn presets`` prints it, and the README's preset table is checked against it in the tests.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass
+
+from analysis import cli as analysis_cli
+from harvester import config as harvest_config
+from harvester.options import Command
+from jobs import options as job_options
+
+
+@dataclass(frozen=True)
+class Preset:
+    study: str
+    """the paper, as people cite it"""
+    follows: str
+    """the reference repository (and the files whose settings are taken)"""
+    commands: dict[str, dict]
+    """command (``harvest``, ``analyze lape``, ``intervene ppl``) -> its option values (field names)"""
+
+
+PRESETS: dict[str, Preset] = {
+    "lape": Preset(
+        "Tang et al., ACL 2024 (LAPE)", "RUCAIBox/Language-Specific-Neurons: identify.py, ppl.py",
+        {"analyze lape": {"top_rate": 0.01, "filter_rate": 0.95, "bar_ratio": 0.95},
+         "intervene ppl": job_options.LAPE_PPL}),
+    "lna": Preset(
+        "Zhang et al., 2025 (the alignment study)",
+        "NJUNLP/Language-Neurons-Alignment: language_neurons_alignment/activation.py, identify.py, ppl.py",
+        {"analyze entropy-lambda": {"top_rate": 0.01, "bar_ratio": 0.95, "response_only": True},
+         "analyze autosweep": {"top_rate": 0.01, "response_only": True},
+         "intervene ppl": job_options.LNA_PPL}),
+    "localizer": Preset(
+        "AlKhamissi et al., 2024 (The LLM Language Network)", "BKHMSI/llm-localization: localize.py, random_mask.py",
+        {"harvest": harvest_config.LOCALIZER, "analyze localizer": analysis_cli.LOCALIZER,
+         "analyze random": analysis_cli.LOCALIZER_RANDOM}),
+}
+
+
+def for_command(path: tuple[str, ...]) -> dict[str, dict]:
+    """``{preset: values}`` of every preset that sets something for the command ``path``."""
+    key = " ".join(path)
+    return {name: p.commands[key] for name, p in PRESETS.items() if key in p.commands}
+
+
+@dataclass(kw_only=True)
+class PresetsOptions:
+    name: typing.Literal[tuple(PRESETS)] | None = None  # type: ignore[valid-type]
+    """the preset to show (all of them without it)"""
+
+    POSITIONAL = ("name",)
+
+
+def show(options: PresetsOptions) -> None:
+    for name in [options.name] if options.name else PRESETS:
+        preset = PRESETS[name]
+        print(f"{name}: {preset.study}\n  follows {preset.follows}")
+        for command, values in preset.commands.items():
+            shown = " ".join(f"--{k.replace('_', '-')} {_shown(v)}" for k, v in values.items())
+            print(f"  lsn {command}: {shown}")
+
+
+def _shown(value) -> str:
+    if value is True:
+        return "(on)"
+    return str(value)
+
+
+COMMAND = Command("what each --preset sets: a published study's settings, per command", PresetsOptions, show)

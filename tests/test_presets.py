@@ -1,0 +1,88 @@
+"""``--preset NAME``: a study's settings as defaults of every command it touches; ``lsn presets``."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from harvester.options import parse
+from lsn.cli import build_parser, main
+from lsn.presets import PRESETS
+
+MINIMAL = {  # the required flags of each command a preset touches
+    "harvest": ["--model", "tiny:llama", "--corpus", "sample", "--store", "s"],
+    "analyze lape": ["--store", "s", "--out", "m.npz"],
+    "analyze entropy-lambda": ["--store", "s", "--out", "m.npz", "--lambda", "0.05"],
+    "analyze autosweep": ["--store", "s"],
+    "analyze localizer": ["--store", "s", "--out", "m.npz", "--a", "S", "--b", "N"],
+    "analyze random": ["--mask", "m.npz", "--out", "r.npz"],
+    "intervene ppl": ["--model", "tiny:llama", "--mask", "m.npz", "--corpus", "sample", "--out", "o"],
+    "finetune": ["--model", "tiny:llama", "--mask", "m.npz", "--lang", "fr", "--data", "sample", "--out", "o"],
+}
+CASES = [(name, command) for name, preset in PRESETS.items() for command in preset.commands]
+
+
+def options(argv: list[str]):
+    return parse(build_parser(), argv)[1]
+
+
+@pytest.mark.parametrize("name,command", CASES)
+def test_a_preset_sets_every_value_it_names(name, command):
+    values = PRESETS[name].commands[command]
+    got = options([*command.split(), *MINIMAL[command], "--preset", name])
+    assert {k: getattr(got, k) for k in values} == values
+
+
+def _changed(name: str, command: str) -> list[tuple[str, object, object]]:
+    """``(field, preset value, default)`` where the preset differs from the command's default."""
+    defaults = options([*command.split(), *MINIMAL[command]])
+    return [(k, v, getattr(defaults, k)) for k, v in PRESETS[name].commands[command].items()
+            if getattr(defaults, k) != v]
+
+
+@pytest.mark.parametrize("name,command", [c for c in CASES if any(not isinstance(d, bool) for _, _, d in _changed(*c))])
+def test_flags_and_config_win_over_a_preset(name, command, tmp_path):
+    key, value, default = next(c for c in _changed(name, command) if not isinstance(c[2], bool))
+    flag = "--" + key.replace("_", "-")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"{key}: {default}\n", encoding="utf-8")
+    assert getattr(options([*command.split(), *MINIMAL[command], "--preset", name, "--config", str(config)]),
+                   key) == default
+    assert getattr(options([*command.split(), *MINIMAL[command], "--preset", name, flag, str(default)]),
+                   key) == default
+
+
+def test_presets_lists_every_setting(capsys):
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    for name, preset in PRESETS.items():
+        assert f"{name}: {preset.study}" in out
+        for command, values in preset.commands.items():
+            line = next(ln for ln in out.splitlines() if ln.strip().startswith(f"lsn {command}:"))
+            for key in values:
+                assert f"--{key.replace('_', '-')}" in line
+    assert main(["presets", "lape"]) == 0 and "localizer" not in capsys.readouterr().out
+
+
+def test_an_unknown_preset_is_one_line(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["analyze", "lape", "--store", "s", "--out", "m.npz", "--preset", "nope"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.strip().splitlines()) == 1 and "invalid choice" in err
+
+
+def test_the_readme_table_is_the_presets():
+    """Every preset, command and value in ``PRESETS`` is in the README's preset table, and no other."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    rows = [ln for ln in text.splitlines() if ln.startswith("| `--preset ")]
+    table = {}
+    for row in rows:
+        name, command, settings = (c.strip() for c in row.strip("|").split("|")[:3])
+        table[(name.split()[1].strip("`"), command.strip("`").removeprefix("lsn "))] = settings
+    assert set(table) == set(CASES)
+    for (name, command), settings in table.items():
+        shown = dict(re.findall(r"`--([\w-]+)(?: ([^`]+))?`", settings))
+        want = {k.replace("_", "-"): ("" if v is True else str(v)) for k, v in PRESETS[name].commands[command].items()}
+        assert shown == want, (name, command)
