@@ -576,8 +576,14 @@ def fingerprint_differences(old: dict, new: dict) -> list[str]:
         a, b = old.get(section, {}), new.get(section, {})
         for key in sorted(set(a) | set(b)):
             if a.get(key) != b.get(key):
-                lines.append(f"{section}.{key}: store has {a.get(key)!r}, this run has {b.get(key)!r}")
+                lines.append(f"{section}.{key}: store has {_entry(a, key)}, this run has {_entry(b, key)}")
     return lines
+
+
+def _entry(section: dict, key: str) -> str:
+    """A fingerprint entry as shown; an absent one (e.g. a tokenization setting left at the value lsn used
+    before it was recorded, see ``harvester.driver._tokenization_settings``) is ``nothing``, not ``None``."""
+    return repr(section[key]) if key in section else "nothing"
 
 
 def _layer_chunk(n_layers: int, per_layer: int) -> int:

@@ -194,7 +194,10 @@ def document_tokens(tokenizer, docs: Iterable[list[tuple[str, str]]], group_ids:
 
 
 def _encode(tokenizer, docs, group_ids, eos_id, bos_ids, whole, seams):
-    encoded = _encode_whole(tokenizer, docs, group_ids, seams) if whole else _encode_segments(tokenizer, docs, group_ids)
+    if whole:
+        encoded = _encode_whole(tokenizer, docs, group_ids, seams)
+    else:
+        encoded = _encode_segments(tokenizer, docs, group_ids)
     for ids, groups in encoded:
         if not ids:
             continue

@@ -274,7 +274,7 @@ def test_a_store_from_before_the_options_reads_verifies_and_resumes(tmp_path, ca
     out = capsys.readouterr().out
     assert "tokens: --bos none, EOS after every example, --encode segments" in out.splitlines()
     assert main(["harvest", "--store", str(store), *args]) == 2
-    assert "settings.bos: store has None, this run has 'auto'" in capsys.readouterr().err
+    assert "settings.bos: store has nothing, this run has 'auto'" in capsys.readouterr().err
     flip_byte(store / "shards" / "act_sum" / "c" / "0" / "0" / "0" / "0")  # shard 0's row
     assert main(["verify", "--repair", str(store)]) == 0
     assert main(["harvest", "--store", str(store), *args, *OLD]) == 0
