@@ -55,6 +55,13 @@ class HarvestConfig:
     """vLLM backend: its memory reservation, GiB of KV cache or N% of the device (see ``lsn harvest --help``)."""
     tokenize_tasks: int | None = None
     """Concurrent tokenization tasks (default: the CPUs the model actors leave free, at least 1)."""
+    bos: Literal["auto", "document", "window", "none"] = "auto"
+    """Where the tokenizer's BOS goes (:func:`harvester.windows.resolve_bos`)."""
+    eos_per_example: bool = False
+    """Token pooling: each example of a ``sequence`` corpus ends with EOS (packed documents always do)."""
+    encode: Literal["whole", "segments"] = "whole"
+    """How a document's segments are encoded: ``whole`` (once, roles from character offsets; a slow
+    tokenizer falls back to ``segments``) or ``segments`` (each on its own)."""
     progress: bool = True
     overwrite: bool = False
     """Discard an existing store at ``store`` (once every up-front check passed) instead of resuming it."""
@@ -73,6 +80,9 @@ class HarvestConfig:
             raise HarvestError("no corpus given: --corpus SPEC (repeatable)")
         if self.corpus_options.lowercase and not any(str(c).startswith("stimuli:") for c in self.corpus):
             raise HarvestError("--lowercase is for stimuli corpora (stimuli:FILE.csv); no corpus here is one")
+        if self.bos not in ("auto", "document", "window", "none") or self.encode not in ("whole", "segments"):
+            raise HarvestError(f"--bos must be auto, document, window or none and --encode whole or segments, "
+                               f"not {self.bos!r} and {self.encode!r}")
         if self.tokenize_tasks is not None and self.tokenize_tasks <= 0:
             raise HarvestError(f"--tokenize-tasks must be positive, got {self.tokenize_tasks}")
         for name in ("seq_len", "batch_size", "shard_tokens", "tensor_parallel"):
@@ -171,6 +181,23 @@ class HarvestOptions(DeviceOptions):
     """hooked module pattern, e.g. model.layers.{layer}.mlp.act_fn (none: the architecture's own)"""
     pooling: Literal["token", "last", "mean"] = CorpusOptions.pooling
     """token statistics, or one pooled sample per document segment (stimulus)"""
+    bos: Literal["auto", "document", "window", "none"] = HarvestConfig.bos
+    """the tokenizer's BOS, as its own special-token processing prepends it (or its bos_token_id): auto: before
+    each example of a sequence corpus (instruct, ec40, stimuli) and each document of packed text, as the
+    studies encode them, and none at all with a tokenizer that adds none (Qwen2, GPT-2, BLOOM); document:
+    before each example or document (an error without a BOS token); window: at the start of each packed
+    window of --seq-len tokens (BOS plus --seq-len - 1 tokens of text; LAPE's activation.py adds none per
+    window: it cuts pre-tokenized text, so its BOS is wherever the tokenization put one); none: no BOS (lsn
+    before this option). A BOS counts for the group of the token after it (an instruction's BOS: the prompt)"""
+    eos_per_example: bool = HarvestConfig.eos_per_example
+    """end each example of a sequence corpus (instruct, ec40) with EOS, counted in its last segment (response,
+    target), as lsn did before this option; by default only packed documents end with EOS, their separator"""
+    encode: Literal["whole", "segments"] = HarvestConfig.encode
+    """whole: an example's segments (prompt then response, source then target) joined and encoded once, each
+    token counted in the segment its first character is in (a fast tokenizer's offsets), so that the response
+    counts what the alignment study's full - prompt counts; examples where it cannot (the prompt's own
+    encoding is not a prefix of the whole) are counted per group and reported; a slow tokenizer falls back to
+    segments with a notice. segments: each segment encoded on its own (lsn before this option)"""
     pairs: str | None = CorpusOptions.pairs
     """EC40 directions: en-fr,fr-en,... | all"""
     split: Literal["train", "validation", "test"] = CorpusOptions.split
@@ -209,15 +236,15 @@ class HarvestOptions(DeviceOptions):
             use_ray=not self.no_ray, stats=stats, hist_edges=parse_edges(self.hist_edges) if "hist" in stats else None,
             site=self.site_module, unit=self.unit, tokenize_tasks=self.tokenize_tasks,
             tensor_parallel=self.tensor_parallel, vllm_memory=self.vllm_memory, progress=not self.no_progress,
-            overwrite=self.overwrite)
+            overwrite=self.overwrite, bos=self.bos, eos_per_example=self.eos_per_example, encode=self.encode)
 
 
 LOCALIZER: dict = {"unit": "residual", "pooling": "last", "lowercase": True, "truncate": 12,
-                   "truncation_side": "right"}
+                   "truncation_side": "right", "bos": "auto"}
 """The localizer reference's harvest (BKHMSI/llm-localization ``localize.py``), as :class:`HarvestOptions`
 values for ``--preset localizer``: each transformer block's output, the last token of each stimulus,
 stimuli lowercased and cut to their first 12 tokens. Its tokenizer call also puts the model's BOS (Llama,
-Gemma, Mistral; none for GPT-2) inside those 12 tokens: that is the ``--bos`` option's to set. Padding
-needs no setting: the reference runs one stimulus at a time, and lsn pools over each stimulus's own
+Gemma, Mistral; none for GPT-2) inside those 12 tokens (``--bos auto``: what the tokenizer adds, per
+stimulus). Padding needs no setting: the reference runs one stimulus at a time, and lsn pools over each stimulus's own
 tokens, never over padding, whatever ``--batch-size``. Statistics default to ``active,sum,sqsum,abs``
 when pooled, which the Welch t on absolute values needs."""

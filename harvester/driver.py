@@ -22,7 +22,7 @@ from harvester.devices import start_line, wants_ray
 from harvester.errors import HarvestError
 from harvester.stats import StatsSpec
 from harvester.store import Store, StoreAttrs, discard, fingerprint_sha256, read_attrs, tokens_dir
-from harvester.windows import SHARDS_PER_STREAM, ShardInfo, TokenSettings, precheck, read_manifest
+from harvester.windows import SHARDS_PER_STREAM, ShardInfo, TokenSettings, precheck, read_manifest, resolve_bos
 from harvester.worker import ShardWorker, TokenizeJob, WorkerConfig, tokenize
 
 _MAX_ATTEMPTS = 3
@@ -41,13 +41,14 @@ def harvest(cfg: HarvestConfig) -> Store:
         site = arch.resolve_site(config, cfg.site, cfg.unit)
         max_positions(config, cfg.seq_len)
         tokenizer = load_tokenizer(model_path, config)
-        if tokenizer.eos_token_id is None and cfg.corpus_options.pooling == "token":
-            raise HarvestError("the tokenizer has no EOS token; documents cannot be separated")
         corpora = parse_corpora(cfg.corpus, cfg.corpus_options)  # reads and checks every local input
+        if tokenizer.eos_token_id is None and _needs_eos(cfg, corpora):
+            raise HarvestError("the tokenizer has no EOS token; documents cannot be separated")
         if len(corpora.groups) > np.iinfo(np.int16).max:
             raise HarvestError(f"too many groups ({len(corpora.groups)})")
-        fingerprint = _fingerprint(cfg, config, model_path, site, tokenizer, corpora, _stats_spec(cfg))
-        settings = _token_settings(cfg, fingerprint, tokenizer)
+        tokens = _tokenization(cfg, tokenizer)
+        fingerprint = _fingerprint(cfg, config, model_path, site, tokenizer, corpora, _stats_spec(cfg), tokens)
+        settings = _token_settings(cfg, fingerprint, tokenizer, tokens)
         existing = read_attrs(cfg.store)
         if cfg.overwrite or existing is None or not existing.complete:
             precheck(corpora, tokenizer, settings)  # pooled corpora: every document fits --seq-len
@@ -59,11 +60,40 @@ def harvest(cfg: HarvestConfig) -> Store:
         return _harvest_into(cfg, held, fingerprint, _meta(cfg, config), corpora, settings, model_path, replace)
 
 
-def _token_settings(cfg: HarvestConfig, fingerprint: dict, tokenizer) -> TokenSettings:
+def _needs_eos(cfg: HarvestConfig, corpora) -> bool:
+    """Token statistics end packed documents with EOS, and examples too with ``--eos-per-example``."""
+    return cfg.corpus_options.pooling == "token" and (
+        cfg.eos_per_example or any(s.packing == "pack" for s in corpora.streams))
+
+
+def _tokenization(cfg: HarvestConfig, tokenizer) -> dict:
+    """``--bos``, ``--eos-per-example`` and ``--encode`` resolved for this tokenizer: the BOS ids and where
+    they go; ``whole`` falls back to ``segments`` (with a notice) for a tokenizer without character offsets."""
+    place, bos_ids = resolve_bos(tokenizer, cfg.bos)
+    encode = cfg.encode
+    if encode == "whole" and not getattr(tokenizer, "is_fast", False):
+        _log("notice: the tokenizer is a slow one, without character offsets: --encode segments "
+             "(each segment of an example encoded on its own)")
+        encode = "segments"
+    return {"bos": cfg.bos, "bos_place": place, "bos_ids": list(bos_ids), "eos_per_example": cfg.eos_per_example,
+            "encode": encode}
+
+
+def _tokenization_settings(tokens: dict) -> dict:
+    """The fingerprint's entries for ``tokens`` (:func:`_tokenization`). One at the value lsn used before it
+    was recorded (no BOS, EOS after every example, segments encoded alone) is left out, so that a store
+    written before keeps its fingerprint; readers take an absent one as that value."""
+    legacy = {"bos": "none", "bos_place": "none", "bos_ids": [], "eos_per_example": True, "encode": "segments"}
+    return {key: value for key, value in tokens.items() if legacy[key] != value}
+
+
+def _token_settings(cfg: HarvestConfig, fingerprint: dict, tokenizer, tokens: dict) -> TokenSettings:
     return TokenSettings(cfg.seq_len, cfg.shard_tokens, cfg.corpus_options.pooling, fingerprint["tokenizer"]["sha256"],
                          tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1,
                          fingerprint_sha256=fingerprint_sha256(fingerprint),
-                         corpus_sha256=fingerprint_sha256(fingerprint["corpus"]))
+                         corpus_sha256=fingerprint_sha256(fingerprint["corpus"]), bos=tokens["bos_place"],
+                         bos_ids=tuple(tokens["bos_ids"]), eos_per_example=tokens["eos_per_example"],
+                         encode=tokens["encode"])
 
 
 def _overwrite(path: str, attrs: StoreAttrs) -> None:
@@ -142,7 +172,7 @@ def _corpus_meta(root: str, corpora, infos: list[ShardInfo]) -> dict:
             "truncated_tokens": sum(m["truncated_tokens"] for m in manifests),
             "truncated_documents": sum(m["truncated_documents"] for m in manifests),
             **{f"{key}_per_group": _per_group(manifests, f"{key}_per_group", len(corpora.groups))
-               for key in ("truncated_tokens", "truncated_documents")}}
+               for key in ("truncated_tokens", "truncated_documents", "boundaries", "boundary_mismatches")}}
 
 
 def _per_group(manifests: list[dict], key: str, n_groups: int) -> list[int] | None:
@@ -466,7 +496,7 @@ def _tokenizer_hash(tokenizer) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _fingerprint(cfg, config, model_path, site, tokenizer, corpora, spec: StatsSpec) -> dict:
+def _fingerprint(cfg, config, model_path, site, tokenizer, corpora, spec: StatsSpec, tokens: dict) -> dict:
     """Everything that decides the numbers in the store; a resumed run must match it exactly."""
     return {
         "model": {**model_identity(cfg.model, model_path, config), "architecture": config.model_type,
@@ -481,7 +511,7 @@ def _fingerprint(cfg, config, model_path, site, tokenizer, corpora, spec: StatsS
                      "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
                      "shard_tokens": cfg.shard_tokens, "stats": list(spec.stats),
                      "hist_edges": list(spec.hist_edges) if spec.hist_edges else None,
-                     "pooling": cfg.corpus_options.pooling},
+                     "pooling": cfg.corpus_options.pooling, **_tokenization_settings(tokens)},
     }
 
 

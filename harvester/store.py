@@ -293,6 +293,11 @@ class CorpusInfo(_Section):
     """``truncated_tokens`` per group, in group order (absent in stores made before lsn recorded it)."""
     truncated_documents_per_group: tuple[int, ...] | None = _field(_optional(_list_of(_integer)))
     """Per group: documents that lost at least one of its tokens."""
+    boundaries_per_group: tuple[int, ...] | None = _field(_optional(_list_of(_integer)))
+    """``--encode whole``: per group, the segment boundaries into its segments (an example's response)."""
+    boundary_mismatches_per_group: tuple[int, ...] | None = _field(_optional(_list_of(_integer)))
+    """Of those, the ones where the text before the boundary (the prompt), encoded alone, is not a prefix of
+    the whole encoding: there the group does not count what a two-pass ``full - prefix`` counts."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -307,6 +312,15 @@ class Settings(_Section):
     stats: tuple[str, ...] = _field(_list_of(_stat), required=True)
     hist_edges: tuple[float, ...] | None = _field(_optional(_list_of(_number)))
     pooling: str | None = _field(_optional(_text))
+    bos: str | None = _field(_optional(_text))
+    """``--bos`` as given; absent (a store from before the option, or ``--bos none``): none."""
+    bos_place: str | None = _field(_optional(_text))
+    """Where the BOS went (``document``, ``window``; absent: none), ``--bos auto`` resolved."""
+    bos_ids: tuple[int, ...] | None = _field(_optional(_list_of(_integer)))
+    eos_per_example: bool | None = _field(_optional(_flag))
+    """Absent: true (before ``--eos-per-example``, every example ended with EOS)."""
+    encode: str | None = _field(_optional(_text))
+    """``whole`` or ``segments``; absent: segments (the encoding before ``--encode``)."""
 
     @property
     def spec(self) -> StatsSpec:
@@ -421,6 +435,8 @@ class StoreAttrs(_Section, Mapping):
                             ("meta.corpus.truncated_tokens_per_group", self.corpus.truncated_tokens_per_group),
                             ("meta.corpus.truncated_documents_per_group",
                              self.corpus.truncated_documents_per_group),
+                            ("meta.corpus.boundaries_per_group", self.corpus.boundaries_per_group),
+                            ("meta.corpus.boundary_mismatches_per_group", self.corpus.boundary_mismatches_per_group),
                             ("totals.tokens", self.totals and self.totals.tokens)):
             if values is not None and len(values) != n:
                 raise _Malformed(key, f"has {len(values)} entries for {n} groups")
@@ -560,8 +576,14 @@ def fingerprint_differences(old: dict, new: dict) -> list[str]:
         a, b = old.get(section, {}), new.get(section, {})
         for key in sorted(set(a) | set(b)):
             if a.get(key) != b.get(key):
-                lines.append(f"{section}.{key}: store has {a.get(key)!r}, this run has {b.get(key)!r}")
+                lines.append(f"{section}.{key}: store has {_entry(a, key)}, this run has {_entry(b, key)}")
     return lines
+
+
+def _entry(section: dict, key: str) -> str:
+    """A fingerprint entry as shown; an absent one (e.g. a tokenization setting left at the value lsn used
+    before it was recorded, see ``harvester.driver._tokenization_settings``) is ``nothing``, not ``None``."""
+    return repr(section[key]) if key in section else "nothing"
 
 
 def _layer_chunk(n_layers: int, per_layer: int) -> int:

@@ -36,7 +36,36 @@ def summarize(path: str) -> str:
                      f"{mean}{cut}")
     total_cut = f"{sum(cut_tokens):>9}{attrs.corpus.truncated_documents or 0:>9}" if cut_tokens is not None else ""
     lines.append(f"{'total':<{width}}{int(tokens.sum()):>10}{'':>29}{total_cut}")
-    return "\n".join(lines)
+    return "\n".join(lines + [line for line in (tokenization(attrs), boundaries(attrs)) if line])
+
+
+def tokenization(attrs: StoreAttrs) -> str:
+    """How documents became tokens, in a line; a setting the store does not record (it predates it) is the
+    value lsn used then: no BOS, EOS after every example, segments encoded alone. Empty for an import."""
+    s = attrs.settings
+    if s.backend is None:
+        return ""
+    place = s.bos_place or "none"
+    bos = f"--bos {s.bos or 'none'}"
+    if place != "none":
+        bos += f" (ids {list(s.bos_ids or ())} per {place})"
+    elif s.bos not in (None, "none"):
+        bos += " (the tokenizer adds none)"
+    eos = "EOS after every example" if s.eos_per_example in (None, True) else "no EOS inside examples"
+    return f"tokens: {bos}, {eos}, --encode {s.encode or 'segments'}"
+
+
+def boundaries(attrs: StoreAttrs) -> str:
+    """Per group after a segment boundary (a response), the examples whose prompt, encoded alone, is not
+    a prefix of the whole encoding (there the group differs from the two-pass full - prompt)."""
+    corpus = attrs.corpus
+    if corpus.boundaries_per_group is None or corpus.boundary_mismatches_per_group is None:
+        return ""
+    parts = [f"{name} {bad} of {n}" for name, n, bad in
+             zip(corpus.groups, corpus.boundaries_per_group, corpus.boundary_mismatches_per_group) if n]
+    if not parts:
+        return ""
+    return "boundary mismatches (prompt encoded alone not a prefix of the whole): " + ", ".join(parts)
 
 
 def _cut(attrs: StoreAttrs) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:

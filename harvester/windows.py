@@ -5,8 +5,12 @@ time), into Parquet files ``TOKENS/{stream:05d}/{k:06d}.parquet`` with one row p
 ``ids`` list<int32> and ``groups`` list<int16>: every token carries its group id), and, once the
 stream is finished, a manifest ``TOKENS/{stream:05d}.json`` listing its shards.
 
-Documents (lists of ``(group, text)`` segments): each segment is tokenized without special tokens;
-with token pooling the document then ends with the tokenizer's EOS token, attributed to the last
+Documents (lists of ``(group, text)`` segments) are encoded as :class:`TokenSettings` says (see
+:func:`document_tokens`): once as one string with each token in the segment its first character
+is in (``whole``), or each segment on its own (``segments``, the encoding before ``--encode``); with
+the tokenizer's BOS before each document (``bos="document"``) or each packed window (``"window"``),
+counted in the group of the token it precedes; with token pooling a packed document ends with the
+tokenizer's EOS token (a ``sequence`` document only with ``eos_per_example``), counted in the last
 segment's group. With ``pack`` packing a stream's documents are concatenated and cut into consecutive
 windows of ``seq_len`` tokens (the last may be shorter): every token lands in exactly one window.
 With ``sequence`` packing each document is its own window; a longer document is cut at ``seq_len``
@@ -21,7 +25,9 @@ Consecutive windows form a shard of at most ``shard_tokens`` tokens (at least on
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Iterator
@@ -83,11 +89,31 @@ class TokenSettings:
     """The harvest these tokens belong to: another harvest's token shards are never reused."""
     corpus_sha256: str = ""
     """The corpus identity (specs, groups, streams, sources and options) the tokens were made from."""
+    bos: str = "none"
+    """Where ``bos_ids`` go: ``document`` (before each document), ``window`` (each packed window starts
+    with them) or ``none``; ``--bos auto`` is resolved to one of these by :func:`resolve_bos`."""
+    bos_ids: tuple[int, ...] = ()
+    """What the tokenizer's special-token processing puts before a text (its BOS), see :func:`bos_prefix`."""
+    eos_per_example: bool = True
+    """Token pooling: a ``sequence`` document (an example) ends with EOS too (packed documents always do)."""
+    encode: str = "segments"
+    """``whole``: a document is encoded once, each token in the segment its first character is in;
+    ``segments``: each segment on its own. (These defaults are the encoding from before the options.)"""
 
     def __post_init__(self):
         for name in ("seq_len", "shard_tokens"):
             if getattr(self, name) <= 0:
                 raise HarvestError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.bos not in BOS_PLACES or self.encode not in ENCODINGS:
+            raise HarvestError(f"bad token settings: bos {self.bos!r}, encode {self.encode!r}")
+        if self.bos == "window" and len(self.bos_ids) >= self.seq_len:
+            raise HarvestError(f"--bos window needs --seq-len above {len(self.bos_ids)}, got {self.seq_len}")
+
+
+BOS_PLACES = ("document", "window", "none")
+ENCODINGS = ("whole", "segments")
+LEGACY = {"bos": "none", "bos_ids": [], "eos_per_example": True, "encode": "segments"}
+"""The token settings of a manifest (or store) written before they were recorded."""
 
 
 def shard_index(stream: int, k: int) -> int:
@@ -97,20 +123,94 @@ def shard_index(stream: int, k: int) -> int:
 
 
 # -- tokenization -------------------------------------------------------------------------------
+_PROBE = "Hello world"
+
+
+def bos_prefix(tokenizer) -> list[int]:
+    """The ids the tokenizer's special-token processing puts before a text: its BOS as ``tokenizer(text)``
+    adds it (Llama, Mistral, Gemma, Aya), or nothing (Qwen2, GPT-2, BLOOM add none). What it appends
+    (an EOS some tokenizers add) is not taken."""
+    plain = tokenizer(_PROBE, add_special_tokens=False)["input_ids"]
+    full = tokenizer(_PROBE)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return list(full[:start])
+    raise HarvestError(f"cannot tell what the tokenizer adds before a text: its encoding of {_PROBE!r} with "
+                       "special tokens does not contain the one without; use --bos none")
+
+
+def resolve_bos(tokenizer, bos: str) -> tuple[str, tuple[int, ...]]:
+    """``--bos`` as ``(place, ids)``: ``auto`` puts what the tokenizer prepends before each document (and
+    nothing when it prepends nothing); ``document`` and ``window`` put it, or else the tokenizer's
+    ``bos_token_id``, before each document or each packed window."""
+    if bos == "none":
+        return "none", ()
+    prefix = tuple(bos_prefix(tokenizer))
+    if bos == "auto":
+        return ("document", prefix) if prefix else ("none", ())
+    if not prefix:
+        if tokenizer.bos_token_id is None:
+            raise HarvestError(f"--bos {bos}: the tokenizer has no BOS token (bos_token_id); use --bos auto or none")
+        prefix = (int(tokenizer.bos_token_id),)
+    return bos, prefix
+
+
+class _Seams:
+    """Whole encoding: per group id, the segment boundaries into that group's segments (an example's
+    response), and the mismatches among them: where the encoding of the text before the boundary (the
+    prompt alone) is not a prefix of the whole encoding, or the offsets put another number of tokens
+    before it (a token straddles the boundary). Elsewhere the group counts what the two-pass
+    ``full - prefix`` counts."""
+
+    def __init__(self):
+        self.boundaries: dict[int, int] = {}
+        self.mismatches: dict[int, int] = {}
+
+    def add(self, group: int, matches: bool) -> None:
+        self.boundaries[group] = self.boundaries.get(group, 0) + 1
+        if not matches:
+            self.mismatches[group] = self.mismatches.get(group, 0) + 1
+
+    def record(self) -> dict:
+        """The manifest's entries (JSON: group ids as strings)."""
+        return {"boundaries_per_group": {str(g): n for g, n in sorted(self.boundaries.items())},
+                "boundary_mismatches_per_group": {str(g): n for g, n in sorted(self.mismatches.items())}}
+
+
 def document_tokens(tokenizer, docs: Iterable[list[tuple[str, str]]], group_ids: dict[str, int],
-                    eos_id: int | None, batch: int = 256) -> Iterator[tuple[list[int], list[int]]]:
-    """Each document's ``(ids, groups)``: segments tokenized on their own, then EOS (if given)."""
+                    eos_id: int | None, batch: int = 256, *, bos_ids: tuple[int, ...] = (), whole: bool = False,
+                    seams: _Seams | None = None) -> Iterator[tuple[list[int], list[int]]]:
+    """Each document's ``(ids, groups)``: ``bos_ids`` (in the first segment's group), its text encoded
+    whole (``whole``: once, each token in the segment its first character is in; boundaries checked into
+    ``seams``) or segment by segment, then EOS (if given, in the last segment's group). A document
+    without a text token is left out."""
     chunk: list[list[tuple[str, str]]] = []
     for doc in docs:
         chunk.append(doc)
         if len(chunk) == batch:
-            yield from _encode(tokenizer, chunk, group_ids, eos_id)
+            yield from _encode(tokenizer, chunk, group_ids, eos_id, bos_ids, whole, seams)
             chunk = []
     if chunk:
-        yield from _encode(tokenizer, chunk, group_ids, eos_id)
+        yield from _encode(tokenizer, chunk, group_ids, eos_id, bos_ids, whole, seams)
 
 
-def _encode(tokenizer, docs, group_ids, eos_id):
+def _encode(tokenizer, docs, group_ids, eos_id, bos_ids, whole, seams):
+    if whole:
+        encoded = _encode_whole(tokenizer, docs, group_ids, seams)
+    else:
+        encoded = _encode_segments(tokenizer, docs, group_ids)
+    for ids, groups in encoded:
+        if not ids:
+            continue
+        ids, groups = [*bos_ids, *ids], [groups[0]] * len(bos_ids) + groups
+        if eos_id is not None:
+            ids.append(eos_id)
+            groups.append(groups[-1])
+        yield ids, groups
+
+
+def _encode_segments(tokenizer, docs, group_ids):
+    """Each segment encoded on its own, without special tokens (the encoding before ``--encode``)."""
     texts = [text for doc in docs for _, text in doc]
     encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
     for doc in docs:
@@ -120,11 +220,29 @@ def _encode(tokenizer, docs, group_ids, eos_id):
             seg = next(encoded)
             ids.extend(seg)
             groups.extend([group_ids[group]] * len(seg))
-        if eos_id is not None and groups:
-            ids.append(eos_id)
-            groups.append(groups[-1])
-        if ids:
-            yield ids, groups
+        yield ids, groups
+
+
+def _encode_whole(tokenizer, docs, group_ids, seams):
+    """Each document's segments joined and encoded once, without special tokens; a token belongs to
+    the segment its first character is in (the fast tokenizer's character offsets)."""
+    if not docs:
+        return
+    texts = ["".join(text for _, text in doc) for doc in docs]
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    prefixes = [] if seams is None else [("".join(t for _, t in doc[:j]), n, j)
+                                         for n, doc in enumerate(docs) for j in range(1, len(doc))]
+    alone = tokenizer([p for p, _, _ in prefixes], add_special_tokens=False)["input_ids"] if prefixes else []
+    segments = []
+    for doc, offsets in zip(docs, encoded["offset_mapping"]):
+        starts = list(itertools.accumulate((len(text) for _, text in doc[:-1]), initial=0))
+        segments.append([bisect.bisect_right(starts, start) - 1 for start, _ in offsets])
+    for (_, n, j), prefix in zip(prefixes, alone):
+        ids = encoded["input_ids"][n]
+        before = sum(1 for k in segments[n] if k < j)
+        seams.add(group_ids[docs[n][j][0]], before == len(prefix) and list(ids[:len(prefix)]) == list(prefix))
+    for doc, ids, segs in zip(docs, encoded["input_ids"], segments):
+        yield list(ids), [group_ids[doc[k][0]] for k in segs]
 
 
 def windows_of(token_lists: Iterable[list[int]], seq_len: int) -> Iterator[np.ndarray]:
@@ -133,20 +251,30 @@ def windows_of(token_lists: Iterable[list[int]], seq_len: int) -> Iterator[np.nd
         yield ids
 
 
-def pack(docs: Iterable[tuple[list[int], list[int]]], seq_len: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Concatenate documents and cut into consecutive windows of ``seq_len`` (the last may be shorter)."""
-    if seq_len <= 0:
-        raise HarvestError(f"--seq-len must be positive, got {seq_len}")
+def pack(docs: Iterable[tuple[list[int], list[int]]], seq_len: int,
+         bos_ids: tuple[int, ...] = ()) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Concatenate documents and cut into consecutive windows of ``seq_len`` (the last may be shorter);
+    each window starts with ``bos_ids`` (in the group of the token after them), then ``seq_len -
+    len(bos_ids)`` tokens of the documents."""
+    body = seq_len - len(bos_ids)
+    if body <= 0:
+        raise HarvestError(f"--seq-len must be positive, got {seq_len}" if seq_len <= 0 else
+                           f"--seq-len must be above {len(bos_ids)} (the BOS each window starts with), got {seq_len}")
     ids: list[int] = []
     groups: list[int] = []
     for doc_ids, doc_groups in docs:
         ids.extend(doc_ids)
         groups.extend(doc_groups)
-        while len(ids) >= seq_len:
-            yield np.asarray(ids[:seq_len], dtype=np.int32), np.asarray(groups[:seq_len], dtype=np.int16)
-            del ids[:seq_len], groups[:seq_len]
+        while len(ids) >= body:
+            yield _window(ids[:body], groups[:body], bos_ids)
+            del ids[:body], groups[:body]
     if ids:
-        yield np.asarray(ids, dtype=np.int32), np.asarray(groups, dtype=np.int16)
+        yield _window(ids, groups, bos_ids)
+
+
+def _window(ids: list[int], groups: list[int], bos_ids: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    return (np.asarray([*bos_ids, *ids], dtype=np.int32),
+            np.asarray([groups[0]] * len(bos_ids) + groups, dtype=np.int16))
 
 
 class _Truncation:
@@ -218,17 +346,23 @@ def _limit(windows, max_tokens: int | None):
         left -= len(ids)
 
 
-def stream_windows(corpora, index: int, tokenizer, settings: TokenSettings, cut: _Truncation):
+def stream_windows(corpora, index: int, tokenizer, settings: TokenSettings, cut: _Truncation,
+                   seams: _Seams | None = None):
     """Windows ``(ids, groups)`` of stream ``index`` of ``corpora``, in order."""
     stream = corpora.streams[index]
     pooled = settings.pooling != "token"
+    packed = stream.packing == "pack"
     group_ids = {g: i for i, g in enumerate(corpora.groups)}
-    docs = document_tokens(tokenizer, corpora.documents(index), group_ids, None if pooled else settings.eos_id)
+    eos = None if pooled or not (packed or settings.eos_per_example) else settings.eos_id
+    per_window = settings.bos == "window" and packed  # a sequence document is its own window
+    bos_ids = () if per_window or settings.bos == "none" else settings.bos_ids
+    docs = document_tokens(tokenizer, corpora.documents(index), group_ids, eos, bos_ids=bos_ids,
+                           whole=settings.encode == "whole", seams=seams)
     options = getattr(corpora, "options", None)
-    if stream.packing == "sequence" and options is not None and options.truncate is not None:
-        docs = capped(docs, options.truncate, options.truncation_side, cut)
-    if stream.packing == "pack":
-        windows = pack(docs, settings.seq_len)
+    if not packed and options is not None and options.truncate is not None:
+        docs = capped(docs, options.truncate, options.truncation_side, cut, head=len(bos_ids))
+    if packed:
+        windows = pack(docs, settings.seq_len, settings.bos_ids if per_window else ())
     else:
         windows = sequences(docs, settings.seq_len, pooled, stream.name, cut)
     return _limit(windows, stream.max_tokens)
@@ -248,10 +382,10 @@ def tokenize_stream(corpora, index: int, tokenizer, settings: TokenSettings, roo
         for info in manifest["shards"]:  # JSON object keys are strings
             yield ShardInfo(**{**info, "tokens": {int(g): n for g, n in info["tokens"].items()}})
         return
-    cut, infos, k = _Truncation(), [], 0
+    cut, seams, infos, k = _Truncation(), _Seams(), [], 0
     current: list[tuple[np.ndarray, np.ndarray]] = []
     n_current = 0
-    for ids, groups in stream_windows(corpora, index, tokenizer, settings, cut):
+    for ids, groups in stream_windows(corpora, index, tokenizer, settings, cut, seams):
         if current and n_current + len(ids) > settings.shard_tokens:
             infos.append(_write_shard(root, index, k, current))
             yield infos[-1]
@@ -265,7 +399,8 @@ def tokenize_stream(corpora, index: int, tokenizer, settings: TokenSettings, roo
         raise _no_tokens(stream.name)
     fs.write_text(manifest_path, json.dumps({
         "format": TOKENS_FORMAT, "stream": stream.name, "settings": asdict(settings),
-        "shards": [asdict(i) for i in infos], **cut.record(), "digest": stream_digest(infos),
+        "shards": [asdict(i) for i in infos], **cut.record(),
+        **(seams.record() if settings.encode == "whole" else {}), "digest": stream_digest(infos),
     }))
 
 
@@ -294,7 +429,7 @@ def _check_manifest(manifest: dict, path: str, settings: TokenSettings, stream: 
     if made.get("fingerprint_sha256", "") != settings.fingerprint_sha256:
         raise HarvestError(f"token manifest {path} was made by another harvest (or an older lsn-harvester); "
                            "use a new --store")
-    if made != asdict(settings):
+    if {**LEGACY, **made} != json.loads(json.dumps(asdict(settings))):
         raise HarvestError(f"token manifest {path} was made with other settings; use a new --store")
 
 

@@ -17,6 +17,9 @@ Per row and prompt language the table gives:
 Language identification is lingua (``lingua-language-detector``), offline, restricted to the
 languages of the prompts and the mask when lingua knows them all (all of lingua's languages
 otherwise). Words are whitespace-separated tokens of letters, and characters for Chinese and Japanese.
+
+A prompt is encoded as the references encode theirs: with the BOS the tokenizer's special-token
+processing prepends (none for a tokenizer that adds none), and nothing appended.
 """
 
 from __future__ import annotations
@@ -119,8 +122,11 @@ class GenerateWorker(ModelWorker):
     def __init__(self, model: str, dtype: str, device: str, site: str, threads: int | None = None):
         from harvester.backends.hf import load_tokenizer
 
+        from harvester.windows import bos_prefix
+
         super().__init__(model, dtype, device, site, threads)
         self.tokenizer = load_tokenizer(self.backend.path)
+        self.bos = bos_prefix(self.tokenizer)  # a prompt starts as the tokenizer starts a text (its BOS, if any)
 
     def row(self, row: Row, mode: Mode, width: int, values, settings: dict, prompts: list[Prompt]) -> list[dict]:
         """Each prompt's continuation: ``{"text", "tokens"}`` in prompt order."""
@@ -130,7 +136,8 @@ class GenerateWorker(ModelWorker):
         out = []
         with torch.inference_mode(), intervene(b.model, b.site, intervention_for(row, mode, width, values)):
             for k, prompt in enumerate(prompts):
-                ids = torch.tensor([tok(prompt.text, add_special_tokens=False)["input_ids"]], device=b.device)
+                text_ids = tok(prompt.text, add_special_tokens=False)["input_ids"]
+                ids = torch.tensor([self.bos + text_ids], device=b.device)
                 kwargs = dict(max_new_tokens=settings["max_new_tokens"], pad_token_id=b.pad_id,
                               eos_token_id=tok.eos_token_id)
                 if settings["sample"]:

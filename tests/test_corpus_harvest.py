@@ -85,6 +85,9 @@ def combined(tmp_path_factory, data):
         "model": MODEL, "store": str(root / "store"), "seq-len": 128, "batch-size": 3, "shard-tokens": 700,
         "corpus": [f"ec40:{data['ec40']}", f"wikipedia:20231101:de,ru:{data['wiki']}", f"instruct:{data['instruct']}"],
         "pairs": "en-fr,fr-en,zh-en", "max-pairs": 5, "max-tokens-per-lang": 900, "actors": 2,
+        # the encoding the references below re-implement (lsn's before these options); the defaults are
+        # checked against the alignment study's own encoding in test_tokenization.py
+        "bos": "none", "eos-per-example": True, "encode": "segments",
     }))
     assert main(["harvest", "--config", str(config), "--no-progress"]) == 0
     return root / "store"

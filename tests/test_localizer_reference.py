@@ -199,12 +199,19 @@ def test_bos_counts_inside_the_12_tokens(tied_model, stimuli, tmp_path):
     import xarray as xr
     from tokenizers.processors import TemplateProcessing
 
-    tok = AutoTokenizer.from_pretrained(tied_model)
+    import shutil
+
+    model = tmp_path / "model"  # the tied model, its tokenizer adding <s> as a Llama tokenizer does
+    shutil.copytree(tied_model, model)
+    tok = AutoTokenizer.from_pretrained(model)
     tok._tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
-    lm = AutoModelForCausalLM.from_pretrained(tied_model).eval()
+    tok.save_pretrained(model)
+    tok = AutoTokenizer.from_pretrained(model)
+    assert tok("a b")["input_ids"][0] == tok.bos_token_id
+    lm = AutoModelForCausalLM.from_pretrained(model).eval()
     store = tmp_path / "store"
     assert main(["harvest", "--config", write_yaml(tmp_path / "p.yaml", harvest_config.LOCALIZER), "--model",
-                 str(tied_model), "--corpus", f"stimuli:{stimuli[0]}", "--store", str(store), "--seq-len", "16",
+                 str(model), "--corpus", f"stimuli:{stimuli[0]}", "--store", str(store), "--seq-len", "16",
                  "--no-ray", "--no-progress", *bos_flags(True)]) == 0
     ds = xr.open_zarr(store)
     for k, condition in enumerate(("S", "N")):

@@ -21,6 +21,8 @@ from tests import fixtures
 
 MODEL = "tiny:llama"
 FAST = ["--model", MODEL, "--no-ray", "--no-progress", "--shard-tokens", "512", "--batch-size", "4"]
+OLD = ["--bos", "none", "--eos-per-example", "--encode", "segments"]
+"""The encoding :func:`reference_cut` re-implements (lsn's before --bos, --eos-per-example and --encode)."""
 
 
 def run(capsys, *argv):
@@ -157,7 +159,7 @@ def test_truncation_is_reported_per_group_and_an_empty_group_is_an_error(tmp_pat
     store, seq_len = tmp_path / "st", 12
     expected = reference_cut(instruct, seq_len)
     assert all(v[0] == 0 for k, v in expected.items() if k.endswith(":response"))  # the case of the issue
-    code, out, err = run(capsys, "harvest", *FAST, "--corpus", f"instruct:{instruct}", "--seq-len", seq_len,
+    code, out, err = run(capsys, "harvest", *FAST, *OLD, "--corpus", f"instruct:{instruct}", "--seq-len", seq_len,
                          "--store", store)
     assert code == 2
     lines = err.strip().splitlines()
@@ -186,12 +188,12 @@ def test_a_small_loss_warns_and_none_stays_quiet(tmp_path, capsys, instruct):
     longest = max(sum(v[:2]) for v in reference_cut(instruct, 10_000).values())
     seq_len = next(n for n in range(8, 512) if all(v[0] > 0 for v in reference_cut(instruct, n).values()))
     expected = reference_cut(instruct, seq_len)
-    code, _, err = run(capsys, "harvest", *FAST, "--corpus", f"instruct:{instruct}", "--seq-len", seq_len,
+    code, _, err = run(capsys, "harvest", *FAST, *OLD, "--corpus", f"instruct:{instruct}", "--seq-len", seq_len,
                        "--store", tmp_path / "a")
     assert code == 0, err
     warned = {line.split()[3] for line in err.splitlines() if line.startswith("lsn: warning: group ")}
     assert warned == {g for g, (kept, cut, _) in expected.items() if cut > 0.01 * (kept + cut)} != set()
-    code, _, err = run(capsys, "harvest", *FAST, "--corpus", f"instruct:{instruct}", "--seq-len", 2 * longest,
+    code, _, err = run(capsys, "harvest", *FAST, *OLD, "--corpus", f"instruct:{instruct}", "--seq-len", 2 * longest,
                        "--store", tmp_path / "b")
     assert code == 0 and "warning" not in err
     assert read_attrs(tmp_path / "b").corpus.truncated_tokens_per_group == (0, 0, 0, 0)

@@ -83,7 +83,8 @@ def old_harvest_meta(fp: dict, corpus_results: dict) -> dict:
 def test_a_harvest_writes_the_layout_it_always_wrote(pristine):
     raw = on_disk(pristine)
     results = {k: raw["meta"]["corpus"][k] for k in ("digest", "windows", "truncated_tokens", "truncated_documents",
-                                                     "truncated_tokens_per_group", "truncated_documents_per_group")}
+                                                     "truncated_tokens_per_group", "truncated_documents_per_group",
+                                                     "boundaries_per_group", "boundary_mismatches_per_group")}
     tokens = [int(n) for n in xr.open_zarr(pristine)["tokens"].values]
     results.update(tokens_per_group=tokens, tokens=sum(tokens), shards=raw["totals"]["shards"])
     assert raw["meta"] == old_harvest_meta(raw["fingerprint"], results)

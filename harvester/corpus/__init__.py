@@ -5,8 +5,8 @@ role ``de:response``, a condition ``S``) and **streams** (independent units of t
 cut into its own token shards: a language's text, one translation direction, one condition).
 A stream yields **documents**; a document is a list of segments ``(group, text)`` that follow each
 other in one sequence (a translation example: source then target; an instruction: prompt then
-response). Each segment is tokenized on its own, without special tokens, so the same text gives the
-same ids whatever it is paired with; the document ends with the tokenizer's EOS token.
+response). How a document becomes tokens (one encoding of the whole, BOS, EOS) is the harvest's
+``--encode``, ``--bos`` and ``--eos-per-example`` (see :mod:`harvester.windows`).
 
 Packing (per stream): ``pack`` concatenates documents and cuts the stream into windows of
 ``seq_len`` tokens (plain text, Wikipedia); ``sequence`` gives each document its own window (paired
