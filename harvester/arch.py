@@ -103,11 +103,12 @@ def _gated(name: str, **tiny) -> Arch:
                 lora=True, attention=_ATTENTION)
 
 
-def _h_to_4h(name: str, layers: str, attention: tuple[str, ...], act: str, tiny: dict) -> Arch:
+def _h_to_4h(name: str, layers: str, attention: tuple[str, ...], act: str, width_key: str | None, tiny: dict) -> Arch:
     """BLOOM and GPT-NeoX: ``dense_4h_to_h(act(dense_h_to_4h(x)))``."""
-    return Arch(name, act=f"{layers}.mlp.{act}", block=layers, mlp=f"{layers}.mlp", up_proj=f"{layers}.mlp.dense_h_to_4h",
+    return Arch(name, act=f"{layers}.mlp.{act}", block=layers, mlp=f"{layers}.mlp",
+                up_proj=f"{layers}.mlp.dense_h_to_4h",
                 down_proj=f"{layers}.mlp.dense_4h_to_h", gated=False,
-                width_key="intermediate_size" if name == "gpt_neox" else None,
+                width_key=width_key,
                 tiny=tiny, lora=True, attention=tuple(f"{layers}.{a}" for a in attention))
 
 
@@ -123,16 +124,18 @@ ARCHS: dict[str, Arch] = {a.name: a for a in (
     Arch("phi3", act=f"{_M}.activation_fn", block=_L, mlp=_M, up_proj=f"{_M}.gate_up_proj", down_proj=f"{_M}.down_proj",
          gated=True, width_key="intermediate_size", tiny=_TINY_GATED, vllm_act=f"{_M}.act_fn"),
     Arch("gpt2", act="transformer.h.{layer}.mlp.act", block="transformer.h.{layer}", mlp="transformer.h.{layer}.mlp",
-         up_proj="transformer.h.{layer}.mlp.c_fc", down_proj="transformer.h.{layer}.mlp.c_proj", gated=False, width_key="n_inner",
+         up_proj="transformer.h.{layer}.mlp.c_fc", down_proj="transformer.h.{layer}.mlp.c_proj", gated=False,
+         width_key="n_inner",
          tiny=dict(n_embd=64, n_inner=128, n_layer=3, n_head=2, n_positions=512)),
-    _h_to_4h("bloom", "transformer.h.{layer}", ("self_attention.query_key_value", "self_attention.dense"), "gelu_impl",
+    _h_to_4h("bloom", "transformer.h.{layer}", ("self_attention.query_key_value", "self_attention.dense"), "gelu_impl", None,
              dict(hidden_size=64, n_layer=3, n_head=2, tie_word_embeddings=True)),  # as released; vLLM needs it
     Arch("opt", act=f"{_OPT}.activation_fn", block=_OPT, mlp=_OPT, up_proj=f"{_OPT}.fc1", down_proj=f"{_OPT}.fc2",
-         gated=False, width_key="ffn_dim", tiny=dict(hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=2,
-                                        word_embed_proj_dim=64, max_position_embeddings=512),
+         gated=False, width_key="ffn_dim",
+         tiny=dict(hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=2, word_embed_proj_dim=64,
+                   max_position_embeddings=512),
          lora=True, attention=tuple(f"{_OPT}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "out_proj"))),
     _h_to_4h("gpt_neox", "gpt_neox.layers.{layer}", ("attention.query_key_value", "attention.dense"), "act",
-             dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
+             "intermediate_size", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
                   max_position_embeddings=512)),
 )}
 ADAPTERS = ARCHS
@@ -148,7 +151,8 @@ def record(config, what: str = "") -> Arch:
     (``what`` says what needed it)."""
     found = ARCHS.get(config.model_type)
     if found is None:
-        raise HarvestError(f"{what or 'lsn'} does not know architecture '{config.model_type}'; supported: {supported()}")
+        raise HarvestError(f"{what or 'lsn'} does not know architecture '{config.model_type}'; "
+                           f"supported: {supported()}")
     return found
 
 
