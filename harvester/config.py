@@ -48,7 +48,8 @@ class HarvestConfig:
     site: str | None = None
     """Override the hooked module, e.g. ``model.layers.{layer}.mlp.act_fn``."""
     unit: str = "mlp"
-    """``mlp`` neurons, or ``residual``: the transformer blocks' outputs."""
+    """``mlp`` neurons (the activation's output), ``gate`` (the same neurons' gate projection output, the
+    activation's input), or ``residual``: the transformer blocks' outputs (:data:`harvester.arch.UNITS`)."""
     tensor_parallel: int = 1
     """vLLM backend: GPUs (ranks) per model; each rank holds a contiguous slice of the neurons."""
     vllm_memory: str | None = None
@@ -175,8 +176,10 @@ class HarvestOptions(DeviceOptions):
     """any of active,sum,sqsum,abs,hist (none: active,sum,sqsum; with --pooling last|mean also abs)"""
     hist_edges: str = "-1:4:100"
     """histogram bins LO:HI:BINS (with --stats ...,hist)"""
-    unit: Literal["mlp", "residual"] = HarvestConfig.unit
-    """mlp: MLP neurons; residual: the transformer blocks' outputs (formerly --site)"""
+    unit: Literal["mlp", "gate", "residual"] = HarvestConfig.unit
+    """mlp: MLP neurons (the activation's output); gate: the same neurons' gate projection output, before the
+    activation (gated MLPs; for lsn intervene --values-from); residual: the transformer blocks' outputs
+    (formerly --site)"""
     site_module: str | None = HarvestConfig.site
     """hooked module pattern, e.g. model.layers.{layer}.mlp.act_fn (none: the architecture's own)"""
     pooling: Literal["token", "last", "mean"] = CorpusOptions.pooling

@@ -15,30 +15,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from harvester.arch import ARCHS
 from harvester.errors import HarvestError
 
 VOCAB = 1024
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3
 _TINY_VERSION = 2  # 2: head size 32, the smallest vLLM's CPU attention accepts
 
-_GATED = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
-              num_key_value_heads=1, max_position_embeddings=512)
-CONFIGS: dict[str, dict] = {
-    "llama": _GATED,
-    "mistral": _GATED,
-    "qwen2": _GATED,
-    "qwen3": dict(_GATED, head_dim=32),
-    "gemma": dict(_GATED, head_dim=32),
-    "gemma2": dict(_GATED, head_dim=32, tie_word_embeddings=True),  # as released; vLLM's Gemma 2 needs it
-    "cohere": _GATED,
-    "phi3": _GATED,
-    "gpt2": dict(n_embd=64, n_inner=128, n_layer=3, n_head=2, n_positions=512),
-    "bloom": dict(hidden_size=64, n_layer=3, n_head=2, tie_word_embeddings=True),  # as released; vLLM needs it
-    "opt": dict(hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=2,
-                word_embed_proj_dim=64, max_position_embeddings=512),
-    "gpt_neox": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
-                     max_position_embeddings=512),
-}
+CONFIGS: dict[str, dict] = {name: record.tiny for name, record in ARCHS.items()}
+"""``tiny:ARCH`` -> its config keywords: a view of the records in :data:`harvester.arch.ARCHS`."""
 
 
 def cache_dir() -> Path:

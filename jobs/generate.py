@@ -185,7 +185,7 @@ def run_generate(job: GenerateJob) -> dict:
         raise HarvestError(f"--top-p must lie in (0, 1], got {job.top_p}")
     fs.output_dir(job.out, make=False)
     plan = make_plan(job.model, job.mask, job.langs, job.store, job.mode, job.controls, job.seed,
-                     job.allow_other_model)
+                     job.allow_other_model, job.values_from)
     mask, mode, rows = plan.mask, plan.mode, plan.rows
     prompts = read_prompts(job.prompts)
     settings = {"max_new_tokens": job.max_new_tokens, "sample": job.sample, "temperature": job.temperature,
@@ -200,6 +200,7 @@ def run_generate(job: GenerateJob) -> dict:
                         for lang, values in metrics(prompts, out, detector, prompt_langs).items()}
              for row, out in zip(rows, outputs)}
     result = {"settings": {"model": job.model, "mask": job.mask, "mode": str(mode), "site": plan.site,
+                           "values_from": plan.values_from,
                            "controls": job.controls, **settings, "prompts": job.prompts,
                            "units": {r.name: len(r.selected) for r in rows}, "empty_mask": empty_rows(rows)},
               "table": table,

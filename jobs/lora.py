@@ -29,11 +29,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from harvester import arch
 from harvester.errors import HarvestError
 
 
 @dataclass(frozen=True)
 class MLPNames:
+    """An architecture's LoRA targets relative to its transformer blocks: a view of its record in
+    :data:`harvester.arch.ARCHS`, where they are defined."""
+
     layers: str
     """The list of transformer blocks."""
     inputs: tuple[str, ...]
@@ -43,34 +47,27 @@ class MLPNames:
     attention: tuple[str, ...]
 
 
-_GATED = MLPNames("model.layers", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj",
-                  ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"))
-_H_TO_4H = ("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h"
-MLP_NAMES = {
-    **{arch: _GATED for arch in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "cohere")},
-    "opt": MLPNames("model.decoder.layers", ("fc1",), "fc2",
-                    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")),
-    "gpt_neox": MLPNames("gpt_neox.layers", *_H_TO_4H, ("attention.query_key_value", "attention.dense")),
-    "bloom": MLPNames("transformer.h", *_H_TO_4H, ("self_attention.query_key_value", "self_attention.dense")),
-}
-"""Architectures whose MLP projections are ``nn.Linear`` (weights ``[out, in]``)."""
-
-
 def mlp_names(config) -> MLPNames:
-    names = MLP_NAMES.get(config.model_type)
-    if names is None:
-        raise HarvestError(f"neuron-restricted LoRA supports {', '.join(sorted(MLP_NAMES))} (linear MLP projections), "
+    """``config``'s LoRA targets; architectures whose MLP projections are not ``nn.Linear`` layers with one
+    row (column) per neuron are refused."""
+    record = arch.ARCHS.get(config.model_type)
+    if record is None or not record.lora:
+        supported = sorted(name for name, a in arch.ARCHS.items() if a.lora)
+        raise HarvestError(f"neuron-restricted LoRA supports {', '.join(supported)} (linear MLP projections), "
                            f"not '{config.model_type}'")
-    return names
+    block = record.block + "."
+
+    def relative(path: str) -> str:
+        return path.removeprefix(block)
+
+    return MLPNames(record.block.removesuffix(".{layer}"), tuple(map(relative, record.lora_inputs)),
+                    relative(record.down_proj), tuple(map(relative, record.attention)))
 
 
 def mlp_width(config) -> int:
     """Neurons per layer, from the config."""
-    for key in ("intermediate_size", "ffn_dim", "n_inner"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 4 * config.hidden_size  # BLOOM
+    return arch.mlp_width(config)
+
 
 def per_layer(selected: np.ndarray, n_layers: int, width: int) -> dict[int, np.ndarray]:
     """Flat indices -> ``{layer: sorted neuron indices}`` for the layers that have any."""

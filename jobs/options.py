@@ -55,6 +55,9 @@ class InterveneOptions(RayOptions):
     """comma-separated mask languages (rows) and evaluated languages (none: the mask's)"""
     store: str | None = None
     """store for mean/p10/p90 and the site (none: the mask's)"""
+    values_from: str | None = None
+    """store whose mean/p10/p90 are written instead of --store's: one of the same model and tokenizer, e.g. a
+    --unit gate store (Mondal et al.: gate projection statistics written into the activation's output)"""
     actors: Positive | None = None
     """model actors (none: one per GPU, 1 on CPU); one actor on this machine runs in this process, 2 or more
     on Ray"""
@@ -62,7 +65,8 @@ class InterveneOptions(RayOptions):
     def job(self) -> dict:
         """The keywords of a :class:`jobs.rows.Job` these options give."""
         return dict(model=self.model, mask=self.mask, out=self.out, mode=self.mode, controls=self.controls,
-                    seed=self.seed, langs=split_langs(self.langs, "--langs"), store=self.store, dtype=self.dtype,
+                    seed=self.seed, langs=split_langs(self.langs, "--langs"), store=self.store,
+                    values_from=self.values_from, dtype=self.dtype,
                     device=self.device, actors=self.actors, use_ray=not self.no_ray, address=self.address,
                     progress=not self.no_progress, allow_other_model=self.allow_other_model)
 

@@ -203,7 +203,7 @@ def run_ppl(job: PPLJob) -> dict:
     """Compute and write the matrix; returns the settings and the matrices."""
     fs.output_dir(job.out, make=False)
     plan = make_plan(job.model, job.mask, job.langs, job.store, job.mode, job.controls, job.seed,
-                     job.allow_other_model)
+                     job.allow_other_model, job.values_from)
     mask, mode, rows = plan.mask, plan.mode, plan.rows
     groups, windows = eval_windows(job.model, job.corpus, job.seq_len, job.max_tokens_per_lang, job.aggregate)
     columns = [g for g in groups if job.langs is None or g in job.langs] or groups
@@ -219,7 +219,7 @@ def run_ppl(job: PPLJob) -> dict:
     tokens, units = results[0][1].reshape(-1, len(groups)).sum(0), reduce_nll(job.aggregate, *results[0])[1]
     over = AGGREGATES[job.aggregate][1]
     settings = {"model": job.model, "mask": job.mask, "mask_method": mask.method, "mode": str(mode),
-                "site": plan.site, "store": plan.store, "corpus": job.corpus, "controls": job.controls, "seed": job.seed,
+                "site": plan.site, "store": plan.store, "values_from": plan.values_from, "corpus": job.corpus, "controls": job.controls, "seed": job.seed,
                 "seq_len": job.seq_len, "batch_size": job.batch_size, "dtype": job.dtype,
                 "aggregate": job.aggregate, "units": {r.name: len(r.selected) for r in rows},
                 "empty_mask": empty_rows(rows),

@@ -27,6 +27,9 @@ class Job:
     langs: list[str] | None = None
     store: str | None = InterveneOptions.store
     """For the statistic modes and the site; default: the store the mask was made from."""
+    values_from: str | None = InterveneOptions.values_from
+    """Another store of the same model and tokenizer whose statistics the statistic modes write (a
+    ``--unit gate`` store: Mondal et al.'s setup); default: ``store``."""
     dtype: str = InterveneOptions.dtype
     device: str = InterveneOptions.device
     """``auto`` values are resolved when the job is made (:func:`harvester.devices.resolve_here`)."""
@@ -138,10 +141,12 @@ class Plan:
     site: str
     values: dict
     rows: list[Row]
+    values_from: str | None = None
+    """The store the values came from when not ``store`` (``--values-from``)."""
 
 
 def make_plan(model: str, mask_path: str, langs: list[str] | None, store: str | None, mode_text: str,
-              controls: int, seed: int, allow_other_model: bool = False) -> Plan:
+              controls: int, seed: int, allow_other_model: bool = False, values_from: str | None = None) -> Plan:
     """Check a job's inputs (before any output is written) and resolve what it needs."""
     from analysis.masks import Mask
     from harvester.backends.hf import load_config, resolve_model
@@ -151,13 +156,46 @@ def make_plan(model: str, mask_path: str, langs: list[str] | None, store: str | 
     mask = Mask.load(mask_path)
     langs = langs or list(mask.languages)
     check_langs(mask, langs)
-    resolved = find_store(mask, store, f"--mode {mode}" if mode.needs_store else None)
-    if mode.needs_store and not resolved:
+    if values_from and not mode.needs_store:
+        raise HarvestError(f"--values-from gives the values of --mode mean|p10|p90; --mode {mode} takes none")
+    resolved = find_store(mask, store, f"--mode {mode}" if mode.needs_store and not values_from else None)
+    if mode.needs_store and not (resolved or values_from):
         raise HarvestError(f"--mode {mode} needs the store the mask was made from; pass --store")
     site = site_of(resolved, load_config(resolve_model(model)), mask.source.get("site"))
     check_models(mask, model, resolved, allow_other_model)
-    values = {lang: language_statistic(resolved, mask, lang, mode) for lang in langs} if mode.needs_store else {}
-    return Plan(mask, mode, resolved, site, values, build_rows(mask, langs, controls, seed))
+    if values_from:
+        check_values_store(values_from, resolved, mask)
+    source = values_from or resolved
+    values = {lang: language_statistic(source, mask, lang, mode) for lang in langs} if mode.needs_store else {}
+    return Plan(mask, mode, resolved, site, values, build_rows(mask, langs, controls, seed), values_from)
+
+
+def check_values_store(values_from: str, store: str | None, mask) -> None:
+    """``--values-from``: a finished store of the mask's shape, harvested on the same model with the same
+    tokenizer as ``store`` (else as the mask, when no store is at hand), at the same unit or at the gate
+    of the MLP neurons the mask selects. Mixing models or tokenizers is refused, --allow-other-model or not."""
+    from analysis.masks import describe_model, model_identity, same_model
+    from harvester.store import open_finished
+
+    values = open_finished(values_from)
+    if (values.model.layers, values.model.width) != (mask.n_layers, mask.width):
+        raise HarvestError(f"--values-from {values_from} has {values.model.layers} x {values.model.width} units, "
+                           f"the mask {mask.n_layers} x {mask.width}")
+    ref = open_finished(store) if store else None
+    origin, what = (model_identity(ref.model.to_dict()), f"store {store}") if ref else (mask.identity(), "the mask")
+    mine = model_identity(values.model.to_dict())
+    if not origin or same_model(mine, origin) is not True:
+        theirs = describe_model(origin) if origin else "no model"
+        raise HarvestError(f"--values-from {values_from} was harvested on {describe_model(mine)}, but {what} "
+                           f"records {theirs}: values and units must come from one model")
+    tokens = [t.sha256 if t else None for t in (values.meta.tokenizer, ref.meta.tokenizer if ref else None)]
+    if ref and tokens[0] != tokens[1]:
+        raise HarvestError(f"--values-from {values_from} was tokenized otherwise than store {store} "
+                           f"(tokenizer sha256 {str(tokens[0])[:12]} vs {str(tokens[1])[:12]})")
+    unit, site_unit = values.model.unit or "mlp", (ref.model.unit or "mlp") if ref else "mlp"
+    if unit != site_unit and not (unit == "gate" and site_unit == "mlp"):
+        raise HarvestError(f"--values-from {values_from} holds --unit {unit} statistics, which cannot be written "
+                           f"into --unit {site_unit} units")
 
 
 def build_rows(mask, langs: list[str], controls: int, seed: int) -> list[Row]:

@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from harvester.arch import ADAPTERS, site_modules
-from harvester.backends.hf import HFBackend
+from harvester.arch import ADAPTERS, ARCHS, mlp_width, resolve_site, site_modules
+from harvester.backends.hf import HFBackend, load_config, resolve_model
+from harvester.backends.vllm_engine import vllm_site
 from harvester.errors import HarvestError
 from harvester.stats import StatsSpec
-from harvester.tiny import CONFIGS
+from harvester.tiny import CONFIGS, tiny_model
 from harvester.windows import Window
 
 
@@ -77,3 +78,45 @@ def test_shared_module_is_refused():
     model.layers = torch.nn.ModuleList([torch.nn.Sequential(shared), torch.nn.Sequential(shared)])
     with pytest.raises(HarvestError, match="shared between layers"):
         site_modules(model, "layers.{layer}.0")
+
+
+@pytest.mark.parametrize("name", sorted(ARCHS))
+def test_every_record_is_complete_and_its_tiny_model_has_every_path(name):
+    """One record per architecture: every field a module path with ``{layer}`` is filled in where the
+    architecture has the module, and the tiny model built from the record's config has a module at every
+    path, for every layer, of the shapes the statistics, ``--unit gate`` and LoRA assume."""
+    record = ARCHS[name]
+    assert record.name == name and record.tiny
+    required = {"act", "block", "mlp", "up_proj", "down_proj"}
+    assert required <= set(record.paths())
+    assert record.gate_proj is None or record.gated
+    assert not record.lora or record.attention, "LoRA needs its attention targets too"
+    model = tiny_model(name)
+    assert model.config.model_type == name
+    found = dict(model.named_modules(remove_duplicate=False))
+    width = mlp_width(model.config)
+    for layer in range(model.config.num_hidden_layers):
+        for field, path in record.paths().items():
+            assert "{layer}" in path, (name, field)
+            assert path.format(layer=layer) in found, (name, field, path.format(layer=layer))
+        if record.gate_proj:
+            assert found[record.gate_proj.format(layer=layer)].out_features == width
+        if record.lora:
+            for path in record.lora_inputs:
+                linear = found[path.format(layer=layer)]
+                assert isinstance(linear, torch.nn.Linear) and linear.out_features == width, path
+            down = found[record.down_proj.format(layer=layer)]
+            assert isinstance(down, torch.nn.Linear) and down.in_features == width
+    assert [resolve_site(model.config, None, u) for u in ("mlp", "residual")] == [record.act, record.block]
+    assert record.vllm_site.endswith((".act_fn", ".act", ".gelu_impl", ".activation_fn"))
+
+
+def test_the_views_of_the_registry_agree_with_it():
+    assert ADAPTERS is ARCHS and CONFIGS == {name: a.tiny for name, a in ARCHS.items()}
+    lora = sorted(name for name, a in ARCHS.items() if a.lora)
+    assert lora == ["bloom", "cohere", "gemma", "gemma2", "gpt_neox", "llama", "mistral", "opt", "qwen2", "qwen3"]
+    assert vllm_site(load_config(resolve_model("tiny:phi3")), None, "mlp") == "model.layers.{layer}.mlp.act_fn"
+    assert vllm_site(load_config(resolve_model("tiny:llama")), None, "gate") == "model.layers.{layer}.mlp.act_fn"
+    for name in ("phi3", "gpt2"):
+        with pytest.raises(HarvestError, match="--unit gate needs a gate projection"):
+            resolve_site(load_config(resolve_model(f"tiny:{name}")), None, "gate")

@@ -355,3 +355,27 @@ def test_start_log_keeps_subprocess_output_and_names_the_root_cause(capfd):
     path = str(err).rpartition("vLLM's log: ")[2].rstrip(")")
     assert "INFO loading" in open(path).read()
     os.unlink(path)
+
+
+def test_gate_half_is_the_pre_activation():
+    import torch
+
+    from harvester.backends.vllm_engine import gate_half
+
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(gate_half(type("SiluAndMul", (), {})())(x), x[:, :4], rtol=0, atol=0)
+    torch.testing.assert_close(gate_half(type("MulAndSilu", (), {})())(x), x[:, 4:], rtol=0, atol=0)
+    assert gate_half(type("NewGELU", (), {})()) is None
+    with pytest.raises(HarvestError, match="fused SwigluOAIAndMul"):
+        gate_half(type("SwigluOAIAndMul", (), {})())
+
+
+def test_gate_unit_agrees_with_hf():
+    """``--unit gate``: the first half of SiluAndMul's input is the HF gate_proj output."""
+    windows = make_windows(n=60, seed=6)
+    backend = VLLMBackend("tiny:llama", seq_len=SEQ, batch_size=BATCH, unit="gate")
+    try:
+        got = backend.statistics(windows, SPEC, batch_size=BATCH)
+    finally:
+        backend.close()
+    assert_agree(HFBackend("tiny:llama", unit="gate").statistics(windows, SPEC, batch_size=BATCH), got)

@@ -12,6 +12,7 @@ How it works:
   - gated MLPs: vLLM fuses the activation with the product. ``SiluAndMul`` and its relatives get
     ``[T, 2d]`` (gate and up halves) and return ``act(gate) * up``, which is not the statistic. We
     compute ``act(gate)`` from the input's gate half.
+  - ``--unit gate``: that gate half itself, the gate projection's output (gated MLPs only).
   - non-gated MLPs: the activation module's output.
   - ``--site residual``: a decoder layer's output. vLLM's Llama-family layers return
     ``(mlp_out, residual)``, whose sum is the block output.
@@ -43,9 +44,6 @@ from harvester.stats import NeuronStats, StatsSpec
 from harvester.windows import Window
 
 EXTENSION = "harvester.backends.vllm_engine.StatsExtension"
-
-SITES = {"phi3": "model.layers.{layer}.mlp.act_fn"}
-"""vLLM module paths where they differ from the Hugging Face ones in :data:`harvester.arch.ADAPTERS`."""
 
 _GATED = ("SiluAndMul", "MulAndSilu", "GeluAndMul", "FatreluAndMul")
 """vLLM's fused activations whose gate half we can recompute (see :func:`gate_activation`)."""
@@ -85,10 +83,26 @@ def gate_activation(module):
     if name == "FatreluAndMul":  # threshold(x[:d]) * x[d:]
         threshold = module.threshold
         return lambda x: F.threshold(x[..., : x.shape[-1] // 2], threshold, 0.0)
+    _refuse_unknown_fused(name)
+    return None
+
+
+def gate_half(module):
+    """For a vLLM fused gated activation: a function ``[T, 2d] -> gate [T, d]``, the half of its input
+    that the activation is applied to (``--unit gate``); None for a plain activation."""
+    name = type(module).__name__
+    if name == "MulAndSilu":  # x[:d] * silu(x[d:])
+        return lambda x: x[..., x.shape[-1] // 2 :]
+    if name in _GATED:
+        return lambda x: x[..., : x.shape[-1] // 2]
+    _refuse_unknown_fused(name)
+    return None
+
+
+def _refuse_unknown_fused(name: str) -> None:
     if "AndMul" in name or name.startswith("MulAnd"):
         raise HarvestError(f"vLLM computes this model's MLP activation with the fused {name}, whose gate "
                            f"activation lsn cannot recompute; supported: {', '.join(_GATED)}. Use --backend hf")
-    return None
 
 
 def place(parts: list[dict], unit: str) -> dict[int, dict]:
@@ -161,9 +175,7 @@ class StatsExtension:
                 for layer, parent in enumerate(parents):
                     handles.append(found[parent].register_forward_pre_hook(_layer_setter(st, layer)))
                 for module in {id(found[n]): found[n] for n in names}.values():
-                    gate = gate_activation(module)
-                    handles.append(module.register_forward_pre_hook(_gated_hook(st, gate)) if gate is not None
-                                   else module.register_forward_hook(_output_hook(st, None)))
+                    handles.append(_mlp_hook(st, module, unit))
         except HarvestError as err:
             for handle in handles:
                 handle.remove()
@@ -282,6 +294,18 @@ class _RankState:
             self.stats.update(layer, x)
 
 
+def _mlp_hook(st: _RankState, module, unit: str):
+    """The hook that records ``module``'s statistic: computed from a fused gated activation's input
+    (``act(gate)``, or the gate itself for ``unit="gate"``), else the module's output."""
+    gate = gate_half(module) if unit == "gate" else gate_activation(module)
+    if gate is not None:
+        return module.register_forward_pre_hook(_gated_hook(st, gate))
+    if unit == "gate":
+        raise HarvestError(f"--unit gate: vLLM runs this model's activation as {type(module).__name__}, not a fused "
+                           "gated activation whose input holds the gate; use --backend hf")
+    return module.register_forward_hook(_output_hook(st, None))
+
+
 def _layer_setter(st: _RankState, layer: int):
     def hook(module, args):
         st.current = layer
@@ -289,7 +313,7 @@ def _layer_setter(st: _RankState, layer: int):
 
 
 def _gated_hook(st: _RankState, gate):
-    """The statistic is ``act(gate)``, recomputed from the fused activation's input."""
+    """The statistic is ``gate(input)``: ``act(gate)`` or the gate, from the fused activation's input."""
     def hook(module, args):
         if st.active:
             try:
@@ -316,13 +340,16 @@ def _output_hook(st: _RankState, layer: int | None):
 def vllm_site(config, site: str | None, unit: str) -> str:
     """The module pattern to hook in vLLM's implementation of ``config``'s architecture."""
     experts = next((getattr(config, k) for k in _EXPERT_KEYS if getattr(config, k, None)), None)
-    if experts and unit == "mlp":
+    if experts and unit != "residual":
         raise HarvestError(f"'{config.model_type}' is a mixture of {experts} experts: vLLM runs their activation inside "
                            "its fused MoE kernel, where no hook sees it; use --backend hf")
     resolved = arch.resolve_site(config, site, unit)
+    if site and unit == "gate":
+        raise HarvestError("--unit gate with --site-module needs --backend hf (vLLM's gate is read from its fused "
+                           "activation's input)")
     if site or unit == "residual":
         return resolved
-    return SITES.get(config.model_type, resolved)
+    return arch.record(config).vllm_site  # gate too: the first half of the fused activation's input
 
 
 def cpu_binding(tensor_parallel: int, cores: list[int]) -> str:
