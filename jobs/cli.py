@@ -22,7 +22,11 @@ def finetune(options: FinetuneOptions) -> None:
         alpha=o.alpha, lr=o.lr, batch_size=o.batch_size, seq_len=o.seq_len, attention_lora=o.attention_lora,
         intervene=None if o.intervene == "none" else o.intervene, max_train=o.max_train, max_eval=o.max_eval,
         seed=o.seed, dtype=o.dtype, device=o.device, use_ray=not o.no_ray, address=o.address,
-        progress=not o.no_progress, store=o.store, allow_other_model=o.allow_other_model))
+        progress=not o.no_progress, store=o.store, allow_other_model=o.allow_other_model,
+        lora_modules=_langs(o.lora_modules, "--lora-modules"),
+        attention_modules=_langs(o.attention_modules, "--attention-modules"), xnli_head=o.xnli_head,
+        xquad_format=o.xquad_format, xquad_split=o.xquad_split, max_example_tokens=o.max_example_tokens,
+        special_tokens=o.special_tokens, prompt_loss=o.prompt_loss))
     frame = pd.DataFrame.from_records(result["table"])
     print(markdown(frame[["lang", "condition", "eval_lang", "metric", "value", "intervened"]]), end="")
     print(f"wrote {o.out}/results.json, results.csv, results.md and one adapter per condition")

@@ -18,8 +18,10 @@ After ``merge_and_unload`` every non-selected neuron's rows and columns are bit-
 model's. The adapter is an ordinary peft LoRA adapter (``PeftModel.from_pretrained``), whose masked
 rows and columns hold exact zeros.
 
-``--attention-lora`` adds ordinary LoRA on the attention projections, as in the published setup.
-Layers without selected neurons get no MLP adapter at all.
+``--lora-modules`` picks the restricted projections by role (``gate``, ``up``, ``down``; Mondal et al.
+train ``gate`` only). ``--attention-lora`` adds ordinary LoRA on the attention projections named by
+``--attention-modules`` (``q,k,v,o``; Mondal et al.'s XQuAD setup: ``q,k,v``). Layers without selected
+neurons get no MLP adapter at all.
 """
 
 from __future__ import annotations
@@ -64,6 +66,47 @@ def mlp_names(config) -> MLPNames:
                     relative(record.down_proj), tuple(map(relative, record.attention)))
 
 
+# -- roles of the module names above; moves into the arch record (harvester/arch.py) --------------------
+ROLES = ("gate", "up", "down")
+ATTENTION_ROLES = ("q", "k", "v", "o")
+
+
+def mlp_roles(names: MLPNames) -> dict[str, str]:
+    """``{"gate": ..., "up": ..., "down": ...}`` (no ``gate`` in non-gated MLPs, whose input projection is ``up``)."""
+    roles = {"up": names.inputs[-1], "down": names.output}
+    if len(names.inputs) == 2:
+        roles["gate"] = names.inputs[0]
+    return roles
+
+
+def attention_roles(names: MLPNames) -> dict[frozenset, str]:
+    """Which module each set of attention roles is: one each, or fused ``query_key_value`` for q, k and v."""
+    if len(names.attention) == 4:
+        return {frozenset(r): m for r, m in zip(ATTENTION_ROLES, names.attention)}
+    return {frozenset("qkv"): names.attention[0], frozenset("o"): names.attention[1]}
+
+
+def pick_modules(names: MLPNames, mlp: list[str], attention: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The module names of the restricted roles ``mlp`` (``["all"]``: every one the model has) and of the
+    attention roles ``attention``; one-line errors."""
+    roles = mlp_roles(names)
+    mlp = list(roles) if mlp == ["all"] else mlp
+    bad = [r for r in mlp if r not in roles]
+    if bad or not mlp:
+        raise HarvestError(f"--lora-modules must be from {', '.join(r for r in ROLES if r in roles)} for this model, "
+                           f"not '{','.join(bad or mlp)}'")
+    picked, wanted = [], set(attention)
+    if not wanted <= set(ATTENTION_ROLES):
+        raise HarvestError(f"--attention-modules must be from q, k, v, o, not '{','.join(attention)}'")
+    for group, module in attention_roles(names).items():
+        if group & wanted and not group <= wanted:
+            raise HarvestError(f"this model fuses {','.join(sorted(group))} in one module ({module}): "
+                               f"--attention-modules takes all of them or none")
+        if group <= wanted:
+            picked.append(module)
+    return tuple(roles[r] for r in ROLES if r in mlp), tuple(m for m in names.attention if m in picked)
+
+
 def mlp_width(config) -> int:
     """Neurons per layer, from the config."""
     return arch.mlp_width(config)
@@ -80,19 +123,23 @@ def per_layer(selected: np.ndarray, n_layers: int, width: int) -> dict[int, np.n
 
 
 def add_restricted_lora(model, selected: np.ndarray | None, width: int, rank: int, alpha: float,
-                        attention: bool, dropout: float = 0.0):
-    """``model`` wrapped by peft with LoRA on the MLP projections of the selected neurons (``None``:
-    ordinary LoRA on every MLP projection, the ``full`` control), and on attention if asked."""
+                        attention: bool, dropout: float = 0.0, modules: tuple[str, ...] = ("all",),
+                        attention_modules: tuple[str, ...] = ATTENTION_ROLES):
+    """``model`` wrapped by peft with LoRA on the MLP projections (roles ``modules``) of the selected neurons
+    (``None``: ordinary LoRA on those projections, the ``full`` control), and on attention if asked."""
     from peft import LoraConfig, get_peft_model
 
     names = mlp_names(model.config)
+    inputs, attn = pick_modules(names, list(modules), list(attention_modules))
+    output = (names.output,) if names.output in inputs else ()
+    inputs = tuple(m for m in inputs if m != names.output)
     n_layers = model.config.num_hidden_layers
     layers = per_layer(selected, n_layers, width) if selected is not None else {l: None for l in range(n_layers)}
     if not layers:
         raise HarvestError("the mask selects no neuron for this language: nothing to train")
-    targets = [f"{names.layers}.{l}.{m}" for l in sorted(layers) for m in (*names.inputs, names.output)]
+    targets = [f"{names.layers}.{l}.{m}" for l in sorted(layers) for m in (*inputs, *output)]
     if attention:
-        targets += [f"{names.layers}.{l}.{m}" for l in range(n_layers) for m in names.attention]
+        targets += [f"{names.layers}.{l}.{m}" for l in range(n_layers) for m in attn]
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
                         task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config)
@@ -100,9 +147,10 @@ def add_restricted_lora(model, selected: np.ndarray | None, width: int, rank: in
         modules = dict(peft_model.base_model.model.named_modules())
         for layer, units in layers.items():
             index = torch.as_tensor(units, dtype=torch.long)
-            for name in names.inputs:
+            for name in inputs:
                 _restrict(modules[f"{names.layers}.{layer}.{name}"].lora_B["default"], index, dim=0)
-            _restrict(modules[f"{names.layers}.{layer}.{names.output}"].lora_A["default"], index, dim=1)
+            for name in output:
+                _restrict(modules[f"{names.layers}.{layer}.{name}"].lora_A["default"], index, dim=1)
     return peft_model
 
 

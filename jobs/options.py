@@ -118,6 +118,12 @@ class GenerateOptions(InterveneOptions):
     """nucleus sampling's probability mass (with --sample)"""
 
 
+XNLIHead = Literal["verbalizer", "classifier"]
+XQuADFormat = Literal["plain", "alpaca"]
+XQuADSplit = Literal["splits", "first80", "shuffled80"]
+SpecialTokens = Literal["tokenizer", "none"]
+
+
 @dataclass(kw_only=True)
 class FinetuneOptions(RayOptions):
     model: str
@@ -153,7 +159,33 @@ class FinetuneOptions(RayOptions):
     seq_len: Positive = 256
     """tokens per example"""
     attention_lora: bool = False
-    """also ordinary LoRA on attention"""
+    """also ordinary (unrestricted) LoRA on the attention projections of --attention-modules"""
+    attention_modules: str = "q,k,v,o"
+    """with --attention-lora: comma-separated from q, k, v, o (fused query_key_value models: q,k,v together)"""
+    lora_modules: str = "all"
+    """MLP projections whose neurons' rows (gate, up) or columns (down) the restricted LoRA trains:
+    comma-separated from gate, up, down (non-gated MLPs: up, their input projection, and down), or all"""
+    xnli_head: XNLIHead = "verbalizer"
+    """verbalizer: the log-likelihood of " True"/" Neither"/" False" after a prompt. classifier: a linear head on
+    the last non-pad position's final hidden state over "premise {eos} hypothesis" (the tokenizer's EOS
+    written between), trained with the LoRA by cross-entropy and evaluated by argmax; saved as head.pt"""
+    xquad_format: XQuADFormat = "plain"
+    """plain: "{context}\\nQuestion: {question}\\nAnswer:" and " {answer}". alpaca: the Alpaca template of
+    Mondal et al.'s code, verbatim (jobs.tasks.ALPACA), the answer followed by the tokenizer's EOS"""
+    xquad_split: XQuADSplit = "splits"
+    """splits: train on the data's train split, evaluate on validation. first80: google/xquad has only
+    validation: train on its first 80% of rows, evaluate every language on the last 20% (in file order, no
+    shuffle, as Mondal et al.; XQuAD's languages are parallel, so no question is seen in training).
+    shuffled80: the same after a permutation seeded by --seed (one permutation for all languages)"""
+    max_example_tokens: Positive | None = None
+    """drop (and count) every example of more tokens than this, counted with the special tokens on the whole
+    training text (the answer included) or the evaluation prompt. Mondal et al.: 510 for xquad (their
+    "seq_len >= 512 - 1" rule), 255 for xnli ("seq_len < 256")"""
+    special_tokens: SpecialTokens = "tokenizer"
+    """tokenizer: encode each example as the tokenizer does by default (its BOS first, as every reference
+    does); none: no special tokens (lsn before this option)"""
+    prompt_loss: bool = False
+    """train on the prompt's tokens too, not only the target's (Mondal et al.'s xquad loss)"""
     intervene: str = "zero"
     """test-time intervention on the evaluated language's neurons (a --mode of lsn intervene), or none"""
     store: str | None = None
@@ -164,6 +196,20 @@ class FinetuneOptions(RayOptions):
     """evaluation examples (none: all)"""
     seed: int = 0
     """seed of the random neurons, the initialisation and the data order"""
+
+
+MONDAL_FINETUNE = {
+    "xnli": dict(lora_modules="gate", attention_lora=True, attention_modules="q,k,v,o", xnli_head="classifier",
+                 rank=64, alpha=128.0, lr=1e-6, batch_size=8, seq_len=256, max_example_tokens=255),
+    "xquad": dict(lora_modules="gate", attention_lora=True, attention_modules="q,k,v", xquad_format="alpaca",
+                  xquad_split="first80", rank=64, alpha=128.0, lr=5e-5, batch_size=4, seq_len=512,
+                  max_example_tokens=510, prompt_loss=True),
+}
+"""``lsn finetune`` options of Mondal et al.'s setup (soumenkm/LangSpecificNeurons, code/models.py, dataset.py,
+lora_cls_finetune.py, lora_instruct_finetune.py), per task, for a ``--preset mondal`` to apply. Not expressible
+here: their epochs (xnli 2 over the first 25% of train, xquad 10; set --steps), AdamW weight decay 0.1 and
+betas (0.95, 0.999), gradient clipping at 10, a linear schedule with 1% warm-up, 4-bit NF4 base weights, and
+LoRA A drawn from N(0, 0.01) (peft: Kaiming uniform)."""
 
 
 @dataclass(kw_only=True)

@@ -13,6 +13,10 @@ Every task turns examples into ``(prompt ids, target ids)``; the loss is on the 
   match and F1 with SQuAD v1.1's answer normalization (lower case, no punctuation, no English
   articles, single spaces) and whitespace tokens.
 
+Mondal et al.'s variants (options of ``lsn finetune``): ``xnli`` as a classifier over ``"{premise}
+{eos} {hypothesis}"`` (no verbalizer), and ``xquad`` in their Alpaca template (:data:`ALPACA`), trained
+on the first 80% of ``google/xquad``'s validation rows (:func:`split_rows`).
+
 Data: a hub id (``facebook/xnli``: config per language; ``google/xquad``: configs ``xquad.{lang}``,
 ``validation`` only) or a local directory in the same schema, ``DIR/{lang}/{split}.jsonl``.
 """
@@ -31,6 +35,15 @@ from harvester.errors import HarvestError
 TASKS = ("clm", "xnli", "xquad")
 XNLI_LABELS = (" True", " Neither", " False")
 COLUMNS = {"xnli": ("premise", "hypothesis", "label"), "xquad": ("context", "question", "answers")}
+
+
+_I = " " * 12  # their template is an indented triple-quoted string; .strip() keeps the inner indentation
+ALPACA = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+          "Write a response that appropriately completes the request.\n\n"
+          f"{_I}### Instruction:\n{_I}Answer the question based on the given context.\n\n"
+          f"{_I}### Input:\n{_I}Context: {{context}} \n{_I}Question: {{question}}\n\n{_I}### Response:")
+"""Mondal et al.'s XQuAD prompt, character for character (``dataset.py``, ``XQADatasetHF``); context and
+question are stripped. The training text appends ``" {answer}{eos}"``, the answer stripped."""
 
 
 @dataclass(frozen=True)
@@ -86,24 +99,65 @@ def _hub_rows(task: str, source: str, lang: str, split: str) -> list[dict]:
         raise HarvestError(f"could not load {task} data {source} ({config}, {split}): {first}") from None
 
 
-def examples(task: str, rows: list[dict]) -> list[Example]:
+def examples(task: str, rows: list[dict], form: str = "plain", eos: str = "") -> list[Example]:
+    """``form``: xnli ``verbalizer`` or ``classifier`` (``eos``: the tokenizer's EOS text between premise
+    and hypothesis); xquad ``plain`` or ``alpaca`` (``eos`` ends the answer)."""
     if task == "xnli":
         out = []
         for r in rows:
             label = int(r["label"])
             if label not in (0, 1, 2):
                 raise HarvestError(f"xnli label must be 0, 1 or 2, not {r['label']!r}")
-            out.append(Example(f"{r['premise']}\nQuestion: {r['hypothesis']} True, False or Neither?\nAnswer:",
-                               XNLI_LABELS[label], label=label))
+            if form == "classifier":
+                out.append(Example(f"{r['premise']} {eos} {r['hypothesis']}", "", label=label))
+            else:
+                out.append(Example(f"{r['premise']}\nQuestion: {r['hypothesis']} True, False or Neither?\nAnswer:",
+                                   XNLI_LABELS[label], label=label))
         return out
     out = []
     for r in rows:
         answers = r["answers"]["text"] if isinstance(r["answers"], dict) else r["answers"]
         if not answers:
             raise HarvestError("an xquad example has no answer text")
-        out.append(Example(f"{r['context']}\nQuestion: {r['question']}\nAnswer:", f" {answers[0]}",
-                           answers=tuple(answers)))
+        if form == "alpaca":
+            prompt = ALPACA.format(context=r["context"].strip(), question=r["question"].strip())
+            out.append(Example(prompt, f" {answers[0].strip()}{eos}", answers=tuple(answers)))
+        else:
+            out.append(Example(f"{r['context']}\nQuestion: {r['question']}\nAnswer:", f" {answers[0]}",
+                               answers=tuple(answers)))
     return out
+
+
+def split_rows(rows: list[dict], rule: str, seed: int) -> tuple[list[dict], list[dict]]:
+    """``(train, eval)``: the first 80% of ``rows`` (``int(0.8 n)``, as Mondal et al.) and the rest, in file
+    order (``first80``) or after a permutation seeded by ``seed`` (``shuffled80``)."""
+    import numpy as np
+
+    if rule == "shuffled80":
+        rows = [rows[i] for i in np.random.default_rng(seed).permutation(len(rows))]
+    cut = int(len(rows) * 0.8)
+    return rows[:cut], rows[cut:]
+
+
+def encode(tokenizer, prompt: str, target: str, special: bool) -> tuple[list[int], list[int]]:
+    """``(prompt ids, target ids)`` of ``prompt + target`` tokenized as one string, split where the target's
+    characters begin. Tokenizing the two apart would differ for SentencePiece tokenizers with a dummy prefix
+    (Llama-2, Mistral: a spurious "▁" before " True"; transformers #26273). A token that straddles the
+    boundary stays with the prompt."""
+    whole = tokenizer(prompt + target, add_special_tokens=special, return_offsets_mapping=tokenizer.is_fast)
+    ids = whole["input_ids"]
+    if not target:
+        return ids, []
+    if tokenizer.is_fast:
+        spans = whole["offset_mapping"]
+        # special tokens have empty spans; those after the text (an EOS) go with the target
+        k = next((i for i, (a, b) in enumerate(spans) if a >= len(prompt) and (b > a or i > 0)), len(ids))
+        return ids[:k], ids[k:]
+    alone = tokenizer(prompt, add_special_tokens=special)["input_ids"]
+    k = 0
+    while k < min(len(alone), len(ids)) and alone[k] == ids[k]:
+        k += 1
+    return ids[:k], ids[k:]
 
 
 # -- SQuAD v1.1 metrics ---------------------------------------------------------------------------
