@@ -43,7 +43,7 @@ def harvest(cfg: HarvestConfig) -> Store:
         tokenizer = load_tokenizer(model_path, config)
         if tokenizer.eos_token_id is None and cfg.corpus_options.pooling == "token":
             raise HarvestError("the tokenizer has no EOS token; documents cannot be separated")
-        corpora = parse_corpora(cfg.corpus, cfg.corpus_options)  # reads and checks every local input
+        corpora = parse_corpora(cfg.corpus, cfg.corpus_options, tokenizer)  # reads and checks every local input
         if len(corpora.groups) > np.iinfo(np.int16).max:
             raise HarvestError(f"too many groups ({len(corpora.groups)})")
         fingerprint = _fingerprint(cfg, config, model_path, site, tokenizer, corpora, _stats_spec(cfg))
