@@ -33,6 +33,7 @@ import numpy as np
 
 from harvester import __version__, fs, lease
 from harvester.corpus import file_identity
+from harvester.corpus.lna import LANGUAGES as LNA_LANGUAGES
 from harvester.errors import HarvestError
 from harvester.names import check_name, inside
 from harvester.stats import StatsSpec
@@ -68,10 +69,9 @@ FORMATS = {
     # LAPE's released masks: "the language 0-6 indices stand for en, zh, fr, es, vi, id, ja"
     "rucaibox": Format(r"activation\.([^.]+)\.train\.(.+)", "activation.{lang}.train.{tag}", "n",
                        order=("en", "zh", "fr", "es", "vi", "id", "ja")),
-    # the alignment study's languages (MGSM's), in its README's order
+    # the alignment study's languages (MGSM's), in its README's order: the order `--corpus lna:` harvests
     "lna": Format(r"activation\.([^.]+)\.(.+)\.pt", "activation.{lang}.{tag}.pt", "total_tokens",
-                  prefix="prefix.activation.{lang}.{tag}.pt",
-                  order=("en", "zh", "es", "fr", "de", "ja", "ru", "bn", "th", "sw")),
+                  prefix="prefix.activation.{lang}.{tag}.pt", order=tuple(LNA_LANGUAGES)),
 }
 
 

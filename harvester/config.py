@@ -79,8 +79,7 @@ class HarvestConfig:
         self.corpus = list(self.corpus)
         if not self.corpus:
             raise HarvestError("no corpus given: --corpus SPEC (repeatable)")
-        if self.corpus_options.lowercase and not any(str(c).startswith("stimuli:") for c in self.corpus):
-            raise HarvestError("--lowercase is for stimuli corpora (stimuli:FILE.csv); no corpus here is one")
+        self._check_corpus_options()
         if self.bos not in ("auto", "document", "window", "none") or self.encode not in ("whole", "segments"):
             raise HarvestError(f"--bos must be auto, document, window or none and --encode whole or segments, "
                                f"not {self.bos!r} and {self.encode!r}")
@@ -103,6 +102,17 @@ class HarvestConfig:
             raise HarvestError(f"--actors must be positive, got {self.actors}")
         if self.device_map and self.use_ray and (self.actors or 1) > 1:
             raise HarvestError("--device-map spreads one model over all GPUs: use it with --actors 1")
+
+    def _check_corpus_options(self) -> None:
+        """A corpus option given where no corpus uses it is refused, not silently ignored."""
+        kinds = {str(c).partition(":")[0] for c in self.corpus}
+        options = self.corpus_options
+        if options.lowercase and "stimuli" not in kinds:
+            raise HarvestError("--lowercase is for stimuli corpora (stimuli:FILE.csv); no corpus here is one")
+        if options.template is not None and not kinds & {"instruct", "ec40"}:
+            raise HarvestError("--template is for instruct and ec40 corpora; no corpus here is one")
+        if options.sides != "both" and "ec40" not in kinds:
+            raise HarvestError("--sides is for ec40 corpora; no corpus here is one")
 
     def _check_device_map(self) -> None:
         """``--device-map``: a placement transformers knows, and only for the hf backend (checked before
@@ -142,7 +152,7 @@ class HarvestOptions(DeviceOptions):
     """local path, hub id, or tiny:ARCH (built-in random model)"""
     corpus: list[str]
     """corpus spec, repeatable: text:DIR | sample[:...] | ec40[:DIR] | wikipedia:DATE:LANGS[:DIR] |
-    instruct:FILE.jsonl | stimuli:FILE.csv"""
+    instruct:FILE.jsonl | lna:FILE.json | stimuli:FILE.csv"""
     store: str
     """Zarr store directory or fsspec URL (created, or resumed)"""
     backend: Literal["hf", "vllm"] = HarvestConfig.backend
@@ -217,6 +227,13 @@ class HarvestOptions(DeviceOptions):
     (none: only --seq-len cuts)"""
     truncation_side: Literal["right", "left"] = CorpusOptions.truncation_side
     """which end --truncate cuts: right keeps the first tokens (the localizer reference's), left the last"""
+    template: str | None = CorpusOptions.template
+    """instruct and ec40: chat (instruct: the tokenizer's chat template, user turn then assistant turn; the
+    prompt group ends with the assistant header, the response group holds the response and the closing
+    tokens) or a format string: {prompt} for instruct, {src_lang} {tgt_lang} {src} for ec40 (language codes),
+    e.g. 'Translate from {src_lang} to {tgt_lang}: {src}' (none: the texts as they are)"""
+    sides: Literal["src", "tgt", "both"] = CorpusOptions.sides
+    """ec40: harvest each pair's source side, its target side, or both (source then target)"""
     no_progress: bool = False
     """no progress bars"""
     overwrite: bool = HarvestConfig.overwrite
@@ -231,7 +248,7 @@ class HarvestOptions(DeviceOptions):
         options = CorpusOptions(pairs=self.pairs, split=self.split, max_pairs=self.max_pairs,
                                 max_tokens_per_lang=self.max_tokens_per_lang, pooling=self.pooling,
                                 lowercase=self.lowercase, truncate=self.truncate,
-                                truncation_side=self.truncation_side)
+                                truncation_side=self.truncation_side, template=self.template, sides=self.sides)
         return HarvestConfig(
             model=self.model, corpus=self.corpus, store=self.store, corpus_options=options, backend=self.backend,
             dtype=self.dtype, device=self.device, device_map=self.device_map, seq_len=self.seq_len,
@@ -251,3 +268,15 @@ Gemma, Mistral; none for GPT-2) inside those 12 tokens (``--bos auto``: what the
 stimulus). Padding needs no setting: the reference runs one stimulus at a time, and lsn pools over each stimulus's own
 tokens, never over padding, whatever ``--batch-size``. Statistics default to ``active,sum,sqsum,abs``
 when pooled, which the Welch t on absolute values needs."""
+
+
+AYA: dict = {"template": "Translate from {src_lang} to {tgt_lang}: {src}", "sides": "src",
+             "split": "validation", "max_pairs": 30_000}
+"""The Aya EC40 study's harvest (KatharinaTrinley/MechInterp-Aya-Neuron-Specialization,
+``aya_get_neurons_EC40.py`` as its ``aya23-NS-ec40.sh`` runs it), as :class:`HarvestOptions` values for
+``--preset aya`` with an ``ec40`` corpus: each direction's source sentence in its prompt, language codes
+as it writes them (``Translate from fr to en: ...``), the source side alone (the target is never fed),
+the validation split (NTREX-128), at most 30000 examples per direction. Its tokenizer call puts the
+model's BOS first: that is the ``--bos`` option's to set. Not covered here: its statistic, non-zero
+inputs of the down projection (the gated product, not the activation function's output), and its
+skipping a pair only when the source is blank (EC40 here skips a pair blank on either side)."""

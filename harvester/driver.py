@@ -41,7 +41,7 @@ def harvest(cfg: HarvestConfig) -> Store:
         site = arch.resolve_site(config, cfg.site, cfg.unit)
         max_positions(config, cfg.seq_len)
         tokenizer = load_tokenizer(model_path, config)
-        corpora = parse_corpora(cfg.corpus, cfg.corpus_options)  # reads and checks every local input
+        corpora = parse_corpora(cfg.corpus, cfg.corpus_options, tokenizer)  # reads and checks every local input
         if tokenizer.eos_token_id is None and _needs_eos(cfg, corpora):
             raise HarvestError("the tokenizer has no EOS token; documents cannot be separated")
         if len(corpora.groups) > np.iinfo(np.int16).max:

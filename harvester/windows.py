@@ -180,7 +180,8 @@ class _Seams:
 def document_tokens(tokenizer, docs: Iterable[list[tuple[str, str]]], group_ids: dict[str, int],
                     eos_id: int | None, batch: int = 256, *, bos_ids: tuple[int, ...] = (), whole: bool = False,
                     seams: _Seams | None = None) -> Iterator[tuple[list[int], list[int]]]:
-    """Each document's ``(ids, groups)``: ``bos_ids`` (in the first segment's group), its text encoded
+    """Each document's ``(ids, groups)``: ``bos_ids`` (in the first segment's group; not when the text's
+    own tokens begin with them, as a chat template's text does), its text encoded
     whole (``whole``: once, each token in the segment its first character is in; boundaries checked into
     ``seams``) or segment by segment, then EOS (if given, in the last segment's group). A document
     without a text token is left out."""
@@ -202,7 +203,8 @@ def _encode(tokenizer, docs, group_ids, eos_id, bos_ids, whole, seams):
     for ids, groups in encoded:
         if not ids:
             continue
-        ids, groups = [*bos_ids, *ids], [groups[0]] * len(bos_ids) + groups
+        if bos_ids and ids[:len(bos_ids)] != list(bos_ids):  # a text that begins with it (a chat template
+            ids, groups = [*bos_ids, *ids], [groups[0]] * len(bos_ids) + groups  # writes it) gets no second
         if eos_id is not None:
             ids.append(eos_id)
             groups.append(groups[-1])

@@ -52,7 +52,8 @@ def _prepared(job: TokenizeJob):
     task a Ray worker process runs) shares them instead of reloading and re-reading all inputs."""
     from harvester.backends.hf import load_tokenizer, resolve_model
 
-    return load_tokenizer(resolve_model(job.model)), parse_corpora(list(job.corpus), job.options)
+    tokenizer = load_tokenizer(resolve_model(job.model))
+    return tokenizer, parse_corpora(list(job.corpus), job.options, tokenizer)
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,11 @@ class CorpusOptions:
     truncation_side: Literal["right", "left"] = "right"
     """Which end ``truncate`` cuts: ``right`` keeps the first tokens (the reference's, transformers'
     default), ``left`` the last."""
+    template: str | None = None
+    """``chat`` (instruct: the tokenizer's chat template) or a format string (instruct ``{prompt}``; EC40
+    ``{src_lang}``, ``{tgt_lang}``, ``{src}``), see :mod:`harvester.corpus.template`. None: the texts as they are."""
+    sides: Literal["src", "tgt", "both"] = "both"
+    """EC40: the sides of each pair that are harvested (``src`` or ``tgt`` alone, or source then target)."""
 
     def __post_init__(self):
         if self.split not in ("train", "validation", "test"):
@@ -74,6 +79,10 @@ class CorpusOptions:
             raise HarvestError(f"--truncate must be positive, got {self.truncate}")
         if self.truncation_side not in ("right", "left"):
             raise HarvestError(f"--truncation-side must be right or left, not '{self.truncation_side}'")
+        if self.sides not in ("src", "tgt", "both"):
+            raise HarvestError(f"--sides must be src, tgt or both, not '{self.sides}'")
+        if self.template is not None and not self.template.strip():
+            raise HarvestError("--template is empty")
 
 
 class Corpus(Protocol):
@@ -91,7 +100,7 @@ class Corpus(Protocol):
         """A JSON-able identity of the inputs (files with sizes and hashes, hub ids and revisions)."""
 
 
-KINDS = ("text", "sample", "ec40", "wikipedia", "instruct", "stimuli")
+KINDS = ("text", "sample", "ec40", "wikipedia", "instruct", "lna", "stimuli")
 
 
 def split_list(text: str, what: str, example: str) -> list[str]:
@@ -105,8 +114,9 @@ def split_list(text: str, what: str, example: str) -> list[str]:
     return items
 
 
-def parse_corpus(spec: str, options: CorpusOptions | None = None) -> Corpus:
-    """Build the corpus named by ``spec``; a clear error for an unknown kind or missing data."""
+def parse_corpus(spec: str, options: CorpusOptions | None = None, tokenizer=None) -> Corpus:
+    """Build the corpus named by ``spec``; a clear error for an unknown kind or missing data. The
+    model's ``tokenizer`` is needed by ``--template chat`` only."""
     options = options or CorpusOptions()
     kind, _, arg = spec.partition(":")
     if kind == "text":
@@ -128,7 +138,11 @@ def parse_corpus(spec: str, options: CorpusOptions | None = None) -> Corpus:
     if kind == "instruct":
         from harvester.corpus.instruct import InstructCorpus
 
-        return InstructCorpus(spec, arg)
+        return InstructCorpus(spec, arg, options.template, tokenizer)
+    if kind == "lna":
+        from harvester.corpus.lna import LnaCorpus
+
+        return LnaCorpus(spec, arg)
     if kind == "stimuli":
         from harvester.corpus.stimuli import StimuliCorpus
 
@@ -176,12 +190,12 @@ class Corpora:
         return [p.source() for p in self.parts]
 
 
-def parse_corpora(specs: list[str] | str, options: CorpusOptions | None = None) -> Corpora:
+def parse_corpora(specs: list[str] | str, options: CorpusOptions | None = None, tokenizer=None) -> Corpora:
     specs = [specs] if isinstance(specs, str) else list(specs)
     if not specs:
         raise HarvestError("no corpus given: --corpus SPEC (repeatable)")
     options = options or CorpusOptions()
-    return Corpora([parse_corpus(s, options) for s in specs], options)
+    return Corpora([parse_corpus(s, options, tokenizer) for s in specs], options)
 
 
 _SAMPLE = 1 << 20

@@ -20,7 +20,10 @@ a missing file is a clear error naming it.
 
 Documents: the first ``max_pairs`` pairs of a direction in file order, each
 ``[(dir:src, source), (dir:tgt, target)]``; pairs where either side is blank are skipped (they do
-not count towards ``max_pairs``). Without PATH the needed files are downloaded from the hub (whole
+not count towards ``max_pairs``). ``--sides src`` or ``tgt`` keeps one side of each pair (each a
+document of its own; the groups are that side's only); ``--template`` (a format string with ``{src}``,
+:mod:`harvester.corpus.template`) rewrites the source side, e.g. the Aya study's
+``Translate from {src_lang} to {tgt_lang}: {src}``. Without PATH the needed files are downloaded from the hub (whole
 files: a high-resource train file is hundreds of MB); with PATH they are read from a local
 directory with the same layout, whose files decide which languages ``pairs=all`` takes.
 """
@@ -33,6 +36,7 @@ from pathlib import Path
 from typing import Iterator
 
 from harvester.corpus import CorpusOptions, Segment, Stream, decode_line, file_identity, split_list
+from harvester.corpus.template import ec40_template
 from harvester.errors import HarvestError
 
 HUB_REPO = "ShaomuTan/EC40"
@@ -102,14 +106,21 @@ class EC40Corpus:
         self.files = {lang: self._fetch(lang) for lang in langs}
         for lang in langs:
             self._check(lang)
-        self.groups = [side_group(d, side) for d in self.directions for side in SIDES]
+        self.sides = SIDES if options.sides == "both" else (options.sides,)
+        self.template = ec40_template(options.template)
+        if self.template is not None and "src" not in self.sides:
+            raise HarvestError("--template rewrites EC40's source side, which --sides tgt leaves out")
+        self.groups = [side_group(d, side) for d in self.directions for side in self.sides]
         self.streams = [Stream(d, packing="sequence") for d in self.directions]
 
     def documents(self, stream: str) -> Iterator[list[Segment]]:
         english_first = stream.startswith("en-")
+        src_lang, _, tgt_lang = stream.partition("-")
         for _, en, xx in islice(self._pairs(_other(stream)), self.max_pairs):
             src, tgt = (en, xx) if english_first else (xx, en)
-            yield [(side_group(stream, "src"), src), (side_group(stream, "tgt"), tgt)]
+            if self.template is not None:
+                src = self.template.render(src_lang=src_lang, tgt_lang=tgt_lang, src=src)
+            yield [(side_group(stream, side), text) for side, text in zip(SIDES, (src, tgt)) if side in self.sides]
 
     def source(self) -> dict:
         out = {"kind": "ec40", "split": self.split, "pairs": list(self.directions), "max_pairs": self.max_pairs}

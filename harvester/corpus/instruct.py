@@ -3,11 +3,13 @@
 Each line is ``{"lang": "de", "prompt": "...", "response": "..."}`` (other fields are ignored); blank
 lines are skipped. A language is one ``sequence`` stream (an example's prompt must not see another
 example) with groups ``{lang}:prompt`` and ``{lang}:response``, languages in order of first appearance.
-A document is ``[(lang:prompt, prompt), (lang:response, response)]``, in file order.
+A document is ``[(lang:prompt, prompt), (lang:response, response)]``, in file order; ``--template``
+(:mod:`harvester.corpus.template`) rewrites both texts first (``chat``) or the prompt alone (a format
+string with ``{prompt}``).
 
 The whole file is checked when the corpus is opened, one line at a time: a line that is not a JSON
 object, lacks a field, has a non-string or blank field (an empty segment has no token to count) is
-an error ``FILE:LINE: ...``.
+an error ``FILE:LINE: ...``; so is a template that fails on the first example.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from harvester.corpus import Segment, Stream, file_identity
+from harvester.corpus.template import ChatTemplate, instruct_template
 from harvester.errors import HarvestError
 
 FIELDS = ("lang", "prompt", "response")
@@ -25,7 +28,7 @@ FIELDS = ("lang", "prompt", "response")
 class InstructCorpus:
     """Prompt/response pairs per language."""
 
-    def __init__(self, spec: str, path: str):
+    def __init__(self, spec: str, path: str, template: str | None = None, tokenizer=None):
         if not path:
             raise HarvestError("instruct corpus needs a file: --corpus instruct:FILE.jsonl")
         self.spec = spec
@@ -37,14 +40,27 @@ class InstructCorpus:
             raise HarvestError(f"instruct file {self.file} has no examples")
         self.groups = [f"{lang}:{role}" for lang in langs for role in ("prompt", "response")]
         self.streams = [Stream(lang, packing="sequence") for lang in langs]
+        self.template = instruct_template(template, tokenizer)
+        self._render(*next(self._examples())[1:])  # a template that fails, fails before any store exists
 
     def documents(self, stream: str) -> Iterator[list[Segment]]:
         for lang, prompt, response in self._examples():
             if lang == stream:
+                prompt, response = self._render(prompt, response)
                 yield [(f"{lang}:prompt", prompt), (f"{lang}:response", response)]
 
     def source(self) -> dict:
-        return {"kind": "instruct", "files": [file_identity(self.file)]}
+        out = {"kind": "instruct", "files": [file_identity(self.file)]}
+        if isinstance(self.template, ChatTemplate):  # the template's text is the tokenizer's, not an option
+            out["chat_template_sha256"] = self.template.sha256
+        return out
+
+    def _render(self, prompt: str, response: str) -> tuple[str, str]:
+        if self.template is None:
+            return prompt, response
+        if isinstance(self.template, ChatTemplate):
+            return self.template.render(prompt, response)
+        return self.template.render(prompt=prompt), response
 
     def _examples(self) -> Iterator[tuple[str, str, str]]:
         """``(lang, prompt, response)`` per non-blank line, each checked."""
