@@ -63,6 +63,10 @@ class HarvestConfig:
     encode: Literal["whole", "segments"] = "whole"
     """How a document's segments are encoded: ``whole`` (once, roles from character offsets; a slow
     tokenizer falls back to ``segments``) or ``segments`` (each on its own)."""
+    separator: Literal["eos", "none"] = "eos"
+    """What ends each packed document (text, sample, Wikipedia): the tokenizer's EOS, or nothing."""
+    remainder: Literal["keep", "drop"] = "keep"
+    """A packed stream's last window shorter than ``seq_len``: harvested, or dropped and counted."""
     progress: bool = True
     overwrite: bool = False
     """Discard an existing store at ``store`` (once every up-front check passed) instead of resuming it."""
@@ -83,6 +87,9 @@ class HarvestConfig:
         if self.bos not in ("auto", "document", "window", "none") or self.encode not in ("whole", "segments"):
             raise HarvestError(f"--bos must be auto, document, window or none and --encode whole or segments, "
                                f"not {self.bos!r} and {self.encode!r}")
+        if self.separator not in ("eos", "none") or self.remainder not in ("keep", "drop"):
+            raise HarvestError(f"--separator must be eos or none and --remainder keep or drop, "
+                               f"not {self.separator!r} and {self.remainder!r}")
         if self.tokenize_tasks is not None and self.tokenize_tasks <= 0:
             raise HarvestError(f"--tokenize-tasks must be positive, got {self.tokenize_tasks}")
         for name in ("seq_len", "batch_size", "shard_tokens", "tensor_parallel"):
@@ -113,6 +120,14 @@ class HarvestConfig:
             raise HarvestError("--template is for instruct and ec40 corpora; no corpus here is one")
         if options.sides != "both" and "ec40" not in kinds:
             raise HarvestError("--sides is for ec40 corpora; no corpus here is one")
+        packed = kinds & PACKED_KINDS
+        if options.max_tokens_per_lang is not None and not packed:
+            raise HarvestError("--max-tokens-per-lang is for running text (text, sample and wikipedia corpora); "
+                               "no corpus here is one")
+        for flag, value, default in (("separator", self.separator, "eos"), ("remainder", self.remainder, "keep")):
+            if value != default and (not packed or options.pooling != "token"):
+                raise HarvestError(f"--{flag} {value} is for running text packed into windows (text, sample and "
+                                   "wikipedia corpora, --pooling token); no corpus here is packed")
 
     def _check_device_map(self) -> None:
         """``--device-map``: a placement transformers knows, and only for the hf backend (checked before
@@ -125,6 +140,9 @@ class HarvestConfig:
         if self.device_map not in DEVICE_MAPS:
             raise HarvestError(f"--device-map {self.device_map!r} is not one of {', '.join(DEVICE_MAPS)}")
 
+
+PACKED_KINDS = {"text", "sample", "wikipedia"}
+"""The corpus kinds of running text, packed into windows (:mod:`harvester.corpus`)."""
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 """The ``device_map`` strategies ``from_pretrained`` accepts by name."""
@@ -211,6 +229,14 @@ class HarvestOptions(DeviceOptions):
     counts what the alignment study's full - prompt counts; examples where it cannot (the prompt's own
     encoding is not a prefix of the whole) are counted per group and reported; a slow tokenizer falls back to
     segments with a notice. segments: each segment encoded on its own (lsn before this option)"""
+    separator: Literal["eos", "none"] = HarvestConfig.separator
+    """what ends each packed document (text, sample, wikipedia): eos, the tokenizer's EOS (counted in the
+    document's language); none: nothing, documents follow each other as encoded (LAPE's data: each document
+    tokenized with its BOS, the ids concatenated)"""
+    remainder: Literal["keep", "drop"] = HarvestConfig.remainder
+    """a packed stream's last window shorter than --seq-len (also the one --max-tokens-per-lang cuts): keep:
+    harvested; drop: not harvested, its tokens counted per group and reported as truncation is (LAPE's
+    activation.py keeps min(n, cap) // seq_len * seq_len of a language's n tokens)"""
     pairs: str | None = CorpusOptions.pairs
     """EC40 directions: en-fr,fr-en,... | all"""
     split: Literal["train", "validation", "test"] = CorpusOptions.split
@@ -218,7 +244,8 @@ class HarvestOptions(DeviceOptions):
     max_pairs: Positive = CorpusOptions.max_pairs
     """EC40 examples per direction"""
     max_tokens_per_lang: Positive | None = CorpusOptions.max_tokens_per_lang
-    """Wikipedia tokens per language (none: all)"""
+    """tokens per language of running text (text, sample, wikipedia; the last window cut there, see
+    --remainder) (none: all)"""
     lowercase: bool = CorpusOptions.lowercase
     """stimuli: lowercase every stimulus before tokenizing (the localizer reference does)"""
     truncate: Positive | None = CorpusOptions.truncate
@@ -256,7 +283,8 @@ class HarvestOptions(DeviceOptions):
             use_ray=not self.no_ray, stats=stats, hist_edges=parse_edges(self.hist_edges) if "hist" in stats else None,
             site=self.site_module, unit=self.unit, tokenize_tasks=self.tokenize_tasks,
             tensor_parallel=self.tensor_parallel, vllm_memory=self.vllm_memory, progress=not self.no_progress,
-            overwrite=self.overwrite, bos=self.bos, eos_per_example=self.eos_per_example, encode=self.encode)
+            overwrite=self.overwrite, bos=self.bos, eos_per_example=self.eos_per_example, encode=self.encode,
+            separator=self.separator, remainder=self.remainder)
 
 
 LOCALIZER: dict = {"unit": "residual", "pooling": "last", "lowercase": True, "truncate": 12,
@@ -268,6 +296,18 @@ Gemma, Mistral; none for GPT-2) inside those 12 tokens (``--bos auto``: what the
 stimulus). Padding needs no setting: the reference runs one stimulus at a time, and lsn pools over each stimulus's own
 tokens, never over padding, whatever ``--batch-size``. Statistics default to ``active,sum,sqsum,abs``
 when pooled, which the Welch t on absolute values needs."""
+
+
+LAPE: dict = {"bos": "auto", "separator": "none", "remainder": "drop", "seq_len": 4096,
+              "max_tokens_per_lang": 99_999_744}
+"""LAPE's harvest (RUCAIBox/Language-Specific-Neurons ``activation.py``), as :class:`HarvestOptions` values
+for ``--preset lape`` with running text (``text:``, ``wikipedia:``): its ids are each document tokenized
+with the tokenizer's BOS (``--bos auto``: Llama's ``<s>``, nothing for BLOOM) and concatenated with nothing
+between documents (``--separator none``); it keeps ``min(n, 99999744) // max_length * max_length`` of a
+language's ``n`` tokens (``--max-tokens-per-lang 99999744``, 24414 windows of 4096, then ``--remainder
+drop``) as windows of the model's length (vLLM's ``max_model_len``: 4096 for Llama-2, the paper's model,
+and ``--preset lape``'s ``intervene ppl``; pass the model's own for another). Its count is ``act_fn(gate) >
+0`` over every position, lsn's ``active`` (see docs/METHODS.md)."""
 
 
 AYA: dict = {"template": "Translate from {src_lang} to {tgt_lang}: {src}", "sides": "src",

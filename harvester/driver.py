@@ -61,13 +61,14 @@ def harvest(cfg: HarvestConfig) -> Store:
 
 
 def _needs_eos(cfg: HarvestConfig, corpora) -> bool:
-    """Token statistics end packed documents with EOS, and examples too with ``--eos-per-example``."""
+    """Token statistics end packed documents with EOS (unless ``--separator none``), and examples too with
+    ``--eos-per-example``."""
     return cfg.corpus_options.pooling == "token" and (
-        cfg.eos_per_example or any(s.packing == "pack" for s in corpora.streams))
+        cfg.eos_per_example or (cfg.separator == "eos" and any(s.packing == "pack" for s in corpora.streams)))
 
 
 def _tokenization(cfg: HarvestConfig, tokenizer) -> dict:
-    """``--bos``, ``--eos-per-example`` and ``--encode`` resolved for this tokenizer: the BOS ids and where
+    """``--bos``, ``--eos-per-example``, ``--encode``, ``--separator`` and ``--remainder`` resolved for this tokenizer: the BOS ids and where
     they go; ``whole`` falls back to ``segments`` (with a notice) for a tokenizer without character offsets."""
     place, bos_ids = resolve_bos(tokenizer, cfg.bos)
     encode = cfg.encode
@@ -76,14 +77,16 @@ def _tokenization(cfg: HarvestConfig, tokenizer) -> dict:
              "(each segment of an example encoded on its own)")
         encode = "segments"
     return {"bos": cfg.bos, "bos_place": place, "bos_ids": list(bos_ids), "eos_per_example": cfg.eos_per_example,
-            "encode": encode}
+            "encode": encode, "separator": cfg.separator, "remainder": cfg.remainder}
 
 
 def _tokenization_settings(tokens: dict) -> dict:
     """The fingerprint's entries for ``tokens`` (:func:`_tokenization`). One at the value lsn used before it
-    was recorded (no BOS, EOS after every example, segments encoded alone) is left out, so that a store
-    written before keeps its fingerprint; readers take an absent one as that value."""
-    legacy = {"bos": "none", "bos_place": "none", "bos_ids": [], "eos_per_example": True, "encode": "segments"}
+    was recorded (no BOS, EOS after every example and document, segments encoded alone, the last shorter
+    window kept) is left out, so that a store written before keeps its fingerprint; readers take an absent
+    one as that value."""
+    legacy = {"bos": "none", "bos_place": "none", "bos_ids": [], "eos_per_example": True, "encode": "segments",
+              "separator": "eos", "remainder": "keep"}
     return {key: value for key, value in tokens.items() if legacy[key] != value}
 
 
@@ -93,7 +96,7 @@ def _token_settings(cfg: HarvestConfig, fingerprint: dict, tokenizer, tokens: di
                          fingerprint_sha256=fingerprint_sha256(fingerprint),
                          corpus_sha256=fingerprint_sha256(fingerprint["corpus"]), bos=tokens["bos_place"],
                          bos_ids=tuple(tokens["bos_ids"]), eos_per_example=tokens["eos_per_example"],
-                         encode=tokens["encode"])
+                         encode=tokens["encode"], separator=tokens["separator"], remainder=tokens["remainder"])
 
 
 def _overwrite(path: str, attrs: StoreAttrs) -> None:
@@ -160,7 +163,8 @@ def _remove_created(path: str, held: lease.Lease) -> None:
 
 
 def _corpus_meta(root: str, corpora, infos: list[ShardInfo]) -> dict:
-    """What the plan turned out to be: tokens per group, digest, truncation (from the stream manifests)."""
+    """What the plan turned out to be: tokens per group, digest, truncation, a dropped remainder (from the
+    stream manifests)."""
     manifests = [read_manifest(f"{root}/{s:05d}.json") for s in range(len(corpora.streams))]
     tokens = [0] * len(corpora.groups)
     for info in infos:
@@ -172,7 +176,16 @@ def _corpus_meta(root: str, corpora, infos: list[ShardInfo]) -> dict:
             "truncated_tokens": sum(m["truncated_tokens"] for m in manifests),
             "truncated_documents": sum(m["truncated_documents"] for m in manifests),
             **{f"{key}_per_group": _per_group(manifests, f"{key}_per_group", len(corpora.groups))
-               for key in ("truncated_tokens", "truncated_documents", "boundaries", "boundary_mismatches")}}
+               for key in ("truncated_tokens", "truncated_documents", "boundaries", "boundary_mismatches")},
+            **_remainder(manifests, len(corpora.groups))}
+
+
+def _remainder(manifests: list[dict], n_groups: int) -> dict:
+    """``--remainder drop``: the tokens dropped, in all and per group (nothing when no manifest records it)."""
+    per_group = _per_group(manifests, "remainder_tokens_per_group", n_groups)
+    if per_group is None:
+        return {}
+    return {"remainder_tokens": sum(per_group), "remainder_tokens_per_group": per_group}
 
 
 def _per_group(manifests: list[dict], key: str, n_groups: int) -> list[int] | None:

@@ -293,6 +293,10 @@ class CorpusInfo(_Section):
     """``truncated_tokens`` per group, in group order (absent in stores made before lsn recorded it)."""
     truncated_documents_per_group: tuple[int, ...] | None = _field(_optional(_list_of(_integer)))
     """Per group: documents that lost at least one of its tokens."""
+    remainder_tokens: int | None = _field(_optional(_integer))
+    """``--remainder drop``: tokens of packed streams' last, shorter windows, dropped (not harvested)."""
+    remainder_tokens_per_group: tuple[int, ...] | None = _field(_optional(_list_of(_integer)))
+    """``remainder_tokens`` per group, in group order (absent unless ``--remainder drop``)."""
     boundaries_per_group: tuple[int, ...] | None = _field(_optional(_list_of(_integer)))
     """``--encode whole``: per group, the segment boundaries into its segments (an example's response)."""
     boundary_mismatches_per_group: tuple[int, ...] | None = _field(_optional(_list_of(_integer)))
@@ -321,6 +325,10 @@ class Settings(_Section):
     """Absent: true (before ``--eos-per-example``, every example ended with EOS)."""
     encode: str | None = _field(_optional(_text))
     """``whole`` or ``segments``; absent: segments (the encoding before ``--encode``)."""
+    separator: str | None = _field(_optional(_text))
+    """What ended each packed document: ``none``; absent: ``eos`` (the tokenizer's EOS)."""
+    remainder: str | None = _field(_optional(_text))
+    """A packed stream's last, shorter window: ``drop`` (dropped, counted); absent: ``keep`` (harvested)."""
 
     @property
     def spec(self) -> StatsSpec:
@@ -435,6 +443,7 @@ class StoreAttrs(_Section, Mapping):
                             ("meta.corpus.truncated_tokens_per_group", self.corpus.truncated_tokens_per_group),
                             ("meta.corpus.truncated_documents_per_group",
                              self.corpus.truncated_documents_per_group),
+                            ("meta.corpus.remainder_tokens_per_group", self.corpus.remainder_tokens_per_group),
                             ("meta.corpus.boundaries_per_group", self.corpus.boundaries_per_group),
                             ("meta.corpus.boundary_mismatches_per_group", self.corpus.boundary_mismatches_per_group),
                             ("totals.tokens", self.totals and self.totals.tokens)):
@@ -451,7 +460,9 @@ class StoreAttrs(_Section, Mapping):
         corpus = self.corpus
         for key, per_group, total in (("tokens_per_group", corpus.tokens_per_group, corpus.tokens),
                                       ("truncated_tokens_per_group", corpus.truncated_tokens_per_group,
-                                       corpus.truncated_tokens)):
+                                       corpus.truncated_tokens),
+                                      ("remainder_tokens_per_group", corpus.remainder_tokens_per_group,
+                                       corpus.remainder_tokens)):
             if per_group is not None and total is not None and sum(per_group) != total:
                 raise _Malformed(f"meta.corpus.{key}", f"sums to {sum(per_group)}, but meta.corpus."
                                  f"{key.replace('_per_group', '')} is {total}")

@@ -15,13 +15,16 @@ LOSS_WARNING = 0.01
 
 def summarize(path: str) -> str:
     """Tokens, mean activation probability, share of never-active neurons, mean activation per group,
-    and the tokens and documents that truncation at ``--seq-len`` cut off (when the store records them)."""
+    the tokens and documents that truncation at ``--seq-len`` cut off, and the tokens ``--remainder drop``
+    dropped (when the store records them)."""
     attrs = open_finished(path)
     ds = open_dataset(path, attrs)
     model = attrs.model
     cut_tokens, cut_docs = _cut(attrs)
+    dropped = attrs.corpus.remainder_tokens_per_group
     width = max([12, *(len(str(g)) + 2 for g in ds["group"].values)])
     cut_head = f"{'cut tok':>9}{'cut docs':>9}" if cut_tokens is not None else ""
+    cut_head += f"{'drop tok':>9}" if dropped is not None else ""
     lines = [f"{attrs.corpus.spec} on {model.id} ({model.architecture}, {model.layers} layers x {model.width} neurons)",
              f"{'group':<{width}}{'tokens':>10}{'P(active)':>11}{'never':>8}{'mean act':>10}{cut_head}"]
     tokens = ds["tokens"].values
@@ -32,16 +35,19 @@ def summarize(path: str) -> str:
         prob = active[g] / n
         mean = f"{act_sum[g].mean() / n:>10.4f}" if act_sum is not None else f"{'-':>10}"
         cut = f"{cut_tokens[g]:>9}{cut_docs[g]:>9}" if cut_tokens is not None else ""
+        cut += f"{dropped[g]:>9}" if dropped is not None else ""
         lines.append(f"{str(name):<{width}}{int(tokens[g]):>10}{prob.mean():>11.4f}{np.mean(active[g] == 0):>8.3f}"
                      f"{mean}{cut}")
     total_cut = f"{sum(cut_tokens):>9}{attrs.corpus.truncated_documents or 0:>9}" if cut_tokens is not None else ""
+    total_cut += f"{sum(dropped):>9}" if dropped is not None else ""
     lines.append(f"{'total':<{width}}{int(tokens.sum()):>10}{'':>29}{total_cut}")
     return "\n".join(lines + [line for line in (tokenization(attrs), boundaries(attrs)) if line])
 
 
 def tokenization(attrs: StoreAttrs) -> str:
     """How documents became tokens, in a line; a setting the store does not record (it predates it) is the
-    value lsn used then: no BOS, EOS after every example, segments encoded alone. Empty for an import."""
+    value lsn used then: no BOS, EOS after every example and document, segments encoded alone, the last
+    shorter window kept (those two are shown only when they differ). Empty for an import."""
     s = attrs.settings
     if s.backend is None:
         return ""
@@ -52,7 +58,9 @@ def tokenization(attrs: StoreAttrs) -> str:
     elif s.bos not in (None, "none"):
         bos += " (the tokenizer adds none)"
     eos = "EOS after every example" if s.eos_per_example in (None, True) else "no EOS inside examples"
-    return f"tokens: {bos}, {eos}, --encode {s.encode or 'segments'}"
+    packed = "".join(f", --{flag} {value}" for flag, value in (("separator", s.separator), ("remainder", s.remainder))
+                     if value not in (None, "eos", "keep"))
+    return f"tokens: {bos}, {eos}, --encode {s.encode or 'segments'}{packed}"
 
 
 def boundaries(attrs: StoreAttrs) -> str:
@@ -83,16 +91,23 @@ def losses(attrs: StoreAttrs) -> tuple[list[str], list[str]]:
     if tokens is None:
         return [], []
     cut_tokens, cut_docs = _cut(attrs)
+    dropped = attrs.corpus.remainder_tokens_per_group
     seq_len = attrs.settings.seq_len
     warnings, empty = [], []
     for g, name in enumerate(attrs.corpus.groups):
         cut = cut_tokens[g] if cut_tokens is not None else 0
+        drop = dropped[g] if dropped is not None else 0
         if tokens[g] == 0:
-            empty.append(f"{name} (all {cut} cut off at --seq-len {seq_len})" if cut else name)
+            empty.append(f"{name} (all {cut} cut off at --seq-len {seq_len})" if cut else
+                         f"{name} (all {drop} dropped by --remainder drop)" if drop else name)
         elif cut > LOSS_WARNING * (tokens[g] + cut):
             warnings.append(f"group {name} lost {cut} of its {tokens[g] + cut} tokens "
                             f"({100 * cut / (tokens[g] + cut):.1f}%) in {cut_docs[g]} documents longer than "
                             f"--seq-len {seq_len}; a larger --seq-len keeps them")
+        if tokens[g] and drop > LOSS_WARNING * (tokens[g] + drop):
+            warnings.append(f"group {name} lost {drop} of its {tokens[g] + drop} tokens "
+                            f"({100 * drop / (tokens[g] + drop):.1f}%) in a last window shorter than --seq-len "
+                            f"{seq_len}, which --remainder drop drops")
     return warnings, empty
 
 

@@ -10,9 +10,10 @@ Documents (lists of ``(group, text)`` segments) are encoded as :class:`TokenSett
 is in (``whole``), or each segment on its own (``segments``, the encoding before ``--encode``); with
 the tokenizer's BOS before each document (``bos="document"``) or each packed window (``"window"``),
 counted in the group of the token it precedes; with token pooling a packed document ends with the
-tokenizer's EOS token (a ``sequence`` document only with ``eos_per_example``), counted in the last
-segment's group. With ``pack`` packing a stream's documents are concatenated and cut into consecutive
-windows of ``seq_len`` tokens (the last may be shorter): every token lands in exactly one window.
+tokenizer's EOS token (a ``sequence`` document only with ``eos_per_example``; a packed one unless
+``separator`` is ``none``), counted in the last segment's group. With ``pack`` packing a stream's
+documents are concatenated and cut into consecutive windows of ``seq_len`` tokens (the last may be
+shorter, or with ``remainder="drop"`` is dropped and counted): every token lands in exactly one window.
 With ``sequence`` packing each document is its own window; a longer document is cut at ``seq_len``
 (the tokens cut off are counted in the manifest), except with pooled statistics, where the last
 token matters and a too-long document is an error. ``--truncate N`` first cuts every document of a
@@ -99,20 +100,31 @@ class TokenSettings:
     encode: str = "segments"
     """``whole``: a document is encoded once, each token in the segment its first character is in;
     ``segments``: each segment on its own. (These defaults are the encoding from before the options.)"""
+    separator: str = "eos"
+    """Token pooling: what ends each packed document: ``eos`` (the tokenizer's EOS) or ``none`` (documents
+    follow each other as encoded, as LAPE's concatenated ids do)."""
+    remainder: str = "keep"
+    """A packed stream's last window shorter than ``seq_len``: ``keep`` it, or ``drop`` it (LAPE's
+    ``activation.py``), its tokens counted in the manifest's ``remainder_tokens``."""
 
     def __post_init__(self):
         for name in ("seq_len", "shard_tokens"):
             if getattr(self, name) <= 0:
                 raise HarvestError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.bos not in BOS_PLACES or self.encode not in ENCODINGS:
-            raise HarvestError(f"bad token settings: bos {self.bos!r}, encode {self.encode!r}")
+        if (self.bos not in BOS_PLACES or self.encode not in ENCODINGS or self.separator not in SEPARATORS
+                or self.remainder not in REMAINDERS):
+            raise HarvestError(f"bad token settings: bos {self.bos!r}, encode {self.encode!r}, "
+                               f"separator {self.separator!r}, remainder {self.remainder!r}")
         if self.bos == "window" and len(self.bos_ids) >= self.seq_len:
             raise HarvestError(f"--bos window needs --seq-len above {len(self.bos_ids)}, got {self.seq_len}")
 
 
 BOS_PLACES = ("document", "window", "none")
 ENCODINGS = ("whole", "segments")
-LEGACY = {"bos": "none", "bos_ids": [], "eos_per_example": True, "encode": "segments"}
+SEPARATORS = ("eos", "none")
+REMAINDERS = ("keep", "drop")
+LEGACY = {"bos": "none", "bos_ids": [], "eos_per_example": True, "encode": "segments", "separator": "eos",
+          "remainder": "keep"}
 """The token settings of a manifest (or store) written before they were recorded."""
 
 
@@ -281,13 +293,21 @@ def _window(ids: list[int], groups: list[int], bos_ids: tuple[int, ...]) -> tupl
 
 class _Truncation:
     """What ``sequence`` packing cut off: tokens and documents, in all and per group id (a document
-    counts for every group that lost a token in it)."""
+    counts for every group that lost a token in it); and what ``--remainder drop`` dropped: the tokens of
+    a packed stream's last, shorter window."""
 
     def __init__(self):
         self.tokens = 0
         self.documents = 0
         self.group_tokens: dict[int, int] = {}
         self.group_documents: dict[int, int] = {}
+        self.remainder: dict[int, int] = {}
+
+    def drop(self, groups: np.ndarray) -> None:
+        """A remainder window dropped, whose tokens carry the group ids ``groups``."""
+        values, counts = np.unique(np.asarray(groups, dtype=np.int64), return_counts=True)
+        for g, n in zip(values.tolist(), counts.tolist()):
+            self.remainder[g] = self.remainder.get(g, 0) + n
 
     def add(self, lost_groups: list[int]) -> None:
         """One document cut, whose tokens cut off carry the group ids ``lost_groups``."""
@@ -303,6 +323,11 @@ class _Truncation:
         return {"truncated_tokens": self.tokens, "truncated_documents": self.documents,
                 "truncated_tokens_per_group": {str(g): n for g, n in sorted(self.group_tokens.items())},
                 "truncated_documents_per_group": {str(g): n for g, n in sorted(self.group_documents.items())}}
+
+    def remainder_record(self) -> dict:
+        """The manifest's entries for ``--remainder drop``."""
+        return {"remainder_tokens": sum(self.remainder.values()),
+                "remainder_tokens_per_group": {str(g): n for g, n in sorted(self.remainder.items())}}
 
 
 def sequences(docs, seq_len: int, pooled: bool, stream: str, cut: _Truncation):
@@ -348,6 +373,17 @@ def _limit(windows, max_tokens: int | None):
         left -= len(ids)
 
 
+def whole_windows(windows, seq_len: int, cut: _Truncation):
+    """``--remainder drop``: only windows of ``seq_len`` tokens; a shorter one (a packed stream's last, or
+    the one ``--max-tokens-per-lang`` cut) is dropped and its tokens counted in ``cut``, as LAPE's
+    ``activation.py`` keeps ``min(n, cap) // seq_len * seq_len`` of a language's ``n`` tokens."""
+    for ids, groups in windows:
+        if len(ids) == seq_len:
+            yield ids, groups
+        else:
+            cut.drop(groups)
+
+
 def stream_windows(corpora, index: int, tokenizer, settings: TokenSettings, cut: _Truncation,
                    seams: _Seams | None = None):
     """Windows ``(ids, groups)`` of stream ``index`` of ``corpora``, in order."""
@@ -355,7 +391,8 @@ def stream_windows(corpora, index: int, tokenizer, settings: TokenSettings, cut:
     pooled = settings.pooling != "token"
     packed = stream.packing == "pack"
     group_ids = {g: i for i, g in enumerate(corpora.groups)}
-    eos = None if pooled or not (packed or settings.eos_per_example) else settings.eos_id
+    ends = settings.separator == "eos" if packed else settings.eos_per_example
+    eos = settings.eos_id if ends and not pooled else None
     per_window = settings.bos == "window" and packed  # a sequence document is its own window
     bos_ids = () if per_window or settings.bos == "none" else settings.bos_ids
     docs = document_tokens(tokenizer, corpora.documents(index), group_ids, eos, bos_ids=bos_ids,
@@ -367,7 +404,8 @@ def stream_windows(corpora, index: int, tokenizer, settings: TokenSettings, cut:
         windows = pack(docs, settings.seq_len, settings.bos_ids if per_window else ())
     else:
         windows = sequences(docs, settings.seq_len, pooled, stream.name, cut)
-    return _limit(windows, stream.max_tokens)
+    windows = _limit(windows, stream.max_tokens)
+    return whole_windows(windows, settings.seq_len, cut) if packed and settings.remainder == "drop" else windows
 
 
 def tokenize_stream(corpora, index: int, tokenizer, settings: TokenSettings, root: str) -> Iterator[ShardInfo]:
@@ -398,15 +436,19 @@ def tokenize_stream(corpora, index: int, tokenizer, settings: TokenSettings, roo
         infos.append(_write_shard(root, index, k, current))
         yield infos[-1]
     if not infos:
-        raise _no_tokens(stream.name)
+        raise _no_tokens(stream.name, sum(cut.remainder.values()), settings.seq_len)
     fs.write_text(manifest_path, json.dumps({
         "format": TOKENS_FORMAT, "stream": stream.name, "settings": asdict(settings),
         "shards": [asdict(i) for i in infos], **cut.record(),
-        **(seams.record() if settings.encode == "whole" else {}), "digest": stream_digest(infos),
+        **(seams.record() if settings.encode == "whole" else {}),
+        **(cut.remainder_record() if settings.remainder == "drop" else {}), "digest": stream_digest(infos),
     }))
 
 
-def _no_tokens(stream: str) -> HarvestError:
+def _no_tokens(stream: str, dropped: int = 0, seq_len: int = 0) -> HarvestError:
+    if dropped:
+        return HarvestError(f"corpus stream '{stream}' has {dropped} tokens, less than one --seq-len {seq_len} "
+                            "window, and --remainder drop drops them; lower --seq-len or use --remainder keep")
     return HarvestError(f"corpus stream '{stream}' has no tokens")
 
 

@@ -96,7 +96,7 @@ class PPLOptions(InterveneOptions):
 LAPE_PPL: dict = {"aggregate": "window-nll", "seq_len": 4096}
 """LAPE's perplexity (RUCAIBox ``ppl.py``) as ``intervene ppl`` values (``--preset lape``): the mean NLL of
 4,096-token windows (Llama-2's length), the remainder dropped, no exp. Its 2^20-token cap per language is
-``--max-tokens-per-lang 1048576`` on a ``wikipedia:`` corpus."""
+``--max-tokens-per-lang 1048576`` on a ``text:`` or ``wikipedia:`` corpus."""
 
 LNA_PPL: dict = {"aggregate": "per-prompt", "seq_len": 4096}
 """The alignment study's perplexity (``language_neurons_alignment/ppl.py``) as ``intervene ppl`` values

@@ -29,8 +29,8 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "lape": Preset(
-        "Tang et al., ACL 2024 (LAPE)", "RUCAIBox/Language-Specific-Neurons: identify.py, ppl.py",
-        {"analyze lape": {"top_rate": 0.01, "filter_rate": 0.95, "bar_ratio": 0.95},
+        "Tang et al., ACL 2024 (LAPE)", "RUCAIBox/Language-Specific-Neurons: activation.py, identify.py, ppl.py",
+        {"harvest": harvest_config.LAPE, "analyze lape": {"top_rate": 0.01, "filter_rate": 0.95, "bar_ratio": 0.95},
          "intervene ppl": job_options.LAPE_PPL}),
     "lna": Preset(
         "Zhang et al., 2025 (the alignment study)",

@@ -260,12 +260,12 @@ def test_a_store_from_before_the_options_reads_verifies_and_resumes(tmp_path, ca
     store = tmp_path / "old"
     assert main(["harvest", "--store", str(store), *args, *OLD]) == 0
     settings = read_attrs(store)["fingerprint"]["settings"]
-    assert not {"bos", "bos_place", "bos_ids", "eos_per_example", "encode"} & set(settings)
+    assert not {"bos", "bos_place", "bos_ids", "eos_per_example", "encode", "separator", "remainder"} & set(settings)
     manifests = sorted((store / "tokens").glob("[0-9]*.json"))
     assert len(manifests) == 2
     for manifest in manifests:  # the stream manifests, as lsn wrote them before
         made = json.loads(manifest.read_text())
-        for key in ("bos", "bos_ids", "eos_per_example", "encode"):
+        for key in ("bos", "bos_ids", "eos_per_example", "encode", "separator", "remainder"):
             del made["settings"][key]
         manifest.write_text(json.dumps(made))
     shutil.copytree(store, tmp_path / "before")

@@ -9,7 +9,7 @@ response). How a document becomes tokens (one encoding of the whole, BOS, EOS) i
 ``--encode``, ``--bos`` and ``--eos-per-example`` (see :mod:`harvester.windows`).
 
 Packing (per stream): ``pack`` concatenates documents and cuts the stream into windows of
-``seq_len`` tokens (plain text, Wikipedia); ``sequence`` gives each document its own window (paired
+``seq_len`` tokens (plain text, sample, Wikipedia; at most ``--max-tokens-per-lang`` of them); ``sequence`` gives each document its own window (paired
 data and stimuli, whose context must not leak across examples).
 
 Several specs combine into one harvest (:func:`parse_corpora`); group names must not collide.
@@ -17,6 +17,7 @@ Several specs combine into one harvest (:func:`parse_corpora`); group names must
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +50,7 @@ class CorpusOptions:
     max_pairs: int = 30_000
     """EC40 examples per direction."""
     max_tokens_per_lang: int | None = None
-    """Wikipedia tokens per language."""
+    """Tokens per packed stream (a language of text, sample or Wikipedia), the last window cut there."""
     pooling: Literal["token", "last", "mean"] = "token"
     """``last``/``mean``: one pooled sample per document segment instead of one per token."""
     lowercase: bool = False
@@ -169,7 +170,9 @@ class Corpora:
                                        "harvest them into separate stores")
                 seen[group] = part.spec
         self.groups = [g for part in self.parts for g in part.groups]
-        self._streams = [(part, s) for part in self.parts for s in part.streams]
+        cap = self.options.max_tokens_per_lang
+        self._streams = [(part, s if s.packing != "pack" or s.max_tokens is not None or cap is None
+                          else dataclasses.replace(s, max_tokens=cap)) for part in self.parts for s in part.streams]
         if self.options.pooling != "token":  # a pooled sample is one document segment: never pack
             self._streams = [(part, Stream(s.name, "sequence", s.max_tokens)) for part, s in self._streams]
 
