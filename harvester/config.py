@@ -49,7 +49,8 @@ class HarvestConfig:
     """Override the hooked module, e.g. ``model.layers.{layer}.mlp.act_fn``."""
     unit: str = "mlp"
     """``mlp`` neurons (the activation's output), ``gate`` (the same neurons' gate projection output, the
-    activation's input), or ``residual``: the transformer blocks' outputs (:data:`harvester.arch.UNITS`)."""
+    activation's input), ``down-input`` (the same neurons as the down projection receives them: the gated
+    product), or ``residual``: the transformer blocks' outputs (:data:`harvester.arch.UNITS`)."""
     tensor_parallel: int = 1
     """vLLM backend: GPUs (ranks) per model; each rank holds a contiguous slice of the neurons."""
     vllm_memory: str | None = None
@@ -90,6 +91,8 @@ class HarvestConfig:
                 raise HarvestError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.tensor_parallel > 1 and self.backend != "vllm":
             raise HarvestError("--tensor-parallel needs --backend vllm (the hf backend spreads a model with --device-map)")
+        if self.backend == "vllm" and self.unit == "down-input":
+            raise HarvestError("--unit down-input needs --backend hf (the vLLM backend hooks no projection's input)")
         if self.backend == "vllm" and self.corpus_options.pooling != "token":
             raise HarvestError(f"--pooling {self.corpus_options.pooling} needs --backend hf; the vLLM backend counts tokens")
         if self.vllm_memory is not None:
@@ -183,13 +186,15 @@ class HarvestOptions(DeviceOptions):
     no_ray: bool = False
     """run in this process, without Ray, even with --actors 2+ or --address"""
     stats: str | None = None
-    """any of active,sum,sqsum,abs,hist (none: active,sum,sqsum; with --pooling last|mean also abs)"""
+    """any of active,nonzero,sum,sqsum,abs,hist (none: active,sum,sqsum; with --pooling last|mean also abs);
+    active counts values > 0, nonzero values != 0 (the Aya study's count, with --unit down-input)"""
     hist_edges: str = "-1:4:100"
     """histogram bins LO:HI:BINS (with --stats ...,hist)"""
-    unit: Literal["mlp", "gate", "residual"] = HarvestConfig.unit
+    unit: Literal["mlp", "gate", "down-input", "residual"] = HarvestConfig.unit
     """mlp: MLP neurons (the activation's output); gate: the same neurons' gate projection output, before the
-    activation (gated MLPs; for lsn intervene --values-from); residual: the transformer blocks' outputs
-    (formerly --site)"""
+    activation (gated MLPs; for lsn intervene --values-from); down-input: the same neurons as the down
+    projection receives them, act_fn(gate_proj(x)) * up_proj(x) in a gated MLP (read by a forward pre-hook;
+    hf backend; the Aya study's site); residual: the transformer blocks' outputs (formerly --site)"""
     site_module: str | None = HarvestConfig.site
     """hooked module pattern, e.g. model.layers.{layer}.mlp.act_fn (none: the architecture's own)"""
     pooling: Literal["token", "last", "mean"] = CorpusOptions.pooling

@@ -67,7 +67,7 @@ def creating_marker(path: str | Path) -> str:
     parent, _, name = str(path).rstrip("/").rpartition("/")
     return f"{parent}/.{name}.creating.json"
 
-_DTYPES = {"active": "int64", "act_sum": "float64", "act_sqsum": "float64", "act_abssum": "float64", "hist": "int64"}
+_DTYPES = {"active": "int64", "nonzero": "int64", "act_sum": "float64", "act_sqsum": "float64", "act_abssum": "float64", "hist": "int64"}
 
 
 def _zarr():
