@@ -276,12 +276,17 @@ when pooled, which the Welch t on absolute values needs."""
 
 
 AYA: dict = {"template": "Translate from {src_lang} to {tgt_lang}: {src}", "sides": "src",
-             "split": "validation", "max_pairs": 30_000}
+             "split": "validation", "max_pairs": 30_000, "unit": "down-input", "stats": "active,nonzero",
+             "bos": "auto", "seq_len": 512}
 """The Aya EC40 study's harvest (KatharinaTrinley/MechInterp-Aya-Neuron-Specialization,
 ``aya_get_neurons_EC40.py`` as its ``aya23-NS-ec40.sh`` runs it), as :class:`HarvestOptions` values for
 ``--preset aya`` with an ``ec40`` corpus: each direction's source sentence in its prompt, language codes
 as it writes them (``Translate from fr to en: ...``), the source side alone (the target is never fed),
-the validation split (NTREX-128), at most 30000 examples per direction. Its tokenizer call puts the
-model's BOS first: that is the ``--bos`` option's to set. Not covered here: its statistic, non-zero
-inputs of the down projection (the gated product, not the activation function's output), and its
-skipping a pair only when the source is blank (EC40 here skips a pair blank on either side)."""
+the validation split (NTREX-128), at most 30000 examples per direction. Its statistic: a forward hook on
+each layer's ``mlp.down_proj`` keeps ``input[0]``, and ``torch.nonzero`` counts per neuron the values
+``!= 0`` (``--unit down-input --stats active,nonzero``: the gated product, not the activation function's
+output), over every position of the encoded prompt: the BOS its tokenizer call adds (``--bos auto``), the
+prompt words and the source; ``truncation=True, max_length=512`` keeps the first 512 tokens
+(``--seq-len 512``); one example per forward pass (its batch size 1), so no padding is ever counted.
+Not covered here: its skipping a pair only when the source is blank (EC40 here skips a pair blank on
+either side), and its float16 (``--dtype float16`` on a GPU, if wanted)."""
