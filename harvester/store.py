@@ -5,7 +5,8 @@ Layout::
     STORE/                      root attrs ``lsn``: fingerprint, metadata, completion (:class:`StoreAttrs`)
       group, layer, neuron      coordinates (``group`` is a string coordinate)
       tokens   (group)          int64    totals, reduced from finished shards
-      active   (group, layer, neuron)    int64
+      active   (group, layer, neuron)    int64     count of x > 0
+      nonzero  (group, layer, neuron)    int64     count of x != 0 (opt-in)
       act_sum  (group, layer, neuron)    float64
       act_sqsum(group, layer, neuron)    float64
       act_abssum (group, layer, neuron)  float64   sum of |x| (opt-in, default with pooled stimuli)
