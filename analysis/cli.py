@@ -204,9 +204,18 @@ class CoverageOptions(MethodOptions):
     METHOD: ClassVar[str] = "coverage"
     k: float = _default(methods.coverage, "k")
     """share of each layer's total count to cover"""
+    rule: Literal[methods.COVERAGE_RULES] = _default(methods.coverage, "rule")
+    """reach: the shortest prefix of neurons (most counted first, ties by index) whose cumulative count reaches
+    k of the layer's total (Tan et al.); within: the neurons whose cumulative share, their own count included,
+    is at most k (the Aya study's cumsum / total <= k: one fewer unless a prefix hits k exactly)"""
+    statistic: Literal["active", "nonzero"] = "active"
+    """the count the neurons are sorted by: active (values > 0), or nonzero (values != 0; harvested with
+    --stats ...,nonzero, as the Aya study counted at --unit down-input)"""
 
     def select(self, counts):
-        return _mask(self, counts, dict(k=self.k), methods.coverage(counts.numer, self.k))
+        values = counts.numer if self.statistic == "active" else counts.variable(self.statistic)
+        params = dict(k=self.k, rule=self.rule, statistic=self.statistic)
+        return _mask(self, counts, params, methods.coverage(values, self.k, self.rule))
 
 
 @dataclass(kw_only=True)
@@ -259,6 +268,13 @@ def _check_pooled(counts) -> None:
 LOCALIZER: dict = {"top_percent": 1.0, "statistic": "t", "count": "int", "ties": "all"}
 """The localizer reference's selection as ``analyze localizer`` values (``--preset localizer``): the top 1 %
 of all units (global) by Welch t on absolute values, ``int()`` of the count, every tie at the cut-off in."""
+
+
+AYA: dict = {"statistic": "nonzero", "k": 0.9, "rule": "within", "by": "direction"}
+"""The Aya EC40 study's selection as ``analyze coverage`` values (``--preset aya``; its
+``visualization-scripts/*-IoU.py``, after Tan et al.'s notebook): per direction (one count file per
+language pair) and layer, neurons sorted by their non-zero count, kept while ``cumsum / total <= 0.9``.
+Its ``np.argsort`` (quicksort) orders tied counts as it happens to; lsn breaks ties by neuron index."""
 
 
 @dataclass(kw_only=True)

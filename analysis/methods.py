@@ -290,25 +290,37 @@ def act_prob_90p(hist, tokens: np.ndarray, percent: int = 90, rate: float = 0.00
 
 
 # -- coverage --------------------------------------------------------------------------------
-def _coverage_block(block, k):
+COVERAGE_RULES = ("reach", "within")
+"""Where a coverage prefix ends: ``reach``, the shortest prefix whose cumulative count reaches ``k`` of
+the layer's total (Tan et al.'s ``get_ns_masks.py``: ``cumsum >= target``, that neuron included);
+``within``, every neuron whose cumulative share, its own count included, is at most ``k`` (the Aya
+study's ``cumsum / total <= threshold``): one neuron fewer unless a prefix hits ``k`` exactly."""
+
+
+def _coverage_block(block, k, rule):
     out = np.zeros(block.shape, dtype=bool)
     for g in range(block.shape[0]):
         for l in range(block.shape[1]):
             counts = block[g, l].astype(np.int64)
             order = np.lexsort((np.arange(counts.size), -counts))  # largest first, ties by index
-            cumulative = np.concatenate([[0], np.cumsum(counts[order])])
-            target = k * counts.sum()
-            n_keep = int(np.argmax(cumulative >= target))  # shortest prefix reaching the target
+            cumulative = np.cumsum(counts[order])
+            total = int(cumulative[-1]) if cumulative.size else 0
+            if rule == "within":  # float64 share as the reference divides; a zero total keeps nothing
+                n_keep = int(np.sum(cumulative / total <= k)) if total else 0
+            else:
+                n_keep = int(np.argmax(np.concatenate([[0], cumulative]) >= k * total))  # shortest prefix reaching it
             out[g, l, order[:n_keep]] = True
     return out
 
 
-def coverage(active, k: float = 0.95) -> dict:
+def coverage(active, k: float = 0.95, rule: str = "reach") -> dict:
     """Per group and layer, the fewest most-active neurons whose counts reach a share k of the layer's total."""
     if not 0 <= k <= 1:
         raise HarvestError(f"--coverage {k} must lie in [0, 1]")
+    if rule not in COVERAGE_RULES:
+        raise HarvestError(f"--rule must be one of {', '.join(COVERAGE_RULES)}, not '{rule}'")
     K, L, I = active.shape
-    blocks = active.rechunk((1, active.chunks[1], I)).map_blocks(_coverage_block, k, dtype=bool)
+    blocks = active.rechunk((1, active.chunks[1], I)).map_blocks(_coverage_block, k, rule, dtype=bool)
     selected = []
     for g in range(K):
         (dense,) = _compute(blocks[g])

@@ -13,6 +13,10 @@ per layer, so one forward hook on it sees exactly the statistic, ``[batch, seq, 
 the input of ``act_fn`` (gated MLPs with a gate projection of their own). Mondal et al. took their
 intervention values there (see the README).
 
+``--unit down-input`` counts what the down (output) projection receives, read by a forward pre-hook
+on ``down_proj``: in a gated MLP the product ``act_fn(gate_proj(x)) * up_proj(x)``, in a non-gated one
+the activation's output again. The Aya-23 specialization study counted its non-zero values there.
+
 The residual-stream units (``--site residual``, as the language-localizer study used) are the
 outputs of each transformer block, of width ``hidden_size``.
 """
@@ -46,7 +50,7 @@ class Arch:
     """The projection from the hidden size up to the neurons: ``up_proj`` (gated; Phi-3's fused
     ``gate_up_proj``), or the input projection of a non-gated MLP (``c_fc``, ``fc1``, ``dense_h_to_4h``)."""
     down_proj: str
-    """The projection from the neurons back to the hidden size."""
+    """The projection from the neurons back to the hidden size; its input is ``--unit down-input``."""
     gated: bool
     """``act`` multiplies ``up_proj(x)`` (a gated MLP), rather than feeding ``down_proj`` alone."""
     width_key: str | None
@@ -179,15 +183,24 @@ def check_causal(config) -> None:
         )
 
 
-UNITS = ("mlp", "gate", "residual")
-"""What a harvest counts (``--site``): the MLP neurons' activation, the gate projection's output (the
-same neurons, before the activation), or the residual stream."""
+UNITS = ("mlp", "gate", "down-input", "residual")
+"""What a harvest counts (``--unit``): the MLP neurons' activation, the gate projection's output (the
+same neurons, before the activation), the down projection's input (the same neurons, after the gated
+product), or the residual stream."""
+
+INPUT_UNITS = ("down-input",)
+"""Units read from their module's input (a forward pre-hook), not its output."""
+
+
+def reads_input(unit: str) -> bool:
+    """Whether ``unit``'s values are its hooked module's input (``down-input``) rather than its output."""
+    return unit in INPUT_UNITS
 
 
 def resolve_site(config, site: str | None, unit: str = "mlp") -> str:
     """The hooked module pattern for ``config``: the user's, or the registry's MLP activation
-    (``unit="mlp"``), gate projection (``unit="gate"``) or transformer block, whose output is the
-    residual stream (``unit="residual"``)."""
+    (``unit="mlp"``), gate projection (``unit="gate"``), down projection (``unit="down-input"``, whose
+    input is read) or transformer block, whose output is the residual stream (``unit="residual"``)."""
     check_causal(config)
     if unit not in UNITS:
         raise HarvestError(f"--site must be one of {', '.join(UNITS)}, not '{unit}'")
@@ -206,7 +219,7 @@ def resolve_site(config, site: str | None, unit: str = "mlp") -> str:
         raise HarvestError(f"--unit gate needs a gate projection of its own, which '{found.name}' has not "
                            f"({'its gate is fused with up_proj' if found.gated else 'its MLP is not gated'}); "
                            f"architectures with one: {', '.join(gated)}")
-    return {"mlp": found.act, "gate": found.gate_proj, "residual": found.block}[unit]
+    return {"mlp": found.act, "gate": found.gate_proj, "down-input": found.down_proj, "residual": found.block}[unit]
 
 
 def site_modules(model: torch.nn.Module, site: str) -> list[torch.nn.Module]:

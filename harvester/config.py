@@ -49,7 +49,8 @@ class HarvestConfig:
     """Override the hooked module, e.g. ``model.layers.{layer}.mlp.act_fn``."""
     unit: str = "mlp"
     """``mlp`` neurons (the activation's output), ``gate`` (the same neurons' gate projection output, the
-    activation's input), or ``residual``: the transformer blocks' outputs (:data:`harvester.arch.UNITS`)."""
+    activation's input), ``down-input`` (the same neurons as the down projection receives them: the gated
+    product), or ``residual``: the transformer blocks' outputs (:data:`harvester.arch.UNITS`)."""
     tensor_parallel: int = 1
     """vLLM backend: GPUs (ranks) per model; each rank holds a contiguous slice of the neurons."""
     vllm_memory: str | None = None
@@ -97,6 +98,8 @@ class HarvestConfig:
                 raise HarvestError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.tensor_parallel > 1 and self.backend != "vllm":
             raise HarvestError("--tensor-parallel needs --backend vllm (the hf backend spreads a model with --device-map)")
+        if self.backend == "vllm" and self.unit == "down-input":
+            raise HarvestError("--unit down-input needs --backend hf (the vLLM backend hooks no projection's input)")
         if self.backend == "vllm" and self.corpus_options.pooling != "token":
             raise HarvestError(f"--pooling {self.corpus_options.pooling} needs --backend hf; the vLLM backend counts tokens")
         if self.vllm_memory is not None:
@@ -201,13 +204,15 @@ class HarvestOptions(DeviceOptions):
     no_ray: bool = False
     """run in this process, without Ray, even with --actors 2+ or --address"""
     stats: str | None = None
-    """any of active,sum,sqsum,abs,hist (none: active,sum,sqsum; with --pooling last|mean also abs)"""
+    """any of active,nonzero,sum,sqsum,abs,hist (none: active,sum,sqsum; with --pooling last|mean also abs);
+    active counts values > 0, nonzero values != 0 (the Aya study's count, with --unit down-input)"""
     hist_edges: str = "-1:4:100"
     """histogram bins LO:HI:BINS (with --stats ...,hist)"""
-    unit: Literal["mlp", "gate", "residual"] = HarvestConfig.unit
+    unit: Literal["mlp", "gate", "down-input", "residual"] = HarvestConfig.unit
     """mlp: MLP neurons (the activation's output); gate: the same neurons' gate projection output, before the
-    activation (gated MLPs; for lsn intervene --values-from); residual: the transformer blocks' outputs
-    (formerly --site)"""
+    activation (gated MLPs; for lsn intervene --values-from); down-input: the same neurons as the down
+    projection receives them, act_fn(gate_proj(x)) * up_proj(x) in a gated MLP (read by a forward pre-hook;
+    hf backend; the Aya study's site); residual: the transformer blocks' outputs (formerly --site)"""
     site_module: str | None = HarvestConfig.site
     """hooked module pattern, e.g. model.layers.{layer}.mlp.act_fn (none: the architecture's own)"""
     pooling: Literal["token", "last", "mean"] = CorpusOptions.pooling
@@ -311,12 +316,17 @@ and ``--preset lape``'s ``intervene ppl``; pass the model's own for another). It
 
 
 AYA: dict = {"template": "Translate from {src_lang} to {tgt_lang}: {src}", "sides": "src",
-             "split": "validation", "max_pairs": 30_000}
+             "split": "validation", "max_pairs": 30_000, "unit": "down-input", "stats": "active,nonzero",
+             "bos": "auto", "seq_len": 512}
 """The Aya EC40 study's harvest (KatharinaTrinley/MechInterp-Aya-Neuron-Specialization,
 ``aya_get_neurons_EC40.py`` as its ``aya23-NS-ec40.sh`` runs it), as :class:`HarvestOptions` values for
 ``--preset aya`` with an ``ec40`` corpus: each direction's source sentence in its prompt, language codes
 as it writes them (``Translate from fr to en: ...``), the source side alone (the target is never fed),
-the validation split (NTREX-128), at most 30000 examples per direction. Its tokenizer call puts the
-model's BOS first: that is the ``--bos`` option's to set. Not covered here: its statistic, non-zero
-inputs of the down projection (the gated product, not the activation function's output), and its
-skipping a pair only when the source is blank (EC40 here skips a pair blank on either side)."""
+the validation split (NTREX-128), at most 30000 examples per direction. Its statistic: a forward hook on
+each layer's ``mlp.down_proj`` keeps ``input[0]``, and ``torch.nonzero`` counts per neuron the values
+``!= 0`` (``--unit down-input --stats active,nonzero``: the gated product, not the activation function's
+output), over every position of the encoded prompt: the BOS its tokenizer call adds (``--bos auto``), the
+prompt words and the source; ``truncation=True, max_length=512`` keeps the first 512 tokens
+(``--seq-len 512``); one example per forward pass (its batch size 1), so no padding is ever counted.
+Not covered here: its skipping a pair only when the source is blank (EC40 here skips a pair blank on
+either side), and its float16 (``--dtype float16`` on a GPU, if wanted)."""

@@ -12,6 +12,7 @@ import numba
 import numpy as np
 
 _NO_SUMS = np.zeros((0, 0, 0))  # a statistic not requested
+_NO_COUNTS = np.zeros((0, 0, 0), np.int64)
 _NO_HIST = np.zeros((0, 0, 0, 0), np.int64)
 _NO_EDGES = np.zeros(0, np.float32)
 
@@ -43,7 +44,7 @@ def _bin(edges, v, inv):
 
 
 @numba.njit(cache=True, nogil=True)
-def _accumulate(x, slots, layer, active, total, squares, absolute, hist, edges, inv):
+def _accumulate(x, slots, layer, active, nonzero, total, squares, absolute, hist, edges, inv):
     """Add ``x [T, I]`` (float32) to row ``slots[t]`` (-1: skip) of each ``[S, L, I(, B)]``
     accumulator at ``layer``; accumulators of shape ``(0, 0, 0)`` are not requested. One simple loop
     per statistic over a row that sits in L1 keeps each loop vectorizable."""
@@ -55,6 +56,10 @@ def _accumulate(x, slots, layer, active, total, squares, absolute, hist, edges, 
         a = active[s, layer]
         for i in range(row.shape[0]):
             a[i] += row[i] > 0
+        if nonzero.shape[0]:
+            z = nonzero[s, layer]
+            for i in range(row.shape[0]):
+                z[i] += row[i] != 0
         if total.shape[0]:
             u = total[s, layer]
             for i in range(row.shape[0]):
@@ -77,9 +82,9 @@ def accumulate(x: np.ndarray, slots: np.ndarray, layer: int, acc: dict[str, np.n
                edges: np.ndarray | None = None, inv: float = 0.0) -> None:
     """Add one layer's activation ``x [T, I]`` (float32, C order) of tokens whose accumulator rows
     are ``slots [T]`` (int64, -1 = padding) to ``acc`` (``{stat: [S, L, I(, B)]}``, any subset of
-    active/sum/sqsum/abs/hist; active is required). ``edges``: float32 histogram edges, with
+    active/nonzero/sum/sqsum/abs/hist; active is required). ``edges``: float32 histogram edges, with
     ``inv = inverse_spacing(edges)``."""
-    _accumulate(x, slots, layer, acc["active"], acc.get("sum", _NO_SUMS), acc.get("sqsum", _NO_SUMS),
+    _accumulate(x, slots, layer, acc["active"], acc.get("nonzero", _NO_COUNTS), acc.get("sum", _NO_SUMS), acc.get("sqsum", _NO_SUMS),
                 acc.get("abs", _NO_SUMS), acc.get("hist", _NO_HIST), _NO_EDGES if edges is None else edges, inv)
 
 

@@ -8,7 +8,8 @@ product ``W @ X`` with ``X [T, I]`` the activation (or a function of it). On CUD
 can use the fused Triton kernel of :mod:`harvester.fused` instead.
 
 Exactness:
-- ``tokens`` and ``active`` (activation > 0) are exact integers: a float32 sum of 0/1 values is exact
+- ``tokens``, ``active`` (activation > 0) and ``nonzero`` (activation != 0, opt-in: the Aya study's
+  count) are exact integers: a float32 sum of 0/1 values is exact
   below 2**24 terms, and one forward pass holds far fewer tokens; totals accumulate in int64.
 - ``act_sum``, ``act_sqsum`` and ``act_abssum`` (sum of ``|x|``, for t-tests on absolute values) are
   accumulated in float64. The CPU kernel adds every token in float64; the matrix products sum one
@@ -30,10 +31,10 @@ import torch
 
 from harvester.errors import HarvestError
 
-STATS = ("active", "sum", "sqsum", "abs", "hist")
+STATS = ("active", "nonzero", "sum", "sqsum", "abs", "hist")
 """Statistic names on the command line (``--stats``)."""
 
-VARIABLES = {"active": "active", "sum": "act_sum", "sqsum": "act_sqsum", "abs": "act_abssum", "hist": "hist"}
+VARIABLES = {"active": "active", "nonzero": "nonzero", "sum": "act_sum", "sqsum": "act_sqsum", "abs": "act_abssum", "hist": "hist"}
 """Statistic name -> variable name in the store."""
 
 _MAX_TOKENS_PER_PASS = 1 << 24  # float32 counts stay exact below this
@@ -164,7 +165,7 @@ class NeuronStats:
     def _add_slot(self, group: int) -> None:
         self._slot[group] = len(self._slot)
         L, I = self.n_layers, self.width
-        shapes = {"active": ((L, I), torch.int64), "sum": ((L, I), torch.float64),
+        shapes = {"active": ((L, I), torch.int64), "nonzero": ((L, I), torch.int64), "sum": ((L, I), torch.float64),
                   "sqsum": ((L, I), torch.float64), "abs": ((L, I), torch.float64), "hist": ((L, I, self.spec.n_bins), torch.int64)}
         for name in self.spec.stats:
             shape, dtype = shapes[name]
@@ -210,6 +211,9 @@ class NeuronStats:
         buf = self._buffer(x)
         torch.gt(x, 0, out=buf)
         self._add("active", layer, slots, (onehot @ buf).round_().to(torch.int64))
+        if "nonzero" in stats:
+            torch.ne(x, 0, out=buf)
+            self._add("nonzero", layer, slots, (onehot @ buf).round_().to(torch.int64))
         if "sum" in stats:
             self._add("sum", layer, slots, (onehot @ x).double())
         if "sqsum" in stats:
@@ -256,7 +260,7 @@ class NeuronStats:
         slots = self._pass_slots()
         for name in self.spec.stats:
             value = part[name]
-            self._add(name, layer, slots, value.to(torch.int64) if name in ("active", "hist") else value.double())
+            self._add(name, layer, slots, value.to(torch.int64) if name in ("active", "nonzero", "hist") else value.double())
 
     def _pass_slots(self) -> torch.Tensor:
         """This pass's accumulator rows on the accumulators' device, made once per pass (not once per

@@ -5,7 +5,8 @@ Layout::
     STORE/                      root attrs ``lsn``: fingerprint, metadata, completion (:class:`StoreAttrs`)
       group, layer, neuron      coordinates (``group`` is a string coordinate)
       tokens   (group)          int64    totals, reduced from finished shards
-      active   (group, layer, neuron)    int64
+      active   (group, layer, neuron)    int64     count of x > 0
+      nonzero  (group, layer, neuron)    int64     count of x != 0 (opt-in)
       act_sum  (group, layer, neuron)    float64
       act_sqsum(group, layer, neuron)    float64
       act_abssum (group, layer, neuron)  float64   sum of |x| (opt-in, default with pooled stimuli)
@@ -67,7 +68,7 @@ def creating_marker(path: str | Path) -> str:
     parent, _, name = str(path).rstrip("/").rpartition("/")
     return f"{parent}/.{name}.creating.json"
 
-_DTYPES = {"active": "int64", "act_sum": "float64", "act_sqsum": "float64", "act_abssum": "float64", "hist": "int64"}
+_DTYPES = {"active": "int64", "nonzero": "int64", "act_sum": "float64", "act_sqsum": "float64", "act_abssum": "float64", "hist": "int64"}
 
 
 def _zarr():

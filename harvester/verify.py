@@ -252,8 +252,8 @@ def _compare_total(var: str, name: str, total, expected, tokens: int | None) -> 
     differ = int(np.sum(~((total == expected) | (np.isnan(total) & np.isnan(expected)))))
     if differ:
         problems.append(f"array '{var}' group '{name}': {differ} cells differ from the sum of its shards")
-    if var == "active" and tokens is not None and ((total < 0) | (total > tokens)).any():
-        problems.append(f"array 'active' group '{name}': {int(((total < 0) | (total > tokens)).sum())} cells "
+    if var in ("active", "nonzero") and tokens is not None and ((total < 0) | (total > tokens)).any():
+        problems.append(f"array '{var}' group '{name}': {int(((total < 0) | (total > tokens)).sum())} cells "
                         f"outside 0..tokens ({tokens})")
     return [Problem(line, totals=True) for line in problems]
 

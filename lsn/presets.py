@@ -42,6 +42,11 @@ PRESETS: dict[str, Preset] = {
         "AlKhamissi et al., 2024 (The LLM Language Network)", "BKHMSI/llm-localization: localize.py, random_mask.py",
         {"harvest": harvest_config.LOCALIZER, "analyze localizer": analysis_cli.LOCALIZER,
          "analyze random": analysis_cli.LOCALIZER_RANDOM}),
+    "aya": Preset(
+        "Trinley et al., 2025 (neuron specialization in Aya-23, after Tan et al., 2024)",
+        "KatharinaTrinley/MechInterp-Aya-Neuron-Specialization: aya_get_neurons_EC40.py, aya23-NS-ec40.sh, "
+        "visualization-scripts/all-langs-IoU.py",
+        {"harvest": harvest_config.AYA, "analyze coverage": analysis_cli.AYA}),
 }
 
 

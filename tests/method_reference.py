@@ -301,9 +301,11 @@ def act_prob_90p_mask(score, rate=0.00125):
 # ---------------------------------------------------------------- coverage (Tan et al. 2024)
 
 
-def coverage(active, k=0.95):
+def coverage(active, k=0.95, rule="reach"):
     """Per group and layer, the shortest prefix of neurons by count (largest first, ties by index)
-    whose cumulative count reaches ``k · total`` (float64 ``cumulative >= k * total``).
+    whose cumulative count reaches ``k · total`` (float64 ``cumulative >= k * total``); with
+    ``rule="within"`` (the Aya study's ``cumsum / total <= threshold``) every neuron of that order whose
+    cumulative count, its own included, divided by the total is at most ``k``.
 
     A layer whose total is 0 keeps nothing: the empty prefix already reaches 0. ``k`` must lie in [0, 1].
     """
@@ -316,11 +318,15 @@ def coverage(active, k=0.95):
         layers = []
         for l in range(L):
             counts = [int(c) for c in active[g, l]]
-            target = k * sum(counts)
+            total = sum(counts)
+            target = k * total
             order = sorted(range(I), key=lambda i: (-counts[i], i))
             kept, cumulative = [], 0
             for i in order:
-                if cumulative >= target:
+                if rule == "within":
+                    if total == 0 or (cumulative + counts[i]) / total > k:
+                        break
+                elif cumulative >= target:
                     break
                 kept.append(i)
                 cumulative += counts[i]

@@ -154,12 +154,13 @@ def test_act_prob_zero():
         np.testing.assert_array_equal(g, w)
 
 
-@pytest.mark.parametrize("k", [0.0, 0.5, 0.95, 1.0])
-def test_coverage(k):
+@pytest.mark.parametrize("rule", ["reach", "within"])
+@pytest.mark.parametrize("k", [0.0, 0.5, 0.9, 0.95, 1.0])
+def test_coverage(k, rule):
     active, _ = counts_case(8)
     active[2, 0] = 0  # a layer with no activity keeps nothing
-    got = methods.coverage(lazy(active), k)
-    for g, w in zip(got["selected"], flat(ref.coverage(active, k), active.shape[2])):
+    got = methods.coverage(lazy(active), k, rule)
+    for g, w in zip(got["selected"], flat(ref.coverage(active, k, rule), active.shape[2])):
         np.testing.assert_array_equal(g, w)
 
 

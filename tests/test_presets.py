@@ -17,6 +17,7 @@ MINIMAL = {  # the required flags of each command a preset touches
     "analyze entropy-lambda": ["--store", "s", "--out", "m.npz", "--lambda", "0.05"],
     "analyze autosweep": ["--store", "s"],
     "analyze localizer": ["--store", "s", "--out", "m.npz", "--a", "S", "--b", "N"],
+    "analyze coverage": ["--store", "s", "--out", "m.npz"],
     "analyze random": ["--mask", "m.npz", "--out", "r.npz"],
     "intervene ppl": ["--model", "tiny:llama", "--mask", "m.npz", "--corpus", "sample", "--out", "o"],
     "finetune": ["--model", "tiny:llama", "--mask", "m.npz", "--lang", "fr", "--data", "sample", "--out", "o"],
@@ -42,9 +43,14 @@ def _changed(name: str, command: str) -> list[tuple[str, object, object]]:
             if getattr(defaults, k) != v]
 
 
-@pytest.mark.parametrize("name,command", [c for c in CASES if any(not isinstance(d, bool) for _, _, d in _changed(*c))])
+def _writable(default) -> bool:
+    """A default a flag or a YAML value can give back (not a switch, not none)."""
+    return not isinstance(default, bool) and default is not None
+
+
+@pytest.mark.parametrize("name,command", [c for c in CASES if any(_writable(d) for _, _, d in _changed(*c))])
 def test_flags_and_config_win_over_a_preset(name, command, tmp_path):
-    key, value, default = next(c for c in _changed(name, command) if not isinstance(c[2], bool))
+    key, value, default = next(c for c in _changed(name, command) if _writable(c[2]))
     flag = "--" + key.replace("_", "-")
     config = tmp_path / "c.yaml"
     config.write_text(f"{key}: {default}\n", encoding="utf-8")
@@ -59,9 +65,10 @@ def test_presets_lists_every_setting(capsys):
     out = capsys.readouterr().out
     for name, preset in PRESETS.items():
         assert f"{name}: {preset.study}" in out
-        block = out.split(f"{name}: {preset.study}")[1]  # several presets set the same command (harvest)
+        block = out.split(f"{name}: {preset.study}\n", 1)[1].split("\n\n")[0].splitlines()
+        block = block[:next((i for i, ln in enumerate(block) if not ln.startswith(" ")), len(block))]
         for command, values in preset.commands.items():
-            line = next(ln for ln in block.splitlines() if ln.strip().startswith(f"lsn {command}:"))
+            line = next(ln for ln in block if ln.strip().startswith(f"lsn {command}:"))  # this preset's own line
             for key in values:
                 assert f"--{key.replace('_', '-')}" in line
     assert main(["presets", "lape"]) == 0 and "localizer" not in capsys.readouterr().out

@@ -14,6 +14,7 @@ def reference(passes, n_groups, n_layers, width, edges):
     """Plain loops: every non-padding token of every pass, in float64."""
     tokens = np.zeros(n_groups, dtype=np.int64)
     active = np.zeros((n_groups, n_layers, width), dtype=np.int64)
+    nonzero = np.zeros((n_groups, n_layers, width), dtype=np.int64)
     act_sum = np.zeros((n_groups, n_layers, width))
     act_sqsum = np.zeros((n_groups, n_layers, width))
     abs_sum = np.zeros((n_groups, n_layers, width))
@@ -27,11 +28,12 @@ def reference(passes, n_groups, n_layers, width, edges):
                 for i in range(width):
                     x = float(acts[layer][t, i])
                     active[g, layer, i] += x > 0
+                    nonzero[g, layer, i] += x != 0
                     act_sum[g, layer, i] += x
                     act_sqsum[g, layer, i] += x * x
                     abs_sum[g, layer, i] += abs(x)
                     hist[g, layer, i, np.searchsorted(edges, x, side="right")] += 1
-    return tokens, active, act_sum, act_sqsum, abs_sum, hist
+    return tokens, active, act_sum, act_sqsum, abs_sum, hist, nonzero
 
 
 def make_passes(rng, n_groups, n_layers, width, sizes):
@@ -65,13 +67,15 @@ def test_stats_match_plain_loops(dtype, kernel):
     passes = make_passes(rng, G, L, I, sizes=[13, 1, 29, 8])
     if dtype != torch.float32:  # compare against exactly the values the kernel sees
         passes = [(g, [torch.from_numpy(a).to(dtype).float().numpy() for a in acts]) for g, acts in passes]
-    spec = StatsSpec(("active", "sum", "sqsum", "abs", "hist"), EDGES)
+    spec = StatsSpec(("active", "nonzero", "sum", "sqsum", "abs", "hist"), EDGES)
     result = _run(kernel, passes, spec, L, I, layout=lambda a: a.to(dtype).reshape(1, -1, I))
-    tokens, active, act_sum, act_sqsum, abs_sum, hist = reference(passes, G, L, I, np.array(EDGES))
+    tokens, active, act_sum, act_sqsum, abs_sum, hist, nonzero = reference(passes, G, L, I, np.array(EDGES))
     assert sorted(result) == [g for g in range(G) if tokens[g] > 0]
     for g, values in result.items():
         assert values["tokens"] == tokens[g]
         np.testing.assert_array_equal(values["active"], active[g])
+        np.testing.assert_array_equal(values["nonzero"], nonzero[g])
+        assert (active[g] < nonzero[g]).any()  # negative values count as non-zero, not as active
         np.testing.assert_array_equal(values["hist"], hist[g])
         # the numba kernel adds each token in float64, as the reference does
         rtol, atol = (1e-12, 1e-12) if kernel == "numba" else (1e-6, 1e-6)
@@ -85,7 +89,7 @@ def _assert_same(a, b, rtol):
     for g in a:
         assert a[g]["tokens"] == b[g]["tokens"]
         for name in a[g]:
-            if name in ("active", "hist"):
+            if name in ("active", "nonzero", "hist"):
                 np.testing.assert_array_equal(a[g][name], b[g][name], err_msg=name)
             elif name != "tokens":
                 np.testing.assert_allclose(a[g][name], b[g][name], rtol=rtol, atol=1e-4, err_msg=name)
@@ -101,7 +105,7 @@ def test_kernels_agree_at_scale_with_groups_that_appear_later():
         groups = np.repeat(rng.integers(-1, 2 + 2 * k, size=size // 16 + 1), 16)[:size]
         acts = [np.round(rng.normal(size=(size, I)), 1).astype(np.float32) for _ in range(L)]
         passes.append((groups, acts))
-    spec = StatsSpec(("active", "sum", "sqsum", "abs", "hist"), parse_edges("-1:1:20"))
+    spec = StatsSpec(("active", "nonzero", "sum", "sqsum", "abs", "hist"), parse_edges("-1:1:20"))
     _assert_same(_run("numba", passes, spec, L, I), _run("matmul", passes, spec, L, I), rtol=1e-5)
 
 

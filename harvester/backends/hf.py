@@ -172,9 +172,13 @@ def sampled_weights_fingerprint(path: str) -> str | None:
 
 
 @contextlib.contextmanager
-def _hooks(modules, fn):
-    """Forward hooks calling ``fn(layer, output)``; always removed."""
-    handles = [m.register_forward_hook(partial(_call, fn, layer)) for layer, m in enumerate(modules)]
+def _hooks(modules, fn, inputs: bool = False):
+    """Forward hooks calling ``fn(layer, output)`` (``inputs``: pre-hooks calling ``fn(layer, input)``,
+    the module's first positional input); always removed."""
+    if inputs:
+        handles = [m.register_forward_pre_hook(partial(_call_input, fn, layer)) for layer, m in enumerate(modules)]
+    else:
+        handles = [m.register_forward_hook(partial(_call, fn, layer)) for layer, m in enumerate(modules)]
     try:
         yield
     finally:
@@ -184,6 +188,10 @@ def _hooks(modules, fn):
 
 def _call(fn, layer, module, inputs, output):
     fn(layer, output[0] if isinstance(output, tuple) else output)  # decoder blocks may return tuples
+
+
+def _call_input(fn, layer, module, inputs):
+    fn(layer, inputs[0])  # [batch, seq, neurons]: what down_proj multiplies
 
 
 class _Pooling:
@@ -303,6 +311,7 @@ class HFBackend(Backend):
         self.path = resolve_model(model)
         config = load_config(self.path)
         self.site = arch.resolve_site(config, site, unit)
+        self.inputs = arch.reads_input(unit)  # down-input: the hooked module's input, by a pre-hook
         kwargs = {"dtype": DTYPES[dtype]}
         if device_map:
             kwargs["device_map"] = device_map
@@ -361,7 +370,7 @@ class HFBackend(Backend):
     def _probe_width(self) -> int:
         """Neurons per layer, read off one two-token forward pass; every layer must fire once."""
         widths: dict[int, list[int]] = {}
-        with _hooks(self.modules, lambda layer, out: widths.setdefault(layer, []).append(out.shape[-1])):
+        with _hooks(self.modules, lambda layer, out: widths.setdefault(layer, []).append(out.shape[-1]), self.inputs):
             probe = 1 if self.pad_id != 1 else 2  # not the pad id: some models warn about unmasked padding
             self.forward(np.full((1, 2), probe, dtype=np.int64), np.ones((1, 2), dtype=np.int64))
         if sorted(widths) != list(range(self.n_layers)) or any(len(w) != 1 for w in widths.values()):
@@ -380,7 +389,8 @@ class HFBackend(Backend):
     def statistics(self, windows: list[Window], spec: StatsSpec, batch_size: int,
                    pooling: str = "token") -> dict[int, dict[str, np.ndarray]]:
         stats = NeuronStats(spec, self.n_layers, self.width, device=self.device)
-        if self.fused is not None and pooling == "token":
+        # the fused kernel counts no nonzero: that opt-in statistic takes the hook path
+        if self.fused is not None and pooling == "token" and "nonzero" not in spec.stats:
             with _fused_mlps(self.fused, stats, spec, self.device):
                 for ids, mask, groups in batches(windows, batch_size, self.pad_id):
                     stats.begin(torch.from_numpy(groups))
@@ -388,7 +398,7 @@ class HFBackend(Backend):
             return stats.result()
         pool = _Pooling(pooling) if pooling != "token" else None
         update = stats.update if pool is None else (lambda layer, out: stats.update(layer, pool(out)))
-        with _hooks(self.modules, update):
+        with _hooks(self.modules, update, self.inputs):
             for ids, mask, groups in batches(windows, batch_size, self.pad_id):
                 stats.begin(torch.from_numpy(groups) if pool is None else pool.begin(groups))
                 self.forward(ids, mask)
