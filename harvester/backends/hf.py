@@ -13,7 +13,7 @@ import torch
 from harvester import arch
 from harvester.backends.base import Backend
 from harvester.errors import HarvestError
-from harvester.stats import NeuronStats, StatsSpec
+from harvester.stats import BATCHWISE, NeuronStats, StatsSpec
 from harvester.windows import Window, batches
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -380,7 +380,7 @@ class HFBackend(Backend):
     def statistics(self, windows: list[Window], spec: StatsSpec, batch_size: int,
                    pooling: str = "token") -> dict[int, dict[str, np.ndarray]]:
         stats = NeuronStats(spec, self.n_layers, self.width, device=self.device)
-        if self.fused is not None and pooling == "token":
+        if self.fused is not None and pooling == "token" and not set(spec.stats) & set(BATCHWISE):
             with _fused_mlps(self.fused, stats, spec, self.device):
                 for ids, mask, groups in batches(windows, batch_size, self.pad_id):
                     stats.begin(torch.from_numpy(groups))
