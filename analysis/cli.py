@@ -215,6 +215,15 @@ class ActProb90pOptions(ProbabilityOptions):
                                                                            self.rate))
 
 
+MONDAL_90P: dict = {"percentile_of": "batch-mean", "percent": 90, "rate": 0.00125}
+"""Mondal et al.'s act_prob_90p (``activation.py``, ``lang_neurons.py``) for ``--preset mondal``: each
+language's share of tokens above its own mean batch P90, its top 0.125% of L * I."""
+
+MONDAL_LAPE: dict = {"rate": 0.01}
+"""Mondal et al.'s LAPE variant for ``--preset mondal``: every neuron with entropy at most the m-th smallest,
+m = round(0.01 * L * I)."""
+
+
 PERCENTILE_OVER = {"pooled": "the neuron's, over all harvested groups pooled",
                    "own": "the neuron's, over each language's own tokens",
                    "batch-mean": "each language's mean of per-batch percentiles, over full batches of"}

@@ -317,3 +317,13 @@ the validation split (NTREX-128), at most 30000 examples per direction. Its toke
 model's BOS first: that is the ``--bos`` option's to set. Not covered here: its statistic, non-zero
 inputs of the down projection (the gated product, not the activation function's output), and its
 skipping a pair only when the source is blank (EC40 here skips a pair blank on either side)."""
+
+
+MONDAL: dict = {"unit": "gate", "stats": "active,batch_quantile", "batch_quantile": 0.9, "seq_len": 512,
+                "batch_size": 4}
+"""Mondal et al.'s first pass (soumenkm/LangSpecificNeurons ``activation.py``, ``NeuronRelevance``), as
+:class:`HarvestOptions` values for ``--preset mondal``: the gate projection's output, each language's mean
+over batches of 4 x 512 tokens of the per-batch ``torch.quantile(act, 0.90)``. The second pass is the same
+command with ``--stats active,above --thresholds-from`` this store (README). Not reproduced: their batches
+are XNLI examples each right-padded to 512 with EOS, pad positions included in the quantile and the share;
+lsn packs text into windows, so a full batch holds no padding, and padding is never counted."""

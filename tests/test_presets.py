@@ -16,10 +16,13 @@ MINIMAL = {  # the required flags of each command a preset touches
     "analyze lape": ["--store", "s", "--out", "m.npz"],
     "analyze entropy-lambda": ["--store", "s", "--out", "m.npz", "--lambda", "0.05"],
     "analyze autosweep": ["--store", "s"],
+    "analyze act-prob-90p": ["--store", "s", "--out", "m.npz"],
+    "analyze lape-variant": ["--store", "s", "--out", "m.npz"],
     "analyze localizer": ["--store", "s", "--out", "m.npz", "--a", "S", "--b", "N"],
     "analyze random": ["--mask", "m.npz", "--out", "r.npz"],
     "intervene ppl": ["--model", "tiny:llama", "--mask", "m.npz", "--corpus", "sample", "--out", "o"],
-    "finetune": ["--model", "tiny:llama", "--mask", "m.npz", "--lang", "fr", "--data", "sample", "--out", "o"],
+    "finetune": ["--model", "tiny:llama", "--mask", "m.npz", "--lang", "fr", "--task", "clm", "--data", "sample", "--out",
+                 "o"],
 }
 CASES = [(name, command) for name, preset in PRESETS.items() for command in preset.commands]
 
