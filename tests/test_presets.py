@@ -59,9 +59,11 @@ def test_flags_and_config_win_over_a_preset(name, command, tmp_path):
 
 def test_presets_lists_every_setting(capsys):
     assert main(["presets"]) == 0
-    out = capsys.readouterr().out
+    listing = capsys.readouterr().out
     for name, preset in PRESETS.items():
-        assert f"{name}: {preset.study}" in out
+        assert f"{name}: {preset.study}" in listing
+        assert main(["presets", name]) == 0  # each preset's own lines (two presets may set one command)
+        out = capsys.readouterr().out
         for command, values in preset.commands.items():
             line = next(ln for ln in out.splitlines() if ln.strip().startswith(f"lsn {command}:"))
             for key in values:
