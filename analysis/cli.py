@@ -177,12 +177,16 @@ class ActProb90pOptions(ProbabilityOptions):
     rate: float = _default(methods.act_prob_90p, "rate")
     """share of each layer's neurons (L * I) each language keeps"""
     percent: int = _default(methods.act_prob_90p, "percent")
-    """the percentile of each neuron's activations (needs --stats ...,hist)"""
+    """the percentile of each neuron's activations (pooled, own: needs --stats ...,hist; batch-mean: the harvest's)"""
     percentile_of: Literal[methods.PERCENTILE_OF] = _default(methods.act_prob_90p, "percentile_of")
     """whose activations the percentile is of: pooled, all the store's groups together; own, each language's
-    (Mondal et al.'s code; read from a histogram every neuron then scores 1 - percent/100, see README)"""
+    (read from a histogram every neuron then scores 1 - percent/100, see README); batch-mean, each language's
+    mean over batches of per-batch percentiles, Mondal et al.'s code (a store harvested with --stats
+    active,above --thresholds-from a --stats active,batch_quantile store, see README)"""
 
     def select(self, counts):
+        if self.percentile_of == "batch-mean":
+            return self._batch_mean(counts)
         params = dict(rate=self.rate, percent=self.percent, percentile_of=self.percentile_of,
                       percentile=f"{PERCENTILE_OVER[self.percentile_of]}, interpolated linearly inside its "
                                  "histogram bin")
@@ -194,9 +198,35 @@ class ActProb90pOptions(ProbabilityOptions):
                   file=sys.stderr)
         return _mask(self, counts, params, result)
 
+    def _batch_mean(self, counts):
+        """The share of each language's tokens above its mean batch percentile, counted by the harvest."""
+        source = counts.attrs.settings.thresholds_from
+        if "above" not in counts.attrs.settings.stats or not source:
+            raise HarvestError(f"--percentile-of batch-mean needs a store harvested with --stats active,above "
+                               f"--thresholds-from STORE (itself harvested with --stats active,batch_quantile "
+                               f"--batch-quantile {self.percent / 100:g}); {counts.store} has no 'above' statistic")
+        if round(100 * source["batch_quantile"], 9) != self.percent:
+            raise HarvestError(f"--percent {self.percent}: the store's thresholds are batch quantiles "
+                               f"{source['batch_quantile']:g}; pass --percent {100 * source['batch_quantile']:g}")
+        params = dict(rate=self.rate, percent=self.percent, percentile_of=self.percentile_of,
+                      percentile=f"{PERCENTILE_OVER['batch-mean']} {source['batch_size']} x {source['seq_len']} "
+                                 f"tokens, from {source['store']}")
+        return _mask(self, counts, params, methods.act_prob_90p_batch_mean(counts.variable("above"), counts.tokens,
+                                                                           self.rate))
+
+
+MONDAL_90P: dict = {"percentile_of": "batch-mean", "percent": 90, "rate": 0.00125}
+"""Mondal et al.'s act_prob_90p (``activation.py``, ``lang_neurons.py``) for ``--preset mondal``: each
+language's share of tokens above its own mean batch P90, its top 0.125% of L * I."""
+
+MONDAL_LAPE: dict = {"rate": 0.01}
+"""Mondal et al.'s LAPE variant for ``--preset mondal``: every neuron with entropy at most the m-th smallest,
+m = round(0.01 * L * I)."""
+
 
 PERCENTILE_OVER = {"pooled": "the neuron's, over all harvested groups pooled",
-                   "own": "the neuron's, over each language's own tokens"}
+                   "own": "the neuron's, over each language's own tokens",
+                   "batch-mean": "each language's mean of per-batch percentiles, over full batches of"}
 
 
 @dataclass(kw_only=True)

@@ -249,15 +249,15 @@ def _share_block(h, position, percent, tokens):
     return share_above(h, j, g, inside) / (100 * max(int(tokens), 1))
 
 
-PERCENTILE_OF = ("pooled", "own")
+PERCENTILE_OF = ("pooled", "own", "batch-mean")
 
 
 def act_prob_90p_scores(hist, tokens: np.ndarray, percent: int = 90, percentile_of: str = "pooled"):
     """Each language's ``act_prob_90p`` score ``[L, I]`` in turn (float64), one pass over its histograms."""
     import dask.array as da
 
-    if percentile_of not in PERCENTILE_OF:
-        raise HarvestError(f"--percentile-of must be pooled or own, not '{percentile_of}'")
+    if percentile_of not in ("pooled", "own"):
+        raise HarvestError(f"a histogram's --percentile-of is pooled or own, not '{percentile_of}'")
     hist = hist.rechunk({3: -1})  # a percentile needs each histogram whole
     chunks = hist.chunks[1:3] + ((3,),)
     position = None
@@ -287,6 +287,22 @@ def act_prob_90p(hist, tokens: np.ndarray, percent: int = 90, rate: float = 0.00
     _, L, I, _ = hist.shape
     m = round(rate * L * I)
     return {"selected": [_top(score, m) for score in act_prob_90p_scores(hist, tokens, percent, percentile_of)]}
+
+
+def act_prob_90p_batch_mean(above, tokens: np.ndarray, rate: float = 0.00125) -> dict:
+    """Per language, the neurons most often above its own mean batch percentile (Mondal et al.'s code).
+
+    Score: ``above / tokens``, the share of the language's tokens whose activation exceeds the language's
+    mean over batches of per-batch percentiles (a harvest with ``--thresholds-from`` a ``batch_quantile``
+    store counts ``above``). Each language keeps its top ``round(rate * L * I)``, ties by flat index.
+    ``above`` is Dask int64 ``[K, L, I]``."""
+    _, L, I = above.shape
+    m = round(rate * L * I)
+    selected = []
+    for k in range(above.shape[0]):
+        (count,) = _compute(above[k])
+        selected.append(_top(np.asarray(count, dtype=np.float64) / max(int(tokens[k]), 1), m))
+    return {"selected": selected}
 
 
 # -- coverage --------------------------------------------------------------------------------

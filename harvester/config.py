@@ -45,6 +45,11 @@ class HarvestConfig:
     several actors, vLLM ranks on GPUs; :func:`harvester.devices.wants_ray`)."""
     stats: tuple[str, ...] = ("active", "sum", "sqsum")
     hist_edges: tuple[float, ...] | None = None
+    batch_quantile: float = 0.9
+    """With the ``batch_quantile`` statistic: the quantile taken per full batch (Mondal et al.: 0.9)."""
+    thresholds_from: str | None = None
+    """With the ``above`` statistic: the store (harvested with ``batch_quantile``) whose per-group mean of
+    batch quantiles is each group's threshold."""
     site: str | None = None
     """Override the hooked module, e.g. ``model.layers.{layer}.mlp.act_fn``."""
     unit: str = "mlp"
@@ -112,6 +117,27 @@ class HarvestConfig:
             raise HarvestError(f"--actors must be positive, got {self.actors}")
         if self.device_map and self.use_ray and (self.actors or 1) > 1:
             raise HarvestError("--device-map spreads one model over all GPUs: use it with --actors 1")
+        self._check_batchwise()
+
+    def _check_batchwise(self) -> None:
+        """``batch_quantile`` and ``above``: token statistics of the hf backend, batches that shards never
+        cut, thresholds given exactly when counted."""
+        wanted = [s for s in ("batch_quantile", "above") if s in self.stats]
+        if wanted and (self.backend != "hf" or self.corpus_options.pooling != "token"):
+            raise HarvestError(f"--stats {wanted[0]} needs --backend hf and --pooling token")
+        if "batch_quantile" in self.stats:
+            if not 0 < self.batch_quantile < 1:
+                raise HarvestError(f"--batch-quantile must lie in (0, 1), got {self.batch_quantile}")
+            batch = self.batch_size * self.seq_len
+            if self.shard_tokens % batch:
+                raise HarvestError(f"--stats batch_quantile needs --shard-tokens a multiple of --batch-size x "
+                                   f"--seq-len ({batch}), so that no shard cuts a batch; got {self.shard_tokens}")
+        if ("above" in self.stats) != (self.thresholds_from is not None):
+            raise HarvestError("--stats ...,above and --thresholds-from STORE go together")
+        if self.thresholds_from is not None and not fs.is_url(str(self.thresholds_from)):
+            self.thresholds_from = os.path.abspath(self.thresholds_from)
+        if self.thresholds_from == self.store:
+            raise HarvestError("--thresholds-from names the store being harvested; give the batch_quantile store")
 
     def _check_corpus_options(self) -> None:
         """A corpus option given where no corpus uses it is refused, not silently ignored."""
@@ -204,10 +230,20 @@ class HarvestOptions(DeviceOptions):
     no_ray: bool = False
     """run in this process, without Ray, even with --actors 2+ or --address"""
     stats: str | None = None
-    """any of active,nonzero,sum,sqsum,abs,hist (none: active,sum,sqsum; with --pooling last|mean also abs);
-    active counts values > 0, nonzero values != 0 (the Aya study's count, with --unit down-input)"""
+    """any of active,nonzero,sum,sqsum,abs,hist,batch_quantile,above (none: active,sum,sqsum; with --pooling
+    last|mean also abs); active counts values > 0, nonzero values != 0 (the Aya study's count, with --unit
+    down-input)"""
     hist_edges: str = "-1:4:100"
     """histogram bins LO:HI:BINS (with --stats ...,hist)"""
+    batch_quantile: float = HarvestConfig.batch_quantile
+    """with --stats ...,batch_quantile: the quantile of each neuron taken over each full batch of --batch-size
+    windows of --seq-len tokens of one group (padding never counted; a shorter last batch not counted) and
+    averaged over batches per group: Mondal et al.'s mean_p90_act with 0.9, the thresholds of a second harvest
+    with --thresholds-from"""
+    thresholds_from: str | None = HarvestConfig.thresholds_from
+    """with --stats ...,above: a store harvested with --stats ...,batch_quantile (same model, unit and groups);
+    each group's mean batch quantile is its threshold, and above counts its tokens over it (lsn analyze
+    act-prob-90p --percentile-of batch-mean)"""
     unit: Literal["mlp", "gate", "down-input", "residual"] = HarvestConfig.unit
     """mlp: MLP neurons (the activation's output); gate: the same neurons' gate projection output, before the
     activation (gated MLPs; for lsn intervene --values-from); down-input: the same neurons as the down
@@ -286,6 +322,7 @@ class HarvestOptions(DeviceOptions):
             dtype=self.dtype, device=self.device, device_map=self.device_map, seq_len=self.seq_len,
             batch_size=self.batch_size, shard_tokens=self.shard_tokens, actors=self.actors, address=self.address,
             use_ray=not self.no_ray, stats=stats, hist_edges=parse_edges(self.hist_edges) if "hist" in stats else None,
+            batch_quantile=self.batch_quantile, thresholds_from=self.thresholds_from,
             site=self.site_module, unit=self.unit, tokenize_tasks=self.tokenize_tasks,
             tensor_parallel=self.tensor_parallel, vllm_memory=self.vllm_memory, progress=not self.no_progress,
             overwrite=self.overwrite, bos=self.bos, eos_per_example=self.eos_per_example, encode=self.encode,
@@ -330,3 +367,13 @@ prompt words and the source; ``truncation=True, max_length=512`` keeps the first
 (``--seq-len 512``); one example per forward pass (its batch size 1), so no padding is ever counted.
 Not covered here: its skipping a pair only when the source is blank (EC40 here skips a pair blank on
 either side), and its float16 (``--dtype float16`` on a GPU, if wanted)."""
+
+
+MONDAL: dict = {"unit": "gate", "stats": "active,batch_quantile", "batch_quantile": 0.9, "seq_len": 512,
+                "batch_size": 4}
+"""Mondal et al.'s first pass (soumenkm/LangSpecificNeurons ``activation.py``, ``NeuronRelevance``), as
+:class:`HarvestOptions` values for ``--preset mondal``: the gate projection's output, each language's mean
+over batches of 4 x 512 tokens of the per-batch ``torch.quantile(act, 0.90)``. The second pass is the same
+command with ``--stats active,above --thresholds-from`` this store (README). Not reproduced: their batches
+are XNLI examples each right-padded to 512 with EOS, pad positions included in the quantile and the share;
+lsn packs text into windows, so a full batch holds no padding, and padding is never counted."""

@@ -21,7 +21,7 @@ from harvester.corpus import parse_corpora
 from harvester.devices import start_line, wants_ray
 from harvester.errors import HarvestError
 from harvester.stats import StatsSpec
-from harvester.store import Store, StoreAttrs, discard, fingerprint_sha256, read_attrs, tokens_dir
+from harvester.store import Store, StoreAttrs, discard, fingerprint_sha256, read_attrs, read_thresholds, tokens_dir
 from harvester.windows import SHARDS_PER_STREAM, ShardInfo, TokenSettings, precheck, read_manifest, resolve_bos
 from harvester.worker import ShardWorker, TokenizeJob, WorkerConfig, tokenize
 
@@ -47,7 +47,11 @@ def harvest(cfg: HarvestConfig) -> Store:
         if len(corpora.groups) > np.iinfo(np.int16).max:
             raise HarvestError(f"too many groups ({len(corpora.groups)})")
         tokens = _tokenization(cfg, tokenizer)
-        fingerprint = _fingerprint(cfg, config, model_path, site, tokenizer, corpora, _stats_spec(cfg), tokens)
+        source = read_thresholds(cfg.thresholds_from) if cfg.thresholds_from else None
+        spec = _stats_spec(cfg, source)
+        fingerprint = _fingerprint(cfg, config, model_path, site, tokenizer, corpora, spec, tokens)
+        if source is not None:
+            _check_thresholds(cfg.thresholds_from, source[0], fingerprint)
         settings = _token_settings(cfg, fingerprint, tokenizer, tokens)
         existing = read_attrs(cfg.store)
         if cfg.overwrite or existing is None or not existing.complete:
@@ -57,7 +61,7 @@ def harvest(cfg: HarvestConfig) -> Store:
         if store is not None and store.complete:
             _say(cfg, f"store {cfg.store} is already complete")
             return store
-        return _harvest_into(cfg, held, fingerprint, _meta(cfg, config), corpora, settings, model_path, replace)
+        return _harvest_into(cfg, held, fingerprint, _meta(cfg, config), corpora, settings, model_path, spec, replace)
 
 
 def _needs_eos(cfg: HarvestConfig, corpora) -> bool:
@@ -107,14 +111,15 @@ def _overwrite(path: str, attrs: StoreAttrs) -> None:
 
 
 def _harvest_into(cfg: HarvestConfig, held: lease.Lease, fingerprint: dict, meta: dict, corpora,
-                  settings: TokenSettings, model_path: str, replace: StoreAttrs | None = None) -> Store:
+                  settings: TokenSettings, model_path: str, spec: StatsSpec,
+                  replace: StoreAttrs | None = None) -> Store:
     """Create or resume the store under the lease ``held``, run every shard, reduce the totals.
     ``replace``: the attributes of a store ``--overwrite`` discards, once the model has loaded (the last
     check before anything is written), so that a run refused before then keeps it."""
     pooling = cfg.corpus_options.pooling
     portable = cfg.model if cfg.model.startswith("tiny:") else model_path  # what every node can resolve
     wcfg = WorkerConfig(cfg.backend, portable, cfg.dtype, cfg.device, cfg.device_map, cfg.site, cfg.store,
-                        _stats_spec(cfg), cfg.batch_size, unit=cfg.unit, pooling=pooling,
+                        spec, cfg.batch_size, unit=cfg.unit, pooling=pooling,
                         tensor_parallel=cfg.tensor_parallel, seq_len=cfg.seq_len, vllm_memory=cfg.vllm_memory)
     job = TokenizeJob(portable, tuple(cfg.corpus), cfg.corpus_options, settings, tokens_dir(cfg.store))
     n_streams = len(corpora.streams)
@@ -147,8 +152,32 @@ def _harvest_into(cfg: HarvestConfig, held: lease.Lease, fingerprint: dict, meta
     return store
 
 
-def _stats_spec(cfg: HarvestConfig) -> StatsSpec:
-    return StatsSpec(cfg.stats, cfg.hist_edges if "hist" in cfg.stats else None)
+def _stats_spec(cfg: HarvestConfig, source: tuple | None = None) -> StatsSpec:
+    """The statistics to take; ``source``: the thresholds store's ``(attrs, thresholds)`` (``above``)."""
+    quantile = cfg.batch_quantile if "batch_quantile" in cfg.stats else None
+    return StatsSpec(cfg.stats, cfg.hist_edges if "hist" in cfg.stats else None, quantile,
+                     (cfg.batch_size, cfg.seq_len) if quantile is not None else None,
+                     source[1] if source is not None else None)
+
+
+def _thresholds_source(cfg: HarvestConfig) -> dict:
+    """The fingerprint's record of the thresholds store: which harvest, which totals, how they were taken."""
+    attrs = read_attrs(cfg.thresholds_from)
+    return {"store": cfg.thresholds_from, "fingerprint_sha256": fingerprint_sha256(attrs.fingerprint),
+            "shards_sha256": attrs.totals.shards_sha256, "batch_quantile": attrs.settings.batch_quantile,
+            "batch_size": attrs.settings.batch_size, "seq_len": attrs.settings.seq_len}
+
+
+def _check_thresholds(path: str, attrs: StoreAttrs, fingerprint: dict) -> None:
+    """The thresholds store holds the same model's same unit and the same groups, in the same order."""
+    ours, theirs = fingerprint["model"], attrs.fingerprint["model"]
+    for key in ("id", "revision", "weights", "architecture", "site", "unit"):
+        if ours.get(key) != theirs.get(key):
+            raise HarvestError(f"--thresholds-from {path} holds another model or unit: its {key} is "
+                               f"{theirs.get(key)!r}, this harvest's {ours.get(key)!r}")
+    if list(attrs.corpus.groups) != list(fingerprint["corpus"]["groups"]):
+        raise HarvestError(f"--thresholds-from {path} has other groups ({', '.join(attrs.corpus.groups)}) than this "
+                           f"harvest ({', '.join(fingerprint['corpus']['groups'])})")
 
 
 def _remove_created(path: str, held: lease.Lease) -> None:
@@ -524,7 +553,9 @@ def _fingerprint(cfg, config, model_path, site, tokenizer, corpora, spec: StatsS
                      "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
                      "shard_tokens": cfg.shard_tokens, "stats": list(spec.stats),
                      "hist_edges": list(spec.hist_edges) if spec.hist_edges else None,
-                     "pooling": cfg.corpus_options.pooling, **_tokenization_settings(tokens)},
+                     "pooling": cfg.corpus_options.pooling, **_tokenization_settings(tokens),
+                     **({"batch_quantile": spec.quantile} if spec.quantile is not None else {}),
+                     **({"thresholds_from": _thresholds_source(cfg)} if spec.thresholds is not None else {})},
     }
 
 

@@ -16,6 +16,14 @@ Exactness:
   forward pass (at most ``batch_size * seq_len`` tokens) in float32 and add that in float64.
 - ``hist`` counts values per bin of fixed edges ``e``: bin 0 is ``x < e[0]``, bin ``j`` is
   ``e[j-1] <= x < e[j]``, the last bin is ``x >= e[-1]``; NaN counts in the last bin.
+- ``batch_quantile`` (opt-in, Mondal et al.'s ``mean_p90_act``): per forward pass that is a full
+  batch (``batch_shape`` windows x tokens, no padding) of one group, ``torch.quantile`` of each
+  neuron's activations over the pass's tokens (float32), added in float64 to ``quantile_sum``, and 1
+  added to ``quantile_batches``; the mean over batches is their ratio. A short pass (a stream's or a
+  shard's last batch) is not counted, as the paper's loader drops its last batch; a pass that mixes
+  groups is an error.
+- ``above`` (opt-in): tokens whose activation exceeds their group's threshold (``thresholds``, compared
+  in float32 as the paper's code compares a model's activation with its float32 threshold).
 - A non-finite activation (an overflowed float16 model) makes its own group's sums inf or NaN on the
   CPU kernel and the fused kernel. In the matrix products it also makes every other group's sums in
   that forward pass NaN (``0 * inf``); counts and histograms stay exact on every path.
@@ -24,18 +32,27 @@ Exactness:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from harvester.errors import HarvestError
 
-STATS = ("active", "nonzero", "sum", "sqsum", "abs", "hist")
-"""Statistic names on the command line (``--stats``)."""
+STATS = ("active", "nonzero", "sum", "sqsum", "abs", "hist", "batch_quantile", "quantile_batches", "above")
+"""Statistic names on the command line (``--stats``); ``quantile_batches`` comes with ``batch_quantile``."""
 
-VARIABLES = {"active": "active", "nonzero": "nonzero", "sum": "act_sum", "sqsum": "act_sqsum", "abs": "act_abssum", "hist": "hist"}
+VARIABLES = {"active": "active", "nonzero": "nonzero", "sum": "act_sum", "sqsum": "act_sqsum", "abs": "act_abssum",
+             "hist": "hist", "batch_quantile": "quantile_sum", "quantile_batches": "quantile_batches", "above": "above"}
 """Statistic name -> variable name in the store."""
+
+BATCHWISE = ("batch_quantile", "quantile_batches", "above")
+"""Statistics taken by :meth:`NeuronStats.update` in torch on every device (no CPU kernel, no fused
+kernel): they need each pass's batch, or a threshold per group."""
+
+_SHAPES = {"active": torch.int64, "nonzero": torch.int64, "sum": torch.float64, "sqsum": torch.float64,
+           "abs": torch.float64, "hist": torch.int64, "batch_quantile": torch.float64, "quantile_batches": torch.int64,
+           "above": torch.int64}
 
 _MAX_TOKENS_PER_PASS = 1 << 24  # float32 counts stay exact below this
 
@@ -81,6 +98,10 @@ def parse_stats(text: str) -> tuple[str, ...]:
     if unknown:
         raise HarvestError(f"unknown statistic(s) {', '.join(sorted(unknown))}; choose from {', '.join(STATS)}")
     names.add("active")
+    if "batch_quantile" in names:
+        names.add("quantile_batches")
+    elif "quantile_batches" in names:
+        raise HarvestError("quantile_batches comes with --stats ...,batch_quantile; it is not a statistic alone")
     return tuple(s for s in STATS if s in names)
 
 
@@ -104,12 +125,27 @@ class StatsSpec:
     """Canonical subset of :data:`STATS`."""
     hist_edges: tuple[float, ...] | None = None
     """Histogram bin edges (ascending), required when ``hist`` is in ``stats``."""
+    quantile: float | None = None
+    """``batch_quantile``: the quantile taken per batch (0.9: Mondal et al.'s ``mean_p90_act``)."""
+    batch_shape: tuple[int, int] | None = None
+    """``batch_quantile``: ``(windows, tokens)`` of a full batch; only such passes are counted."""
+    thresholds: np.ndarray | None = field(default=None, compare=False, repr=False)
+    """``above``: float64 ``[group, layer, neuron]``, each group's threshold (rows by group id)."""
 
     def __post_init__(self):
         if "hist" in self.stats and not self.hist_edges:
             raise HarvestError("the hist statistic needs bin edges")
         if self.hist_edges is not None and list(self.hist_edges) != sorted(set(self.hist_edges)):
             raise HarvestError("histogram edges must be strictly increasing")
+        if "batch_quantile" in self.stats and not (self.quantile is not None and 0 < self.quantile < 1):
+            raise HarvestError(f"the batch_quantile statistic needs a quantile in (0, 1), not {self.quantile}")
+
+    def check_batchwise(self) -> None:
+        """What taking ``batch_quantile`` or ``above`` needs beyond what a store records."""
+        if "batch_quantile" in self.stats and not self.batch_shape:
+            raise HarvestError("the batch_quantile statistic needs the batch shape (--batch-size x --seq-len)")
+        if "above" in self.stats and self.thresholds is None:
+            raise HarvestError("the above statistic needs thresholds: --thresholds-from STORE")
 
     @property
     def n_bins(self) -> int:
@@ -130,6 +166,7 @@ class NeuronStats:
         other devices); ``"auto"``: ``LSN_STATS_KERNEL`` when set, else numba when it imports."""
         if kernel not in KERNELS:
             raise HarvestError(f"unknown statistics kernel '{kernel}'; choose from {', '.join(KERNELS)}")
+        spec.check_batchwise()
         self.spec, self.n_layers, self.width = spec, n_layers, width
         self.device = torch.device(device)
         self._accumulate = _cpu_kernel(kernel) if self.device.type == "cpu" else None
@@ -157,19 +194,30 @@ class NeuronStats:
         for g in present:
             self.tokens[g] = self.tokens.get(g, 0) + int(counts[g])
         self._ids, self._present = ids, present
+        self._full = self._full_batch(group_ids, present)
         self._pass.clear()
         self._positions: dict = {}
         self._rows = None  # the CPU kernel's per-token accumulator rows and accumulator arrays
         self._slots = None  # this pass's accumulator rows, in the order of its present groups
 
+    def _full_batch(self, group_ids: torch.Tensor, present: list[int]) -> bool:
+        """Whether ``batch_quantile`` counts this pass: ``batch_shape`` tokens, none of them padding, one
+        group (a pass that mixes groups is refused: its quantile would be no group's)."""
+        if "batch_quantile" not in self.spec.stats:
+            return False
+        if len(present) > 1:
+            raise HarvestError(f"--stats batch_quantile needs each batch of windows from one group, but a batch "
+                               f"holds {len(present)} (a corpus whose documents mix groups, e.g. prompt/response, "
+                               "or several groups in one stream); harvest per-language streams (text:DIR, "
+                               "wikipedia:...)")
+        return tuple(group_ids.shape) == tuple(self.spec.batch_shape) and bool((group_ids >= 0).all())
+
     def _add_slot(self, group: int) -> None:
         self._slot[group] = len(self._slot)
         L, I = self.n_layers, self.width
-        shapes = {"active": ((L, I), torch.int64), "nonzero": ((L, I), torch.int64), "sum": ((L, I), torch.float64),
-                  "sqsum": ((L, I), torch.float64), "abs": ((L, I), torch.float64), "hist": ((L, I, self.spec.n_bins), torch.int64)}
         for name in self.spec.stats:
-            shape, dtype = shapes[name]
-            row = torch.zeros((1, *shape), dtype=dtype, device=self.device)
+            shape = (L, I, self.spec.n_bins) if name == "hist" else (L, I)
+            row = torch.zeros((1, *shape), dtype=_SHAPES[name], device=self.device)
             self._acc[name] = row if name not in self._acc else torch.cat([self._acc[name], row])
 
     def _pass_on(self, device: torch.device) -> tuple:
@@ -205,7 +253,15 @@ class NeuronStats:
             x = x.float()
         if self._accumulate is not None and x.device.type == "cpu":
             self._update_cpu(layer, x)
-            return
+        else:
+            self._update_matmul(layer, x)
+        if "batch_quantile" in self.spec.stats and self._full:
+            self._add_batch_quantile(layer, x)
+        if "above" in self.spec.stats:
+            self._add_above(layer, x)
+
+    def _update_matmul(self, layer: int, x: torch.Tensor) -> None:
+        """The core statistics as one matrix product each (the path for devices other than the CPU)."""
         onehot, slots, token_slot, valid = self._pass_on(x.device)
         stats = self.spec.stats
         buf = self._buffer(x)
@@ -224,6 +280,22 @@ class NeuronStats:
             self._add("abs", layer, slots, (onehot @ buf).double())
         if "hist" in stats:
             self._add("hist", layer, slots, self._histogram(x[valid], token_slot, len(self._present)))
+
+    def _add_batch_quantile(self, layer: int, x: torch.Tensor) -> None:
+        """This full batch's quantile of each neuron over its ``[T, I]`` tokens, and one batch more."""
+        slots = self._pass_slots()
+        q = torch.quantile(x, self.spec.quantile, dim=0)  # [I], float32 as the paper takes it
+        self._add("batch_quantile", layer, slots, q[None].double())
+        self._add("quantile_batches", layer, slots, torch.ones((1, self.width), dtype=torch.int64))
+
+    def _add_above(self, layer: int, x: torch.Tensor) -> None:
+        """Per present group, its tokens whose activation exceeds the group's threshold ``[I]``."""
+        key = ("thresholds", x.device)
+        if key not in self._edges_on:
+            self._edges_on[key] = torch.as_tensor(self.spec.thresholds, dtype=torch.float32, device=x.device)
+        thresholds, ids = self._edges_on[key], self._ids.to(x.device)
+        counts = torch.stack([(x[ids == g] > thresholds[g, layer]).sum(dim=0) for g in self._present])
+        self._add("above", layer, self._pass_slots(), counts.to(torch.int64))
 
     def _update_cpu(self, layer: int, x: torch.Tensor) -> None:
         """One pass of the numba kernel straight into the accumulators (no temporaries)."""

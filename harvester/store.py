@@ -11,6 +11,9 @@ Layout::
       act_sqsum(group, layer, neuron)    float64
       act_abssum (group, layer, neuron)  float64   sum of |x| (opt-in, default with pooled stimuli)
       hist     (group, layer, neuron, bin) int64, with coords hist_lo / hist_hi (opt-in)
+      quantile_sum (group, layer, neuron) float64  sum over full batches of each batch's quantile (opt-in,
+      quantile_batches (group, layer, neuron) int64  with the batches counted; --stats ...,batch_quantile)
+      above    (group, layer, neuron)    int64    tokens above their group's threshold (opt-in, --thresholds-from)
       shards/
         tokens (shard, group)             each shard's own chunk row
         active, act_sum, ... (shard, group, layer, neuron)
@@ -68,7 +71,9 @@ def creating_marker(path: str | Path) -> str:
     parent, _, name = str(path).rstrip("/").rpartition("/")
     return f"{parent}/.{name}.creating.json"
 
-_DTYPES = {"active": "int64", "nonzero": "int64", "act_sum": "float64", "act_sqsum": "float64", "act_abssum": "float64", "hist": "int64"}
+_DTYPES = {"active": "int64", "nonzero": "int64", "act_sum": "float64", "act_sqsum": "float64",
+           "act_abssum": "float64", "hist": "int64", "quantile_sum": "float64", "quantile_batches": "int64",
+           "above": "int64"}
 
 
 def _zarr():
@@ -330,10 +335,17 @@ class Settings(_Section):
     """What ended each packed document: ``none``; absent: ``eos`` (the tokenizer's EOS)."""
     remainder: str | None = _field(_optional(_text))
     """A packed stream's last, shorter window: ``drop`` (dropped, counted); absent: ``keep`` (harvested)."""
+    batch_quantile: float | None = _field(_optional(_number))
+    """``--stats ...,batch_quantile``: the quantile taken per full batch of ``batch_size`` windows of
+    ``seq_len`` tokens (the batch shape), padding never counted; absent without that statistic."""
+    thresholds_from: dict | None = _field(_optional(_object))
+    """``--stats ...,above``: the store whose ``quantile_sum / quantile_batches`` are the thresholds:
+    ``{store, fingerprint_sha256, shards_sha256, batch_quantile, batch_size, seq_len}``."""
 
     @property
     def spec(self) -> StatsSpec:
-        return StatsSpec(self.stats, self.hist_edges if "hist" in self.stats else None)
+        batch = (self.batch_size, self.seq_len) if self.batch_quantile is not None else None
+        return StatsSpec(self.stats, self.hist_edges if "hist" in self.stats else None, self.batch_quantile, batch)
 
     @property
     def variables(self) -> list[str]:
@@ -574,6 +586,25 @@ def open_dataset(path: str | Path, attrs: StoreAttrs):
         raise HarvestError(f"store {path} is damaged: its tokens totals differ from those recorded when they "
                            f"were reduced (lsn verify {path} lists every problem)")
     return ds
+
+
+def read_thresholds(path: str | Path) -> tuple[StoreAttrs, np.ndarray]:
+    """A finished store's ``batch_quantile`` thresholds, ``quantile_sum / quantile_batches`` float64
+    ``[group, layer, neuron]`` (Mondal et al.'s ``mean_p90_act`` per group), with its attributes; an error
+    if it has no such statistic or a group has no full batch."""
+    attrs = open_finished(path)
+    if "batch_quantile" not in attrs.settings.stats:
+        raise HarvestError(f"--thresholds-from {path}: that store has no batch_quantile statistic; harvest it with "
+                           "--stats active,batch_quantile --batch-quantile 0.9")
+    ds = open_dataset(path, attrs)
+    total = np.asarray(ds["quantile_sum"].values, dtype=np.float64)
+    batches = np.asarray(ds["quantile_batches"].values, dtype=np.int64)
+    empty = [g for g, n in zip(attrs.corpus.groups, batches[:, 0, 0]) if n == 0]
+    if empty:
+        raise HarvestError(f"--thresholds-from {path}: group {empty[0]!r} has no full batch of "
+                           f"{attrs.settings.batch_size} x {attrs.settings.seq_len} tokens, so no threshold; give it "
+                           "more text or lower --batch-size")
+    return attrs, total / batches
 
 
 def fingerprint_sha256(fingerprint: dict) -> str:

@@ -220,3 +220,7 @@ class DemoOptions:
     """model actors"""
     no_progress: bool = False
     """no progress bars"""
+
+MONDAL_FINETUNE_SHARED: dict = {k: v for k, v in MONDAL_FINETUNE["xnli"].items() if MONDAL_FINETUNE["xquad"].get(k) == v}
+"""What :data:`MONDAL_FINETUNE` sets for both tasks: ``--preset mondal``'s ``lsn finetune`` values (a preset
+cannot follow ``--task``; the README lists each task's other flags)."""

@@ -38,6 +38,12 @@ PRESETS: dict[str, Preset] = {
         {"analyze entropy-lambda": {"top_rate": 0.01, "bar_ratio": 0.95, "response_only": True},
          "analyze autosweep": {"top_rate": 0.01, "response_only": True},
          "intervene ppl": job_options.LNA_PPL}),
+    "mondal": Preset(
+        "Mondal et al., 2025 (Language-specific Neurons Do Not Facilitate Cross-Lingual Transfer)",
+        "soumenkm/LangSpecificNeurons: code/activation.py, models.py, lang_neurons.py, lora_cls_finetune.py, "
+        "lora_instruct_finetune.py",
+        {"harvest": harvest_config.MONDAL, "analyze act-prob-90p": analysis_cli.MONDAL_90P,
+         "analyze lape-variant": analysis_cli.MONDAL_LAPE, "finetune": job_options.MONDAL_FINETUNE_SHARED}),
     "localizer": Preset(
         "AlKhamissi et al., 2024 (The LLM Language Network)", "BKHMSI/llm-localization: localize.py, random_mask.py",
         {"harvest": harvest_config.LOCALIZER, "analyze localizer": analysis_cli.LOCALIZER,

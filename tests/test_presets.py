@@ -16,11 +16,14 @@ MINIMAL = {  # the required flags of each command a preset touches
     "analyze lape": ["--store", "s", "--out", "m.npz"],
     "analyze entropy-lambda": ["--store", "s", "--out", "m.npz", "--lambda", "0.05"],
     "analyze autosweep": ["--store", "s"],
+    "analyze act-prob-90p": ["--store", "s", "--out", "m.npz"],
+    "analyze lape-variant": ["--store", "s", "--out", "m.npz"],
     "analyze localizer": ["--store", "s", "--out", "m.npz", "--a", "S", "--b", "N"],
     "analyze coverage": ["--store", "s", "--out", "m.npz"],
     "analyze random": ["--mask", "m.npz", "--out", "r.npz"],
     "intervene ppl": ["--model", "tiny:llama", "--mask", "m.npz", "--corpus", "sample", "--out", "o"],
-    "finetune": ["--model", "tiny:llama", "--mask", "m.npz", "--lang", "fr", "--data", "sample", "--out", "o"],
+    "finetune": ["--model", "tiny:llama", "--mask", "m.npz", "--lang", "fr", "--task", "clm", "--data", "sample", "--out",
+                 "o"],
 }
 CASES = [(name, command) for name, preset in PRESETS.items() for command in preset.commands]
 
@@ -62,11 +65,12 @@ def test_flags_and_config_win_over_a_preset(name, command, tmp_path):
 
 def test_presets_lists_every_setting(capsys):
     assert main(["presets"]) == 0
-    out = capsys.readouterr().out
+    listing = capsys.readouterr().out
     for name, preset in PRESETS.items():
-        assert f"{name}: {preset.study}" in out
-        block = out.split(f"{name}: {preset.study}\n", 1)[1].split("\n\n")[0].splitlines()
-        block = block[:next((i for i, ln in enumerate(block) if not ln.startswith(" ")), len(block))]
+        assert f"{name}: {preset.study}" in listing
+        assert main(["presets", name]) == 0  # each preset's own lines (two presets may set one command)
+        out = capsys.readouterr().out
+        block = out.splitlines()
         for command, values in preset.commands.items():
             line = next(ln for ln in block if ln.strip().startswith(f"lsn {command}:"))  # this preset's own line
             for key in values:

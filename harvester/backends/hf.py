@@ -13,7 +13,7 @@ import torch
 from harvester import arch
 from harvester.backends.base import Backend
 from harvester.errors import HarvestError
-from harvester.stats import NeuronStats, StatsSpec
+from harvester.stats import BATCHWISE, NeuronStats, StatsSpec
 from harvester.windows import Window, batches
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -389,8 +389,9 @@ class HFBackend(Backend):
     def statistics(self, windows: list[Window], spec: StatsSpec, batch_size: int,
                    pooling: str = "token") -> dict[int, dict[str, np.ndarray]]:
         stats = NeuronStats(spec, self.n_layers, self.width, device=self.device)
-        # the fused kernel counts no nonzero: that opt-in statistic takes the hook path
-        if self.fused is not None and pooling == "token" and "nonzero" not in spec.stats:
+        # the fused kernel counts no nonzero and no batch-wise statistic: those take the hook path
+        if (self.fused is not None and pooling == "token" and "nonzero" not in spec.stats
+                and not set(spec.stats) & set(BATCHWISE)):
             with _fused_mlps(self.fused, stats, spec, self.device):
                 for ids, mask, groups in batches(windows, batch_size, self.pad_id):
                     stats.begin(torch.from_numpy(groups))
