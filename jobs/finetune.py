@@ -198,7 +198,7 @@ def intervention_values(job: FinetuneJob, mask, store: str | None, data: dict) -
 
 def prepare_data(job: FinetuneJob) -> dict:
     """``{"train": [...], "eval": {lang: [...]}}`` of examples, or of windows for ``clm``."""
-    from jobs.tasks import examples, load_rows
+    from jobs.tasks import examples
 
     if job.task == "clm":
         from jobs.ppl import eval_windows

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from harvester.backends.hf import load_tokenizer, resolve_model
 from jobs.finetune import FinetuneJob, _batch, continuation_scores, last_hidden, prepare_data
