@@ -130,7 +130,7 @@ def test_values_from_a_gate_store_written_into_act_fn_reproduce_mondal(stores, t
         values = {lang: (gate["act_sum"].sel(group=lang) / gate["tokens"].sel(group=lang)).values for lang in ("fr", "ru")}
     else:
         edges = gate["hist_lo"].values[1:]
-        values = {lang: hist_quantile(gate["hist"].sel(group=lang).values, edges, 0.9) for lang in ("fr", "ru")}
+        values = {lang: hist_quantile(gate["hist"].sel(group=lang).values, edges, 90) for lang in ("fr", "ru")}
     groups, windows = eval_windows("tiny:llama", [EVAL], 48, None)
     expected = hand_ppl(stores["mask"], values, windows, groups)
     for lang in ("fr", "ru"):
