@@ -124,6 +124,10 @@ def test_aya_values_are_harvest_options(tmp_path):
     ("ec40", "chat", {}, "--template chat is for instruct corpora"),
     ("ec40", "Translate: {src}", {"sides": "tgt"}, "which --sides tgt leaves out"),
     ("instruct", "chat", {}, "this model's tokenizer has no chat template"),
+    ("ec40", "{src!x}", {}, "a placeholder takes no conversion or format spec ({src!x}); write it as {src}"),
+    ("instruct", "{prompt:d}", {}, "takes no conversion or format spec ({prompt:d})"),
+    ("instruct", "Q: {prompt:>99999999999}", {}, "takes no conversion or format spec"),  # was a MemoryError
+    ("instruct", "{}", {}, "unknown placeholder {}"),
 ])
 def test_template_errors(tmp_path, kind, template, options, expected):
     from harvester.tiny import train_tokenizer
@@ -191,3 +195,31 @@ def test_the_format_template_is_in_the_fingerprint(tmp_path):
     assert attrs["fingerprint"]["corpus"]["options"]["template"] == template
     assert attrs["fingerprint"]["corpus"]["options"]["sides"] == "src"
     assert [str(g) for g in xr.open_zarr(store)["group"].values] == ["fr-en:src"]
+
+
+def test_a_bad_template_with_overwrite_keeps_the_finished_store(tmp_path, capsys):
+    """Was a ValueError traceback at tokenization, after --overwrite had removed the finished store."""
+    spec = f"ec40:{fixtures.write_ec40(tmp_path / 'ec40', langs=('fr',), n=3)}"
+    args = ["harvest", "--model", "tiny:llama", "--corpus", spec, "--pairs", "fr-en",
+            "--store", str(tmp_path / "s"), "--no-ray", "--no-progress"]
+    assert main(args) == 0
+    before = read_attrs(tmp_path / "s")
+    capsys.readouterr()
+    assert main([*args, "--template", "{src!x}", "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "takes no conversion" in err
+    assert read_attrs(tmp_path / "s") == before and before.complete
+
+
+def test_a_chat_template_that_fails_on_a_later_example_fails_first(tmp_path):
+    from harvester.tiny import train_tokenizer
+
+    tok = train_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{% if 'boom' in m.content %}{{ raise_exception('no boom') }}"
+                         "{% endif %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    path = tmp_path / "i.jsonl"
+    path.write_text("\n".join(json.dumps({"lang": "en", "prompt": p, "response": "ok"})
+                              for p in ("fine", "also fine", "a boom here")) + "\n", encoding="utf-8")
+    with pytest.raises(HarvestError, match=r"i.jsonl: example 3: --template chat: the chat template failed"):
+        parse_corpus(f"instruct:{path}", CorpusOptions(template="chat"), tok)

@@ -9,7 +9,7 @@ string with ``{prompt}``).
 
 The whole file is checked when the corpus is opened, one line at a time: a line that is not a JSON
 object, lacks a field, has a non-string or blank field (an empty segment has no token to count) is
-an error ``FILE:LINE: ...``; so is a template that fails on the first example.
+an error ``FILE:LINE: ...``; so is a template that fails on any example (``FILE: example N: ...``).
 """
 
 from __future__ import annotations
@@ -41,7 +41,12 @@ class InstructCorpus:
         self.groups = [f"{lang}:{role}" for lang in langs for role in ("prompt", "response")]
         self.streams = [Stream(lang, packing="sequence") for lang in langs]
         self.template = instruct_template(template, tokenizer)
-        self._render(*next(self._examples())[1:])  # a template that fails, fails before any store exists
+        if self.template is not None:  # a template that fails on any example fails before a store exists
+            for n, (_, prompt, response) in enumerate(self._examples(), 1):
+                try:
+                    self._render(prompt, response)
+                except HarvestError as err:
+                    raise HarvestError(f"{self.file}: example {n}: {err}") from None
 
     def documents(self, stream: str) -> Iterator[list[Segment]]:
         for lang, prompt, response in self._examples():

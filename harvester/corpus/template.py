@@ -26,10 +26,17 @@ class FormatTemplate:
 
     def __init__(self, text: str, fields: tuple[str, ...], needed: str, kind: str):
         try:
-            names = [name for _, name, _, _ in string.Formatter().parse(text) if name is not None]
+            parts = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(text)
+                     if name is not None]
         except ValueError as err:
             raise HarvestError(f"--template {text!r} is not a format string ({err}); write a literal "
                                "brace as {{ or }}") from None
+        for name, spec, conversion in parts:
+            if spec or conversion:  # {src!x}, {prompt:d}, {prompt:>99999999999}: an error or a huge text
+                raise HarvestError(f"--template {text!r}: a placeholder takes no conversion or format spec "
+                                   f"({{{name}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}); "
+                                   "write it as {" + (name or "") + "}")
+        names = [name for name, _, _ in parts]
         known = ", ".join("{" + f + "}" for f in fields)
         for name in names:
             if name not in fields:
