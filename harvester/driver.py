@@ -10,7 +10,7 @@ import os
 import sys
 from collections import deque
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -548,7 +548,7 @@ def _fingerprint(cfg, config, model_path, site, tokenizer, corpora, spec: StatsS
                       "vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
                       "sha256": _tokenizer_hash(tokenizer)},
         "corpus": {"spec": corpora.spec, "groups": corpora.groups, "streams": [s.name for s in corpora.streams],
-                   "source": corpora.source(), "options": asdict(cfg.corpus_options)},
+                   "source": corpora.source(), "options": cfg.corpus_options.fingerprint()},
         "settings": {"backend": cfg.backend, **({"tensor_parallel": cfg.tensor_parallel} if cfg.backend == "vllm" else {}),
                      "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
                      "shard_tokens": cfg.shard_tokens, "stats": list(spec.stats),

@@ -85,6 +85,14 @@ class CorpusOptions:
         if self.template is not None and not self.template.strip():
             raise HarvestError("--template is empty")
 
+    LATER = {"lowercase": False, "truncate": None, "truncation_side": "right", "template": None, "sides": "both"}
+    """Options added after stores recorded their options, at the value that behaves as before them."""
+
+    def fingerprint(self) -> dict:
+        """The options as a store's fingerprint records them: an option of :attr:`LATER` at its earlier
+        behaviour is left out, so a store written before it keeps its fingerprint and resumes."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.LATER or self.LATER[k] != v}
+
 
 class Corpus(Protocol):
     spec: str
