@@ -190,8 +190,9 @@ class ActProb90pOptions(ProbabilityOptions):
         params = dict(rate=self.rate, percent=self.percent, percentile_of=self.percentile_of,
                       percentile=f"{PERCENTILE_OVER[self.percentile_of]}, interpolated linearly inside its "
                                  "histogram bin")
+        pool = counts.dataset["hist"].data.sum(axis=0)  # every harvested group, whatever --langs picks
         result = methods.act_prob_90p(counts.variable("hist"), counts.tokens, self.percent, self.rate,
-                                      self.percentile_of)
+                                      self.percentile_of, pool if self.percentile_of == "pooled" else None)
         if self.percentile_of == "own":
             print("lsn: warning: --percentile-of own: each language's share above its own percentile is "
                   f"{100 - self.percent}% for every neuron with tokens; the mask is decided by ties (flat index)",

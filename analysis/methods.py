@@ -252,8 +252,10 @@ def _share_block(h, position, percent, tokens):
 PERCENTILE_OF = ("pooled", "own", "batch-mean")
 
 
-def act_prob_90p_scores(hist, tokens: np.ndarray, percent: int = 90, percentile_of: str = "pooled"):
-    """Each language's ``act_prob_90p`` score ``[L, I]`` in turn (float64), one pass over its histograms."""
+def act_prob_90p_scores(hist, tokens: np.ndarray, percent: int = 90, percentile_of: str = "pooled", pool=None):
+    """Each language's ``act_prob_90p`` score ``[L, I]`` in turn (float64), one pass over its histograms.
+    ``pool``: Dask ``[L, I, B]``, the histograms the pooled percentile is taken of (every harvested group;
+    without it, the languages of ``hist``)."""
     import dask.array as da
 
     if percentile_of not in ("pooled", "own"):
@@ -262,7 +264,8 @@ def act_prob_90p_scores(hist, tokens: np.ndarray, percent: int = 90, percentile_
     chunks = hist.chunks[1:3] + ((3,),)
     position = None
     if percentile_of == "pooled":  # [L, I, 3], small: read once, then one pass per language
-        (position,) = _compute(hist.sum(axis=0).map_blocks(_pooled_position, percent, chunks=chunks, dtype=np.int64))
+        pool = hist.sum(axis=0) if pool is None else pool.rechunk(hist.chunks[1:])
+        (position,) = _compute(pool.map_blocks(_pooled_position, percent, chunks=chunks, dtype=np.int64))
         position = da.from_array(position, chunks=chunks)
     for k in range(hist.shape[0]):
         if position is None:
@@ -274,7 +277,7 @@ def act_prob_90p_scores(hist, tokens: np.ndarray, percent: int = 90, percentile_
 
 
 def act_prob_90p(hist, tokens: np.ndarray, percent: int = 90, rate: float = 0.00125,
-                 percentile_of: str = "pooled") -> dict:
+                 percentile_of: str = "pooled", pool=None) -> dict:
     """Per language, the neurons most often above a percentile of their activations (histogram, interpolated).
 
     Score: the share of each language's tokens above the neuron's ``percent`` percentile, of all
@@ -283,10 +286,12 @@ def act_prob_90p(hist, tokens: np.ndarray, percent: int = 90, rate: float = 0.00
     the language's tokens above it count ``1 - f``, its fraction of the bin above the percentile; a
     percentile on a bin edge gives the exact share. With ``own`` every neuron with tokens then scores
     exactly ``1 - percent/100``, so the ranking is the ties' (by flat index): see README. Each
-    language keeps its top ``round(rate * L * I)``. ``hist`` is Dask ``[K, L, I, B]``."""
+    language keeps its top ``round(rate * L * I)``. ``hist`` is Dask ``[K, L, I, B]``; ``pool`` the pooled
+    histograms ``[L, I, B]`` of every harvested group (without it, of the languages in ``hist``)."""
     _, L, I, _ = hist.shape
     m = round(rate * L * I)
-    return {"selected": [_top(score, m) for score in act_prob_90p_scores(hist, tokens, percent, percentile_of)]}
+    scores = act_prob_90p_scores(hist, tokens, percent, percentile_of, pool)
+    return {"selected": [_top(score, m) for score in scores]}
 
 
 def act_prob_90p_batch_mean(above, tokens: np.ndarray, rate: float = 0.00125) -> dict:

@@ -113,6 +113,11 @@ def test_thresholds_coverage_localizer_random(store, pooled_store, tmp_path):
                  "--percentile-of", "own"]) == 0
     score = ref.act_prob_90p(ds["hist"].values, tokens, percentile_of="own")
     assert as_layers(Mask.load(out)) == ref.act_prob_90p_mask(score, 0.02)
+    first = str(ds["group"].values[0])  # one language: still the percentile of every harvested group pooled
+    assert main(["analyze", "act-prob-90p", "--store", str(store), "--out", str(out), "--rate", "0.02",
+                 "--langs", first]) == 0
+    score = ref.act_prob_90p(ds["hist"].values, tokens)[:, :, :1]
+    assert as_layers(Mask.load(out)) == ref.act_prob_90p_mask(score, 0.02)
     assert main(["analyze", "coverage", "--store", str(store), "--out", str(out), "--k", "0.5"]) == 0
     assert as_layers(Mask.load(out)) == ref.coverage(active, 0.5)
     assert main(["analyze", "localizer", "--store", str(pooled_store), "--out", str(out), "--a", "S", "--b", "N",
