@@ -93,22 +93,37 @@ def losses(attrs: StoreAttrs) -> tuple[list[str], list[str]]:
     cut_tokens, cut_docs = _cut(attrs)
     dropped = attrs.corpus.remainder_tokens_per_group
     seq_len = attrs.settings.seq_len
+    limit = _limit(attrs)
     warnings, empty = [], []
     for g, name in enumerate(attrs.corpus.groups):
         cut = cut_tokens[g] if cut_tokens is not None else 0
         drop = dropped[g] if dropped is not None else 0
         if tokens[g] == 0:
-            empty.append(f"{name} (all {cut} cut off at --seq-len {seq_len})" if cut else
+            empty.append(f"{name} (all {cut} cut off at {limit})" if cut else
                          f"{name} (all {drop} dropped by --remainder drop)" if drop else name)
+        elif attrs.settings.pooling not in (None, "token") and cut:  # tokens counts samples, not tokens
+            warnings.append(f"group {name}: {cut} tokens cut from {cut_docs[g]} of its {tokens[g]} samples "
+                            f"longer than {limit}")
         elif cut > LOSS_WARNING * (tokens[g] + cut):
+            advice = "a larger --seq-len keeps them" if limit.startswith("--seq-len") else "as --truncate asks"
             warnings.append(f"group {name} lost {cut} of its {tokens[g] + cut} tokens "
                             f"({100 * cut / (tokens[g] + cut):.1f}%) in {cut_docs[g]} documents longer than "
-                            f"--seq-len {seq_len}; a larger --seq-len keeps them")
+                            f"{limit}; {advice}")
         if tokens[g] and drop > LOSS_WARNING * (tokens[g] + drop):
             warnings.append(f"group {name} lost {drop} of its {tokens[g] + drop} tokens "
                             f"({100 * drop / (tokens[g] + drop):.1f}%) in a last window shorter than --seq-len "
                             f"{seq_len}, which --remainder drop drops")
     return warnings, empty
+
+
+def _limit(attrs: StoreAttrs) -> str:
+    """What cut the documents: ``--truncate N`` where it is below ``--seq-len`` (pooled documents longer
+    than ``--seq-len`` are refused before the harvest, so their cuts are all ``--truncate``'s)."""
+    seq_len = attrs.settings.seq_len
+    truncate = (attrs.fingerprint.get("corpus", {}).get("options") or {}).get("truncate")
+    if isinstance(truncate, int) and (truncate < seq_len or attrs.settings.pooling not in (None, "token")):
+        return f"--truncate {truncate}"
+    return f"--seq-len {seq_len}"
 
 
 def report_losses(attrs: StoreAttrs, fail: bool = True) -> None:

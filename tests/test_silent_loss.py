@@ -278,3 +278,27 @@ def test_generate_marks_rows_of_an_empty_mask(tmp_path, capsys, instruct):
         assert [lang for lang in ("en:prompt", "de:prompt") if units[lang] == 0] == empty
         assert json.loads((out / "generate.json").read_text())["settings"]["empty_mask"] == empty
         assert ("intervenes on no unit" in err) == bool(empty)
+
+
+def test_truncate_is_named_and_pooled_samples_are_not_read_as_tokens(tmp_path, capsys):
+    """A pooled store's ``tokens`` counts stimuli: its cuts are reported per sample and blamed on --truncate
+    (pooled documents longer than --seq-len are refused before the harvest), not as a share of tokens."""
+    from harvester.corpus.sample import write_stimuli
+    from harvester.store import read_attrs
+    from harvester.summary import losses
+
+    stimuli = write_stimuli(tmp_path / "stim.csv", "en", 8)
+    assert main(["harvest", "--model", "tiny:llama", "--corpus", f"stimuli:{stimuli}", "--pooling", "last",
+                 "--truncate", "4", "--store", str(tmp_path / "s"), "--seq-len", "128", "--no-ray",
+                 "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    attrs = read_attrs(tmp_path / "s")
+    warnings, empty = losses(attrs)
+    assert not empty and len(warnings) == 2
+    for line, group in zip(warnings, attrs.corpus.groups):
+        g = attrs.corpus.groups.index(group)
+        cut, docs = attrs.corpus.truncated_tokens_per_group[g], attrs.corpus.truncated_documents_per_group[g]
+        assert line == (f"group {group}: {cut} tokens cut from {docs} of its {attrs.totals.tokens[g]} samples "
+                        "longer than --truncate 4") and cut > 0
+        assert f"lsn: warning: {line}" in err
+    assert "--seq-len" not in err
