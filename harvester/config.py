@@ -14,6 +14,10 @@ from harvester.errors import HarvestError
 from harvester.options import Positive
 
 
+SEQUENCE_KINDS = {"instruct", "lna", "ec40", "stimuli"}
+"""Corpora whose documents are examples, one per window (``--truncate`` cuts them)."""
+
+
 @dataclass
 class HarvestConfig:
     model: str
@@ -149,6 +153,11 @@ class HarvestConfig:
             raise HarvestError("--template is for instruct and ec40 corpora; no corpus here is one")
         if options.sides != "both" and "ec40" not in kinds:
             raise HarvestError("--sides is for ec40 corpora; no corpus here is one")
+        if options.truncate is not None and not kinds & SEQUENCE_KINDS:
+            raise HarvestError("--truncate cuts the examples of instruct, lna, ec40 and stimuli corpora; no corpus "
+                               "here is one (packed text is cut into --seq-len windows)")
+        if options.truncation_side != "right" and options.truncate is None:
+            raise HarvestError("--truncation-side needs --truncate N")
         packed = kinds & PACKED_KINDS
         if options.max_tokens_per_lang is not None and not packed:
             raise HarvestError("--max-tokens-per-lang is for running text (text, sample and wikipedia corpora); "

@@ -155,6 +155,8 @@ def test_a_chat_template_without_a_prompt_boundary_is_refused(tmp_path):
 @pytest.mark.parametrize("flags, expected", [
     (["--corpus", "sample:docs=2", "--template", "{prompt}"], "--template is for instruct and ec40 corpora"),
     (["--corpus", "sample:docs=2", "--sides", "src"], "--sides is for ec40 corpora"),
+    (["--corpus", "sample:docs=2", "--truncate", "5"], "--truncate cuts the examples of instruct, lna, ec40"),
+    (["--corpus", "sample:docs=2", "--truncation-side", "left"], "--truncation-side needs --truncate N"),
 ])
 def test_options_no_corpus_uses_are_refused(tmp_path, capsys, flags, expected):
     assert main(["harvest", "--model", "tiny:llama", "--store", str(tmp_path / "s"), "--no-ray", *flags]) == 2
