@@ -57,7 +57,10 @@ def tokenization(attrs: StoreAttrs) -> str:
         bos += f" (ids {list(s.bos_ids or ())} per {place})"
     elif s.bos not in (None, "none"):
         bos += " (the tokenizer adds none)"
-    eos = "EOS after every example" if s.eos_per_example in (None, True) else "no EOS inside examples"
+    if s.pooling not in (None, "token"):  # a pooled sample never had an EOS (stream_windows drops it)
+        eos = "no EOS (pooled samples)"
+    else:
+        eos = "EOS after every example" if s.eos_per_example in (None, True) else "no EOS inside examples"
     packed = "".join(f", --{flag} {value}" for flag, value in (("separator", s.separator), ("remainder", s.remainder))
                      if value not in (None, "eos", "keep"))
     return f"tokens: {bos}, {eos}, --encode {s.encode or 'segments'}{packed}"

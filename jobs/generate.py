@@ -70,6 +70,8 @@ def read_prompts(path: str) -> list[Prompt]:
             item = json.loads(line)
         except json.JSONDecodeError as err:
             raise HarvestError(f"{path}:{n}: not JSON ({err.msg})") from None
+        except RecursionError:
+            raise HarvestError(f"{path}:{n}: not JSON (nested too deeply)") from None
         if not isinstance(item, dict) or not isinstance(item.get("lang"), str) or not isinstance(item.get("prompt"), str):
             raise HarvestError(f"{path}:{n}: each line needs string fields 'lang' and 'prompt'")
         if not item["prompt"].strip():

@@ -61,23 +61,24 @@ class PPLJob(Job):
 
 def eval_windows(model: str, corpus: list[str], seq_len: int, max_tokens_per_lang: int | None,
                  aggregate: str = "tokens"):
-    """``(groups, windows)`` of the evaluation corpus, windowed as a harvest windows it, then as ``aggregate``
-    needs (:func:`for_aggregate`)."""
-    from harvester.backends.hf import load_tokenizer, resolve_model
+    """``(groups, windows)`` of the evaluation corpus, windowed as a harvest with its default tokenization
+    windows it (:func:`eval_settings`), then as ``aggregate`` needs (:func:`for_aggregate`)."""
+    from harvester.backends.hf import load_config, load_tokenizer, max_positions, resolve_model
     from harvester.corpus import CorpusOptions, parse_corpora
-    from harvester.windows import TokenSettings, Window, _Truncation, stream_windows
+    from harvester.windows import Window, _Truncation, bos_prefix, stream_windows
 
-    tokenizer = load_tokenizer(resolve_model(model))
-    if tokenizer.eos_token_id is None:  # as the harvest refuses it: -1 would enter the windows as a token id
-        raise HarvestError("the tokenizer has no EOS token; documents cannot be separated")
+    path = resolve_model(model)
+    config = load_config(path)
+    max_positions(config, seq_len)  # a window beyond the model's positions is an IndexError in its forward
+    tokenizer = load_tokenizer(path, config)
     corpora = parse_corpora(corpus, CorpusOptions(max_tokens_per_lang=max_tokens_per_lang))
     check_corpus(corpora, aggregate)
-    settings = TokenSettings(seq_len, 1, "token", "", tokenizer.eos_token_id)
+    settings = eval_settings(tokenizer, seq_len, aggregate)
     windows = [Window(ids, groups) for s in range(len(corpora.streams))
                for ids, groups in stream_windows(corpora, s, tokenizer, settings, _Truncation())]
     if not windows:
         raise HarvestError(f"the evaluation corpus {' '.join(corpus)} has no text")
-    windows = for_aggregate(windows, aggregate, seq_len, leading_specials(tokenizer))
+    windows = for_aggregate(windows, aggregate, seq_len, bos_prefix(tokenizer) if aggregate == "per-prompt" else [])
     if not windows:
         raise HarvestError(f"the evaluation corpus {' '.join(corpus)} has no full --seq-len {seq_len} window, and "
                            "--aggregate window-nll drops shorter ones; lower --seq-len")
@@ -113,15 +114,20 @@ def for_aggregate(windows: list, aggregate: str, seq_len: int, prefix: list[int]
     return windows
 
 
-def leading_specials(tokenizer) -> list[int]:
-    """The ids ``tokenizer(text)`` puts before the text's own: BOS for Llama, Mistral or Gemma, none for
-    Qwen or GPT-2 (the alignment study encodes each prompt so)."""
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    full = tokenizer("a")["input_ids"]
-    for start in range(len(full) - len(plain) + 1):
-        if full[start:start + len(plain)] == plain:
-            return list(full[:start])
-    return []
+def eval_settings(tokenizer, seq_len: int, aggregate: str):
+    """The evaluation windows' tokenization: a harvest's defaults (``--bos auto``, no EOS inside an example,
+    ``--encode whole``). ``window-nll`` (LAPE's ``ppl.py``) puts nothing between documents, as its
+    concatenated ids; ``per-prompt`` leaves the BOS to :func:`for_aggregate`, which puts it before each
+    example as context."""
+    from harvester.windows import TokenSettings, resolve_bos
+
+    if tokenizer.eos_token_id is None and aggregate == "tokens":  # -1 would enter the windows as a token id
+        raise HarvestError("the tokenizer has no EOS token; documents cannot be separated")
+    place, bos_ids = resolve_bos(tokenizer, "none" if aggregate == "per-prompt" else "auto")
+    encode = "whole" if getattr(tokenizer, "is_fast", False) else "segments"
+    return TokenSettings(seq_len, 1, "token", "", tokenizer.eos_token_id if tokenizer.eos_token_id is not None
+                         else -1, bos=place, bos_ids=bos_ids, eos_per_example=False, encode=encode,
+                         separator="none" if aggregate == "window-nll" else "eos")
 
 
 class RowWorker(ModelWorker):

@@ -78,6 +78,8 @@ def load_rows(task: str, source: str, lang: str, split: str, limit: int | None) 
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as err:
                     raise HarvestError(f"{file}:{n}: not JSON ({err.msg})") from None
+                except RecursionError:
+                    raise HarvestError(f"{file}:{n}: not JSON (nested too deeply)") from None
     else:
         rows = _hub_rows(task, source, lang, split)
     if not rows:

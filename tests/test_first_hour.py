@@ -244,3 +244,14 @@ def test_a_value_that_starts_with_a_minus(tmp_path):
     import zarr
 
     assert zarr.open_group(str(tmp_path / "s"), mode="r")["hist"].shape[-1] == 100 + 2
+
+
+def test_json_nested_too_deeply_is_one_line(tmp_path, capsys):
+    """``[[[[...`` 200,000 deep was a RecursionError traceback in every reader of JSON input."""
+    deep = "[" * 200_000
+    (tmp_path / "deep.json").write_text(deep, encoding="utf-8")
+    (tmp_path / "deep.jsonl").write_text(deep + "\n", encoding="utf-8")
+    for spec in (f"lna:{tmp_path / 'deep.json'}", f"instruct:{tmp_path / 'deep.jsonl'}"):
+        one_line(capsys, ["harvest", "--model", "tiny:llama", "--corpus", spec, "--store", str(tmp_path / "s"),
+                          *FAST], "nested too deeply")
+    assert not (tmp_path / "s").exists()

@@ -99,6 +99,12 @@ def stream(tokenizer, lines: list[str]) -> list[int]:
     return ids
 
 
+def lape_stream(tokenizer, lines: list[str]) -> list[int]:
+    """A language's ids as LAPE's are prepared (its README: tokenize, then concatenate): ``tokenizer(line)``
+    each, its BOS where it adds one, nothing between documents."""
+    return [t for line in lines for t in tokenizer(line)["input_ids"]]
+
+
 def run(tmp_path, capsys, model, corpus, out, *flags):
     capsys.readouterr()
     code = main(["intervene", "ppl", "--model", str(model), "--mask", str(tmp_path / "mask.npz"), "--corpus", corpus,
@@ -135,7 +141,7 @@ def test_window_nll_follows_lape(data, tmp_path, capsys):
     mask = Mask.load(data / "mask.npz")
     windows = {}
     for lang, lines in (("en", EN), ("de", DE)):
-        ids = stream(tokenizer, lines)
+        ids = lape_stream(tokenizer, lines)
         kept = len(ids) // seq_len * seq_len
         assert kept < len(ids)  # there is a remainder to drop
         windows[lang] = np.asarray(ids[:kept]).reshape(-1, seq_len)
@@ -202,8 +208,10 @@ def test_an_aggregate_that_does_not_apply_is_refused(data, tmp_path, capsys):
         (f"text:{data / 'text'}", ["--aggregate", "per-prompt"], "--aggregate per-prompt averages over examples, but"),
         (f"instruct:{data / 'instruct.jsonl'}", ["--aggregate", "window-nll"],
          "--aggregate window-nll cuts running text into --seq-len windows, but"),
-        (f"text:{data / 'text'}", ["--aggregate", "window-nll", "--seq-len", "4096"],
-         "has no full --seq-len 4096 window, and --aggregate window-nll drops shorter ones"),
+        (f"text:{data / 'text'}", ["--aggregate", "window-nll", "--seq-len", "512"],
+         "has no full --seq-len 512 window, and --aggregate window-nll drops shorter ones"),
+        (f"text:{data / 'text'}", ["--aggregate", "window-nll", "--seq-len", "4096"],  # --preset lape's, on a
+         "--seq-len 4096 exceeds the model's maximum of 512 positions"),  # 512-position model: was an IndexError
         (f"text:{data / 'text'}", ["--aggregate", "window-nll", "--seq-len", "150"],
          "no predicted tokens for de in a full --seq-len 150 window"),
     ]

@@ -82,6 +82,8 @@ def _parse(raw: bytes, where: str) -> tuple[str, str, str]:
         raise HarvestError(f"{where}: not UTF-8 text") from None
     except json.JSONDecodeError as err:
         raise HarvestError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+    except RecursionError:
+        raise HarvestError(f"{where}: not valid JSON (nested too deeply)") from None
     if not isinstance(record, dict):
         raise HarvestError(f"{where}: expected a JSON object with lang, prompt and response, "
                            f"got {type(record).__name__}")

@@ -74,6 +74,8 @@ def _records(path: Path) -> list:
         records = json.loads(text)
     except json.JSONDecodeError as err:
         raise HarvestError(f"{path}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
+    except RecursionError:
+        raise HarvestError(f"{path}: not valid JSON (nested too deeply)") from None
     if not isinstance(records, list):
         raise HarvestError(f"{path}: expected a JSON list of records (the study's format), "
                            f"got {type(records).__name__}")
