@@ -184,7 +184,7 @@ MALFORMED = [
     (put("totals", []), "totals: expected an object, found a list"),
     (put("complete", "yes"), 'complete: expected true or false, found a string "yes"'),
     (put("meta.settings.stats", ["active", "bogus"]),
-     "meta.settings.stats[1]: unknown statistic 'bogus' (known: active, sum, sqsum, abs, hist, batch_quantile, quantile_batches, above)"),
+     "meta.settings.stats[1]: unknown statistic 'bogus' (known: active, nonzero, sum, sqsum, abs, hist, batch_quantile, quantile_batches, above)"),
     (put("meta", None), "meta: expected an object, found null"),
     (put("fingerprint.model", ...), "fingerprint.model: is missing"),
     (put("format_version", "2"), 'format_version: expected an integer, found a string "2"'),

@@ -60,6 +60,8 @@ def load_tokenizer(path: str, config=None):
     from transformers import AutoTokenizer
 
     tokenizer = _load("tokenizer", AutoTokenizer.from_pretrained, path)
+    if config is None and Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+        return tokenizer  # a tokenizer's own directory: no model to check it against
     check_vocab(config if config is not None else load_config(path), tokenizer, path)
     return tokenizer
 
