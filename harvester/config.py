@@ -361,6 +361,15 @@ and ``--preset lape``'s ``intervene ppl``; pass the model's own for another). It
 0`` over every position, lsn's ``active`` (see docs/METHODS.md)."""
 
 
+LNA: dict = {"bos": "auto", "encode": "whole"}
+"""The alignment study's encoding (NJUNLP/Language-Neurons-Alignment ``activation.py``) as :class:`HarvestOptions`
+values for ``--preset lna`` with ``--corpus lna:FILE.json`` (or ``instruct:``): each text encoded once with
+``tokenizer.encode`` (its BOS, no EOS); the one-pass response group then counts its full - prefix wherever
+the prompt's encoding is a prefix of the whole one (and counts the examples where it is not). These are
+today's defaults (no EOS inside an example is the default too), pinned here so that the preset keeps them
+if the defaults move."""
+
+
 AYA: dict = {"template": "Translate from {src_lang} to {tgt_lang}: {src}", "sides": "src",
              "split": "validation", "max_pairs": 30_000, "unit": "down-input", "stats": "active,nonzero",
              "bos": "auto", "seq_len": 512}

@@ -35,7 +35,8 @@ PRESETS: dict[str, Preset] = {
     "lna": Preset(
         "Zhang et al., 2025 (the alignment study)",
         "NJUNLP/Language-Neurons-Alignment: language_neurons_alignment/activation.py, identify.py, ppl.py",
-        {"analyze entropy-lambda": {"top_rate": 0.01, "bar_ratio": 0.95, "response_only": True},
+        {"harvest": harvest_config.LNA,
+         "analyze entropy-lambda": {"top_rate": 0.01, "bar_ratio": 0.95, "response_only": True},
          "analyze autosweep": {"top_rate": 0.01, "response_only": True},
          "intervene ppl": job_options.LNA_PPL}),
     "mondal": Preset(

@@ -109,3 +109,31 @@ def write_xquad(root: Path, langs=("en", "de", "ru"), n: int = 8) -> Path:
                              "answers": {"text": [first], "answer_start": [0]}})
             _write_jsonl(root / lang / f"{split}.jsonl", rows)
     return root
+
+
+def sentencepiece_llama(root: Path) -> dict:
+    """A SentencePiece BPE model normalized as Llama-2's is (dummy prefix, extra whitespace kept, identity
+    rules, byte fallback), as ``slow`` (sentencepiece itself, legacy, as Llama-2 ships) and ``fast``
+    (transformers' conversion), with a tiny Llama of its vocabulary."""
+    import sentencepiece as spm
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, SentencePieceBackend
+
+    lines = [s for texts in sentences(("en", "de"), 40, seed=3).values() for s in texts]
+    lines += [f"Question: is it {w}? True, False or Neither?\nAnswer: {w}" for w in ("True", "False", "Neither")] * 20
+    (root / "corpus.txt").write_text("\n".join(lines), encoding="utf-8")
+    (root / "tok").mkdir()
+    spm.SentencePieceTrainer.train(input=str(root / "corpus.txt"), model_prefix=str(root / "tok" / "tokenizer"),
+                                   vocab_size=400, model_type="bpe", add_dummy_prefix=True, byte_fallback=True,
+                                   remove_extra_whitespaces=False, normalization_rule_name="identity",
+                                   character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
+    (root / "tok" / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "legacy": True, "add_bos_token": True, "add_eos_token": False,
+         "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    slow = SentencePieceBackend(vocab_file=str(root / "tok" / "tokenizer.model"), legacy=True, bos_token="<s>",
+                                eos_token="</s>", unk_token="<unk>")
+    fast = AutoTokenizer.from_pretrained(root / "tok")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(slow), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
+    return {"slow": slow, "fast": fast, "model": AutoModelForCausalLM.from_config(config).eval()}

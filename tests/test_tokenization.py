@@ -280,3 +280,45 @@ def test_a_store_from_before_the_options_reads_verifies_and_resumes(tmp_path, ca
     assert main(["harvest", "--store", str(store), *args, *OLD]) == 0
     assert read_attrs(store).complete
     assert_same_totals(store, tmp_path / "before")
+
+
+# -- a Llama-2-style SentencePiece tokenizer (dummy prefix), the kind transformers #26273 is about ------------
+@pytest.fixture(scope="module")
+def sentencepiece_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sp")
+    built = fixtures.sentencepiece_llama(root)
+    built["model"].save_pretrained(root / "model")
+    built["fast"].save_pretrained(root / "model")
+    return root / "model", built["model"]
+
+
+@pytest.mark.parametrize("joint", ["space", "mid-word"])
+def test_sentencepiece_roles_are_the_studys_full_minus_prefix(sentencepiece_model, tmp_path, joint):
+    """With a dummy-prefix SentencePiece tokenizer the response group is what the study's two encodings
+    subtract wherever the prompt's encoding is a prefix of the whole one; every other example is counted
+    as a boundary mismatch, exactly those. ``joint``: the response starts with a space (the prefix holds),
+    or the prompt ends in the middle of a word the response finishes (a token straddles the boundary)."""
+    path, lm = sentencepiece_model
+    tok = AutoTokenizer.from_pretrained(path)
+    assert tok("Answer")["input_ids"][0] == tok.bos_token_id
+    texts = fixtures.sentences(("en",), 6, seed=5)["en"]
+    if joint == "space":
+        records = [{"lang": "en", "prompt": f"Question: is it {t.split()[0]}?", "response": " " + t} for t in texts]
+    else:
+        records = [{"lang": "en", "prompt": f"Question: {t[:3]}", "response": t[3:]} for t in texts]
+    data = tmp_path / "i.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    assert harvest(path, f"instruct:{data}", tmp_path / "s", "--seq-len", "200") == 0
+    full = [tok.encode(r["prompt"] + r["response"]) for r in records]
+    prefix = [tok.encode(r["prompt"]) for r in records]
+    holds = [f[:len(p)] == p for f, p in zip(full, prefix)]
+    attrs = read_attrs(tmp_path / "s")
+    assert attrs.corpus.boundary_mismatches_per_group == (0, holds.count(False))
+    assert all(holds) if joint == "space" else not all(holds)
+    kept = [k for k, ok in enumerate(holds) if ok]
+    if len(kept) == len(records):  # every example: the response group is the study's full - prefix exactly
+        n_full, active_full = over_zero(lm, full)
+        n_prefix, active_prefix = over_zero(lm, prefix)
+        response = group(tmp_path / "s", "en:response")
+        assert response["tokens"] == n_full - n_prefix
+        np.testing.assert_array_equal(response["active"], active_full - active_prefix)
