@@ -190,9 +190,10 @@ class ActProb90pOptions(ProbabilityOptions):
         params = dict(rate=self.rate, percent=self.percent, percentile_of=self.percentile_of,
                       percentile=f"{PERCENTILE_OVER[self.percentile_of]}, interpolated linearly inside its "
                                  "histogram bin")
-        pool = counts.dataset["hist"].data.sum(axis=0)  # every harvested group, whatever --langs picks
-        result = methods.act_prob_90p(counts.variable("hist"), counts.tokens, self.percent, self.rate,
-                                      self.percentile_of, pool if self.percentile_of == "pooled" else None)
+        hist = counts.variable("hist")  # a store without it: one line naming --stats
+        pool = counts.dataset["hist"].data.sum(axis=0) if self.percentile_of == "pooled" else None  # every
+        result = methods.act_prob_90p(hist, counts.tokens, self.percent, self.rate,  # harvested group pooled,
+                                      self.percentile_of, pool)  # whatever --langs picks
         if self.percentile_of == "own":
             print("lsn: warning: --percentile-of own: each language's share above its own percentile is "
                   f"{100 - self.percent}% for every neuron with tokens; the mask is decided by ties (flat index)",
@@ -206,6 +207,11 @@ class ActProb90pOptions(ProbabilityOptions):
             raise HarvestError(f"--percentile-of batch-mean needs a store harvested with --stats active,above "
                                f"--thresholds-from STORE (itself harvested with --stats active,batch_quantile "
                                f"--batch-quantile {self.percent / 100:g}); {counts.store} has no 'above' statistic")
+        pooled = [name for name, groups in zip(counts.names, counts.groups) if len(groups) != 1]
+        if pooled:  # each group's above counts its own threshold: their sum is above no threshold at all
+            raise HarvestError(f"--percentile-of batch-mean takes one store group per language (each group's "
+                               f"'above' counts its own threshold); {', '.join(pooled)} pools several: pass "
+                               "--by group, or --langs naming single groups")
         if round(100 * source["batch_quantile"], 9) != self.percent:
             raise HarvestError(f"--percent {self.percent}: the store's thresholds are batch quantiles "
                                f"{source['batch_quantile']:g}; pass --percent {100 * source['batch_quantile']:g}")

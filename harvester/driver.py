@@ -168,16 +168,32 @@ def _thresholds_source(cfg: HarvestConfig) -> dict:
             "batch_size": attrs.settings.batch_size, "seq_len": attrs.settings.seq_len}
 
 
+_SAME_FOR_THRESHOLDS = (("model", ("id", "revision", "weights", "architecture", "site", "unit", "dtype")),
+                        ("tokenizer", ("sha256",)),
+                        ("settings", ("seq_len", "pooling", "bos", "bos_place", "bos_ids", "eos_per_example",
+                                      "encode", "separator", "remainder")))
+"""What a ``--thresholds-from`` store shares with the harvest that counts above its thresholds: the same
+activations of the same tokens (a float32 threshold on bfloat16 activations moves counts both ways)."""
+
+
 def _check_thresholds(path: str, attrs: StoreAttrs, fingerprint: dict) -> None:
-    """The thresholds store holds the same model's same unit and the same groups, in the same order."""
-    ours, theirs = fingerprint["model"], attrs.fingerprint["model"]
-    for key in ("id", "revision", "weights", "architecture", "site", "unit"):
-        if ours.get(key) != theirs.get(key):
-            raise HarvestError(f"--thresholds-from {path} holds another model or unit: its {key} is "
-                               f"{theirs.get(key)!r}, this harvest's {ours.get(key)!r}")
+    """The thresholds store holds the same model's same unit, at the same dtype, on the same corpus (its
+    groups in the same order) tokenized the same way."""
+    theirs_all = attrs.fingerprint
+    for section, keys in _SAME_FOR_THRESHOLDS:
+        ours, theirs = fingerprint.get(section, {}), theirs_all.get(section, {})
+        for key in keys:
+            if ours.get(key) != theirs.get(key):
+                raise HarvestError(f"--thresholds-from {path} was harvested otherwise: its {section} {key} is "
+                                   f"{theirs.get(key)!r}, this harvest's {ours.get(key)!r}; the thresholds and "
+                                   "the counts above them must come from the same run settings")
     if list(attrs.corpus.groups) != list(fingerprint["corpus"]["groups"]):
         raise HarvestError(f"--thresholds-from {path} has other groups ({', '.join(attrs.corpus.groups)}) than this "
                            f"harvest ({', '.join(fingerprint['corpus']['groups'])})")
+    for key in ("spec", "source", "options"):
+        if theirs_all["corpus"].get(key) != fingerprint["corpus"].get(key):
+            raise HarvestError(f"--thresholds-from {path} was harvested on another corpus (its corpus {key} "
+                               "differs): the thresholds and the counts above them must come from the same data")
 
 
 def _remove_created(path: str, held: lease.Lease) -> None:

@@ -122,7 +122,23 @@ def test_refusals_are_one_line(stores, capsys, tmp_path):
     other = [*FLAGS[:2], "--unit", "mlp", *FLAGS[4:]]
     err = _error(["harvest", *other, *corpus, "--store", str(tmp_path / "b"), "--stats", "active,above",
                   "--thresholds-from", str(stores["q"])], capsys)
-    assert "another model or unit" in err
+    assert "its model site is" in err
+    err = _error(["harvest", *FLAGS, *corpus, "--store", str(tmp_path / "e"), "--stats", "active,above",
+                  "--thresholds-from", str(stores["q"]), "--dtype", "bfloat16"], capsys)
+    assert "its model dtype is 'float32', this harvest's 'bfloat16'" in err  # moved 480 of 768 counts
+    other_text = tmp_path / "other"  # the same languages, other text
+    other_text.mkdir()
+    for f in sorted(stores["corpus"].iterdir()):
+        (other_text / f.name).write_text(f.read_text(encoding="utf-8")[::-1], encoding="utf-8")
+    err = _error(["harvest", *FLAGS, "--corpus", f"text:{other_text}", "--store", str(tmp_path / "f"),
+                  "--stats", "active,above", "--thresholds-from", str(stores["q"])], capsys)
+    assert "another corpus" in err
+    groups = [f.stem for f in sorted(stores["corpus"].iterdir())]
+    err = _error(["analyze", "act-prob-90p", "--store", str(stores["above"]), "--out", str(tmp_path / "y.npz"),
+                  "--percentile-of", "batch-mean", "--langs", f"all={'+'.join(groups)}"], capsys)
+    assert "takes one store group per language" in err and "all pools several" in err
+    err = _error(["analyze", "act-prob-90p", "--store", str(stores["q"]), "--out", str(tmp_path / "z.npz")], capsys)
+    assert "hist" in err  # the default (pooled) on a store without histograms: was a KeyError traceback
     err = _error(["harvest", *FLAGS, "--corpus", "sample:docs=6,langs=en+de", "--store", str(tmp_path / "c"),
                   "--stats", "active,above", "--thresholds-from", str(stores["q"])], capsys)
     assert "other groups" in err
