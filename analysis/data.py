@@ -82,7 +82,8 @@ class Counts:
         model = model_identity(self.attrs.model.to_dict())
         return {"store": store_location(self.store), "fingerprint_sha256": fingerprint_sha256(self.attrs.fingerprint),
                 "model": model["id"], "revision": model["revision"], "weights": model["weights"],
-                "site": self.attrs.model.site, "groups": self.groups, "subtracted": self.subtracted}
+                "site": self.attrs.model.site, "unit": self.attrs.model.unit or "mlp", "groups": self.groups,
+                "subtracted": self.subtracted}
 
     def variable(self, name: str):
         """Another statistic ``[K, L, I(, B)]`` summed over each language's groups."""

@@ -121,12 +121,12 @@ def stopword_set(lang: str) -> frozenset[str]:
 class GenerateWorker(ModelWorker):
     """Generates a row's continuations."""
 
-    def __init__(self, model: str, dtype: str, device: str, site: str, threads: int | None = None):
+    def __init__(self, model: str, dtype: str, device: str, site: str, unit: str = "mlp", threads: int | None = None):
         from harvester.backends.hf import load_tokenizer
 
         from harvester.windows import bos_prefix
 
-        super().__init__(model, dtype, device, site, threads)
+        super().__init__(model, dtype, device, site, unit, threads)
         self.tokenizer = load_tokenizer(self.backend.path)
         self.bos = bos_prefix(self.tokenizer)  # a prompt starts as the tokenizer starts a text (its BOS, if any)
 
@@ -136,7 +136,7 @@ class GenerateWorker(ModelWorker):
 
         b, tok = self.backend, self.tokenizer
         out = []
-        with torch.inference_mode(), intervene(b.model, b.site, intervention_for(row, mode, width, values)):
+        with torch.inference_mode(), intervene(b.model, b.site, intervention_for(row, mode, width, values), b.inputs):
             for k, prompt in enumerate(prompts):
                 text_ids = tok(prompt.text, add_special_tokens=False)["input_ids"]
                 ids = torch.tensor([self.bos + text_ids], device=b.device)
@@ -193,7 +193,7 @@ def run_generate(job: GenerateJob) -> dict:
     settings = {"max_new_tokens": job.max_new_tokens, "sample": job.sample, "temperature": job.temperature,
                 "top_p": job.top_p, "seed": job.seed}
     calls = [(row, mode, mask.width, plan.values.get(row.language), settings) for row in rows]
-    outputs = run_rows(GenerateWorker, (job.model, job.dtype, job.device, plan.site), "row", calls, mask,
+    outputs = run_rows(GenerateWorker, (job.model, job.dtype, job.device, plan.site, plan.unit), "row", calls, mask,
                        use_ray=job.use_ray, device=job.device, dtype=job.dtype, actors=job.actors, address=job.address,
                        progress=job.progress, desc="generate rows", shared=prompts)
     prompt_langs = list(dict.fromkeys(p.lang for p in prompts))

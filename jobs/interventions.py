@@ -141,22 +141,32 @@ class Intervention:
 
 
 @contextlib.contextmanager
-def intervene(model: torch.nn.Module, site: str, intervention: Intervention | None):
-    """Forward hooks on ``site``'s modules that change the selected units; always removed.
-    ``None`` intervenes on nothing (the baseline row)."""
+def intervene(model: torch.nn.Module, site: str, intervention: Intervention | None, inputs: bool = False):
+    """Forward hooks on ``site``'s modules that change the selected units of their output (``inputs``: forward
+    pre-hooks that change their input, the ``--unit down-input`` units); always removed. ``None`` intervenes
+    on nothing (the baseline row)."""
     if intervention is None:
         yield
         return
     modules = arch.site_modules(model, site)
     device = next(model.parameters()).device
     plans = intervention.per_layer(len(modules), device)
-    handles = [modules[layer].register_forward_hook(partial(_apply, intervention.mode.kind, *plan))
-               for layer, plan in plans.items()]
+    if inputs:
+        handles = [modules[layer].register_forward_pre_hook(partial(_apply_input, intervention.mode.kind, *plan))
+                   for layer, plan in plans.items()]
+    else:
+        handles = [modules[layer].register_forward_hook(partial(_apply, intervention.mode.kind, *plan))
+                   for layer, plan in plans.items()]
     try:
         yield
     finally:
         for h in handles:
             h.remove()
+
+
+def _apply_input(kind: str, units: torch.Tensor, values: torch.Tensor | None, module, inputs):
+    """The pre-hook form of :func:`_apply`: the module's first input changed, the others as they are."""
+    return (_apply(kind, units, values, module, None, inputs[0]), *inputs[1:])
 
 
 def _apply(kind: str, units: torch.Tensor, values: torch.Tensor | None, module, inputs, output):

@@ -137,7 +137,7 @@ class RowWorker(ModelWorker):
             per_window: bool = False):
         """Per evaluated group (and window, ``per_window``): (sum of next-token NLL, predicted tokens)."""
         b = self.backend
-        with intervene(b.model, b.site, intervention):
+        with intervene(b.model, b.site, intervention, b.inputs):
             return (window_nll if per_window else group_nll)(b.model, windows, n_groups, batch_size, b.pad_id)
 
     def row(self, row: Row, mode: Mode, width: int, values, n_groups: int, batch_size: int, aggregate: str, windows):
@@ -216,7 +216,7 @@ def run_ppl(job: PPLJob) -> dict:
     _check_columns(groups, job.aggregate, job.seq_len, windows)
     calls = [(row, mode, mask.width, plan.values.get(row.language), len(groups), job.batch_size, job.aggregate)
              for row in rows]
-    results = run_rows(RowWorker, (job.model, job.dtype, job.device, plan.site), "row", calls, mask, use_ray=job.use_ray,
+    results = run_rows(RowWorker, (job.model, job.dtype, job.device, plan.site, plan.unit), "row", calls, mask, use_ray=job.use_ray,
                        device=job.device, dtype=job.dtype, actors=job.actors, address=job.address, progress=job.progress,
                        desc="ppl rows", shared=windows)
     ppl = np.stack([reduce_nll(job.aggregate, nll, n)[0] for nll, n in results])

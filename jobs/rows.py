@@ -92,6 +92,15 @@ def site_of(store: str | None, config, recorded: str | None = None) -> str:
     return recorded or arch.resolve_site(config, None, "mlp")
 
 
+def unit_of(store: str | None, mask) -> str:
+    """The ``--unit`` the mask's units are: the store's, else the mask's record, else MLP neurons."""
+    from harvester.store import open_finished
+
+    if store:
+        return open_finished(store).model.unit or "mlp"
+    return mask.source.get("unit") or "mlp"
+
+
 def find_store(mask, given: str | None, needed: str | None = None) -> str | None:
     """The store a job reads (:meth:`analysis.masks.Mask.find_store`), its note printed. A recorded store
     that is not there is an error naming --store when ``needed`` (what needs it) says so, or when the mask
@@ -143,6 +152,8 @@ class Plan:
     rows: list[Row]
     values_from: str | None = None
     """The store the values came from when not ``store`` (``--values-from``)."""
+    unit: str = "mlp"
+    """The store's (or mask's) ``--unit``: ``down-input`` units are the site's input, the others its output."""
 
 
 def make_plan(model: str, mask_path: str, langs: list[str] | None, store: str | None, mode_text: str,
@@ -167,7 +178,8 @@ def make_plan(model: str, mask_path: str, langs: list[str] | None, store: str | 
         check_values_store(values_from, resolved, mask)
     source = values_from or resolved
     values = {lang: language_statistic(source, mask, lang, mode) for lang in langs} if mode.needs_store else {}
-    return Plan(mask, mode, resolved, site, values, build_rows(mask, langs, controls, seed), values_from)
+    return Plan(mask, mode, resolved, site, values, build_rows(mask, langs, controls, seed), values_from,
+                unit_of(resolved, mask))
 
 
 def check_values_store(values_from: str, store: str | None, mask) -> None:
@@ -219,14 +231,14 @@ def build_rows(mask, langs: list[str], controls: int, seed: int) -> list[Row]:
 class ModelWorker:
     """One loaded HF model at a site; the base of the row workers (used directly, or as Ray actors)."""
 
-    def __init__(self, model: str, dtype: str, device: str, site: str, threads: int | None = None):
+    def __init__(self, model: str, dtype: str, device: str, site: str, unit: str = "mlp", threads: int | None = None):
         import torch
 
         from harvester.backends.hf import HFBackend
 
         if threads:
             torch.set_num_threads(threads)
-        self.backend = HFBackend(model, dtype=dtype, device=device, site=site)
+        self.backend = HFBackend(model, dtype=dtype, device=device, site=site, unit=unit)  # unit: its input or output
 
     def shape(self) -> tuple[int, int]:
         return self.backend.n_layers, self.backend.width
