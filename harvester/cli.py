@@ -11,10 +11,11 @@ from harvester.options import Command
 
 def harvest(options: HarvestOptions) -> None:
     from harvester.driver import harvest as run_harvest
-    from harvester.summary import report_losses, summarize
+    from harvester.summary import report_batches, report_losses, summarize
 
     store = run_harvest(options.config())
     print(summarize(str(store.path)))
+    report_batches(str(store.path), store.attrs)
     report_losses(store.attrs)
 
 
@@ -28,10 +29,12 @@ class SummaryOptions:
 
 def summary(options: SummaryOptions) -> None:
     from harvester.store import open_finished
-    from harvester.summary import report_losses, summarize
+    from harvester.summary import report_batches, report_losses, summarize
 
     print(summarize(options.store))
-    report_losses(open_finished(options.store), fail=False)
+    attrs = open_finished(options.store)
+    report_batches(options.store, attrs, fail=False)
+    report_losses(attrs, fail=False)
 
 
 @dataclass(kw_only=True)

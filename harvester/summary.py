@@ -142,3 +142,40 @@ def report_losses(attrs: StoreAttrs, fail: bool = True) -> None:
     if fail:
         raise HarvestError(text)
     print(f"lsn: warning: {text}", file=sys.stderr)
+
+
+def batch_losses(store: str, attrs: StoreAttrs) -> tuple[list[str], list[str]]:
+    """``--stats ...,batch_quantile``: ``(warnings, none)``, a line per group whose tokens partly fell
+    outside its full batches (a shorter last batch of each stream is not counted), and the groups with no
+    full batch at all, which have no threshold for ``--thresholds-from``."""
+    if "batch_quantile" not in attrs.settings.stats:
+        return [], []
+    ds = open_dataset(store, attrs)
+    batches = np.asarray(ds["quantile_batches"].values[:, 0, 0], dtype=np.int64)
+    tokens = np.asarray(ds["tokens"].values, dtype=np.int64)
+    shape = f"{attrs.settings.batch_size} x {attrs.settings.seq_len}"
+    per_batch = attrs.settings.batch_size * attrs.settings.seq_len
+    warnings, none = [], []
+    for g, name in enumerate(attrs.corpus.groups):
+        outside = int(tokens[g] - batches[g] * per_batch)
+        if batches[g] == 0:
+            none.append(f"{name} ({tokens[g]} tokens, no full batch of {shape})")
+        elif outside > LOSS_WARNING * tokens[g]:
+            warnings.append(f"group {name}: {outside} of its {tokens[g]} tokens ({100 * outside / tokens[g]:.1f}%) "
+                            f"are outside its {batches[g]} full batches of {shape}, so not in its batch quantile")
+    return warnings, none
+
+
+def report_batches(store: str, attrs: StoreAttrs, fail: bool = True) -> None:
+    """Print :func:`batch_losses`' warnings; with ``fail``, a group without a full batch is an error (the
+    store stays complete; the second pass would refuse it)."""
+    warnings, none = batch_losses(store, attrs)
+    for line in warnings:
+        print(f"lsn: warning: {line}", file=sys.stderr)
+    if none:
+        text = (f"{len(none)} group(s) have no full batch, so no batch quantile: {', '.join(none)}; "
+                "--thresholds-from this store would refuse them; more tokens per group, or a smaller "
+                "--batch-size or --seq-len")
+        if fail:
+            raise HarvestError(text)
+        print(f"lsn: warning: {text}", file=sys.stderr)

@@ -154,3 +154,28 @@ def test_a_batch_of_several_groups_is_refused(tmp_path, capsys):
     err = _error(["harvest", *FLAGS, "--corpus", f"instruct:{data}", "--store", str(tmp_path / "s"),
                   "--stats", "active,batch_quantile"], capsys)
     assert "from one group" in err
+
+
+def test_tokens_outside_full_batches_are_reported(stores, tmp_path, capsys):
+    """The first pass says, per group, what its batch quantile leaves out; a group with no full batch (no
+    threshold for the second pass) is an error at once, not at the second pass."""
+    import xarray as xr
+
+    from harvester.store import read_attrs
+    from harvester.summary import batch_losses
+
+    attrs = read_attrs(stores["q"])
+    ds = xr.open_zarr(stores["q"])
+    warnings, none = batch_losses(str(stores["q"]), attrs)
+    assert not none
+    for g, name in enumerate(attrs.corpus.groups):  # what each group's batches leave out, by hand
+        outside = int(ds["tokens"].values[g]) - int(ds["quantile_batches"].values[g, 0, 0]) * SEQ * BATCH
+        assert 0 <= outside < SEQ * BATCH
+        assert any(line.startswith(f"group {name}: {outside} of its") for line in warnings) == (
+            outside > 0.01 * int(ds["tokens"].values[g]))
+    capsys.readouterr()
+    big = [*FLAGS[:6], "--batch-size", "64", "--shard-tokens", str(64 * SEQ), "--no-ray", "--no-progress"]
+    assert main(["harvest", *big, "--corpus", f"text:{stores['corpus']}", "--store", str(tmp_path / "s"),
+                 "--stats", "active,batch_quantile"]) == 2
+    err = capsys.readouterr().err
+    assert "have no full batch, so no batch quantile" in err and "Traceback" not in err
