@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
             args, options = parse(build_parser(), argv)
             args._run(options)
     except HarvestError as err:
-        print(f"lsn: error: {err}", file=sys.stderr)
+        print(f"lsn: error: {err}{_from_preset(str(err), args, sys.argv[1:] if argv is None else argv)}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
         signum = getattr(err, "signum", signal.SIGINT)
@@ -62,6 +63,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lsn: error: {explain(fault, _places(args), resumable)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _from_preset(message: str, args, argv: list[str]) -> str:
+    """A refusal that names a flag the user did not type but ``--preset`` set: say where it came from."""
+    name = getattr(args, "preset", None)
+    if not name:
+        return ""
+    typed = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    flags = [f"--{k.replace('_', '-')}" for k in args._presets[name]]  # noqa: SLF001
+    named = [f for f in flags if f in message and f not in typed]
+    return f" ({', '.join(named)} set by --preset {name})" if named else ""
 
 
 _WRITES = {"harvest": "store", "import": "store", "verify": "store"}

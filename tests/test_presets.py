@@ -98,3 +98,18 @@ def test_the_readme_table_is_the_presets():
         shown = dict(re.findall(r"`--([\w-]+)(?: ([^`]+))?`", settings))
         want = {k.replace("_", "-"): ("" if v is True else str(v)) for k, v in PRESETS[name].commands[command].items()}
         assert shown == want, (name, command)
+
+
+def test_a_refusal_names_the_preset_that_set_the_flag(tmp_path, capsys):
+    """``--preset aya`` on running text: the refused --template was never typed; the line says who set it."""
+    from tests.conftest import write_text_corpus
+
+    corpus = write_text_corpus(tmp_path / "text", langs=("en",), docs=2)
+    assert main(["harvest", "--preset", "aya", "--model", "tiny:llama", "--corpus", f"text:{corpus}", "--store",
+                 str(tmp_path / "s"), "--no-ray"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == ("lsn: error: --template is for instruct and ec40 corpora; no corpus here is one "
+                           "(--template set by --preset aya)"), err
+    assert main(["harvest", "--preset", "aya", "--model", "tiny:llama", "--corpus", f"text:{corpus}", "--store",
+                 str(tmp_path / "s"), "--no-ray", "--template", "x {src}"]) == 2
+    assert "set by --preset" not in capsys.readouterr().err  # typed: the user's own
