@@ -136,6 +136,9 @@ class HarvestConfig:
             if self.shard_tokens % batch:
                 raise HarvestError(f"--stats batch_quantile needs --shard-tokens a multiple of --batch-size x "
                                    f"--seq-len ({batch}), so that no shard cuts a batch; got {self.shard_tokens}")
+        elif self.batch_quantile != HarvestConfig.batch_quantile:  # given, and nothing would take it
+            raise HarvestError(f"--batch-quantile {self.batch_quantile:g} is for --stats ...,batch_quantile, "
+                               "which this harvest does not count")
         if ("above" in self.stats) != (self.thresholds_from is not None):
             raise HarvestError("--stats ...,above and --thresholds-from STORE go together")
         if self.thresholds_from is not None and not fs.is_url(str(self.thresholds_from)):

@@ -145,6 +145,8 @@ def test_refusals_are_one_line(stores, capsys, tmp_path):
     err = _error(["harvest", *FLAGS[:-4], "--shard-tokens", "100", "--no-ray", "--no-progress", *corpus,
                   "--store", str(tmp_path / "d"), "--stats", "active,batch_quantile"], capsys)
     assert "multiple of --batch-size x --seq-len" in err
+    err = _error(["harvest", *FLAGS, *corpus, "--store", str(tmp_path / "g"), "--batch-quantile", "0.5"], capsys)
+    assert "--batch-quantile 0.5 is for --stats ...,batch_quantile" in err  # was recorded and ignored
 
 
 def test_a_batch_of_several_groups_is_refused(tmp_path, capsys):
