@@ -207,6 +207,15 @@ def _defaults_from(parser: argparse.ArgumentParser, items: dict, where: str) -> 
     return values
 
 
+class Keyed(typing.NamedTuple):
+    """A preset's values for a command that depend on one of its options (``finetune``'s on ``--task``)."""
+
+    option: str
+    """the option whose value chooses (a field name)"""
+    values: dict
+    """that option's value -> the preset's values for it"""
+
+
 def add_presets(parser: argparse.ArgumentParser, presets: dict[str, dict]) -> None:
     """``--preset NAME``: ``presets[NAME]`` (flag names to values) as this command's defaults."""
     if presets:
@@ -225,17 +234,35 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None):
     cls, leaf = getattr(args, "_options", None), getattr(args, "_parser", None)
     if cls is None:
         return args, None
-    values = {}
+    values, config = {}, _config_defaults(leaf, args.config) if args.config else {}
     if getattr(args, "preset", None):
-        values.update(_defaults_from(leaf, args._presets[args.preset], f"preset {args.preset}"))  # noqa: SLF001
-    if args.config:
-        values.update(_config_defaults(leaf, args.config))
+        chosen = _preset_values(args, config, argv)
+        values.update(_defaults_from(leaf, chosen, f"preset {args.preset}"))
+    values.update(config)
     appended = {k: values.pop(k) for k in list(values)
                 if isinstance(_action(leaf, k), argparse._AppendAction)}  # noqa: SLF001
     if values or appended:
         leaf.set_defaults(**values)
         args = parser.parse_args(argv)
     return args, _options(args, cls, appended)
+
+
+def _preset_values(args, config: dict, argv: list[str] | None) -> dict:
+    """The chosen preset's values for this command; a :class:`Keyed` one by its option's value (typed, else
+    from ``--config``, else the option's default)."""
+    import sys
+
+    chosen = args._presets[args.preset]  # noqa: SLF001
+    if not isinstance(chosen, Keyed):
+        return chosen
+    typed = any(a.split("=", 1)[0] == flag(chosen.option) for a in (sys.argv[1:] if argv is None else argv))
+    key = getattr(args, chosen.option) if typed or chosen.option not in config else config[chosen.option]
+    if key is None:  # a required option not given: its own error follows
+        return {}
+    if key not in chosen.values:
+        raise HarvestError(f"--preset {args.preset} has settings for {flag(chosen.option)} "
+                           f"{'|'.join(chosen.values)}, not {key}")
+    return chosen.values[key]
 
 
 def _action(parser, dest: str) -> argparse.Action:

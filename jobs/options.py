@@ -206,7 +206,7 @@ MONDAL_FINETUNE = {
                   max_example_tokens=510, prompt_loss=True),
 }
 """``lsn finetune`` options of Mondal et al.'s setup (soumenkm/LangSpecificNeurons, code/models.py, dataset.py,
-lora_cls_finetune.py, lora_instruct_finetune.py), per task, for a ``--preset mondal`` to apply. Not expressible
+lora_cls_finetune.py, lora_instruct_finetune.py), per task: ``--preset mondal --task xnli|xquad``. Not expressible
 here: their epochs (xnli 2 over the first 25% of train, xquad 10; set --steps), AdamW weight decay 0.1 and
 betas (0.95, 0.999), gradient clipping at 10, a linear schedule with 1% warm-up, 4-bit NF4 base weights, and
 LoRA A drawn from N(0, 0.01) (peft: Kaiming uniform)."""
@@ -221,6 +221,3 @@ class DemoOptions:
     no_progress: bool = False
     """no progress bars"""
 
-MONDAL_FINETUNE_SHARED: dict = {k: v for k, v in MONDAL_FINETUNE["xnli"].items() if MONDAL_FINETUNE["xquad"].get(k) == v}
-"""What :data:`MONDAL_FINETUNE` sets for both tasks: ``--preset mondal``'s ``lsn finetune`` values (a preset
-cannot follow ``--task``; the README lists each task's other flags)."""

@@ -12,7 +12,7 @@ import sys
 from analysis.cli import COMMANDS as ANALYSIS
 from harvester.cli import COMMANDS as HARVESTER
 from harvester.errors import HarvestError, explain, fault_of
-from harvester.options import Command, Parser, add_options, add_presets, parse
+from harvester.options import Command, Keyed, Parser, add_options, add_presets, parse
 from jobs.cli import COMMANDS as JOBS
 from lsn import presets
 
@@ -71,7 +71,9 @@ def _from_preset(message: str, args, argv: list[str]) -> str:
     if not name:
         return ""
     typed = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
-    flags = [f"--{k.replace('_', '-')}" for k in args._presets[name]]  # noqa: SLF001
+    chosen = args._presets[name]  # noqa: SLF001
+    keys = {k for values in chosen.values.values() for k in values} if isinstance(chosen, Keyed) else chosen
+    flags = [f"--{k.replace('_', '-')}" for k in keys]
     named = [f for f in flags if f in message and f not in typed]
     return f" ({', '.join(named)} set by --preset {name})" if named else ""
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from analysis import cli as analysis_cli
 from harvester import config as harvest_config
-from harvester.options import Command
+from harvester.options import Command, Keyed
 from jobs import options as job_options
 
 
@@ -24,7 +24,8 @@ class Preset:
     follows: str
     """the reference repository (and the files whose settings are taken)"""
     commands: dict[str, dict]
-    """command (``harvest``, ``analyze lape``, ``intervene ppl``) -> its option values (field names)"""
+    """command (``harvest``, ``analyze lape``, ``intervene ppl``) -> its option values (field names), or a
+    :class:`Keyed` of them by one of its options (``finetune``'s ``--task``)"""
 
 
 PRESETS: dict[str, Preset] = {
@@ -44,7 +45,7 @@ PRESETS: dict[str, Preset] = {
         "soumenkm/LangSpecificNeurons: code/activation.py, models.py, lang_neurons.py, lora_cls_finetune.py, "
         "lora_instruct_finetune.py",
         {"harvest": harvest_config.MONDAL, "analyze act-prob-90p": analysis_cli.MONDAL_90P,
-         "analyze lape-variant": analysis_cli.MONDAL_LAPE, "finetune": job_options.MONDAL_FINETUNE_SHARED}),
+         "analyze lape-variant": analysis_cli.MONDAL_LAPE, "finetune": Keyed("task", job_options.MONDAL_FINETUNE)}),
     "localizer": Preset(
         "AlKhamissi et al., 2024 (The LLM Language Network)", "BKHMSI/llm-localization: localize.py, random_mask.py",
         {"harvest": harvest_config.LOCALIZER, "analyze localizer": analysis_cli.LOCALIZER,
@@ -71,11 +72,22 @@ class PresetsOptions:
     POSITIONAL = ("name",)
 
 
+def entries(preset: Preset) -> list[tuple[str, dict]]:
+    """``(command, values)`` of a preset, a :class:`Keyed` command once per key (``finetune --task xnli``)."""
+    out = []
+    for command, values in preset.commands.items():
+        if isinstance(values, Keyed):
+            out += [(f"{command} --{values.option.replace('_', '-')} {key}", v) for key, v in values.values.items()]
+        else:
+            out.append((command, values))
+    return out
+
+
 def show(options: PresetsOptions) -> None:
     for name in [options.name] if options.name else PRESETS:
         preset = PRESETS[name]
         print(f"{name}: {preset.study}\n  follows {preset.follows}")
-        for command, values in preset.commands.items():
+        for command, values in entries(preset):
             shown = " ".join(f"--{k.replace('_', '-')} {_shown(v)}" for k, v in values.items())
             print(f"  lsn {command}: {shown}")
 
