@@ -157,6 +157,8 @@ def test_a_stream_shorter_than_one_window_is_one_line(setup, tmp_path, capsys):
     assert main(["harvest", "--model", str(model), "--corpus", f"text:{tmp_path / 'c'}", "--store",
                  str(tmp_path / "s"), "--preset", "lape", "--seq-len", "64", *FAST]) == 2
     err = capsys.readouterr().err.strip().splitlines()  # found while tokenizing: the store made is removed
-    assert err[-1] == (f"lsn: error: corpus stream 'en' has {len(tok('a short line')['input_ids'])} tokens, less than one --seq-len 64 window, and "
-                       "--remainder drop drops them; lower --seq-len or use --remainder keep")
+    n = len(tok('a short line')['input_ids'])
+    assert err[-1] == (f"lsn: error: corpus stream 'en' has {n} tokens, less than one --seq-len 64 window, and "
+                       "--remainder drop drops them; lower --seq-len or use --remainder keep "
+                       "(--remainder set by --preset lape)")
     assert not (tmp_path / "s").exists()
