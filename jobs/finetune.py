@@ -187,13 +187,13 @@ def intervention_store(job: FinetuneJob, mask) -> str | None:
 def intervention_values(job: FinetuneJob, mask, store: str | None, data: dict) -> dict:
     """Per evaluated mask language, the ``[L, I]`` statistic ``--intervene mean|p10|p90`` sets its units to."""
     from jobs.interventions import Mode
-    from jobs.rows import language_statistic
+    from jobs.rows import mode_values
 
     mode = Mode.parse(job.intervene) if job.intervene else None
     if mode is None or not mode.needs_store:
         return {}
     evaluated = data["groups"] if job.task == "clm" else list(data["eval"])
-    return {lang: language_statistic(store, mask, lang, mode) for lang in evaluated if lang in mask.languages}
+    return mode_values(store, mask, [lang for lang in evaluated if lang in mask.languages], mode)
 
 
 def prepare_data(job: FinetuneJob) -> dict:

@@ -11,6 +11,7 @@ Modes (``--mode``):
 | --- | --- |
 | ``zero`` | 0 (deactivation, as in LAPE) |
 | ``mean`` | the language's mean activation, ``act_sum / tokens`` |
+| ``mean-others`` | the unweighted mean, over the mask's other languages, of each one's mean activation (DLN's selectivity experiment) |
 | ``p10``, ``p90`` | the language's 10th or 90th percentile, from the store's histogram (:func:`analysis.histogram.hist_quantile`) |
 | ``value:X`` | ``X`` |
 | ``add:X`` | its own value plus ``X`` (steering) |
@@ -38,7 +39,7 @@ from analysis.histogram import hist_quantile
 from harvester import arch
 from harvester.errors import HarvestError
 
-STATISTIC_MODES = ("mean", "p10", "p90")
+STATISTIC_MODES = ("mean", "mean-others", "p10", "p90")
 MODES = ("zero", *STATISTIC_MODES, "value:X", "add:X")
 
 
@@ -89,7 +90,7 @@ def unit_statistic(store: str, groups: list[str], mode: Mode, minus: list[str] |
     what = "+".join(groups) + "".join(f" - {g}" for g in minus)
     if tokens <= 0:
         raise HarvestError(f"store {store} counted no tokens for {what}" + (f" ({tokens})" if tokens else ""))
-    if mode.kind == "mean":
+    if mode.kind in ("mean", "mean-others"):
         if "act_sum" not in ds:
             raise HarvestError(f"--mode mean needs activation sums, and store {store} has none; harvest with "
                                "--stats active,sum")

@@ -46,7 +46,7 @@ class InterveneOptions(RayOptions):
     out: str
     """output directory"""
     mode: str = "zero"
-    """zero | mean | p10 | p90 | value:X | add:X"""
+    """zero | mean | mean-others (the mean over the mask's other languages) | p10 | p90 | value:X | add:X"""
     controls: int = 1
     """random-control rows per language (0: none)"""
     seed: int = 0

@@ -73,6 +73,17 @@ def mask_groups(mask, language: str) -> tuple[list[str], list[str]]:
     return (groups[:1], groups[1:]) if minus else (groups, [])
 
 
+def mode_values(store: str, mask, langs, mode) -> dict:
+    """Per language of ``langs`` (the mask's), the ``[L, I]`` values ``mode`` sets its units to: its own
+    statistic, or with ``mean-others`` the unweighted mean of the other mask languages' means."""
+    if mode.kind != "mean-others":
+        return {lang: language_statistic(store, mask, lang, mode) for lang in langs}
+    if len(mask.languages) < 2:
+        raise HarvestError(f"--mode mean-others needs a mask of two languages or more; it has {mask.languages[0]}")
+    means = {lang: language_statistic(store, mask, lang, mode) for lang in mask.languages}
+    return {lang: np.mean([means[o] for o in mask.languages if o != lang], axis=0) for lang in langs}
+
+
 def language_statistic(store: str, mask, language: str, mode) -> np.ndarray:
     """``[L, I]``: the statistic ``mode`` sets a mask language's units to, from its groups in ``store``."""
     from jobs.interventions import unit_statistic
@@ -177,7 +188,7 @@ def make_plan(model: str, mask_path: str, langs: list[str] | None, store: str | 
     if values_from:
         check_values_store(values_from, resolved, mask)
     source = values_from or resolved
-    values = {lang: language_statistic(source, mask, lang, mode) for lang in langs} if mode.needs_store else {}
+    values = mode_values(source, mask, langs, mode) if mode.needs_store else {}
     return Plan(mask, mode, resolved, site, values, build_rows(mask, langs, controls, seed), values_from,
                 unit_of(resolved, mask))
 

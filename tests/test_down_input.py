@@ -79,3 +79,30 @@ def test_intervening_on_down_projection_inputs(down_input, tmp_path, mode):
     for lang in mask.languages:
         if len(mask.selected[mask.index(lang)]):
             np.testing.assert_allclose(got.loc[lang, groups].values, expected[lang], rtol=1e-4)
+
+
+def test_mean_others_sets_the_other_languages_mean(down_input, tmp_path, capsys):
+    """``--mode mean-others`` (DLN's selectivity experiment): a language's units become the unweighted mean
+    of the other mask languages' means, here at the down projection's input; against the hand hook."""
+    out = tmp_path / "ppl"
+    assert main(["intervene", "ppl", "--model", "tiny:llama", "--mask", str(down_input / "m.npz"), "--mode",
+                 "mean-others", "--corpus", EVAL, "--seq-len", "48", "--controls", "0", "--no-ray",
+                 "--no-progress", "--out", str(out)]) == 0
+    got = pd.read_csv(out / "ppl.csv", index_col=0)
+    mask = Mask.load(down_input / "m.npz")
+    ds = xr.open_zarr(down_input / "s")
+    means = {lang: (ds["act_sum"].sel(group=lang) / ds["tokens"].sel(group=lang)).values for lang in mask.languages}
+    values = {lang: sum(means[o] for o in mask.languages if o != lang) / (len(mask.languages) - 1)
+              for lang in mask.languages}
+    groups, windows = eval_windows("tiny:llama", [EVAL], 48, None)
+    expected = hand_ppl(down_input / "m.npz", values, windows, groups)
+    for lang in mask.languages:
+        if len(mask.selected[mask.index(lang)]):
+            np.testing.assert_allclose(got.loc[lang, groups].values, expected[lang], rtol=1e-4)
+    one = tmp_path / "one.npz"
+    assert main(["analyze", "lape", "--store", str(down_input / "s"), "--out", str(one), "--langs",
+                 mask.languages[0]]) == 0
+    capsys.readouterr()
+    assert main(["intervene", "ppl", "--model", "tiny:llama", "--mask", str(one), "--mode", "mean-others",
+                 "--corpus", EVAL, "--no-ray", "--no-progress", "--out", str(tmp_path / "x")]) == 2
+    assert "--mode mean-others needs a mask of two languages or more" in capsys.readouterr().err
