@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from harvester import fs
-from harvester.corpus import text_lines
+from harvester.corpus import json_value, text_lines
 from harvester.errors import HarvestError
 from harvester.names import check_name
 from jobs.interventions import Mode, empty_rows, intervene
@@ -66,12 +66,7 @@ def read_prompts(path: str) -> list[Prompt]:
     for n, line in text_lines(Path(path)):
         if not line.strip():
             continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise HarvestError(f"{path}:{n}: not JSON ({err.msg})") from None
-        except RecursionError:
-            raise HarvestError(f"{path}:{n}: not JSON (nested too deeply)") from None
+        item = json_value(line, f"{path}:{n}")
         if not isinstance(item, dict) or not isinstance(item.get("lang"), str) or not isinstance(item.get("prompt"), str):
             raise HarvestError(f"{path}:{n}: each line needs string fields 'lang' and 'prompt'")
         if not item["prompt"].strip():

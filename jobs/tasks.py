@@ -24,7 +24,6 @@ Data: a hub id (``facebook/xnli``: config per language; ``google/xquad``: config
 from __future__ import annotations
 
 import collections
-import json
 import re
 import string
 from dataclasses import dataclass
@@ -62,7 +61,7 @@ def check_task(task: str) -> None:
 def load_rows(task: str, source: str, lang: str, split: str, limit: int | None) -> list[dict]:
     """Rows of ``source`` (a local directory or a hub id) for ``lang`` and ``split``, checked for the
     task's columns."""
-    from harvester.corpus import text_lines
+    from harvester.corpus import json_value, text_lines
     from harvester.names import check_name, inside
 
     check_name(lang, f"{task} language")
@@ -74,12 +73,7 @@ def load_rows(task: str, source: str, lang: str, split: str, limit: int | None) 
         rows = []
         for n, line in text_lines(file):
             if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise HarvestError(f"{file}:{n}: not JSON ({err.msg})") from None
-                except RecursionError:
-                    raise HarvestError(f"{file}:{n}: not JSON (nested too deeply)") from None
+                rows.append(json_value(line, f"{file}:{n}"))
     else:
         rows = _hub_rows(task, source, lang, split)
     if not rows:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal, Protocol
@@ -218,6 +219,18 @@ def decode_line(line: bytes, path: Path, lineno: int) -> str:
         return line.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError:
         raise HarvestError(f"{path}:{lineno}: not UTF-8 text") from None
+
+
+def json_value(text: str, where: str, whole_file: bool = False):
+    """``json.loads(text)``; malformed or too deeply nested JSON is one line at ``where`` (of a whole file,
+    with the line the error is on)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        at = f"{where}:{err.lineno}" if whole_file else where
+        raise HarvestError(f"{at}: not valid JSON ({err.msg} at column {err.colno})") from None
+    except RecursionError:
+        raise HarvestError(f"{where}: not valid JSON (nested too deeply)") from None
 
 
 def text_lines(path: Path) -> Iterator[tuple[int, str]]:

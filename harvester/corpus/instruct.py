@@ -14,11 +14,10 @@ an error ``FILE:LINE: ...``; so is a template that fails on any example (``FILE:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator
 
-from harvester.corpus import Segment, Stream, file_identity
+from harvester.corpus import Segment, Stream, file_identity, json_value
 from harvester.corpus.template import ChatTemplate, instruct_template
 from harvester.errors import HarvestError
 
@@ -77,13 +76,10 @@ class InstructCorpus:
 
 def _parse(raw: bytes, where: str) -> tuple[str, str, str]:
     try:
-        record = json.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise HarvestError(f"{where}: not UTF-8 text") from None
-    except json.JSONDecodeError as err:
-        raise HarvestError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-    except RecursionError:
-        raise HarvestError(f"{where}: not valid JSON (nested too deeply)") from None
+    record = json_value(text, where)
     if not isinstance(record, dict):
         raise HarvestError(f"{where}: expected a JSON object with lang, prompt and response, "
                            f"got {type(record).__name__}")

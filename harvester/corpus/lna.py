@@ -17,11 +17,10 @@ does not) or no answers is an error ``FILE: record N: ...`` (records counted fro
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator
 
-from harvester.corpus import Segment, Stream, file_identity
+from harvester.corpus import Segment, Stream, file_identity, json_value
 from harvester.errors import HarvestError
 
 LANGUAGES: dict[str, str] = {
@@ -70,12 +69,7 @@ def _records(path: Path) -> list:
     raw = path.read_bytes()
     # undecodable bytes survive as lone surrogates, so that the record holding them can be named
     text = raw.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise HarvestError(f"{path}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
-    except RecursionError:
-        raise HarvestError(f"{path}: not valid JSON (nested too deeply)") from None
+    records = json_value(text, str(path), whole_file=True)
     if not isinstance(records, list):
         raise HarvestError(f"{path}: expected a JSON list of records (the study's format), "
                            f"got {type(records).__name__}")
