@@ -22,7 +22,8 @@ from harvester.devices import start_line, wants_ray
 from harvester.errors import HarvestError
 from harvester.stats import StatsSpec
 from harvester.store import Store, StoreAttrs, discard, fingerprint_sha256, read_attrs, read_thresholds, tokens_dir
-from harvester.windows import SHARDS_PER_STREAM, ShardInfo, TokenSettings, precheck, read_manifest, resolve_bos
+from harvester.windows import (LEGACY, SHARDS_PER_STREAM, ShardInfo, TokenSettings, precheck, read_manifest,
+                               resolve_bos)
 from harvester.worker import ShardWorker, TokenizeJob, WorkerConfig, tokenize
 
 _MAX_ATTEMPTS = 3
@@ -89,8 +90,7 @@ def _tokenization_settings(tokens: dict) -> dict:
     was recorded (no BOS, EOS after every example and document, segments encoded alone, the last shorter
     window kept) is left out, so that a store written before keeps its fingerprint; readers take an absent
     one as that value."""
-    legacy = {"bos": "none", "bos_place": "none", "bos_ids": [], "eos_per_example": True, "encode": "segments",
-              "separator": "eos", "remainder": "keep"}
+    legacy = {**LEGACY, "bos_place": LEGACY["bos"]}  # the option --bos and where it puts the ids: both none
     return {key: value for key, value in tokens.items() if legacy[key] != value}
 
 

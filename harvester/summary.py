@@ -123,7 +123,7 @@ def _limit(attrs: StoreAttrs) -> str:
     """What cut the documents: ``--truncate N`` where it is below ``--seq-len`` (pooled documents longer
     than ``--seq-len`` are refused before the harvest, so their cuts are all ``--truncate``'s)."""
     seq_len = attrs.settings.seq_len
-    truncate = (attrs.fingerprint.get("corpus", {}).get("options") or {}).get("truncate")
+    truncate = (attrs.corpus.options or {}).get("truncate")
     if isinstance(truncate, int) and (truncate < seq_len or attrs.settings.pooling not in (None, "token")):
         return f"--truncate {truncate}"
     return f"--seq-len {seq_len}"
