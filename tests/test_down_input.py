@@ -7,14 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 import xarray as xr
-from transformers import AutoModelForCausalLM
 
 from analysis.masks import Mask
-from harvester.backends.hf import resolve_model
 from jobs.ppl import eval_windows
 from lsn.cli import main
+from tests.helpers import hand_ppl
 
 EVAL = "sample:docs=4,langs=fr+ru,seed=9"
 
@@ -30,37 +28,6 @@ def down_input(tmp_path_factory, text_corpus):
     return root
 
 
-def hand_ppl(mask_path, values: dict | None, windows, groups) -> dict[str, np.ndarray]:
-    """Per mask language: a pre-hook on each layer's down_proj sets (or zeroes) the language's units of its
-    input; exp(mean next-token NLL) per evaluated group."""
-    mask = Mask.load(mask_path)
-    model = AutoModelForCausalLM.from_pretrained(resolve_model("tiny:llama"), dtype=torch.float32).eval()
-    out = {}
-    for k, lang in enumerate(mask.languages):
-        sel, handles = mask.selected[k], []
-        for layer in range(mask.n_layers):
-            units = sel[sel // mask.width == layer] - layer * mask.width
-            vals = None if values is None else values[lang][layer, units]
-
-            def pre(module, inputs, units=units, vals=vals):
-                x = inputs[0].clone()
-                x[..., torch.as_tensor(units, dtype=torch.long)] = 0.0 if vals is None else torch.as_tensor(vals, dtype=x.dtype)
-                return (x,)
-            handles.append(model.model.layers[layer].mlp.down_proj.register_forward_pre_hook(pre))
-        total, count = np.zeros(len(groups)), np.zeros(len(groups))
-        with torch.no_grad():
-            for w in windows:
-                logp = torch.log_softmax(model(torch.tensor(w.ids[None].astype(np.int64))).logits[0].double(), -1)
-                for t in range(len(w.ids) - 1):
-                    if w.groups[t + 1] >= 0:
-                        total[w.groups[t + 1]] -= float(logp[t, w.ids[t + 1]])
-                        count[w.groups[t + 1]] += 1
-        for h in handles:
-            h.remove()
-        out[lang] = np.exp(total / count)
-    return out
-
-
 @pytest.mark.parametrize("mode", ["zero", "mean"])
 def test_intervening_on_down_projection_inputs(down_input, tmp_path, mode):
     out = tmp_path / "ppl"
@@ -74,7 +41,7 @@ def test_intervening_on_down_projection_inputs(down_input, tmp_path, mode):
         ds = xr.open_zarr(down_input / "s")
         values = {lang: (ds["act_sum"].sel(group=lang) / ds["tokens"].sel(group=lang)).values for lang in mask.languages}
     groups, windows = eval_windows("tiny:llama", [EVAL], 48, None)
-    expected = hand_ppl(down_input / "m.npz", values, windows, groups)
+    expected = hand_ppl(down_input / "m.npz", values, windows, groups, pre=True, module="down_proj")
     assert any(len(sel) for sel in mask.selected)
     for lang in mask.languages:
         if len(mask.selected[mask.index(lang)]):
@@ -95,7 +62,7 @@ def test_mean_others_sets_the_other_languages_mean(down_input, tmp_path, capsys)
     values = {lang: sum(means[o] for o in mask.languages if o != lang) / (len(mask.languages) - 1)
               for lang in mask.languages}
     groups, windows = eval_windows("tiny:llama", [EVAL], 48, None)
-    expected = hand_ppl(down_input / "m.npz", values, windows, groups)
+    expected = hand_ppl(down_input / "m.npz", values, windows, groups, pre=True, module="down_proj")
     for lang in mask.languages:
         if len(mask.selected[mask.index(lang)]):
             np.testing.assert_allclose(got.loc[lang, groups].values, expected[lang], rtol=1e-4)

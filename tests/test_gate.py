@@ -19,6 +19,7 @@ from jobs.interventions import hist_quantile
 from jobs.ppl import eval_windows
 from jobs.rows import make_plan
 from lsn.cli import main
+from tests.helpers import hand_ppl
 from tests.reference import reference_windows
 
 SEQ_LEN = 48
@@ -81,39 +82,6 @@ def test_gate_store_equals_plain_hooks_on_gate_proj(stores, text_corpus, key, mo
         np.testing.assert_allclose(sel["act_sqsum"].values, squares, rtol=1e-5)
     mlp = xr.open_zarr(stores["mlp"])
     assert key != "gate" or not np.allclose(mlp["act_sum"].values, ds["act_sum"].values)  # another quantity
-
-
-def hand_ppl(mask_path, values: dict, windows, groups) -> dict[str, np.ndarray]:
-    """Mondal et al.'s intervention written out: a hook on each layer's act_fn sets each selected neuron of
-    the language to its value; per row (mask language), per evaluated group, exp(mean next-token NLL)."""
-    from analysis.masks import Mask
-
-    mask = Mask.load(mask_path)
-    model = AutoModelForCausalLM.from_pretrained(resolve_model("tiny:llama"), dtype=torch.float32).eval()
-    out = {}
-    for lang, value in values.items():
-        sel = mask.selected[mask.index(lang)]
-        handles = []
-        for layer in range(mask.n_layers):
-            units = sel[sel // mask.width == layer] - layer * mask.width
-
-            def hook(module, inputs, act, units=units, vals=value[layer, units]):
-                for unit, v in zip(units, vals):
-                    act[..., int(unit)] = float(v)
-                return act
-            handles.append(model.model.layers[layer].mlp.act_fn.register_forward_hook(hook))
-        total, count = np.zeros(len(groups)), np.zeros(len(groups))
-        with torch.no_grad():
-            for w in windows:
-                logp = torch.log_softmax(model(torch.tensor(w.ids[None].astype(np.int64))).logits[0].double(), -1)
-                for t in range(len(w.ids) - 1):
-                    if w.groups[t + 1] >= 0:
-                        total[w.groups[t + 1]] -= float(logp[t, w.ids[t + 1]])
-                        count[w.groups[t + 1]] += 1
-        for h in handles:
-            h.remove()
-        out[lang] = np.exp(total / count)
-    return out
 
 
 @pytest.mark.parametrize("mode", ["mean", "p90"])
