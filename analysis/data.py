@@ -66,6 +66,9 @@ class Counts:
     """Per language: counts are ``full - prompt`` (imported from two runs), not a sum of groups."""
     note: str | None = None
     """One line saying which languages were chosen by default, for the command to print."""
+    shards: tuple | None = field(repr=False, default=None)
+    """``(plan, weights)`` when the counts were recomputed from shard rows (:func:`analysis.shards.weighted`):
+    every statistic is then read from the same weighted rows."""
 
     def probabilities(self):
         """Dask float64 ``[K, L, I]``: ``P = numer / denom``."""
@@ -90,6 +93,15 @@ class Counts:
         if any(self.subtracted):
             raise HarvestError(f"'{name}' cannot be taken for full-minus-prompt languages; "
                                "only activation counts can")
+        if self.shards is not None:
+            import dask.array as da
+
+            from analysis.shards import weighted_rows
+
+            if name not in self.dataset:
+                _stack(self.dataset, name, self.index)  # the one-line error for a statistic not harvested
+            plan, weights = self.shards
+            return da.stack([weighted_rows(self.store, name, plan, weights, idx) for idx in self.index])
         return _stack(self.dataset, name, self.index)
 
 

@@ -1,0 +1,147 @@
+"""Counts recomputed from a store's shard rows instead of its totals.
+
+A harvest keeps every shard's rows (``shards/<var> [shard, group, layer, neuron(, bin)]``) besides the
+totals reduced from them. :func:`shard_plan` finds the shards the totals were summed from (checked
+against the digest of their indices that the reduce recorded) and :func:`weighted` gives the same
+languages as a :class:`analysis.data.Counts`, with each shard counted a chosen number of times per
+store group: ``weights[s, g]``, 0 to leave it out, 2 to count it twice. Every method then reads them
+as it reads the totals. A bootstrap resample draws each group's shards with replacement (their
+multiplicities are the weights); a prefix of the plan (weights 1 for a group's first ``k`` shards) is
+what the harvest had summed after them. With every weight 1 the counts are the totals (integer
+statistics exactly; float sums up to the order of summation, which follows the reduce's).
+
+A shard is one chunk row per group, so ``--shard-tokens`` sets the granularity: a group of ``n``
+tokens has about ``n / shard_tokens`` shards to resample or to grow a prefix by.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from harvester.errors import HarvestError
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """The shards a store's totals were reduced from, in plan order (ascending index: stream by
+    stream, each stream's shards in order)."""
+
+    indices: np.ndarray
+    """int64 ``[S]``: the shards' indices in the store."""
+    tokens: np.ndarray
+    """int64 ``[S, G]``: each shard's tokens per store group."""
+
+    def rows(self, group: int) -> np.ndarray:
+        """Positions (into :attr:`indices`) of the shards that hold tokens of store group ``group``: the
+        rows the reduce summed for it, in plan order."""
+        return np.flatnonzero(self.tokens[:, group] > 0)
+
+    def ones(self) -> np.ndarray:
+        """Weights ``[S, G]`` that count every shard once (the totals)."""
+        return (self.tokens > 0).astype(np.int64)
+
+
+def _finished(path: str) -> list[int]:
+    """Indices of the shards whose ``done`` chunk says 1 (listing the chunk files: the dimension has
+    room for far more shards than are written)."""
+    from harvester import fs
+    from harvester.checked import checked
+    from harvester.store import _zarr, zarr_store
+
+    fsys, root = fs.filesystem(path)
+    prefix = f"{root.rstrip('/')}/shards/done/c"
+    names = [f.rpartition("/")[2] for f in (fsys.find(prefix) if fsys.exists(prefix) else [])]
+    listed = sorted(int(n) for n in names if n.isdigit())
+    done = _zarr().open_array(store=checked(zarr_store(path, read_only=True), path), path="shards/done", mode="r")
+    return [i for i in listed if int(done[i]) == 1]
+
+
+def shard_plan(path: str, attrs) -> ShardPlan:
+    """The shards the totals of the finished store at ``path`` were summed from; an error when the store
+    keeps none (an import) or its finished shards are not those (the store was changed since)."""
+    from harvester.checked import checked
+    from harvester.store import _zarr, zarr_store
+
+    totals = attrs.totals
+    if totals is None or totals.shards == 0:
+        raise HarvestError(f"store {path} keeps no shard rows (its totals were imported or written without "
+                           "shards): resampling and prefixes need a harvested store")
+    indices = _finished(path)
+    if hashlib.sha256(json.dumps(indices).encode()).hexdigest() != totals.shards_sha256:
+        raise HarvestError(f"store {path}: its finished shards ({len(indices)}) are not those its totals were "
+                           f"summed from ({totals.shards}); lsn verify {path} lists every problem")
+    array = _zarr().open_array(store=checked(zarr_store(path, read_only=True), path), path="shards/tokens",
+                               mode="r")
+    tokens = np.stack([np.asarray(array[i], np.int64) for i in indices])
+    if tuple(int(n) for n in tokens.sum(axis=0)) != tuple(totals.tokens):
+        raise HarvestError(f"store {path}: its shards' tokens do not sum to its totals; lsn verify {path} "
+                           "lists every problem")
+    return ShardPlan(np.asarray(indices, np.int64), tokens)
+
+
+class _Row:
+    """One shard's row of one group, ``[L, I(, B)]``, read chunk by chunk (Dask's ``from_array``)."""
+
+    def __init__(self, array, shard: int, group: int):
+        self.array, self.shard, self.group = array, shard, group
+        self.shape, self.dtype, self.ndim = array.shape[2:], array.dtype, array.ndim - 2
+
+    def __getitem__(self, key):
+        return self.array[(self.shard, self.group, *key)]
+
+
+def _shard_array(path: str, name: str):
+    from harvester.checked import checked
+    from harvester.store import _zarr, zarr_store
+
+    try:
+        return _zarr().open_array(store=checked(zarr_store(path, read_only=True), path), path=f"shards/{name}",
+                                  mode="r")
+    except FileNotFoundError:
+        raise HarvestError(f"store {path} has no shard rows of '{name}'") from None
+
+
+def weighted_rows(path: str, name: str, plan: ShardPlan, weights: np.ndarray, groups: list[int]):
+    """Dask ``[L, I(, B)]``: the rows of statistic ``name`` of the store groups ``groups``, each shard
+    ``s`` counted ``weights[s, g]`` times, summed in plan order (group by group, as the reduce does)."""
+    import dask.array as da
+
+    array = _shard_array(path, name)
+    chunks = array.chunks[2:]
+    total = None
+    for g in groups:
+        for s in plan.rows(g):
+            w = int(weights[s, g])
+            if w == 0:
+                continue
+            index = int(plan.indices[s])
+            row = da.from_array(_Row(array, index, g), chunks=chunks, name=f"shard-{name}-{index}-{g}-{path}",
+                                asarray=True, lock=False, meta=np.empty((0,) * (array.ndim - 2), array.dtype))
+            row = row.astype(np.int64) if row.dtype.kind in "iu" else row
+            term = row if w == 1 else row * w
+            total = term if total is None else total + term
+    if total is None:
+        return da.zeros(array.shape[2:], dtype=np.int64 if array.dtype.kind in "iu" else array.dtype,
+                        chunks=chunks)
+    return total
+
+
+def weighted(counts, plan: ShardPlan, weights: np.ndarray):
+    """``counts`` (its languages and groups) recomputed with each shard ``s`` counted ``weights[s, g]``
+    times for store group ``g`` (``int [S, G]``)."""
+    import dask.array as da
+
+    if any(counts.subtracted):
+        raise HarvestError("full-minus-prompt languages (imported from two runs) cannot be recomputed from "
+                           "shards; name groups harvested in one store")
+    weights = np.asarray(weights, np.int64)
+    if weights.shape != plan.tokens.shape or (weights < 0).any():
+        raise ValueError(f"weights must be non-negative [shards, groups] {plan.tokens.shape}, got {weights.shape}")
+    tokens = np.array([sum(int(weights[:, g] @ plan.tokens[:, g]) for g in idx) for idx in counts.index], np.int64)
+    numer = da.stack([weighted_rows(counts.store, "active", plan, weights, idx) for idx in counts.index])
+    return replace(counts, numer=numer, denom=np.maximum(tokens, 1), tokens=tokens,
+                   shards=(plan, weights))
