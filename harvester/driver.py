@@ -210,7 +210,7 @@ _SAME_FOR_THRESHOLDS = (("model", ("id", "revision", "weights", "architecture", 
 """What a ``--thresholds-from`` store shares with the harvest that counts above its thresholds: the same
 activations of the same tokens (a float32 threshold on bfloat16 activations moves counts both ways)."""
 
-_SAME_FOR_RANGES = (("model", ("id", "revision", "weights", "architecture", "site", "unit")),)
+_SAME_FOR_RANGES = (("model", ("id", "revision", "weights", "architecture", "unit", "site")),)
 """What a ``--hist-edges from-store:`` store shares with the histogram harvest: the same model's same unit
 (its corpus, dtype and tokenization may differ: DLN's first pass is a calibration run)."""
 

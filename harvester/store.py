@@ -647,25 +647,25 @@ def read_thresholds(path: str | Path) -> tuple[StoreAttrs, np.ndarray]:
 def read_moments(path: str | Path, flag: str) -> tuple[StoreAttrs, np.ndarray, np.ndarray]:
     """A finished store's pooled mean and population standard deviation of each unit over all its groups'
     tokens, float64 ``[layer, neuron]``: ``m = Σ act_sum / Σ tokens``, ``σ = sqrt(max(Σ act_sqsum / Σ tokens
-    - m², 0))``, with its attributes; one-line errors (prefixed ``flag STORE:``) for a store without
-    ``sum`` and ``sqsum``, without tokens, or with sums that are not finite."""
+    - m², 0))``, with its attributes; one-line errors (prefixed ``flag``, which names the store) for a store
+    missing, unfinished, without ``sum`` and ``sqsum``, without tokens, or with sums that are not finite."""
     try:
         attrs = open_finished(path)
     except HarvestError as err:
-        raise HarvestError(f"{flag} {path}: {err}") from None
+        raise HarvestError(f"{flag}: {err}") from None
     missing = [s for s in ("sum", "sqsum") if s not in attrs.settings.stats]
     if missing:
-        raise HarvestError(f"{flag} {path}: that store has no {' and no '.join(missing)} statistic; harvest it "
+        raise HarvestError(f"{flag}: that store has no {' and no '.join(missing)} statistic; harvest it "
                            "with --stats active,sum,sqsum")
     ds = open_dataset(path, attrs)
     n = int(np.asarray(ds["tokens"].values, dtype=np.int64).sum())
     if n <= 0:
-        raise HarvestError(f"{flag} {path}: that store counted no tokens")
+        raise HarvestError(f"{flag}: that store counted no tokens")
     mean = np.asarray(ds["act_sum"].values, dtype=np.float64).sum(axis=0) / n
     square = np.asarray(ds["act_sqsum"].values, dtype=np.float64).sum(axis=0) / n
     bad = int(np.sum(~np.isfinite(mean) | ~np.isfinite(square)))
     if bad:
-        raise HarvestError(f"{flag} {path}: {bad} units have sums that are not finite (an overflowed float16 "
+        raise HarvestError(f"{flag}: {bad} units have sums that are not finite (an overflowed float16 "
                            "model?); harvest the first store again in another --dtype")
     return attrs, mean, np.sqrt(np.maximum(square - mean * mean, 0))
 
