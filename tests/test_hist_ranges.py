@@ -304,3 +304,21 @@ def test_act_prob_90p_and_p90_read_per_neuron_ranges(stores, tmp_path):
     layer, unit = 1, 5
     one = hist_quantile(hist[layer, unit], edges[layer, unit], 90)  # one unit, its edges as fixed ones
     assert p90[layer, unit] == one
+
+
+def test_hist_rows_int32_where_a_shard_fits_else_int64(tmp_path):
+    """Shard rows of hist are int32 when a shard's tokens stay below 2**31, int64 otherwise; the totals are
+    int64 and equal either way (the digest is over each row's own dtype)."""
+    from harvester.store import hist_row_dtype
+
+    assert hist_row_dtype(1 << 20, 512) == "int32" and hist_row_dtype((1 << 31) - 1, 512) == "int32"
+    assert hist_row_dtype(1 << 31, 512) == "int64" and hist_row_dtype(None, None) == "int64"
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["--corpus", "sample:docs=6,langs=en,de", "--stats", "active,hist", "--hist-edges", "-1:1:8"]
+    assert main(["harvest", *FLAGS, *common, "--store", str(a)]) == 0
+    assert main(["harvest", *[f for f in FLAGS if f != "256"][:-1], "--shard-tokens", str(1 << 31), *common,
+                 "--store", str(b)]) == 0
+    ra, rb = zarr.open_group(str(a), mode="r"), zarr.open_group(str(b), mode="r")
+    assert (ra["shards/hist"].dtype, rb["shards/hist"].dtype) == (np.int32, np.int64)
+    np.testing.assert_array_equal(ra["hist"][...], rb["hist"][...])
+    assert main(["verify", str(a)]) == 0 and main(["verify", str(b)]) == 0
