@@ -322,3 +322,16 @@ def test_hist_rows_int32_where_a_shard_fits_else_int64(tmp_path):
     assert (ra["shards/hist"].dtype, rb["shards/hist"].dtype) == (np.int32, np.int64)
     np.testing.assert_array_equal(ra["hist"][...], rb["hist"][...])
     assert main(["verify", str(a)]) == 0 and main(["verify", str(b)]) == 0
+
+
+def test_intervention_p90_on_per_neuron_ranges(stores):
+    from analysis.histogram import bin_edges, hist_quantile
+    from jobs.interventions import Mode, unit_statistic
+
+    second = stores["mlp"][1]
+    ds = xr.open_zarr(str(second))
+    group = str(ds["group"].values[0])
+    p90 = unit_statistic(str(second), [group], Mode("p90"))
+    np.testing.assert_array_equal(p90, hist_quantile(ds["hist"].values[0], bin_edges(ds), 90))
+    lo = ds["hist_range_lo"].values
+    assert (p90 >= lo - 1e-6).all() or np.isnan(p90).any()
