@@ -51,6 +51,10 @@ def _floor_div(a, b):
     taken for it)."""
     if b == 0:
         return a / b
+    quotient = np.float32(a / b)
+    floor = np.float32(np.floor(quotient))
+    if floor != quotient:  # not an integer: no integer lies between it and the exact quotient (|q| < 2**24)
+        return floor
     mod = np.float32(np.fmod(a, b))
     div = np.float32((a - mod) / b)
     if mod != 0 and (b < 0) != (mod < 0):
