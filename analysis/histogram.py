@@ -49,7 +49,8 @@ def share_above(hist, j, g, inside) -> np.ndarray:
 
 
 def hist_quantile(hist, edges, percent) -> np.ndarray:
-    """Per unit, the ``percent`` percentile of a histogram ``hist [..., B]`` over bins with ``edges [B-1]``.
+    """Per unit, the ``percent`` percentile of a histogram ``hist [..., B]`` over bins with ``edges [B-1]``
+    (the same for every unit, or each unit's own, ``[..., B-1]``: :func:`bin_edges`).
 
     Linear inside a closed bin (:func:`percentile_position`); the open-ended first and last bins give
     their one edge. A unit with no counts gives NaN.
@@ -57,9 +58,21 @@ def hist_quantile(hist, edges, percent) -> np.ndarray:
     hist = np.asarray(hist)
     edges = np.asarray(edges, dtype=np.float64)
     j, g, inside = percentile_position(hist, percent)
-    lo = np.concatenate([[edges[0]], edges])[j]
-    hi = np.concatenate([edges, [edges[-1]]])[j]
+    lo = np.concatenate([edges[..., :1], edges], axis=-1)
+    hi = np.concatenate([edges, edges[..., -1:]], axis=-1)
+    lo, hi = (np.take_along_axis(np.broadcast_to(e, hist.shape), j[..., None], -1)[..., 0] for e in (lo, hi))
     inside = inside.astype(np.float64)
     above = np.divide(np.asarray(g, dtype=np.float64), 100 * inside, out=np.zeros_like(inside), where=inside > 0)
     out = lo + np.clip(1 - above, 0, 1) * (hi - lo)
     return np.where(hist.sum(axis=-1) > 0, out, np.nan)
+
+
+def bin_edges(ds) -> np.ndarray:
+    """The inner edges of a store's histogram bins (Dataset ``ds``): ``[B-1]`` for fixed edges (the
+    coordinate ``hist_lo`` is ``(-inf, e0, e1, ...)``), or ``[layer, neuron, B-1]`` on per-neuron ranges
+    (``hist_range_lo + k · hist_range_width``, ``k = 0..B-2``; bins 0 and ``B-1`` are the open ends)."""
+    if "hist_range_lo" not in ds.coords:
+        return np.asarray(ds["hist_lo"].values[1:], dtype=np.float64)
+    lo = np.asarray(ds["hist_range_lo"].values, dtype=np.float64)[..., None]
+    width = np.asarray(ds["hist_range_width"].values, dtype=np.float64)[..., None]
+    return lo + width * np.arange(ds.sizes["bin"] - 1)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Annotated, ClassVar, Literal
@@ -49,6 +50,9 @@ class HarvestConfig:
     several actors, vLLM ranks on GPUs; :func:`harvester.devices.wants_ray`)."""
     stats: tuple[str, ...] = ("active", "sum", "sqsum")
     hist_edges: tuple[float, ...] | None = None
+    hist_from: object = None
+    """With the ``hist`` statistic on per-neuron ranges (DLN): the first store, bins and upper end
+    (``--hist-edges from-store:STORE:BINS[:HI]``, :class:`harvester.stats.RangeSource`), instead of edges."""
     batch_quantile: float = 0.9
     """With the ``batch_quantile`` statistic: the quantile taken per full batch (Mondal et al.: 0.9)."""
     thresholds_from: str | None = None
@@ -145,6 +149,22 @@ class HarvestConfig:
             self.thresholds_from = os.path.abspath(self.thresholds_from)
         if self.thresholds_from == self.store:
             raise HarvestError("--thresholds-from names the store being harvested; give the batch_quantile store")
+        self._check_hist_from()
+
+    def _check_hist_from(self) -> None:
+        """``--hist-edges from-store:STORE:BINS``: with the ``hist`` statistic, and another store than this one."""
+        source = self.hist_from
+        if source is None:
+            return
+        if "hist" not in self.stats:
+            raise HarvestError("--hist-edges from-store:... is for --stats ...,hist, which this harvest does not count")
+        if self.backend != "hf":
+            raise HarvestError("--hist-edges from-store:... needs --backend hf (the vLLM backend takes fixed edges)")
+        if not fs.is_url(str(source.store)):
+            self.hist_from = source = dataclasses.replace(source, store=os.path.abspath(source.store))
+        if source.store == self.store:
+            raise HarvestError("--hist-edges from-store names the store being harvested; give the first store "
+                               "(harvested with --stats active,sum,sqsum)")
 
     def _check_corpus_options(self) -> None:
         """A corpus option given where no corpus uses it is refused, not silently ignored."""
@@ -246,7 +266,11 @@ class HarvestOptions(DeviceOptions):
     last|mean also abs); active counts values > 0, nonzero values != 0 (the Aya study's count, with --unit
     down-input)"""
     hist_edges: str = "-1:4:100"
-    """histogram bins LO:HI:BINS (with --stats ...,hist)"""
+    """histogram bins (with --stats ...,hist): LO:HI:BINS, the same edges for every unit; or
+    from-store:STORE:BINS[:HI], each unit's own range as DLN computes it from the pooled mean m and standard
+    deviation s of a first store of the same model and unit (harvested with --stats active,sum,sqsum):
+    [max(m - 3s, -0.4), m + HI s] (HI: 3) in BINS bins, plus an underflow and an overflow bin (BINS and HI are
+    read from the right, so STORE may hold ':')"""
     batch_quantile: float = HarvestConfig.batch_quantile
     """with --stats ...,batch_quantile: the quantile of each neuron taken over each full batch of --batch-size
     windows of --seq-len tokens of one group (padding never counted; a shorter last batch not counted) and
@@ -321,10 +345,14 @@ class HarvestOptions(DeviceOptions):
     resuming it"""
 
     def config(self) -> HarvestConfig:
-        from harvester.stats import parse_edges, parse_stats
+        from harvester.stats import RangeSource, parse_hist_edges, parse_stats
 
         pooled = self.pooling != "token"
         stats = parse_stats(self.stats or ("active,sum,sqsum,abs" if pooled else "active,sum,sqsum"))
+        bins = parse_hist_edges(self.hist_edges) if "hist" in stats or self.hist_edges.startswith("from-store:") \
+            else None
+        ranges = bins if isinstance(bins, RangeSource) else None
+        edges = bins if "hist" in stats and ranges is None else None
         options = CorpusOptions(pairs=self.pairs, split=self.split, max_pairs=self.max_pairs,
                                 max_tokens_per_lang=self.max_tokens_per_lang, pooling=self.pooling,
                                 lowercase=self.lowercase, truncate=self.truncate,
@@ -333,7 +361,7 @@ class HarvestOptions(DeviceOptions):
             model=self.model, corpus=self.corpus, store=self.store, corpus_options=options, backend=self.backend,
             dtype=self.dtype, device=self.device, device_map=self.device_map, seq_len=self.seq_len,
             batch_size=self.batch_size, shard_tokens=self.shard_tokens, actors=self.actors, address=self.address,
-            use_ray=not self.no_ray, stats=stats, hist_edges=parse_edges(self.hist_edges) if "hist" in stats else None,
+            use_ray=not self.no_ray, stats=stats, hist_edges=edges, hist_from=ranges,
             batch_quantile=self.batch_quantile, thresholds_from=self.thresholds_from,
             site=self.site_module, unit=self.unit, tokenize_tasks=self.tokenize_tasks,
             tensor_parallel=self.tensor_parallel, vllm_memory=self.vllm_memory, progress=not self.no_progress,

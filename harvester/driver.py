@@ -20,8 +20,9 @@ from harvester.config import HarvestConfig
 from harvester.corpus import parse_corpora
 from harvester.devices import start_line, wants_ray
 from harvester.errors import HarvestError
-from harvester.stats import StatsSpec
-from harvester.store import Store, StoreAttrs, discard, fingerprint_sha256, read_attrs, read_thresholds, tokens_dir
+from harvester.stats import StatsSpec, dln_ranges, ranges_sha256
+from harvester.store import (Store, StoreAttrs, discard, fingerprint_sha256, read_attrs, read_moments, read_thresholds,
+                             tokens_dir)
 from harvester.windows import (LEGACY, SHARDS_PER_STREAM, ShardInfo, TokenSettings, precheck, read_manifest,
                                resolve_bos)
 from harvester.worker import ShardWorker, TokenizeJob, WorkerConfig, tokenize
@@ -49,10 +50,14 @@ def harvest(cfg: HarvestConfig) -> Store:
             raise HarvestError(f"too many groups ({len(corpora.groups)})")
         tokens = _tokenization(cfg, tokenizer)
         source = read_thresholds(cfg.thresholds_from) if cfg.thresholds_from else None
-        spec = _stats_spec(cfg, source)
-        fingerprint = _fingerprint(cfg, config, model_path, site, tokenizer, corpora, spec, tokens)
+        ranges = _hist_ranges(cfg) if cfg.hist_from is not None else None
+        spec = _stats_spec(cfg, source, ranges)
+        fingerprint = _fingerprint(cfg, config, model_path, site, tokenizer, corpora, spec, tokens, source, ranges)
         if source is not None:
             _check_thresholds(cfg.thresholds_from, source[0], fingerprint)
+        if ranges is not None:
+            _check_same(f"--hist-edges from-store:{cfg.hist_from.store}", ranges[0], fingerprint, _SAME_FOR_RANGES,
+                        "the ranges must come from the same model's same unit")
         settings = _token_settings(cfg, fingerprint, tokenizer, tokens)
         existing = read_attrs(cfg.store)
         if cfg.overwrite or existing is None or not existing.complete:
@@ -133,7 +138,9 @@ def _harvest_into(cfg: HarvestConfig, held: lease.Lease, fingerprint: dict, meta
             return store
         layers, width = shape
         attrs = StoreAttrs.new(fingerprint, layers=layers, width=width, **meta)
-        store = Store.create(cfg.store, attrs, n_shards=n_streams * SHARDS_PER_STREAM, owner=held.info)
+        _check_ranges_shape(cfg, spec, shape)
+        store = Store.create(cfg.store, attrs, n_shards=n_streams * SHARDS_PER_STREAM, owner=held.info,
+                             ranges=spec.hist_ranges if spec.hist_bins is not None else None)
         created.append(store)  # only once it exists: a refused creation removes nothing
         return store
 
@@ -152,20 +159,48 @@ def _harvest_into(cfg: HarvestConfig, held: lease.Lease, fingerprint: dict, meta
     return store
 
 
-def _stats_spec(cfg: HarvestConfig, source: tuple | None = None) -> StatsSpec:
-    """The statistics to take; ``source``: the thresholds store's ``(attrs, thresholds)`` (``above``)."""
+def _stats_spec(cfg: HarvestConfig, source: tuple | None = None, ranges: tuple | None = None) -> StatsSpec:
+    """The statistics to take; ``source``: the thresholds store's ``(attrs, thresholds)`` (``above``);
+    ``ranges``: the first store's attributes and the per-neuron histogram ranges ``(attrs, lo, width)``."""
     quantile = cfg.batch_quantile if "batch_quantile" in cfg.stats else None
     return StatsSpec(cfg.stats, cfg.hist_edges if "hist" in cfg.stats else None, quantile,
                      (cfg.batch_size, cfg.seq_len) if quantile is not None else None,
-                     source[1] if source is not None else None)
+                     source[1] if source is not None else None,
+                     hist_bins=cfg.hist_from.bins if ranges is not None else None,
+                     hist_ranges=ranges[1:] if ranges is not None else None)
 
 
-def _thresholds_source(cfg: HarvestConfig) -> dict:
+def _hist_ranges(cfg: HarvestConfig) -> tuple:
+    """``--hist-edges from-store:STORE:BINS[:HI]``: the first store's attributes and DLN's per-neuron ranges
+    ``(attrs, lo, width)`` from its pooled moments (:func:`harvester.stats.dln_ranges`)."""
+    source = cfg.hist_from
+    attrs, mean, std = read_moments(source.store, f"--hist-edges from-store:{source.store}")
+    return (attrs, *dln_ranges(mean, std, source.bins, source.hi))
+
+
+def _source_record(path: str, attrs: StoreAttrs) -> dict:
+    """The fingerprint's record of a store another harvest reads: which harvest, which totals."""
+    return {"store": path, "fingerprint_sha256": fingerprint_sha256(attrs.fingerprint),
+            "shards_sha256": attrs.totals.shards_sha256}
+
+
+def _thresholds_source(cfg: HarvestConfig, attrs: StoreAttrs) -> dict:
     """The fingerprint's record of the thresholds store: which harvest, which totals, how they were taken."""
-    attrs = read_attrs(cfg.thresholds_from)
-    return {"store": cfg.thresholds_from, "fingerprint_sha256": fingerprint_sha256(attrs.fingerprint),
-            "shards_sha256": attrs.totals.shards_sha256, "batch_quantile": attrs.settings.batch_quantile,
+    return {**_source_record(cfg.thresholds_from, attrs), "batch_quantile": attrs.settings.batch_quantile,
             "batch_size": attrs.settings.batch_size, "seq_len": attrs.settings.seq_len}
+
+
+def _ranges_source(cfg: HarvestConfig, ranges: tuple) -> dict:
+    """The fingerprint's record of per-neuron histogram ranges: the first store, BINS, HI and their digest."""
+    return {**_source_record(cfg.hist_from.store, ranges[0]), "bins": cfg.hist_from.bins, "hi": cfg.hist_from.hi,
+            "ranges_sha256": ranges_sha256(*ranges[1:])}
+
+
+def _check_ranges_shape(cfg: HarvestConfig, spec: StatsSpec, shape: tuple[int, int]) -> None:
+    """The per-neuron ranges fit the loaded model's layers and units."""
+    if spec.hist_bins is not None and tuple(spec.hist_ranges[0].shape) != tuple(shape):
+        raise HarvestError(f"--hist-edges from-store:{cfg.hist_from.store} has {spec.hist_ranges[0].shape[0]} layers "
+                           f"x {spec.hist_ranges[0].shape[1]} units; this model has {shape[0]} x {shape[1]}")
 
 
 _SAME_FOR_THRESHOLDS = (("model", ("id", "revision", "weights", "architecture", "site", "unit", "dtype")),
@@ -175,18 +210,28 @@ _SAME_FOR_THRESHOLDS = (("model", ("id", "revision", "weights", "architecture", 
 """What a ``--thresholds-from`` store shares with the harvest that counts above its thresholds: the same
 activations of the same tokens (a float32 threshold on bfloat16 activations moves counts both ways)."""
 
+_SAME_FOR_RANGES = (("model", ("id", "revision", "weights", "architecture", "unit", "site")),)
+"""What a ``--hist-edges from-store:`` store shares with the histogram harvest: the same model's same unit
+(its corpus, dtype and tokenization may differ: DLN's first pass is a calibration run)."""
+
+
+def _check_same(flag: str, attrs: StoreAttrs, fingerprint: dict, same: tuple, why: str) -> None:
+    """The store another harvest reads (``flag``) has this harvest's fingerprint entries ``same``
+    (``((section, keys), ...)``); ``why`` ends the error."""
+    for section, keys in same:
+        ours, theirs = fingerprint.get(section, {}), attrs.fingerprint.get(section, {})
+        for key in keys:
+            if ours.get(key) != theirs.get(key):
+                raise HarvestError(f"{flag} was harvested otherwise: its {section} {key} is {theirs.get(key)!r}, "
+                                   f"this harvest's {ours.get(key)!r}; {why}")
+
 
 def _check_thresholds(path: str, attrs: StoreAttrs, fingerprint: dict) -> None:
     """The thresholds store holds the same model's same unit, at the same dtype, on the same corpus (its
     groups in the same order) tokenized the same way."""
     theirs_all = attrs.fingerprint
-    for section, keys in _SAME_FOR_THRESHOLDS:
-        ours, theirs = fingerprint.get(section, {}), theirs_all.get(section, {})
-        for key in keys:
-            if ours.get(key) != theirs.get(key):
-                raise HarvestError(f"--thresholds-from {path} was harvested otherwise: its {section} {key} is "
-                                   f"{theirs.get(key)!r}, this harvest's {ours.get(key)!r}; the thresholds and "
-                                   "the counts above them must come from the same run settings")
+    _check_same(f"--thresholds-from {path}", attrs, fingerprint, _SAME_FOR_THRESHOLDS,
+                "the thresholds and the counts above them must come from the same run settings")
     if list(attrs.corpus.groups) != list(fingerprint["corpus"]["groups"]):
         raise HarvestError(f"--thresholds-from {path} has other groups ({', '.join(attrs.corpus.groups)}) than this "
                            f"harvest ({', '.join(fingerprint['corpus']['groups'])})")
@@ -554,8 +599,10 @@ def _tokenizer_hash(tokenizer) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _fingerprint(cfg, config, model_path, site, tokenizer, corpora, spec: StatsSpec, tokens: dict) -> dict:
-    """Everything that decides the numbers in the store; a resumed run must match it exactly."""
+def _fingerprint(cfg, config, model_path, site, tokenizer, corpora, spec: StatsSpec, tokens: dict,
+                 source: tuple | None = None, ranges: tuple | None = None) -> dict:
+    """Everything that decides the numbers in the store; a resumed run must match it exactly. ``source``,
+    ``ranges``: what :func:`_stats_spec` took them from."""
     return {
         "model": {**model_identity(cfg.model, model_path, config), "architecture": config.model_type,
                   "site": site, "unit": cfg.unit, "dtype": cfg.dtype, "device": cfg.device.split(":")[0],
@@ -571,7 +618,8 @@ def _fingerprint(cfg, config, model_path, site, tokenizer, corpora, spec: StatsS
                      "hist_edges": list(spec.hist_edges) if spec.hist_edges else None,
                      "pooling": cfg.corpus_options.pooling, **_tokenization_settings(tokens),
                      **({"batch_quantile": spec.quantile} if spec.quantile is not None else {}),
-                     **({"thresholds_from": _thresholds_source(cfg)} if spec.thresholds is not None else {})},
+                     **({"thresholds_from": _thresholds_source(cfg, source[0])} if source is not None else {}),
+                     **({"hist_ranges": _ranges_source(cfg, ranges)} if ranges is not None else {})},
     }
 
 

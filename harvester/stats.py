@@ -15,7 +15,11 @@ Exactness:
   accumulated in float64. The CPU kernel adds every token in float64; the matrix products sum one
   forward pass (at most ``batch_size * seq_len`` tokens) in float32 and add that in float64.
 - ``hist`` counts values per bin of fixed edges ``e``: bin 0 is ``x < e[0]``, bin ``j`` is
-  ``e[j-1] <= x < e[j]``, the last bin is ``x >= e[-1]``; NaN counts in the last bin.
+  ``e[j-1] <= x < e[j]``, the last bin is ``x >= e[-1]``; NaN counts in the last bin. On per-neuron
+  ranges (DLN, ``--hist-edges from-store:STORE:BINS``; :func:`dln_ranges`) each neuron has its own
+  ``lo`` and width ``w`` (float32): ``bin = floor((x - lo) / w) + 1`` clamped to ``[0, BINS + 1]``, in
+  float32 with ``torch.div(..., rounding_mode="floor")`` semantics (bin 0 underflow, ``BINS + 1``
+  overflow); NaN and +inf count in the overflow bin, -inf in the underflow bin.
 - ``batch_quantile`` (opt-in, Mondal et al.'s ``mean_p90_act``): per forward pass that is a full
   batch (``batch_shape`` windows x tokens, no padding) of one group, ``torch.quantile`` of each
   neuron's activations over the pass's tokens (float32), added in float64 to ``quantile_sum``, and 1
@@ -82,13 +86,17 @@ def _cpu_kernel(kernel: str):
 
 
 def cpu_edges(spec: StatsSpec) -> tuple:
-    """The histogram edges as the CPU kernel takes them: ``(float32 edges or None, 1 / spacing)``."""
+    """The histogram bins as the CPU kernel takes them: ``(float32 edges or None, 1 / spacing, lo, width)``
+    with ``lo``, ``width`` the per-neuron ranges ``[L, I]`` (float32) or None."""
     if "hist" not in spec.stats:
-        return None, 0.0
+        return None, 0.0, None, None
+    if spec.hist_bins is not None:
+        lo, width = spec.hist_ranges
+        return None, 0.0, np.ascontiguousarray(lo, np.float32), np.ascontiguousarray(width, np.float32)
     from harvester.cpu_kernel import inverse_spacing
 
     edges = np.asarray(spec.hist_edges, np.float32)
-    return edges, inverse_spacing(edges)
+    return edges, inverse_spacing(edges), None, None
 
 
 def parse_stats(text: str) -> tuple[str, ...]:
@@ -117,6 +125,81 @@ def parse_edges(text: str) -> tuple[float, ...]:
     return tuple(float(v) for v in np.round(np.linspace(lo, hi, n + 1), 9))
 
 
+RANGE_PREFIX = "from-store:"
+"""``--hist-edges from-store:STORE:BINS[:HI]``: per-neuron ranges from a first store (DLN)."""
+
+RANGE_FLOOR, RANGE_FLAT, RANGE_HALF, RANGE_MIN_WIDTH = -0.4, 1e-3, 0.05, 1e-6
+"""DLN's ``build_hist_cache.py``: the floor under the low end (``SILU_FLOOR_PAD``, below SiLU's minimum
+-0.2785), the width under which a range is flat, the half-width such a range gets around the mean, and
+the least bin width."""
+
+
+@dataclass(frozen=True)
+class RangeSource:
+    """``--hist-edges from-store:STORE:BINS[:HI]``: ``BINS`` inner bins per neuron on ``[lo, hi]`` with
+    ``lo = max(m - 3σ, -0.4)``, ``hi = m + HI·σ`` of the first store ``STORE``'s pooled moments."""
+
+    store: str
+    bins: int
+    hi: float = 3.0
+
+
+def parse_hist_edges(text: str) -> tuple[float, ...] | RangeSource:
+    """``--hist-edges``: ``LO:HI:BINS`` (:func:`parse_edges`) or ``from-store:STORE:BINS[:HI]``. ``BINS``
+    and ``HI`` are read from the right, so ``STORE`` may hold ':' (``s3://...``); a path that itself
+    ends in ``:N`` needs ``HI`` written out."""
+    if not text.startswith(RANGE_PREFIX):
+        return parse_edges(text)
+    usage = f"--hist-edges must be from-store:STORE:BINS[:HI], e.g. from-store:runs/first:400, not '{text}'"
+    rest = text[len(RANGE_PREFIX):]
+    parts = rest.rsplit(":", 2)
+    if len(parts) == 3 and parts[0] and _integer(parts[1]) is not None and _integer(parts[2], float) is not None:
+        store, bins, hi = parts[0], _integer(parts[1]), _integer(parts[2], float)
+    else:
+        store, _, bins = rest.rpartition(":")
+        bins, hi = _integer(bins), 3.0
+    if not store or bins is None:
+        raise HarvestError(usage)
+    if bins <= 0:
+        raise HarvestError(f"--hist-edges {text}: BINS must be a positive integer, not {bins}")
+    if not (np.isfinite(hi) and hi > 0):
+        raise HarvestError(f"--hist-edges {text}: HI (the range's upper end, in standard deviations above the "
+                           f"mean) must be a positive number, not {hi:g}")
+    return RangeSource(store, bins, hi)
+
+
+def _integer(text: str, kind=int):
+    """``text`` as an ``int`` (or ``float``), None if it is not one."""
+    try:
+        return kind(text)
+    except ValueError:
+        return None
+
+
+def dln_ranges(mean: np.ndarray, std: np.ndarray, bins: int, hi: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
+    """Per-neuron histogram ranges ``(lo, width)`` (float32, the shape of ``mean``) as DLN's
+    ``build_hist_cache.py`` computes them in torch float32 from the pooled mean and standard deviation:
+    ``lo = max(m - 3σ, -0.4)``, ``hi = m + HI·σ``; where ``hi - lo < 1e-3`` the range is ``m ± 0.05``;
+    ``width = max((hi - lo) / bins, 1e-6)``."""
+    f = np.float32
+    m, s = np.asarray(mean, f), np.asarray(std, f)
+    lo = np.maximum(m - f(3.0) * s, f(RANGE_FLOOR))
+    top = m + f(hi) * s
+    flat = (top - lo) < f(RANGE_FLAT)
+    lo = np.where(flat, m - f(RANGE_HALF), lo)
+    top = np.where(flat, m + f(RANGE_HALF), top)
+    return lo.astype(f), np.maximum((top - lo) / f(bins), f(RANGE_MIN_WIDTH)).astype(f)
+
+
+def ranges_sha256(lo: np.ndarray, width: np.ndarray) -> str:
+    """The digest of per-neuron ranges that the fingerprint records: their float32 bytes, lo then width."""
+    import hashlib
+
+    sha = hashlib.sha256(np.ascontiguousarray(lo, np.float32).tobytes())
+    sha.update(np.ascontiguousarray(width, np.float32).tobytes())
+    return sha.hexdigest()
+
+
 @dataclass(frozen=True)
 class StatsSpec:
     """Which statistics to accumulate."""
@@ -131,10 +214,18 @@ class StatsSpec:
     """``batch_quantile``: ``(windows, tokens)`` of a full batch; only such passes are counted."""
     thresholds: np.ndarray | None = field(default=None, compare=False, repr=False)
     """``above``: float64 ``[group, layer, neuron]``, each group's threshold (rows by group id)."""
+    hist_bins: int | None = None
+    """``hist`` on per-neuron ranges: the inner bins (``BINS``; with the underflow and overflow bins
+    ``BINS + 2`` in all); None with fixed ``hist_edges``."""
+    hist_ranges: tuple | None = field(default=None, compare=False, repr=False)
+    """``hist`` on per-neuron ranges: ``(lo, width)``, float32 ``[layer, neuron]`` (:func:`dln_ranges`)."""
 
     def __post_init__(self):
-        if "hist" in self.stats and not self.hist_edges:
+        if "hist" in self.stats and not self.hist_edges and self.hist_bins is None:
             raise HarvestError("the hist statistic needs bin edges")
+        if self.hist_bins is not None and (self.hist_edges or self.hist_bins <= 0):
+            raise HarvestError("the hist statistic takes fixed edges or per-neuron ranges of a positive number "
+                               "of bins, not both")
         if self.hist_edges is not None and list(self.hist_edges) != sorted(set(self.hist_edges)):
             raise HarvestError("histogram edges must be strictly increasing")
         if "batch_quantile" in self.stats and not (self.quantile is not None and 0 < self.quantile < 1):
@@ -146,10 +237,15 @@ class StatsSpec:
             raise HarvestError("the batch_quantile statistic needs the batch shape (--batch-size x --seq-len)")
         if "above" in self.stats and self.thresholds is None:
             raise HarvestError("the above statistic needs thresholds: --thresholds-from STORE")
+        if "hist" in self.stats and self.hist_bins is not None and self.hist_ranges is None:
+            raise HarvestError("the hist statistic on per-neuron ranges needs the ranges: --hist-edges "
+                               "from-store:STORE:BINS")
 
     @property
     def n_bins(self) -> int:
-        return len(self.hist_edges) + 1 if "hist" in self.stats else 0
+        if "hist" not in self.stats:
+            return 0
+        return self.hist_bins + 2 if self.hist_bins is not None else len(self.hist_edges) + 1
 
 
 class NeuronStats:
@@ -279,7 +375,7 @@ class NeuronStats:
             torch.abs(x, out=buf)
             self._add("abs", layer, slots, (onehot @ buf).double())
         if "hist" in stats:
-            self._add("hist", layer, slots, self._histogram(x[valid], token_slot, len(self._present)))
+            self._add("hist", layer, slots, self._histogram(x[valid], token_slot, len(self._present), layer))
 
     def _add_batch_quantile(self, layer: int, x: torch.Tensor) -> None:
         """This full batch's quantile of each neuron over its ``[T, I]`` tokens, and one batch more."""
@@ -341,13 +437,27 @@ class NeuronStats:
             self._slots = torch.tensor([self._slot[g] for g in self._present], device=self.device)
         return self._slots
 
-    def _histogram(self, x: torch.Tensor, token_slot: torch.Tensor, n_groups: int) -> torch.Tensor:
-        key = (x.device, x.dtype)
+    def _bins(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """Each value's bin ``[Tv, I]`` in ``0..n_bins-1``: of the fixed edges, or of its neuron's range."""
+        if self.spec.hist_bins is None:
+            key = (x.device, x.dtype)
+            if key not in self._edges_on:
+                self._edges_on[key] = torch.tensor(self.spec.hist_edges, dtype=x.dtype, device=x.device)
+            return torch.bucketize(x, self._edges_on[key], right=True)
+        key = ("ranges", x.device)
         if key not in self._edges_on:
-            self._edges_on[key] = torch.tensor(self.spec.hist_edges, dtype=x.dtype, device=x.device)
-        edges = self._edges_on[key]
+            self._edges_on[key] = tuple(torch.as_tensor(np.asarray(a, np.float32), device=x.device)
+                                        for a in self.spec.hist_ranges)
+        lo, width = (a[layer] for a in self._edges_on[key])
+        inner = self.spec.hist_bins
+        shifted = x - lo
+        q = torch.div(shifted, width, rounding_mode="floor")  # DLN's float32 floor division; NaN for +-inf
+        q = torch.where(torch.isneginf(shifted), -1.0, q).nan_to_num_(nan=float(inner))  # NaN, +inf: overflow
+        return q.clamp_(-1, inner).to(torch.int64) + 1
+
+    def _histogram(self, x: torch.Tensor, token_slot: torch.Tensor, n_groups: int, layer: int) -> torch.Tensor:
         n_bins, width = self.spec.n_bins, self.width
-        bins = torch.bucketize(x, edges, right=True)  # [Tv, I] in 0..n_bins-1
+        bins = self._bins(x, layer)  # [Tv, I] in 0..n_bins-1
         cell = token_slot[:, None] * width + torch.arange(width, device=x.device)[None, :]
         flat = (cell * n_bins + bins).reshape(-1)
         counts = torch.bincount(flat, minlength=n_groups * width * n_bins)

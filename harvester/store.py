@@ -10,13 +10,15 @@ Layout::
       act_sum  (group, layer, neuron)    float64
       act_sqsum(group, layer, neuron)    float64
       act_abssum (group, layer, neuron)  float64   sum of |x| (opt-in, default with pooled stimuli)
-      hist     (group, layer, neuron, bin) int64, with coords hist_lo / hist_hi (opt-in)
+      hist     (group, layer, neuron, bin) int64, with coords hist_lo / hist_hi (opt-in), or on per-neuron
+                                        ranges (DLN) coords hist_range_lo / hist_range_width (layer, neuron) float32
       quantile_sum (group, layer, neuron) float64  sum over full batches of each batch's quantile (opt-in,
       quantile_batches (group, layer, neuron) int64  with the batches counted; --stats ...,batch_quantile)
       above    (group, layer, neuron)    int64    tokens above their group's threshold (opt-in, --thresholds-from)
       shards/
         tokens (shard, group)             each shard's own chunk row
         active, act_sum, ... (shard, group, layer, neuron)
+        hist (shard, group, layer, neuron, bin)  int32 where a shard's tokens fit (:func:`hist_row_dtype`), else int64
         done   (shard,)                   the completion manifest: 1 once a shard's data is written
         digest (shard, 32)                sha256 of a shard's rows and tokens (:class:`ShardDigest`)
       tokens/                       token shards (Parquet) and per-stream manifests, see windows.py
@@ -52,7 +54,7 @@ import numpy as np
 
 from harvester import fs, lease
 from harvester.errors import HarvestError
-from harvester.stats import VARIABLES, StatsSpec
+from harvester.stats import VARIABLES, StatsSpec, ranges_sha256
 
 FORMAT = "lsn-harvester-store"
 FORMAT_VERSION = 2
@@ -74,6 +76,17 @@ def creating_marker(path: str | Path) -> str:
 _DTYPES = {"active": "int64", "nonzero": "int64", "act_sum": "float64", "act_sqsum": "float64",
            "act_abssum": "float64", "hist": "int64", "quantile_sum": "float64", "quantile_batches": "int64",
            "above": "int64"}
+"""The arrays' dtypes (totals and shard rows), but the shard rows of ``hist``: :func:`hist_row_dtype`."""
+
+
+def hist_row_dtype(shard_tokens: int | None, seq_len: int | None) -> str:
+    """The dtype of a store's ``hist`` shard rows: a bin of one shard counts at most the shard's tokens
+    (or samples), at most ``max(shard_tokens, seq_len)`` (a shard holds at least one window), so int32
+    where that stays below 2**31, else int64 (and in stores written before int32 rows: read as they are).
+    The totals stay int64."""
+    if shard_tokens is None or seq_len is None or max(shard_tokens, seq_len) >= 1 << 31:
+        return "int64"
+    return "int32"
 
 
 def _zarr():
@@ -311,6 +324,24 @@ class CorpusInfo(_Section):
 
 
 @dataclass(frozen=True, kw_only=True)
+class HistRanges(_Section):
+    """``meta.settings.hist_ranges`` (as the fingerprint's): where a histogram's per-neuron ranges came
+    from (:func:`harvester.stats.dln_ranges` of the first store's pooled moments) and their digest."""
+
+    store: str = _field(_text, required=True)
+    """The first store, as given (an absolute path or a URL)."""
+    fingerprint_sha256: str = _field(_text, required=True)
+    shards_sha256: str = _field(_text, required=True)
+    """The first store's harvest and the shards its totals were reduced from."""
+    bins: int = _field(_positive, required=True)
+    """Inner bins; the histogram has ``bins + 2`` (underflow and overflow)."""
+    hi: float = _field(_number, required=True)
+    """The range's upper end in standard deviations above the mean (3: DLN's paper)."""
+    ranges_sha256: str = _field(_text, required=True)
+    """:func:`harvester.stats.ranges_sha256` of the arrays ``hist_range_lo``, ``hist_range_width``."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Settings(_Section):
     """``meta.settings`` (as the fingerprint's): the statistics kept and how they were taken; the
     harvest's own settings are None in an imported store."""
@@ -341,11 +372,17 @@ class Settings(_Section):
     thresholds_from: dict | None = _field(_optional(_object))
     """``--stats ...,above``: the store whose ``quantile_sum / quantile_batches`` are the thresholds:
     ``{store, fingerprint_sha256, shards_sha256, batch_quantile, batch_size, seq_len}``."""
+    hist_ranges: HistRanges | None = _field(_optional(HistRanges.read))
+    """``--hist-edges from-store:STORE:BINS[:HI]``: the histogram is on per-neuron ranges (the arrays
+    ``hist_range_lo``, ``hist_range_width``) computed from that store; ``hist_edges`` is then null."""
 
     @property
     def spec(self) -> StatsSpec:
         batch = (self.batch_size, self.seq_len) if self.batch_quantile is not None else None
-        return StatsSpec(self.stats, self.hist_edges if "hist" in self.stats else None, self.batch_quantile, batch)
+        hist = "hist" in self.stats
+        bins = self.hist_ranges.bins if hist and self.hist_ranges is not None else None
+        return StatsSpec(self.stats, self.hist_edges if hist and bins is None else None, self.batch_quantile, batch,
+                         hist_bins=bins)
 
     @property
     def variables(self) -> list[str]:
@@ -607,6 +644,40 @@ def read_thresholds(path: str | Path) -> tuple[StoreAttrs, np.ndarray]:
     return attrs, total / batches
 
 
+def read_moments(path: str | Path, flag: str) -> tuple[StoreAttrs, np.ndarray, np.ndarray]:
+    """A finished store's pooled mean and population standard deviation of each unit over all its groups'
+    tokens, float64 ``[layer, neuron]``: ``m = Σ act_sum / Σ tokens``, ``σ = sqrt(max(Σ act_sqsum / Σ tokens
+    - m², 0))``, with its attributes; one-line errors (prefixed ``flag``, which names the store) for a store
+    missing, unfinished, without ``sum`` and ``sqsum``, without tokens, or with sums that are not finite."""
+    try:
+        attrs = open_finished(path)
+    except HarvestError as err:
+        raise HarvestError(f"{flag}: {err}") from None
+    missing = [s for s in ("sum", "sqsum") if s not in attrs.settings.stats]
+    if missing:
+        raise HarvestError(f"{flag}: that store has no {' and no '.join(missing)} statistic; harvest it "
+                           "with --stats active,sum,sqsum")
+    ds = open_dataset(path, attrs)
+    n = int(np.asarray(ds["tokens"].values, dtype=np.int64).sum())
+    if n <= 0:
+        raise HarvestError(f"{flag}: that store counted no tokens")
+    mean = np.asarray(ds["act_sum"].values, dtype=np.float64).sum(axis=0) / n
+    square = np.asarray(ds["act_sqsum"].values, dtype=np.float64).sum(axis=0) / n
+    bad = int(np.sum(~np.isfinite(mean) | ~np.isfinite(square)))
+    if bad:
+        raise HarvestError(f"{flag}: {bad} units have sums that are not finite (an overflowed float16 "
+                           "model?); harvest the first store again in another --dtype")
+    return attrs, mean, np.sqrt(np.maximum(square - mean * mean, 0))
+
+
+def read_hist_ranges(root) -> tuple[np.ndarray, np.ndarray] | None:
+    """The per-neuron histogram ranges ``(lo, width)`` (float32 ``[layer, neuron]``) of an open Zarr group
+    ``root``; None for a store without them."""
+    if "hist_range_lo" not in root:
+        return None
+    return (np.asarray(root["hist_range_lo"][...], np.float32), np.asarray(root["hist_range_width"][...], np.float32))
+
+
 def fingerprint_sha256(fingerprint: dict) -> str:
     """The digest that names one harvest (its fingerprint as canonical JSON)."""
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
@@ -667,15 +738,18 @@ class Store:
 
     # -- creation ---------------------------------------------------------------------------
     @classmethod
-    def create(cls, path: str | Path, attrs: StoreAttrs, *, n_shards: int, owner: dict | None = None) -> "Store":
+    def create(cls, path: str | Path, attrs: StoreAttrs, *, n_shards: int, owner: dict | None = None,
+               ranges: tuple | None = None) -> "Store":
         """Build the whole skeleton of a store with the attributes ``attrs`` (:meth:`StoreAttrs.new`: its
         groups, model shape and statistics); on local disk in a sibling temporary directory renamed into place,
         elsewhere (fsspec URLs) in place, behind a marker written first and removed after the ``lsn``
         attributes that make it a store. Call it holding the store's lease (``owner``: its record;
         by default this process).
 
-        ``n_shards`` is the capacity of the shard dimension: unwritten chunks take no space.
+        ``n_shards`` is the capacity of the shard dimension: unwritten chunks take no space. ``ranges``:
+        the per-neuron histogram ranges ``(lo, width)`` the attributes' ``settings.hist_ranges`` describe.
         """
+        _check_ranges(attrs, ranges)
         if read_attrs(path) is not None:
             raise HarvestError(f"store {path} already exists")
         owner = owner or lease.owner_record()
@@ -688,10 +762,10 @@ class Store:
                       file=sys.stderr)
                 fsys.rm(p, recursive=True)
             fs.write_text(creating_marker(path), marker)
-            _write_skeleton(zarr_store(path), attrs, n_shards)
+            _write_skeleton(zarr_store(path), attrs, n_shards, ranges)
             fsys.rm(fs.filesystem(creating_marker(path))[1])
             return cls(path)
-        return cls(_create_local(Path(os.path.abspath(path)), attrs, n_shards, marker))
+        return cls(_create_local(Path(os.path.abspath(path)), attrs, n_shards, marker, ranges))
 
     # -- shards -----------------------------------------------------------------------------
     def array(self, name: str):
@@ -716,6 +790,9 @@ class Store:
             values = result[g]
             tokens[g] = values["tokens"]
             for var in self.variables:
+                if shards[var].dtype == np.int32 and tokens[g] > np.iinfo(np.int32).max:  # a bin counts <= tokens
+                    raise HarvestError(f"shard {index} holds {tokens[g]} tokens of one group, too many for the "
+                                       f"int32 rows of '{var}'")
                 row = np.asarray(values[var], dtype=shards[var].dtype)
                 shards[var][index, g] = row
                 if tokens[g] > 0:  # the rows the reduce sums, in its order
@@ -745,7 +822,7 @@ class Store:
             rows = [i for i, n in zip(indices, shard_tokens[:, g]) if n > 0]
             for var in self.variables:
                 source = self.array(f"shards/{var}")
-                total = np.zeros(source.shape[2:], dtype=source.dtype)
+                total = np.zeros(source.shape[2:], dtype=self.array(var).dtype)  # int32 hist rows: int64 totals
                 for s in rows:
                     row = source[s, g]
                     digests[s].add(row)
@@ -804,7 +881,8 @@ def _remove_dead_partials(path: Path) -> None:
             marker.unlink(missing_ok=True)
 
 
-_SKELETON = {"zarr.json", "group", "layer", "neuron", "bin", "hist_lo", "hist_hi", "tokens", "shards",
+_SKELETON = {"zarr.json", "group", "layer", "neuron", "bin", "hist_lo", "hist_hi", "hist_range_lo",
+             "hist_range_width", "tokens", "shards",
              *VARIABLES.values()}
 """What a store's skeleton holds at its top level (before any shard or token shard is written)."""
 
@@ -814,7 +892,7 @@ def _finished_shards(fsys, p: str) -> bool:
     return bool(fsys.exists(f"{p}/shards/done/c") and fsys.ls(f"{p}/shards/done/c", detail=False))
 
 
-def _create_local(path: Path, attrs: "StoreAttrs", n_shards: int, marker: str) -> Path:
+def _create_local(path: Path, attrs: "StoreAttrs", n_shards: int, marker: str, ranges: tuple | None) -> Path:
     """:meth:`Store.create` on local disk: built in a sibling temporary directory renamed into place."""
     if path.is_symlink():
         raise HarvestError(f"store path {path} is a symbolic link (to {os.path.realpath(path)}); give the real "
@@ -828,7 +906,7 @@ def _create_local(path: Path, attrs: "StoreAttrs", n_shards: int, marker: str) -
     _remove_dead_partials(path)
     tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
     Path(f"{tmp}.json").write_text(marker)  # first: says whose directory this is
-    _write_skeleton(zarr_store(tmp), attrs, n_shards)
+    _write_skeleton(zarr_store(tmp), attrs, n_shards, ranges)
     if path.exists():  # an empty directory given as the store path
         path.rmdir()
     tmp.rename(path)
@@ -877,17 +955,31 @@ def _check_skeleton_only(fsys, p: str, path) -> None:
                            "this store is yours and should be resumed, or use another --store")
 
 
-def _write_skeleton(zstore, attrs: StoreAttrs, n_shards: int) -> None:
+def _check_ranges(attrs: StoreAttrs, ranges: tuple | None) -> None:
+    """The ranges given to :meth:`Store.create` are those its attributes describe (shape and digest)."""
+    record = attrs.settings.hist_ranges if "hist" in attrs.settings.stats else None
+    if (record is None) != (ranges is None):
+        raise HarvestError("a store on per-neuron histogram ranges is created with its ranges, and only such a store")
+    if record is not None:
+        shape = (attrs.model.layers, attrs.model.width)
+        if any(np.shape(a) != shape for a in ranges) or ranges_sha256(*ranges) != record.ranges_sha256:
+            raise HarvestError(f"the per-neuron histogram ranges do not match the store's record (shape {shape})")
+
+
+def _write_skeleton(zstore, attrs: StoreAttrs, n_shards: int, ranges: tuple | None = None) -> None:
     groups, spec = list(attrs.corpus.groups), attrs.settings.spec
-    _write_totals_skeleton(zstore, groups, attrs.model.layers, attrs.model.width, spec)
-    _write_shards_skeleton(zstore, len(groups), attrs.model.layers, attrs.model.width, n_shards, spec)
+    _write_totals_skeleton(zstore, groups, attrs.model.layers, attrs.model.width, spec, ranges)
+    rows = hist_row_dtype(attrs.settings.shard_tokens, attrs.settings.seq_len)
+    _write_shards_skeleton(zstore, len(groups), attrs.model.layers, attrs.model.width, n_shards, spec, rows)
     root = _zarr().open_group(store=zstore, mode="r+", use_consolidated=False)
     root.attrs["lsn"] = attrs.to_dict()
     _zarr().consolidate_metadata(zstore)
 
 
-def _write_totals_skeleton(zstore, groups: list[str], n_layers: int, width: int, spec: StatsSpec) -> None:
-    """Coordinates and empty (unwritten, zero-filled) total arrays, written by xarray so it reads them back."""
+def _write_totals_skeleton(zstore, groups: list[str], n_layers: int, width: int, spec: StatsSpec,
+                           ranges: tuple | None = None) -> None:
+    """Coordinates and empty (unwritten, zero-filled) total arrays, written by xarray so it reads them back;
+    per-neuron histogram ranges ``ranges`` as the coordinates ``hist_range_lo``, ``hist_range_width``."""
     import dask.array as da
     import xarray as xr
 
@@ -899,11 +991,15 @@ def _write_totals_skeleton(zstore, groups: list[str], n_layers: int, width: int,
     coords = {"group": np.array(groups, dtype=object), "layer": np.arange(L), "neuron": np.arange(I)}
     if "hist" in spec.stats:
         B = spec.n_bins
-        edges = np.asarray(spec.hist_edges, dtype=np.float64)
+        edges = np.asarray(spec.hist_edges or (), dtype=np.float64)
         data["hist"] = (("group", "layer", "neuron", "bin"),
                         da.zeros((G, L, I, B), dtype="int64", chunks=(1, _layer_chunk(L, I * B), I, B)))
-        coords["hist_lo"] = ("bin", np.concatenate([[-np.inf], edges]))
-        coords["hist_hi"] = ("bin", np.concatenate([edges, [np.inf]]))
+        if ranges is not None:
+            coords["hist_range_lo"] = (("layer", "neuron"), np.asarray(ranges[0], np.float32))
+            coords["hist_range_width"] = (("layer", "neuron"), np.asarray(ranges[1], np.float32))
+        else:
+            coords["hist_lo"] = ("bin", np.concatenate([[-np.inf], edges]))
+            coords["hist_hi"] = ("bin", np.concatenate([edges, [np.inf]]))
     encoding = {name: {"fill_value": 0, "compressors": _compressors()} for name in data}
     encoding.update({name: {"compressors": _compressors()} for name in coords})
     xr.Dataset(data, coords=coords).to_zarr(zstore, mode="w-", compute=False, zarr_format=3,
@@ -911,7 +1007,7 @@ def _write_totals_skeleton(zstore, groups: list[str], n_layers: int, width: int,
 
 
 def _write_shards_skeleton(zstore, n_groups: int, n_layers: int, width: int, n_shards: int,
-                           spec: StatsSpec) -> None:
+                           spec: StatsSpec, hist_rows: str = "int64") -> None:
     zarr = _zarr()
     shards = zarr.open_group(store=zstore, mode="r+", use_consolidated=False).create_group("shards")
     L, I = n_layers, width
@@ -926,5 +1022,6 @@ def _write_shards_skeleton(zstore, n_groups: int, n_layers: int, width: int, n_s
         tail = (spec.n_bins,) if stat == "hist" else ()
         lc = _layer_chunk(L, I * (tail[0] if tail else 1))
         shards.create_array(var, shape=(n_shards, n_groups, L, I, *tail), chunks=(1, 1, lc, I, *tail),
-                            dtype=_DTYPES[var], fill_value=0, compressors=_compressors(),
+                            dtype=hist_rows if var == "hist" else _DTYPES[var], fill_value=0,
+                            compressors=_compressors(),
                             dimension_names=("shard", "group", "layer", "neuron", *(("bin",) if tail else ())))

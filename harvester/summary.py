@@ -41,7 +41,16 @@ def summarize(path: str) -> str:
     total_cut = f"{sum(cut_tokens):>9}{attrs.corpus.truncated_documents or 0:>9}" if cut_tokens is not None else ""
     total_cut += f"{sum(dropped):>9}" if dropped is not None else ""
     lines.append(f"{'total':<{width}}{int(tokens.sum()):>10}{'':>29}{total_cut}")
-    return "\n".join(lines + [line for line in (tokenization(attrs), boundaries(attrs)) if line])
+    return "\n".join(lines + [line for line in (tokenization(attrs), boundaries(attrs), histogram(attrs)) if line])
+
+
+def histogram(attrs: StoreAttrs) -> str:
+    """What the histogram's bins are, when each unit has its own range (DLN); empty otherwise."""
+    record = attrs.settings.hist_ranges
+    if record is None or "hist" not in attrs.settings.stats:
+        return ""
+    return (f"histogram: per-neuron ranges from store {record.store} (DLN: [max(m - 3s, -0.4), m + {record.hi:g}s] "
+            f"of its pooled mean m and standard deviation s), {record.bins} bins + underflow and overflow")
 
 
 def tokenization(attrs: StoreAttrs) -> str:

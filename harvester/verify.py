@@ -22,8 +22,9 @@ import numpy as np
 
 from harvester import fs, lease
 from harvester.errors import HarvestError
-from harvester.stats import VARIABLES
-from harvester.store import ShardDigest, Store, StoreAttrs, Totals, _zarr, read_attrs, tokens_dir, zarr_store
+from harvester.stats import VARIABLES, ranges_sha256
+from harvester.store import (ShardDigest, Store, StoreAttrs, Totals, _zarr, read_attrs, read_hist_ranges, tokens_dir,
+                             zarr_store)
 from harvester.windows import SHARDS_PER_STREAM, read_manifest
 
 
@@ -77,7 +78,7 @@ def inspect(path: str | Path) -> tuple[list[Problem], str]:
     fsys, root_path = fs.filesystem(str(path))
     files = {f[len(root_path.rstrip("/")) + 1:]: f for f in fsys.find(root_path)}
     variables = attrs.settings.variables  # write_shard's order
-    coords = ["group", "layer", "neuron", *(["hist_lo", "hist_hi"] if "hist" in variables else [])]
+    coords = ["group", "layer", "neuron", *(_hist_coords(attrs) if "hist" in variables else [])]
     expected = [*coords, "tokens", *variables, "shards/done", "shards/tokens", "shards/digest",
                 *(f"shards/{v}" for v in variables)]
     gone = [Problem(f"array '{name}': its metadata (zarr.json) is missing") for name in expected
@@ -120,10 +121,32 @@ def _attrs_against_arrays(root, attrs: StoreAttrs, files: dict[str, str]) -> lis
     if shape != (attrs.model.layers, attrs.model.width):
         lines.append(f"attributes: the model's layers x width {attrs.model.layers} x {attrs.model.width} differ "
                      f"from the arrays' {shape[0]} x {shape[1]}")
-    if "hist" in variables and root["hist"].shape[-1] != len(attrs.settings.hist_edges) + 1:
-        lines.append(f"attributes: {len(attrs.settings.hist_edges)} histogram edges for "
-                     f"{root['hist'].shape[-1]} bins")
+    if "hist" in variables:
+        lines += _hist_bins(root, attrs)
     return [Problem(line) for line in lines]
+
+
+def _hist_coords(attrs: StoreAttrs) -> list[str]:
+    """The coordinates that say what a store's histogram bins are: fixed edges, or per-neuron ranges."""
+    return ["hist_range_lo", "hist_range_width"] if attrs.settings.hist_ranges else ["hist_lo", "hist_hi"]
+
+
+def _hist_bins(root, attrs: StoreAttrs) -> list[str]:
+    """The histogram's bins are those the attributes describe: as many as the edges say, or the per-neuron
+    ranges' inner bins plus two, with the ranges the fingerprint's digest names."""
+    bins, record = root["hist"].shape[-1], attrs.settings.hist_ranges
+    if record is None:
+        edges = len(attrs.settings.hist_edges)
+        return [] if bins == edges + 1 else [f"attributes: {edges} histogram edges for {bins} bins"]
+    lines = [] if bins == record.bins + 2 else [f"attributes: {record.bins} inner histogram bins (+2) for {bins} bins"]
+    try:
+        ranges = read_hist_ranges(root)
+    except HarvestError as err:
+        return [*lines, f"per-neuron histogram ranges: {err}"]
+    if ranges_sha256(*ranges) != record.ranges_sha256:
+        lines.append("arrays 'hist_range_lo', 'hist_range_width': the per-neuron histogram ranges differ from those "
+                     f"the harvest computed from {record.store} (their sha256 in the attributes)")
+    return lines
 
 
 def _unplanned(path, files: dict[str, str], done: list[int]) -> list[Problem]:

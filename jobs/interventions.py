@@ -35,7 +35,7 @@ import numpy as np
 if TYPE_CHECKING:  # torch is imported where tensors are made, so that the CLI starts without it
     import torch
 
-from analysis.histogram import hist_quantile
+from analysis.histogram import bin_edges, hist_quantile
 from harvester import arch
 from harvester.errors import HarvestError
 
@@ -98,8 +98,7 @@ def unit_statistic(store: str, groups: list[str], mode: Mode, minus: list[str] |
     if "hist" not in ds:
         raise HarvestError(f"--mode {mode} needs histograms, and store {store} has none; harvest with "
                            "--stats active,sum,sqsum,hist")
-    edges = ds["hist_lo"].values[1:]  # hist_lo is (-inf, e0, e1, ...)
-    return hist_quantile(np.maximum(summed("hist"), 0), edges, {"p10": 10, "p90": 90}[mode.kind])
+    return hist_quantile(np.maximum(summed("hist"), 0), bin_edges(ds), {"p10": 10, "p90": 90}[mode.kind])
 
 
 def empty_rows(rows) -> list[str]:

@@ -48,3 +48,13 @@ def test_pipeline_capacity():
     for name in ("no Ray", "1 actor\\(s\\)", "2 actor\\(s\\)"):
         assert any(re.match(rf"\s*{name}: [\d,]+ tokens, \d+ shards in .* sustained\)", line) for line in lines), name
     assert re.fullmatch(r"pipeline tokens/s \(sustained, best of 1 and 2 actors\): [\d,]+", lines[-1])
+
+
+def test_hist_bytes():
+    run = subprocess.run([sys.executable, "benchmarks/hist_bytes.py", "--layers", "1", "--width", "64", "--bins",
+                          "16", "--shard-tokens", "2048", "--shards", "1"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.strip().splitlines()
+    assert any("int32 rows" in line for line in lines) and any("int64 rows" in line for line in lines)
+    assert re.fullmatch(r"hist rows: int32/int64 bytes ratio \d+\.\d{3}", lines[-1])

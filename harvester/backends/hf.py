@@ -391,9 +391,10 @@ class HFBackend(Backend):
     def statistics(self, windows: list[Window], spec: StatsSpec, batch_size: int,
                    pooling: str = "token") -> dict[int, dict[str, np.ndarray]]:
         stats = NeuronStats(spec, self.n_layers, self.width, device=self.device)
-        # the fused kernel counts no nonzero and no batch-wise statistic: those take the hook path
+        # the fused kernel counts no nonzero, no batch-wise statistic and no histogram on per-neuron ranges:
+        # those take the hook path
         if (self.fused is not None and pooling == "token" and "nonzero" not in spec.stats
-                and not set(spec.stats) & set(BATCHWISE)):
+                and not set(spec.stats) & set(BATCHWISE) and spec.hist_bins is None):
             with _fused_mlps(self.fused, stats, spec, self.device):
                 for ids, mask, groups in batches(windows, batch_size, self.pad_id):
                     stats.begin(torch.from_numpy(groups))
