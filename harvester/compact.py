@@ -29,9 +29,9 @@ from harvester.errors import HarvestError
 from harvester.store import Compacted, Store, StoreAttrs, read_attrs, totals_sha256
 
 FLAG = "--drop-shard-rows"
-_READERS = ("lsn analyze METHOD --bootstrap and lsn convergence read these rows, and lsn verify checks the "
-            "totals against them; once dropped, only a new harvest brings them back (lsn verify then checks "
-            "the totals against a digest recorded when they were checked against the rows)")
+_READERS = ("lsn analyze METHOD --bootstrap and lsn convergence read these rows, and lsn verify checks the totals "
+            "against them (once they are dropped, against a digest of the totals recorded then); only a new "
+            "harvest brings them back")
 
 
 @dataclass
