@@ -81,16 +81,13 @@ def run(path: str, drop: bool = False) -> None:
     with lease.acquire(path, say=lambda text: print(f"lsn: {text}", file=sys.stderr)) as held:
         attrs = _compactable(path)  # again, now that no one else writes it
         found = footprint(path, attrs)
-        if attrs.compacted is None and not found.n_rows:
-            print(f"store {path}: it holds no shard rows (an imported store, or none were written): nothing to drop")
+        if not found.n_rows:
+            print(_nothing_to_drop(path, attrs))
             return
         if attrs.compacted is None:
             _check(path)
             held.check()  # still ours: nothing is written otherwise
             _record(path, found)
-        elif not found.n_rows:
-            print(f"store {path}: compacted on {attrs.compacted.date}; no shard rows are left: nothing to drop")
-            return
         else:
             print(f"store {path}: compacted on {attrs.compacted.date}; dropping the {found.n_rows} shard rows an "
                   "interrupted lsn compact left")
@@ -110,14 +107,17 @@ def _compactable(path: str) -> StoreAttrs:
     return attrs
 
 
+def _nothing_to_drop(path: str, attrs: StoreAttrs) -> str:
+    if attrs.compacted is not None:
+        return (f"store {path}: compacted on {attrs.compacted.date} (freed {size(attrs.compacted.freed_bytes)}); "
+                "no shard rows are left: nothing to drop")
+    return f"store {path}: it holds no shard rows (an imported store, or none were written): nothing to drop"
+
+
 def _plan(path: str, attrs: StoreAttrs, found: Footprint) -> None:
     """What dropping the shard rows would free, and an error telling the flag that does it."""
-    if attrs.compacted is not None and not found.n_rows:
-        print(f"store {path}: compacted on {attrs.compacted.date} (freed {size(attrs.compacted.freed_bytes)}); "
-              "no shard rows are left: nothing to drop")
-        return
     if not found.n_rows:
-        print(f"store {path}: it holds no shard rows (an imported store, or none were written): nothing to drop")
+        print(_nothing_to_drop(path, attrs))
         return
     total = found.dropped + sum(found.kept.values())
     state = (f"compacted on {attrs.compacted.date}, with rows an interrupted lsn compact left" if attrs.compacted
