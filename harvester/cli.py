@@ -1,4 +1,4 @@
-"""``lsn harvest``, ``lsn summary`` and ``lsn verify``: their options and what each runs."""
+"""``lsn harvest``, ``lsn summary``, ``lsn verify`` and ``lsn compact``: their options and what each runs."""
 
 from __future__ import annotations
 
@@ -55,9 +55,30 @@ def verify(options: VerifyOptions) -> None:
     run(options.store, repair=options.repair)
 
 
+@dataclass(kw_only=True)
+class CompactOptions:
+    """``lsn compact STORE``."""
+
+    POSITIONAL: ClassVar[tuple[str, ...]] = ("store",)
+    store: str
+    """Zarr store directory or fsspec URL (a complete store)"""
+    drop_shard_rows: bool = False
+    """drop the shard rows of the statistics, after checking the totals against them (without it, only
+    say what that would free); --bootstrap, lsn convergence and verify --repair need them, only a new
+    harvest brings them back"""
+
+
+def compact(options: CompactOptions) -> None:
+    from harvester.compact import run
+
+    run(options.store, drop=options.drop_shard_rows)
+
+
 COMMANDS = {
     "harvest": Command("harvest per-neuron statistics into a Zarr store (resumable)", HarvestOptions, harvest),
     "summary": Command("per-group summary of a store", SummaryOptions, summary),
     "verify": Command("check a store in depth: every chunk's checksum, every finished shard's rows and digest, "
                       "the totals against their shards (one line per problem)", VerifyOptions, verify),
+    "compact": Command("drop a complete store's shard rows (most of its bytes), keeping its totals; without "
+                       "--drop-shard-rows, say what that would free", CompactOptions, compact),
 }

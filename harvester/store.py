@@ -2,7 +2,7 @@
 
 Layout::
 
-    STORE/                      root attrs ``lsn``: fingerprint, metadata, completion (:class:`StoreAttrs`)
+    STORE/                      root attrs ``lsn``: fingerprint, metadata, completion, compaction (:class:`StoreAttrs`)
       group, layer, neuron      coordinates (``group`` is a string coordinate)
       tokens   (group)          int64    totals, reduced from finished shards
       active   (group, layer, neuron)    int64     count of x > 0
@@ -22,6 +22,12 @@ Layout::
         done   (shard,)                   the completion manifest: 1 once a shard's data is written
         digest (shard, 32)                sha256 of a shard's rows and tokens (:class:`ShardDigest`)
       tokens/                       token shards (Parquet) and per-stream manifests, see windows.py
+
+``lsn compact`` (:mod:`harvester.compact`) may drop the chunks of ``shards/<var>`` of a complete store
+(for histograms, most of its bytes), keeping everything else and recording it in ``compacted``
+(:class:`Compacted`, written before the first row goes). Whatever needs those rows (a resampling
+bootstrap, convergence, ``lsn verify --repair``, a reduce) calls :func:`require_shard_rows` first;
+``lsn verify`` then checks the totals against the digest recorded when they were checked against them.
 
 The shard dimension has room for ``SHARDS_PER_STREAM`` shards per corpus stream (shard ``k`` of
 stream ``s`` is row ``s * SHARDS_PER_STREAM + k``); chunks never written take no space.
@@ -407,6 +413,25 @@ class Totals(_Section):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Compacted(_Section):
+    """``compacted``: ``lsn compact`` dropped the shard rows of the statistics (the chunks of
+    ``shards/<var>``; their metadata stays) after checking the totals against them. ``shards/done``,
+    ``shards/tokens``, ``shards/digest``, the totals and the token shards are kept. It is written before
+    the first row is deleted, so a reader that finds it never trusts a missing row
+    (:func:`require_shard_rows`), and rows still there are the leftovers of an interrupted compact."""
+
+    date: str = _field(_text, required=True)
+    variables: tuple[str, ...] = _field(_list_of(_text), required=True)
+    """The statistics whose shard rows were dropped (``shards/<var>``), in the store's variable order."""
+    rows: int = _field(_integer, required=True)
+    """Shard rows dropped: (shard, group) pairs, summed over the statistics."""
+    freed_bytes: int = _field(_integer, required=True)
+    totals_sha256: str = _field(_text, required=True)
+    """:func:`totals_sha256` of the totals once they were checked against their shards: what
+    ``lsn verify`` checks them against from then on."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Meta(_Section):
     """``meta``: what is known about the harvest beyond its fingerprint."""
 
@@ -450,6 +475,8 @@ class StoreAttrs(_Section, Mapping):
     complete: bool = _field(_flag, required=True)
     created: str | None = _field(_optional(_text))
     totals: Totals | None = _field(_optional(Totals.read))
+    compacted: Compacted | None = _field(_optional(Compacted.read))
+    """Set by ``lsn compact``: the shard rows of the statistics are gone (absent: every finished shard's rows are kept)."""
 
     @classmethod
     def new(cls, fingerprint: dict, *, layers: int, width: int, specs, architectures=(), versions: dict | None = None,
@@ -500,6 +527,8 @@ class StoreAttrs(_Section, Mapping):
             if values is not None and len(values) != n:
                 raise _Malformed(key, f"has {len(values)} entries for {n} groups")
         self._check_sums()
+        if self.compacted is not None and not self.complete:
+            raise _Malformed("compacted", "is set, but the store is not complete (only a complete store is compacted)")
         try:
             self.settings.spec
         except HarvestError as err:
@@ -598,6 +627,27 @@ def open_finished(path: str | Path) -> StoreAttrs:
         raise HarvestError(f"store {path} is not complete (its harvest did not finish): run the same "
                            "lsn harvest again to finish it")
     return attrs
+
+
+def require_shard_rows(attrs: StoreAttrs, path: str | Path, what: str) -> None:
+    """Refuse, in one line naming ``what`` (``"lsn analyze lape --bootstrap"``), a use of the shard rows of
+    the store at ``path`` (``attrs``: its attributes) once ``lsn compact`` dropped them. Call it before
+    reading any ``shards/<var>`` row; the totals, ``shards/done``, ``shards/tokens`` and ``shards/digest``
+    are always kept."""
+    if attrs.compacted is not None:
+        raise HarvestError(f"{what} needs the shard rows of store {path}, but lsn compact dropped them on "
+                           f"{attrs.compacted.date} (its totals are kept, for every analysis of the totals); "
+                           "harvest again into a new --store to have them")
+
+
+def totals_sha256(root, attrs: StoreAttrs) -> str:
+    """sha256 of a store's totals (``root``: its Zarr group, read checked): ``tokens`` (int64), then each
+    statistic's totals in the store's variable order, group by group, in their arrays' dtypes."""
+    sha = hashlib.sha256(np.ascontiguousarray(root["tokens"][:], dtype=np.int64).tobytes())
+    for var in attrs.settings.variables:
+        for g in range(len(attrs.corpus.groups)):
+            sha.update(np.ascontiguousarray(root[var][g]).tobytes())
+    return sha.hexdigest()
 
 
 def open_dataset(path: str | Path, attrs: StoreAttrs):
@@ -809,6 +859,7 @@ class Store:
     def reduce(self, indices: list[int], corpus_meta: dict | None = None) -> None:
         """Sum the shards ``indices`` into the totals (in index order: deterministic), record
         ``corpus_meta`` (digest, tokens per group, ...), and mark the store complete."""
+        require_shard_rows(self.attrs, self.path, "summing the totals")
         indices = sorted(indices)
         missing = [i for i, d in zip(indices, self.done(indices)) if not d]
         if missing:

@@ -6,6 +6,10 @@ equal to the digest written with them, the totals equal to the sum of their shar
 reduce's order), ``0 <= active <= tokens``, and every stream's token manifest readable. The store is
 read chunk by chunk (one row or one group's totals in memory at a time).
 
+A store ``lsn compact`` compacted has no shard rows: its totals are checked against the digest recorded
+when they were checked against them, ``shards/done``, ``shards/tokens`` and ``shards/digest`` as before,
+and it cannot be repaired (:func:`harvester.store.require_shard_rows`).
+
 Repair marks the damaged shards unfinished, clears stale totals and removes the damaged chunks (a shard's
 re-harvest, or the next reduce, writes them again), so that running the same harvest again re-harvests
 exactly those shards and leaves a store equal to an undamaged run's.
@@ -23,8 +27,8 @@ import numpy as np
 from harvester import fs, lease
 from harvester.errors import HarvestError
 from harvester.stats import VARIABLES, ranges_sha256
-from harvester.store import (ShardDigest, Store, StoreAttrs, Totals, _zarr, read_attrs, read_hist_ranges, tokens_dir,
-                             zarr_store)
+from harvester.store import (ShardDigest, Store, StoreAttrs, Totals, _zarr, read_attrs, read_hist_ranges,
+                             require_shard_rows, tokens_dir, totals_sha256, zarr_store)
 from harvester.windows import SHARDS_PER_STREAM, read_manifest
 
 
@@ -56,6 +60,8 @@ def run(path: str, repair: bool = False) -> None:
     if problems:
         step = (f"lsn verify --repair {path} marks the damaged shards for the same harvest to redo"
                 if all(p.repairable for p in problems) else "some are beyond repair: harvest into a new --store")
+        if read_attrs(path).compacted is not None:
+            step = "lsn compact dropped its shard rows, which a repair needs: harvest into a new --store"
         raise HarvestError(f"store {path} is damaged: {len(problems)} problem(s), listed above; {step}")
     print(f"{checked}: no problem found")
 
@@ -90,19 +96,63 @@ def inspect(path: str | Path) -> tuple[list[Problem], str]:
     foreign = _attrs_against_arrays(root, attrs, files)
     if foreign:  # what the attributes say cannot be trusted to check the rest by
         return foreign, f"store {path}: attributes against arrays"
+    files, leftovers = _without_dropped(files, attrs)
     problems = _bad_checksums(fsys, files) + _bad_manifests(path, files)
     done = _done_shards(root, files)
     problems += _unplanned(path, files, done)
     if attrs.complete:
         for name, _ in root.arrays():
             problems += _missing_chunks(root[name], name, files)
-    shards, missing = _shard_tokens(root, done, files, variables)
-    problems += missing + _check_rows(root, shards, variables, attrs.corpus.groups, attrs.complete)
+    rows = [] if attrs.compacted else variables  # the shard rows checked: none once compacted
+    shards, missing = _shard_tokens(root, done, files, rows)
+    if attrs.compacted:
+        problems += missing + _check_compacted(root, attrs)
+    else:
+        problems += missing + _check_rows(root, shards, variables, attrs.corpus.groups, attrs.complete)
     if attrs.complete:
         problems += _check_record(root, attrs, shards)
     n_chunks = sum(1 for key in files if _chunk_of(key))
     return problems, (f"store {path}: {n_chunks} chunks, {len(done)} finished shards"
-                      + (", totals" if attrs.complete else " (harvest not finished: no totals)"))
+                      + (", totals" if attrs.complete else " (harvest not finished: no totals)")
+                      + (_compacted_note(path, attrs, leftovers) if attrs.compacted else ""))
+
+
+def _without_dropped(files: dict[str, str], attrs: StoreAttrs) -> tuple[dict[str, str], int]:
+    """A compacted store's files without the shard-row chunks lsn compact drops (those still there are the
+    leftovers of an interrupted compact, never read), and how many those are."""
+    if attrs.compacted is None:
+        return files, 0
+    dropped = tuple(f"shards/{var}/c/" for var in attrs.compacted.variables)
+    kept = {key: full for key, full in files.items() if not key.startswith(dropped)}
+    return kept, len(files) - len(kept)
+
+
+def _compacted_note(path, attrs: StoreAttrs, leftovers: int) -> str:
+    note = (f" (shard rows dropped by lsn compact on {attrs.compacted.date}: the totals are checked against the "
+            "digest recorded then")
+    if leftovers:
+        note += f"; {leftovers} chunks of them an interrupted compact left: lsn compact {path} --drop-shard-rows drops them"
+    return note + ")"
+
+
+def _check_compacted(root, attrs: StoreAttrs) -> list[Problem]:
+    """A compacted store's totals: ``0 <= active <= tokens``, and the digest recorded when lsn compact
+    checked them against their shard rows (a chunk that is bad or missing is reported by the listing)."""
+    tokens = _read(root["tokens"], slice(None))
+    problems = []
+    for g, name in enumerate(attrs.corpus.groups):
+        for var in attrs.settings.variables:
+            total = _read(root[var], g)
+            if total is not None:
+                problems += _compare_total(var, name, total, total, None if tokens is None else int(tokens[g]))
+    try:
+        digest = totals_sha256(root, attrs)
+    except HarvestError:
+        return problems
+    if digest != attrs.compacted.totals_sha256:
+        problems.append(Problem("totals: differ from the digest recorded when lsn compact checked them against their "
+                                "shard rows", totals=True))
+    return problems
 
 
 def _attrs_against_arrays(root, attrs: StoreAttrs, files: dict[str, str]) -> list[Problem]:
@@ -310,6 +360,7 @@ def _repair(path: str) -> None:
     except HarvestError as err:
         raise HarvestError(f"{err}; lsn verify --repair cannot fix this: harvest into a new --store") from None
     with lease.acquire(path, say=lambda text: print(f"lsn: {text}", file=sys.stderr)) as held:
+        require_shard_rows(read_attrs(path), path, "lsn verify --repair")  # under the lease: no compact runs
         problems, checked = inspect(path)
         for p in problems:
             print(f"{path}: {p.text}" + ("" if p.repairable else " (beyond repair)"))

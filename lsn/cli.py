@@ -78,7 +78,7 @@ def _from_preset(message: str, args, argv: list[str]) -> str:
     return f" ({', '.join(named)} set by --preset {name})" if named else ""
 
 
-_WRITES = {"harvest": "store", "import": "store", "verify": "store"}
+_WRITES = {"harvest": "store", "import": "store", "verify": "store", "compact": "store"}
 """Where a command writes, when not to ``--out``."""
 _READS = ("store", "mask", "src", "model", "data", "prompts", "config")
 
