@@ -13,6 +13,7 @@ The bin edges do not enter: the overlap compares bin by bin, whatever the bins a
 
 from __future__ import annotations
 
+import sys
 from itertools import combinations
 
 import numpy as np
@@ -25,7 +26,7 @@ DEFAULT_PCT = 1.0
 MAX_LANGUAGES = 12
 """Every neuron is scored on each of its ``2^(K-1) - 1`` bipartitions (2047 for 12 languages)."""
 
-_BLOCK_BYTES = 1 << 26  # float64 pmf values of all languages computed at once (64 MiB)
+_BLOCK_BYTES = 1 << 22  # float64 pmf values of all languages at once (4 MiB: in cache, 2-3x faster than 64)
 
 
 def bipartitions(K: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
@@ -51,13 +52,14 @@ def _overlap_block(*blocks: np.ndarray) -> np.ndarray:
     l, n, B = blocks[0].shape
     out = np.empty((l, n, K * (K - 1) // 2), dtype=np.float32)
     step = max(1, _BLOCK_BYTES // max(8 * K * l * B, 1))  # neurons at a time
+    language_pairs = pairs(K)
     for start in range(0, n, step):
         cut = slice(start, start + step)
         pmf = []
         for block in blocks:
             h = np.asarray(block[:, cut], dtype=np.float64)
             pmf.append(h / np.maximum(h.sum(axis=-1, keepdims=True), 1e-12))
-        for p, (a, b) in enumerate(pairs(K)):
+        for p, (a, b) in enumerate(language_pairs):
             out[:, cut, p] = np.minimum(pmf[a], pmf[b]).sum(axis=-1)
     return out
 
@@ -65,6 +67,7 @@ def _overlap_block(*blocks: np.ndarray) -> np.ndarray:
 def overlaps(hist) -> np.ndarray:
     """Every neuron's pairwise overlaps ``[L, I, K(K-1)/2]`` (float32), in one pass over ``hist``."""
     import dask.array as da
+    from dask.diagnostics import ProgressBar
 
     from analysis.methods import _compute
 
@@ -72,7 +75,8 @@ def overlaps(hist) -> np.ndarray:
     rows = [hist[k].rechunk({2: -1}) for k in range(K)]
     chunks = rows[0].chunks[:2] + ((K * (K - 1) // 2,),)
     lazy = da.map_blocks(_overlap_block, *rows, chunks=chunks, dtype=np.float32)
-    (values,) = _compute(lazy)
+    with ProgressBar(minimum=2.0, out=sys.stderr):  # a bar on stderr once it takes 2 s (Dask's local schedulers)
+        (values,) = _compute(lazy)
     return np.asarray(values, dtype=np.float32)
 
 
