@@ -13,6 +13,7 @@ The bin edges do not enter: the overlap compares bin by bin, whatever the bins a
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from itertools import combinations
 
@@ -75,7 +76,8 @@ def overlaps(hist) -> np.ndarray:
     rows = [hist[k].rechunk({2: -1}) for k in range(K)]
     chunks = rows[0].chunks[:2] + ((K * (K - 1) // 2,),)
     lazy = da.map_blocks(_overlap_block, *rows, chunks=chunks, dtype=np.float32)
-    with ProgressBar(minimum=2.0, out=sys.stderr):  # a bar on stderr once it takes 2 s (Dask's local schedulers)
+    bar = ProgressBar(minimum=2.0, dt=0.5, out=sys.stderr) if sys.stderr.isatty() else contextlib.nullcontext()
+    with bar:  # on a terminal, once it takes 2 s (Dask's local schedulers)
         (values,) = _compute(lazy)
     return np.asarray(values, dtype=np.float32)
 
