@@ -235,3 +235,32 @@ def test_a_language_without_tokens_is_warned_about(tmp_path, capsys):
     mask = Mask.load(tmp_path / "m.npz")
     assert mask.extra["sln_total"] + mask.extra["mln_total"] == mask.n_layers * mask.width
     assert mask.extra["tau"] == 0.0
+
+
+def test_pooled_languages_are_summed_histograms(store, tmp_path):
+    """A language that pools groups (NAME=G1+G2) takes the sum of their histograms."""
+    out = tmp_path / "p.npz"
+    assert main(["analyze", "dln", "--store", str(store), "--out", str(out), "--langs", "west=en+de,zh,ru",
+                 "--pct", "10"]) == 0
+    ds = xr.open_zarr(store)["hist"]
+    hist = np.stack([ds.sel(group="en").values + ds.sel(group="de").values, ds.sel(group="zh").values,
+                     ds.sel(group="ru").values])
+    want, tau = ref_dln(hist, 10.0)
+    mask = Mask.load(out)
+    assert mask.languages == ["west", "zh", "ru"] and mask.extra["tau"] == tau
+    assert [s.tolist() for s in mask.selected] == [sorted(n for n, A in want.items() if k in A) for k in range(3)]
+
+
+def test_a_damaged_histogram_chunk_is_one_line(store, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "S"
+    shutil.copytree(store, copy)
+    chunk = copy / "hist" / "c" / "2" / "0" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    assert main(["analyze", "dln", "--store", str(copy), "--out", str(tmp_path / "m.npz")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("lsn: error: ") and "array 'hist' fails its crc32c checksum" in err[-1]
+    assert not [line for line in err if not line.startswith("lsn: ")] and not (tmp_path / "m.npz").exists()
