@@ -301,8 +301,9 @@ class LocalizerOptions(MethodOptions):
 class DlnOptions(MethodOptions):
     METHOD: ClassVar[str] = "dln"
     pct: float = _default(dln.dln, "pct")
-    """bottom percentile P: a neuron is selected when its two sides overlap at most as little as the
-    max(1, int(n·P/100))-th smallest of all n pairwise overlaps (the study's default: 1)"""
+    """bottom percentile P of all n pairwise overlaps (every neuron, every pair of languages): tau is the
+    max(1, int(n·P/100))-th smallest, and a neuron is selected when the largest overlap across its best
+    split is at most tau (the study's default)"""
 
     def select(self, counts):
         if len(counts.names) < 2:

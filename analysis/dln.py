@@ -111,7 +111,7 @@ def threshold(S: np.ndarray, pct: float) -> tuple[float, int, int]:
 
 
 def dln(hist, pct: float = DEFAULT_PCT) -> dict:
-    """DLN: neurons whose languages split into two sides that overlap little (bottom pct % of pair overlaps).
+    """DLN: neurons whose languages split in two sides that overlap as little as the bottom P percent of overlaps.
 
     ``hist`` Dask ``[K, L, I, B]``. ``{"selected": [per-language flat indices], "sides": {flat index: A},
     "tau", "n", "rank"}``: a selected neuron is in the list of every language of its side ``A``."""
