@@ -104,17 +104,16 @@ def threshold(S: np.ndarray, pct: float) -> tuple[float, int, int]:
     n = values.size
     if n == 0:
         raise HarvestError("no pairwise overlap to take a threshold of (no neurons)")
-    r = max(1, int(n * pct / 100.0))
-    if r > n:
-        raise HarvestError(f"--pct {pct} asks for the {r}-th of {n} overlaps")
+    r = max(1, int(n * pct / 100.0))  # at most n for pct <= 100
     return float(np.partition(values, r - 1)[r - 1]), n, r
 
 
 def dln(hist, pct: float = DEFAULT_PCT) -> dict:
     """DLN: neurons whose languages split in two sides that overlap as little as the bottom P percent of overlaps.
 
-    ``hist`` Dask ``[K, L, I, B]``. ``{"selected": [per-language flat indices], "sides": {flat index: A},
-    "tau", "n", "rank"}``: a selected neuron is in the list of every language of its side ``A``."""
+    ``hist`` Dask ``[K, L, I, B]``. ``{"selected": [per language, sorted flat indices], "chosen": every
+    selected flat index, "side": its bipartition (index into "parts", :func:`bipartitions`), "tau", "n" (the
+    pairwise overlaps), "rank"}``: a selected neuron is in the list of every language of its side ``A``."""
     K, L, I = hist.shape[:3]
     if K < 2:
         raise HarvestError(f"DLN splits a neuron's languages in two; it needs at least 2 languages, got {K}")
