@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from analysis import methods
+from analysis import dln, methods
 from analysis.data import BY
 from harvester.errors import HarvestError
 from harvester.fs import output_dir, output_file
@@ -57,6 +57,10 @@ class MethodOptions:
     def select(self, counts):
         """The mask of this method over ``counts`` (None: nothing to write)."""
         raise NotImplementedError
+
+    def summary(self, mask) -> list[str]:
+        """Lines printed after ``wrote MASK`` (none by default)."""
+        return []
 
 
 @dataclass(kw_only=True)
@@ -293,6 +297,51 @@ class LocalizerOptions(MethodOptions):
                                                     "count": result["count"]}, [f"{'+'.join(a)}>{'+'.join(b)}"])
 
 
+@dataclass(kw_only=True)
+class DlnOptions(MethodOptions):
+    METHOD: ClassVar[str] = "dln"
+    pct: float = _default(dln.dln, "pct")
+    """bottom percentile P of all n pairwise overlaps (every neuron, every pair of languages): tau is the
+    max(1, int(n·P/100))-th smallest, and a neuron is selected when the largest overlap across its best
+    split is at most tau (the study's default)"""
+
+    def select(self, counts):
+        if len(counts.names) < 2:
+            raise HarvestError(f"DLN splits each neuron's languages in two sides; it needs at least 2 languages, "
+                               f"got {len(counts.names)} ({', '.join(counts.names)})")
+        if "hist" not in counts.dataset:
+            raise HarvestError(f"DLN reads each language's activation histograms; store {counts.store} has none: "
+                               "harvest with --stats ...,hist")
+        _dln_notes(counts)
+        result = dln.dln(counts.variable("hist"), self.pct)
+        extra = {"tau": result["tau"], "n": result["n"], "rank": result["rank"],
+                 **dln.populations(result, counts.names)}
+        params = dict(pct=self.pct, bipartitions=len(result["parts"]),
+                      rule="per neuron the first two-sided split of least largest cross overlap; selected when "
+                           "that is <= tau; listed under the languages of its smaller side")
+        return _mask(self, counts, params, result, extra)
+
+    def summary(self, mask) -> list[str]:
+        e = mask.extra
+        return [f"tau {e['tau']:.6g} (the {e['rank']}-th smallest of {e['n']} pairwise overlaps, pct {mask.params['pct']:g}): "
+                f"{e['sln_total']} single-language neurons (SLN), {e['mln_total']} multi-language (MLN)",
+                "SLN: " + ", ".join(f"{k} {v}" for k, v in e["sln"].items()) + "; MLN: "
+                + ", ".join(f"{k} {v}" for k, v in e["mln"].items())]
+
+
+def _dln_notes(counts) -> None:
+    """DLN's one-line notes: a language without tokens, and histograms on fixed edges."""
+    for name, n in zip(counts.names, counts.tokens):
+        if n == 0:
+            print(f"lsn: warning: DLN: {name}'s histograms are empty, so it overlaps 0 with every language: "
+                  f"every neuron's least cost is then 0 and every neuron is selected (mostly as an SLN of {name}); "
+                  "leave it out with --langs", file=sys.stderr)
+    edges = counts.attrs.settings.hist_edges
+    if edges:
+        _note([f"note: the histograms are on fixed edges ({len(edges) + 1} bins, {edges[0]:g} to {edges[-1]:g}, the "
+               "same for every neuron); the study bins each neuron on its own range (--hist-edges from-store:...)"])
+
+
 def _check_pooled(counts) -> None:
     """The localizer compares samples (one pooled vector per stimulus), never token counts."""
     pooling = counts.attrs.settings.pooling
@@ -419,6 +468,8 @@ def _sizes(options: RandomOptions, base) -> list[int] | None:
 def _write(args, mask) -> None:
     path = mask.save(args.out)
     print(f"wrote {path}: {mask.method}, {_describe(mask)}")
+    for line in args.summary(mask):
+        print(line)
     _warn_empty_masks(mask)
     if getattr(args, "report", None):
         from analysis.report import write_report
@@ -449,7 +500,7 @@ def _check_rates(args) -> None:
     for name in ("filter_rate", "bar_ratio"):  # quantiles of the probabilities: 0 names no value
         if getattr(args, name, None) == 0:
             raise HarvestError(f"--{name.replace('_', '-')} is a quantile and must lie in (0, 1], got 0")
-    for name in ("top_percent", "percent"):
+    for name in ("top_percent", "percent", "pct"):
         value = getattr(args, name, None)
         if value is not None and not 0 <= value <= 100:
             raise HarvestError(f"--{name.replace('_', '-')} must lie in [0, 100], got {value}")
@@ -551,6 +602,7 @@ METHODS = {
     "act-prob-90p": _method(ActProb90pOptions, methods.act_prob_90p),
     "coverage": _method(CoverageOptions, methods.coverage),
     "localizer": _method(LocalizerOptions, methods.localizer),
+    "dln": _method(DlnOptions, dln.dln),
     "random": _method(RandomOptions, methods.random_control, random_mask),
 }
 

@@ -58,3 +58,14 @@ def test_hist_bytes():
     lines = run.stdout.strip().splitlines()
     assert any("int32 rows" in line for line in lines) and any("int64 rows" in line for line in lines)
     assert re.fullmatch(r"hist rows: int32/int64 bytes ratio \d+\.\d{3}", lines[-1])
+
+def test_dln_scale():
+    """DLN's benchmark writes its synthetic store and selects from it in a fresh process."""
+    run = subprocess.run([sys.executable, "benchmarks/dln_scale.py", "--layers", "2", "--width", "128", "--langs", "4",
+                          "--bins", "12"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.strip().splitlines()
+    assert re.fullmatch(r"tau [\d.e-]+ \(the \d+-th smallest of 1536 pairwise overlaps, pct 1\): \d+ single-language "
+                        r"neurons \(SLN\), \d+ multi-language \(MLN\)", lines[-3])
+    assert re.fullmatch(r"dln: [\d.]+ s \([\d.]+ s CPU\), [\d.]+ GiB peak RSS, load average [\d.]+ "
+                        r"\(4 x 2 x 128 x 12, pct 1\)", lines[-1])
