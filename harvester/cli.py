@@ -13,10 +13,21 @@ def harvest(options: HarvestOptions) -> None:
     from harvester.driver import harvest as run_harvest
     from harvester.summary import report_batches, report_losses, summarize
 
-    store = run_harvest(options.config())
+    config = options.config()
+    store = run_harvest(config, _partial_report(config.store, options.report_every))
     print(summarize(str(store.path)))
     report_batches(str(store.path), store.attrs)
     report_losses(store.attrs)
+
+
+def _partial_report(store: str, every: int | None):
+    """``--report-every N``: LAPE at its defaults over the shards finished so far, every N shards."""
+    if every is None:
+        return None
+    from analysis.cli import LapeOptions
+    from analysis.convergence import PartialReport
+
+    return PartialReport(store, every, LapeOptions(store=store, out="").select, LapeOptions.METHOD)
 
 
 @dataclass(kw_only=True)
