@@ -600,6 +600,17 @@ METHODS = {
     "random": _method(RandomOptions, methods.random_control, random_mask),
 }
 
+def harvest_reporting(options) -> None:
+    """``lsn harvest``, with ``--report-every N``: LAPE at its defaults over the shards finished so far, every N
+    shards (the harvester cannot import analysis/, so lsn's CLI runs the harvest from here)."""
+    from analysis.convergence import PartialReport
+    from harvester.cli import harvest
+
+    every, store = options.report_every, options.store
+    harvest(options, every and PartialReport(store, every, LapeOptions(store=store, out="").select,
+                                             LapeOptions.METHOD))
+
+
 CONVERGENCE = {name: Command(command.help, _convergence_options(command.options), convergence)
                for name, command in METHODS.items() if name not in ("autosweep", "random")}
 """``lsn convergence METHOD``: every method that selects one mask from a store's counts."""

@@ -9,25 +9,16 @@ from harvester.config import HarvestOptions
 from harvester.options import Command
 
 
-def harvest(options: HarvestOptions) -> None:
+def harvest(options: HarvestOptions, on_shard=None) -> None:
+    """``on_shard()``: called after each shard this run finishes; ``--report-every``'s partial reports come from
+    analysis/, which lsn's CLI passes here (:func:`analysis.cli.harvest_reporting`)."""
     from harvester.driver import harvest as run_harvest
     from harvester.summary import report_batches, report_losses, summarize
 
-    config = options.config()
-    store = run_harvest(config, _partial_report(config.store, options.report_every))
+    store = run_harvest(options.config(), on_shard)
     print(summarize(str(store.path)))
     report_batches(str(store.path), store.attrs)
     report_losses(store.attrs)
-
-
-def _partial_report(store: str, every: int | None):
-    """``--report-every N``: LAPE at its defaults over the shards finished so far, every N shards."""
-    if every is None:
-        return None
-    from analysis.cli import LapeOptions
-    from analysis.convergence import PartialReport
-
-    return PartialReport(store, every, LapeOptions(store=store, out="").select, LapeOptions.METHOD)
 
 
 @dataclass(kw_only=True)
