@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +86,35 @@ def language_tokens(mask: Mask, counts) -> list[int]:
             for lang in mask.languages]
 
 
+IN_MEMORY = 1 << 29
+"""Activation counts ``[K, L, I]`` up to this many bytes are summed in memory, each shard read once for
+all the points; larger ones are summed from the shard rows at every point (and every pass of the method)."""
+
+
+class _Prefixes:
+    """Counts over growing sets of shards (:func:`analysis.shards.weighted`); their activation counts, when
+    they fit :data:`IN_MEMORY`, those of the previous call plus the shards added since (integers: the same
+    sums), so that each shard is read once."""
+
+    def __init__(self, counts):
+        self.counts = counts
+        self.numer = np.zeros(counts.numer.shape, np.int64) if counts.numer.nbytes <= IN_MEMORY else None
+        self.summed: dict[int, np.ndarray] = {}  # shard index -> its weights [G] in self.numer
+
+    def at(self, plan: ShardPlan, weights: np.ndarray):
+        import dask.array as da
+
+        part = weighted(self.counts, plan, weights)
+        if self.numer is None or part.numer.dtype != np.int64:
+            return part
+        before = np.zeros_like(weights)
+        for s, index in enumerate(plan.indices):
+            before[s] = self.summed.get(int(index), 0)
+        self.numer = self.numer + weighted(self.counts, plan, weights - before).numer.compute()
+        self.summed.update({int(index): weights[s] for s, index in enumerate(plan.indices)})
+        return replace(part, numer=da.from_array(self.numer, chunks=self.counts.numer.chunks))
+
+
 def curve(counts, select, points: int = DEFAULT_POINTS, progress: bool = True) -> tuple[list[Point], Mask]:
     """The points of the convergence curve of ``select`` (counts -> :class:`Mask`) over the store of
     ``counts``, and the final mask (the last point's: from the totals, as ``lsn analyze`` selects)."""
@@ -95,10 +124,11 @@ def curve(counts, select, points: int = DEFAULT_POINTS, progress: bool = True) -
     groups = sorted({g for idx in counts.index for g in idx})
     _check_points(plan, counts, groups)
     taken = prefix_shards(plan, groups, points)
+    prefixes = _Prefixes(counts)
     steps = []  # (shards, mask, tokens) per point
     for j in tqdm(range(len(taken)), unit="point", desc="convergence", disable=not progress, file=sys.stderr):
         weights = prefix_weights(plan, taken[j])
-        part = counts if j == len(taken) - 1 else weighted(counts, plan, weights)
+        part = counts if j == len(taken) - 1 else prefixes.at(plan, weights)
         mask = select(part)
         steps.append((int((weights.sum(axis=1) > 0).sum()), mask, language_tokens(mask, part)))
     final = steps[-1][1]
@@ -192,7 +222,7 @@ class PartialReport:
 
     def __init__(self, store: str, every: int, select, method: str):
         self.store, self.every, self.select, self.method = store, every, select, method
-        self.finished, self.previous = 0, None
+        self.finished, self.previous, self.prefixes = 0, None, None
 
     def __call__(self) -> None:
         self.finished += 1
@@ -210,12 +240,15 @@ class PartialReport:
 
     def lines(self) -> list[str]:
         counts = partial_counts(self.store)
+        plan = counts.shards[0]
+        self.prefixes = self.prefixes or _Prefixes(counts)
+        counts = self.prefixes.at(plan, plan.ones())
         mask = self.select(counts)
         tokens = language_tokens(mask, counts)
         same = self.previous is not None and self.previous.languages == mask.languages
         to_previous = self.previous.jaccard(mask) if same else None
         self.previous = mask
-        done = len(counts.shards[0].indices)
+        done = len(plan.indices)
         return [f"partial [{done} shards done, store not complete] {lang}: "
                 f"{f'{tokens[k]} tokens so far' if tokens[k] else 'no tokens yet'}, "
                 f"{mask.selected[k].size} selected ({self.method}), Jaccard to the previous report "
