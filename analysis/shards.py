@@ -10,6 +10,9 @@ multiplicities are the weights); a prefix of the plan (weights 1 for a group's f
 what the harvest had summed after them. With every weight 1 the counts are the totals (integer
 statistics exactly; float sums up to the order of summation, which follows the reduce's).
 
+While a harvest still runs, :func:`partial_plan` and :func:`partial_counts` give the same over the shards
+marked done so far, PARTIAL and unchecked (there are no totals yet): ``lsn harvest --report-every``'s look.
+
 A shard is one chunk row per group, so ``--shard-tokens`` sets the granularity: a group of ``n``
 tokens has about ``n / shard_tokens`` shards to resample or to grow a prefix by.
 """
