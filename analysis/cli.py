@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from analysis import dln, methods
+from analysis.convergence import DEFAULT_POINTS
 from analysis.data import BY
 from harvester.errors import HarvestError
 from harvester.fs import output_dir, output_file
@@ -422,11 +423,21 @@ def _describe(mask) -> str:
 
 def analyze(options: MethodOptions) -> None:
     """Select with ``options``' method and write its mask (and report)."""
+    if options.out:
+        output_file(options.out, make=False)
+    with _opened(options) as counts:
+        mask = options.select(counts)
+        if mask is not None:
+            _write(options, mask)
+
+
+@contextlib.contextmanager
+def _opened(options: MethodOptions):
+    """A method's checks before any work, then its store's counts (said in one line when chosen by
+    default, warned about when a language has no tokens) on its Dask scheduler."""
     from analysis.data import open_counts
 
     _check_rates(options)
-    if options.out:
-        output_file(options.out, make=False)
     if options.report:
         output_dir(options.report, "--report", make=False)
     with _scheduler(options):
@@ -434,9 +445,44 @@ def analyze(options: MethodOptions) -> None:
                              options.by)
         _note([counts.note] if counts.note else [])
         _warn_empty_groups(counts)
-        mask = options.select(counts)
-        if mask is not None:
-            _write(options, mask)
+        yield counts
+
+
+@dataclass(kw_only=True)
+class ConvergenceOptions:
+    """What ``lsn convergence METHOD`` adds to the method's own options (those of ``lsn analyze METHOD``)."""
+
+    out: str
+    """directory for convergence.csv, convergence.png and the full-data mask (mask.npz)"""
+    points: Positive = DEFAULT_POINTS
+    """points on the curve, J: at point j each store group takes its first ceil(j·n/J) of its n shards (in plan
+    order); at most the largest group's shard count; the last point is all the data"""
+    no_progress: bool = False
+    """no progress bar"""
+
+
+def _convergence_options(options: type) -> type:
+    """``options`` (a method's) with :class:`ConvergenceOptions`' fields; ``--out`` names a directory."""
+    name = options.__name__.removesuffix("Options") + "ConvergenceOptions"
+    return dataclass(kw_only=True)(type(name, (ConvergenceOptions, options), {}))
+
+
+def convergence(options) -> None:
+    """Masks from growing prefixes of each group's shards against the full-data mask: CSV, PNG, a table."""
+    from analysis.convergence import HOW_TO_READ, curve, table, write
+
+    output_dir(options.out, make=False)
+    with _opened(options) as counts:
+        rows, final = curve(counts, options.select, options.points, not options.no_progress)
+    written = write(rows, final, output_dir(options.out))
+    print(f"{final.method} on {max(r.point for r in rows)} growing prefixes of {options.store}: {HOW_TO_READ}")
+    print(table(rows))
+    print(f"wrote {', '.join(str(p) for p in written)}")
+    _warn_empty_masks(final)
+    if options.report:
+        from analysis.report import write_report
+
+        print(f"report: {write_report(final, options.report)}")
 
 
 def random_mask(options: RandomOptions) -> None:
@@ -606,8 +652,25 @@ METHODS = {
     "random": _method(RandomOptions, methods.random_control, random_mask),
 }
 
+def harvest_reporting(options) -> None:
+    """``lsn harvest``, with ``--report-every N``: LAPE at its defaults over the shards finished so far, every N
+    shards (the harvester cannot import analysis/, so lsn's CLI runs the harvest from here)."""
+    from analysis.convergence import PartialReport
+    from harvester.cli import harvest
+
+    every, store = options.report_every, options.store
+    harvest(options, every and PartialReport(store, every, LapeOptions(store=store, out="").select,
+                                             LapeOptions.METHOD))
+
+
+CONVERGENCE = {name: Command(command.help, _convergence_options(command.options), convergence)
+               for name, command in METHODS.items() if name not in ("autosweep", "random")}
+"""``lsn convergence METHOD``: every method that selects one mask from a store's counts."""
+
 COMMANDS = {
     "analyze": Group("select language neurons from a store with a published method", "method", METHODS),
+    "convergence": Group("did the harvest count enough tokens? a method's masks from growing prefixes of the "
+                         "store's shards against its full-data mask (CSV, PNG)", "method", CONVERGENCE),
     "mask": Group("convert masks to and from the published format", "mask_command", {
         "export": Command("write a mask in the published format", ExportOptions, export_mask),
         "import": Command("read a mask in the published format", MaskImportOptions, import_mask)}),

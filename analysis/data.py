@@ -112,13 +112,17 @@ pooled; ``group`` every store group as it is."""
 
 
 def open_counts(store: str, langs: list[str] | None = None, response_only: bool = False,
-                by: str | None = None) -> Counts:
+                by: str | None = None, unfinished: bool = False) -> Counts:
     """The counts of the languages named by ``langs`` (groups, ``NAME=G1+G2``) or, without them, by
-    ``by`` (:data:`BY`; with ``by`` given, ``langs`` chooses among its languages)."""
-    from harvester.store import open_dataset, open_finished
+    ``by`` (:data:`BY`; with ``by`` given, ``langs`` chooses among its languages). ``unfinished``: also a
+    store whose harvest is still running, whose totals are zeros: only for
+    :func:`analysis.shards.partial_counts`, which replaces them by its finished shards' rows."""
+    from harvester.store import open_dataset, open_finished, read_attrs
 
-    attrs = open_finished(store)
-    ds = open_dataset(store, attrs)  # every chunk read is checked: damage is an error, never a number
+    attrs = read_attrs(store) if unfinished else open_finished(store)
+    if attrs is None:
+        raise HarvestError(f"no store at {store}")
+    ds = _unfinished(store) if unfinished else open_dataset(store, attrs)  # open_dataset checks every chunk read
     groups = [str(g) for g in ds["group"].values]
     if response_only and by not in (None, "language"):
         raise HarvestError(f"--response-only takes the response groups' languages; it does not combine with --by {by}")
@@ -134,6 +138,16 @@ def open_counts(store: str, langs: list[str] | None = None, response_only: bool 
         counts.note = note
         return counts
     return _summed(store, attrs, ds, groups, _parse_langs(langs, groups, store), None)
+
+
+def _unfinished(store: str):
+    """The dataset of a store whose harvest still runs: its totals, not reduced yet, are unwritten chunks
+    read as zeros, never used (:func:`analysis.shards.partial_counts` reads the finished shards' rows, checked)."""
+    import xarray as xr
+
+    from harvester.store import zarr_store
+
+    return xr.open_zarr(zarr_store(store, read_only=True), consolidated=True)
 
 
 def language_view(groups: list[str], by: str, explicit: bool) -> tuple[list | None, bool, str | None]:

@@ -166,6 +166,21 @@ class Mask:
         """Languages with no selected unit: intervening on them changes nothing."""
         return [lang for lang, sel in zip(self.languages, self.selected) if sel.size == 0]
 
+    def jaccard(self, other: "Mask") -> np.ndarray:
+        """float64 ``[K]``: per language, ``|A ∩ B| / |A ∪ B|`` of this mask's and ``other``'s flat indices
+        (1.0 where both select nothing); the masks must have the same languages and shape."""
+        if (self.languages, self.n_layers, self.width) != (other.languages, other.n_layers, other.width):
+            raise HarvestError(f"masks of other languages or shape cannot be compared: {', '.join(self.languages)} "
+                               f"({self.n_layers} x {self.width}) and {', '.join(other.languages)} "
+                               f"({other.n_layers} x {other.width})")
+        out = np.ones(len(self.languages), np.float64)
+        for k, (a, b) in enumerate(zip(self.selected, other.selected)):
+            shared = np.intersect1d(a, b, assume_unique=True).size
+            union = a.size + b.size - shared
+            if union:
+                out[k] = shared / union
+        return out
+
     def index(self, language: str) -> int:
         if language not in self.languages:
             raise HarvestError(f"language '{language}' is not in the mask; it has {', '.join(self.languages)}")

@@ -10,6 +10,9 @@ multiplicities are the weights); a prefix of the plan (weights 1 for a group's f
 what the harvest had summed after them. With every weight 1 the counts are the totals (integer
 statistics exactly; float sums up to the order of summation, which follows the reduce's).
 
+While a harvest still runs, :func:`partial_plan` and :func:`partial_counts` give the same over the shards
+marked done so far, PARTIAL and unchecked (there are no totals yet): ``lsn harvest --report-every``'s look.
+
 A shard is one chunk row per group, so ``--shard-tokens`` sets the granularity: a group of ``n``
 tokens has about ``n / shard_tokens`` shards to resample or to grow a prefix by.
 """
@@ -63,9 +66,6 @@ def _finished(path: str) -> list[int]:
 def shard_plan(path: str, attrs) -> ShardPlan:
     """The shards the totals of the finished store at ``path`` were summed from; an error when the store
     keeps none (an import) or its finished shards are not those (the store was changed since)."""
-    from harvester.checked import checked
-    from harvester.store import _zarr, zarr_store
-
     totals = attrs.totals
     if totals is None or totals.shards == 0:
         raise HarvestError(f"store {path} keeps no shard rows (its totals were imported or written without "
@@ -74,13 +74,42 @@ def shard_plan(path: str, attrs) -> ShardPlan:
     if hashlib.sha256(json.dumps(indices).encode()).hexdigest() != totals.shards_sha256:
         raise HarvestError(f"store {path}: its finished shards ({len(indices)}) are not those its totals were "
                            f"summed from ({totals.shards}); lsn verify {path} lists every problem")
-    array = _zarr().open_array(store=checked(zarr_store(path, read_only=True), path), path="shards/tokens",
-                               mode="r")
-    tokens = np.stack([np.asarray(array[i], np.int64) for i in indices])
-    if tuple(int(n) for n in tokens.sum(axis=0)) != tuple(totals.tokens):
+    plan = _plan(path, indices, len(totals.tokens))
+    if tuple(int(n) for n in plan.tokens.sum(axis=0)) != tuple(totals.tokens):
         raise HarvestError(f"store {path}: its shards' tokens do not sum to its totals; lsn verify {path} "
                            "lists every problem")
-    return ShardPlan(np.asarray(indices, np.int64), tokens)
+    return plan
+
+
+def _plan(path: str, indices: list[int], n_groups: int) -> ShardPlan:
+    """The plan of the shards ``indices`` (in that order), their tokens read from the store."""
+    from harvester.checked import checked
+    from harvester.store import _zarr, zarr_store
+
+    array = _zarr().open_array(store=checked(zarr_store(path, read_only=True), path), path="shards/tokens",
+                               mode="r")
+    tokens = [np.asarray(array[i], np.int64) for i in indices]
+    return ShardPlan(np.asarray(indices, np.int64),
+                     np.stack(tokens) if tokens else np.zeros((0, n_groups), np.int64))
+
+
+def partial_plan(path: str, n_groups: int) -> ShardPlan:
+    """The shards of the store at ``path`` marked done so far, while its harvest may still run: PARTIAL,
+    not checked against any totals (there are none yet), for a look at the data harvested so far
+    (``lsn harvest --report-every``), never for results. A shard counts only once its ``done`` chunk says
+    1, which a worker writes after the shard's rows and digest."""
+    return _plan(path, _finished(path), n_groups)
+
+
+def partial_counts(path: str, langs: list[str] | None = None, by: str | None = None):
+    """PARTIAL counts of a store whose harvest may still run: its languages (as :func:`analysis.data.open_counts`
+    chooses them) over the shards finished so far (:func:`partial_plan`), read from the shard rows;
+    nothing is written."""
+    from analysis.data import open_counts
+
+    counts = open_counts(path, langs, by=by, unfinished=True)
+    plan = partial_plan(path, len(counts.attrs.corpus.groups))
+    return weighted(counts, plan, plan.ones())
 
 
 class _Row:

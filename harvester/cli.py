@@ -9,11 +9,13 @@ from harvester.config import HarvestOptions
 from harvester.options import Command
 
 
-def harvest(options: HarvestOptions) -> None:
+def harvest(options: HarvestOptions, on_shard=None) -> None:
+    """``on_shard()``: called after each shard this run finishes; ``--report-every``'s partial reports come from
+    analysis/, which lsn's CLI passes here (:func:`analysis.cli.harvest_reporting`)."""
     from harvester.driver import harvest as run_harvest
     from harvester.summary import report_batches, report_losses, summarize
 
-    store = run_harvest(options.config())
+    store = run_harvest(options.config(), on_shard)
     print(summarize(str(store.path)))
     report_batches(str(store.path), store.attrs)
     report_losses(store.attrs)

@@ -340,6 +340,13 @@ class HarvestOptions(DeviceOptions):
     """ec40: harvest each pair's source side, its target side, or both (source then target)"""
     no_progress: bool = False
     """no progress bars"""
+    report_every: Positive | None = None
+    """every N shards this run finishes, print a PARTIAL look at the data so far, one line per language
+    labelled partial: its tokens, the units LAPE (default settings) selects over the finished shards, and
+    the Jaccard to the previous report's selection (near 1 and steady: the mask settles). Each report reads
+    the shards finished since the last and runs LAPE, and the harvest waits for it without Ray; it never
+    writes to the store, and a report that fails only warns (none: no reports; lsn convergence draws the
+    full curve afterwards)"""
     overwrite: bool = HarvestConfig.overwrite
     """discard an existing store at --store (after every up-front check passed) and harvest anew, instead of
     resuming it"""

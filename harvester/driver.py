@@ -30,8 +30,10 @@ from harvester.worker import ShardWorker, TokenizeJob, WorkerConfig, tokenize
 _MAX_ATTEMPTS = 3
 
 
-def harvest(cfg: HarvestConfig) -> Store:
-    """Run (or resume) the harvest ``cfg`` describes; returns the completed store.
+def harvest(cfg: HarvestConfig, on_shard=None) -> Store:
+    """Run (or resume) the harvest ``cfg`` describes; returns the completed store. ``on_shard()`` is called
+    in this process after each shard this run finishes (its rows written and marked done), with or
+    without Ray.
 
     Every check that runs no model on the corpus comes before a store is created (or, with
     ``cfg.overwrite``, discarded); a run refused later removes the store it created while none of the
@@ -67,7 +69,8 @@ def harvest(cfg: HarvestConfig) -> Store:
         if store is not None and store.complete:
             _say(cfg, f"store {cfg.store} is already complete")
             return store
-        return _harvest_into(cfg, held, fingerprint, _meta(cfg, config), corpora, settings, model_path, spec, replace)
+        return _harvest_into(cfg, held, fingerprint, _meta(cfg, config), corpora, settings, model_path, spec, replace,
+                             on_shard)
 
 
 def _needs_eos(cfg: HarvestConfig, corpora) -> bool:
@@ -117,7 +120,7 @@ def _overwrite(path: str, attrs: StoreAttrs) -> None:
 
 def _harvest_into(cfg: HarvestConfig, held: lease.Lease, fingerprint: dict, meta: dict, corpora,
                   settings: TokenSettings, model_path: str, spec: StatsSpec,
-                  replace: StoreAttrs | None = None) -> Store:
+                  replace: StoreAttrs | None = None, on_shard=None) -> Store:
     """Create or resume the store under the lease ``held``, run every shard, reduce the totals.
     ``replace``: the attributes of a store ``--overwrite`` discards, once the model has loaded (the last
     check before anything is written), so that a run refused before then keeps it."""
@@ -148,7 +151,7 @@ def _harvest_into(cfg: HarvestConfig, held: lease.Lease, fingerprint: dict, meta
     _say(cfg, start_line(cfg.device, cfg.dtype, on_ray))
     runner = _run_ray if on_ray else _run_local
     try:
-        infos = runner(cfg, wcfg, job, n_streams, open_store, held.raise_if_lost)
+        infos = runner(cfg, wcfg, job, n_streams, open_store, held.raise_if_lost, on_shard)
     except Exception:
         if created:
             _remove_created(cfg.store, held)
@@ -290,11 +293,13 @@ def _per_group(manifests: list[dict], key: str, n_groups: int) -> list[int] | No
 
 
 class _Progress:
-    """A tqdm bar over harvested tokens whose total grows as tokenization finds more."""
+    """A tqdm bar over harvested tokens whose total grows as tokenization finds more; ``on_shard()`` hears
+    of each shard this run finished."""
 
-    def __init__(self, cfg: HarvestConfig):
+    def __init__(self, cfg: HarvestConfig, on_shard=None):
         from tqdm.auto import tqdm
 
+        self.on_shard = on_shard
         self.bar = tqdm(total=0, unit="tok", unit_scale=True, desc="harvest", disable=not cfg.progress,
                         smoothing=0.1, file=sys.stderr)
         self.streams_done = 0
@@ -305,6 +310,12 @@ class _Progress:
 
     def update(self, n: int) -> None:
         self.bar.update(n)
+
+    def finished(self, n: int) -> None:
+        """A shard of ``n`` tokens this run harvested is written and marked done."""
+        self.bar.update(n)
+        if self.on_shard is not None:
+            self.on_shard()
 
     def stream_done(self, n_streams: int) -> None:
         self.streams_done += 1
@@ -318,19 +329,22 @@ class _Progress:
 
 
 def _run_local(cfg: HarvestConfig, wcfg: WorkerConfig, job: TokenizeJob, n_streams: int, open_store,
-               guard) -> list:
+               guard, on_shard=None) -> list:
     """Every shard in this process; ``guard()`` raises once the store's lease was lost."""
     worker = ShardWorker(wcfg)
     try:
         store = open_store(worker.shape())
         infos = []
-        with _Progress(cfg) as bar:
+        with _Progress(cfg, on_shard) as bar:
             for stream in range(n_streams):
                 for info in tokenize(job, stream):
                     infos.append(info)
                     bar.planned(info)
                     guard()
-                    bar.update(info.n_tokens if store.done([info.index])[0] else worker.run(info))
+                    if store.done([info.index])[0]:
+                        bar.update(info.n_tokens)
+                    else:
+                        bar.finished(worker.run(info))
                 bar.stream_done(n_streams)
         return infos
     finally:
@@ -338,7 +352,7 @@ def _run_local(cfg: HarvestConfig, wcfg: WorkerConfig, job: TokenizeJob, n_strea
 
 
 def _run_ray(cfg: HarvestConfig, wcfg: WorkerConfig, job: TokenizeJob, n_streams: int, open_store,
-             guard) -> list:
+             guard, on_shard=None) -> list:
     """Every shard on Ray actors; ``guard()`` raises once the store's lease was lost."""
     import ray
 
@@ -350,7 +364,7 @@ def _run_ray(cfg: HarvestConfig, wcfg: WorkerConfig, job: TokenizeJob, n_streams
         store = open_store(ray_get(ray, actors[0].shape.remote()))
         task = ray.remote(num_returns="streaming", num_cpus=res.tokenize_cpus, max_retries=2,
                           _generator_backpressure_num_objects=2)(tokenize)
-        with _Progress(cfg) as bar:
+        with _Progress(cfg, on_shard) as bar:
             return _Dispatcher(ray, store, actors, res, wcfg, task, job, n_streams, bar).run(guard)
     finally:
         for actor in actors:  # none writes a shard after the harvest stopped (a refused one removes its store)
@@ -572,9 +586,11 @@ class _Dispatcher:
         actor, info = self.inflight.pop(ref)
         self.load[id(actor)] -= 1
         try:
-            self.bar.update(ray_get(self.ray, ref))
+            n = ray_get(self.ray, ref)
         except self.ray.exceptions.RayActorError:
             self._replace(actor, info)
+            return
+        self.bar.finished(n)
 
     def _replace(self, actor, info: ShardInfo) -> None:
         """Re-queue every shard the dead actor held, and start a fresh actor in its place."""

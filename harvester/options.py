@@ -70,8 +70,8 @@ def field_docs(cls) -> dict[str, str]:
     """The docstring under each field of ``cls`` and of the dataclasses it extends."""
     docs = {}
     for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
+        if not dataclasses.is_dataclass(klass) or not klass.__dict__.get("__annotations__"):
+            continue  # a class declaring no field of its own (one made by a function) adds no docstring
         body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
         for node, after in zip(body, body[1:]):
             if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)

@@ -10,6 +10,7 @@ import signal
 import sys
 
 from analysis.cli import COMMANDS as ANALYSIS
+from analysis.cli import harvest_reporting
 from harvester.cli import COMMANDS as HARVESTER
 from harvester.errors import HarvestError, explain, fault_of
 from harvester.options import Command, Keyed, Parser, add_options, add_presets, parse
@@ -33,22 +34,36 @@ def build_parser() -> Parser:
     parser = Parser(prog="lsn", description="Exact per-neuron MLP statistics for language-specific neuron "
                     "research. Every command takes --config FILE.yaml (keys: its flag names).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for name, entry in {**HARVESTER, **ANALYSIS, **JOBS, "presets": presets.COMMAND}.items():
+    reporting = {"harvest": HARVESTER["harvest"]._replace(run=harvest_reporting)}  # --report-every: analysis/
+    for name, entry in {**HARVESTER, **reporting, **ANALYSIS, **JOBS, "presets": presets.COMMAND}.items():
         _add(sub, (name,), entry)
     return parser
+
+
+def _method_flag(argv: list[str]) -> list[str]:
+    """``lsn convergence --method M ...`` (issue 18's spelling) as ``lsn convergence M ...``: the method is a
+    subcommand, as in ``lsn analyze M``, so that each method's own flags and help come with it."""
+    if argv[:1] != ["convergence"]:
+        return argv
+    for i, arg in enumerate(argv):
+        if arg == "--method" and i + 1 < len(argv):
+            return [argv[0], argv[i + 1], *argv[1:i], *argv[i + 2:]]
+        if arg.startswith("--method="):
+            return [argv[0], arg.partition("=")[2], *argv[1:i], *argv[i + 1:]]
+    return argv
 
 
 def main(argv: list[str] | None = None) -> int:
     from harvester.signals import graceful
 
+    argv = _method_flag(sys.argv[1:] if argv is None else list(argv))
     args = None
     try:
         with graceful():  # SIGINT/SIGTERM: every cleanup runs, then one line and 128 + signal
             args, options = parse(build_parser(), argv)
             args._run(options)
     except HarvestError as err:
-        print(f"lsn: error: {err}{_from_preset(str(err), args, sys.argv[1:] if argv is None else argv)}",
-              file=sys.stderr)
+        print(f"lsn: error: {err}{_from_preset(str(err), args, argv)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
         signum = getattr(err, "signum", signal.SIGINT)

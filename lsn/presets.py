@@ -60,7 +60,7 @@ PRESETS: dict[str, Preset] = {
 
 def for_command(path: tuple[str, ...]) -> dict[str, dict]:
     """``{preset: values}`` of every preset that sets something for the command ``path``."""
-    key = " ".join(path)
+    key = " ".join(("analyze", *path[1:]) if path[0] == "convergence" else path)  # a method's, for its curve
     return {name: p.commands[key] for name, p in PRESETS.items() if key in p.commands}
 
 
