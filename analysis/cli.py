@@ -53,10 +53,30 @@ class MethodOptions:
     """an existing Dask scheduler (tcp://host:8786)"""
     local_cluster: Positive | None = None
     """run on a dask.distributed LocalCluster of N workers (none: Dask's threaded scheduler)"""
+    bootstrap: Positive | None = None
+    """also select on N bootstrap resamples of the store's shards (each group's shards drawn with
+    replacement) and store in the mask how often each neuron was selected, the stable mask and each
+    resample's Jaccard to the full-data mask (see README); needs a harvested store's shard rows"""
+    seed: int = 0
+    """seed of the bootstrap's draws (numpy.random.default_rng): the same seed gives the same mask file"""
+    stable: float = 0.9
+    """with --bootstrap: the stable mask holds the neurons selected in at least ceil(F * N) resamples"""
+    no_progress: bool = False
+    """no progress bar over the bootstrap resamples"""
+
+    HOLD_ACTIVE: ClassVar[bool] = False
+    """The method reads the activation counts in several passes: a bootstrap resample computes them once
+    and holds them (analysis.bootstrap.HOLD_BYTES) instead of summing its shard rows again for each pass."""
 
     def select(self, counts):
-        """The mask of this method over ``counts`` (None: nothing to write)."""
+        """The mask of this method over ``counts`` (None: no mask). It prints nothing: a bootstrap runs it
+        once per resample (see :meth:`run`)."""
         raise NotImplementedError
+
+    def run(self, counts) -> tuple:
+        """The full-data selection as the command shows it: ``(mask or None, lines to print last)``; what
+        a method says about its result (a warning, λ) it prints here, once."""
+        return self.select(counts), []
 
 
 @dataclass(kw_only=True)
@@ -77,6 +97,8 @@ def _mask(options: MethodOptions, counts, params: dict, result: dict, extra: dic
 @dataclass(kw_only=True)
 class LapeFamilyOptions(ProbabilityOptions):
     """The two thresholds LAPE and its variant share."""
+
+    HOLD_ACTIVE: ClassVar[bool] = True
 
     filter_rate: float = _default(methods.lape, "filter_rate")
     """quantile of the activation probabilities a neuron must exceed in some language"""
@@ -112,6 +134,8 @@ class LapeVariantOptions(LapeFamilyOptions):
 class EntropyFamilyOptions(ProbabilityOptions):
     """What entropy-λ and its autosweep share."""
 
+    HOLD_ACTIVE: ClassVar[bool] = True
+
     METHOD: ClassVar[str] = "entropy-lambda"
     top_rate: float = _default(methods.EntropyLambda, "top_rate")
     """share of neurons with the highest activation probability considered"""
@@ -145,20 +169,26 @@ class AutosweepOptions(EntropyFamilyOptions):
     """last line: {"lambda": ..., "appear": [...]}"""
 
     def select(self, counts):
-        model = methods.EntropyLambda(counts.probabilities(), self.top_rate, self.bar_ratio)
-        lam, appear = model.autosweep(self.lo, self.hi, self.eps)
-        params = dict(top_rate=self.top_rate, bar_ratio=self.bar_ratio, lo=self.lo, hi=self.hi, eps=self.eps)
+        return self._search(counts)[0]
+
+    def run(self, counts):
+        mask, lam, appear = self._search(counts)
         if lam is None:
             print(f"no λ in [{self.lo}, {self.hi}] leaves appear[K] = 0 (appear at lo: {appear})")
         else:
             print(f"λ = {lam} (appear = {appear})")
-        if self.out and lam is not None:
-            mask = _mask(self, counts, {**params, "lambda": lam, "autosweep": True}, {"selected": model.masks(lam)},
-                         {"appear": appear, "beta": model.beta})
-            _write(self, mask)
-        if self.json:
-            print(json.dumps({"lambda": lam, "appear": appear}))
-        return None
+        return mask, [json.dumps({"lambda": lam, "appear": appear})] if self.json else []
+
+    def _search(self, counts) -> tuple:
+        """``(mask at the λ found or None, λ, appear)``."""
+        model = methods.EntropyLambda(counts.probabilities(), self.top_rate, self.bar_ratio)
+        lam, appear = model.autosweep(self.lo, self.hi, self.eps)
+        if lam is None:
+            return None, lam, appear
+        params = dict(top_rate=self.top_rate, bar_ratio=self.bar_ratio, lo=self.lo, hi=self.hi, eps=self.eps)
+        mask = _mask(self, counts, {**params, "lambda": lam, "autosweep": True}, {"selected": model.masks(lam)},
+                     {"appear": appear, "beta": model.beta})
+        return mask, lam, appear
 
 
 @dataclass(kw_only=True)
@@ -191,14 +221,17 @@ class ActProb90pOptions(ProbabilityOptions):
                       percentile=f"{PERCENTILE_OVER[self.percentile_of]}, interpolated linearly inside its "
                                  "histogram bin")
         hist = counts.variable("hist")  # a store without it: one line naming --stats
-        pool = counts.dataset["hist"].data.sum(axis=0) if self.percentile_of == "pooled" else None  # every
-        result = methods.act_prob_90p(hist, counts.tokens, self.percent, self.rate,  # harvested group pooled,
-                                      self.percentile_of, pool)  # whatever --langs picks
+        pool = counts.pooled("hist") if self.percentile_of == "pooled" else None  # every harvested group
+        result = methods.act_prob_90p(hist, counts.tokens, self.percent, self.rate,  # pooled, whatever
+                                      self.percentile_of, pool)  # --langs picks
+        return _mask(self, counts, params, result)
+
+    def run(self, counts):
         if self.percentile_of == "own":
             print("lsn: warning: --percentile-of own: each language's share above its own percentile is "
                   f"{100 - self.percent}% for every neuron with tokens; the mask is decided by ties (flat index)",
                   file=sys.stderr)
-        return _mask(self, counts, params, result)
+        return super().run(counts)
 
     def _batch_mean(self, counts):
         """The share of each language's tokens above its mean batch percentile, counted by the harvest."""
@@ -375,7 +408,12 @@ def analyze(options: MethodOptions) -> None:
     """Select with ``options``' method and write its mask (and report)."""
     from analysis.data import open_counts
 
+    from analysis import bootstrap
+
     _check_rates(options)
+    bootstrap.check_options(options.bootstrap, options.stable)
+    if options.bootstrap and not options.out:
+        raise HarvestError("--bootstrap needs --out: the mask file holds the bootstrap's results")
     if options.out:
         output_file(options.out, make=False)
     if options.report:
@@ -385,9 +423,14 @@ def analyze(options: MethodOptions) -> None:
                              options.by)
         _note([counts.note] if counts.note else [])
         _warn_empty_groups(counts)
-        mask = options.select(counts)
-        if mask is not None:
+        plan = bootstrap.prepare(counts) if options.bootstrap else None  # refused before any work
+        mask, last = options.run(counts)
+        if mask is not None and options.out:
+            if plan is not None:
+                mask.bootstrap = bootstrap.stability(options, counts, plan, mask)
             _write(options, mask)
+        for line in last:
+            print(line)
 
 
 def random_mask(options: RandomOptions) -> None:
@@ -419,6 +462,10 @@ def _sizes(options: RandomOptions, base) -> list[int] | None:
 def _write(args, mask) -> None:
     path = mask.save(args.out)
     print(f"wrote {path}: {mask.method}, {_describe(mask)}")
+    if mask.bootstrap is not None:
+        from analysis.bootstrap import summary
+
+        print("\n".join(summary(mask)))
     _warn_empty_masks(mask)
     if getattr(args, "report", None):
         from analysis.report import write_report

@@ -60,16 +60,23 @@ def _finished(path: str) -> list[int]:
     return [i for i in listed if int(done[i]) == 1]
 
 
+def require_shard_rows(path: str, attrs) -> None:
+    """The one place that decides whether the store at ``path`` still keeps the shard rows its totals were
+    summed from (every reader of shard rows goes through :func:`shard_plan`, which calls it first)."""
+    totals = attrs.totals
+    if totals is None or totals.shards == 0:
+        raise HarvestError(f"store {path} keeps no shard rows (its totals were imported or written without "
+                           "shards): resampling and prefixes need a harvested store")
+
+
 def shard_plan(path: str, attrs) -> ShardPlan:
     """The shards the totals of the finished store at ``path`` were summed from; an error when the store
     keeps none (an import) or its finished shards are not those (the store was changed since)."""
     from harvester.checked import checked
     from harvester.store import _zarr, zarr_store
 
+    require_shard_rows(path, attrs)
     totals = attrs.totals
-    if totals is None or totals.shards == 0:
-        raise HarvestError(f"store {path} keeps no shard rows (its totals were imported or written without "
-                           "shards): resampling and prefixes need a harvested store")
     indices = _finished(path)
     if hashlib.sha256(json.dumps(indices).encode()).hexdigest() != totals.shards_sha256:
         raise HarvestError(f"store {path}: its finished shards ({len(indices)}) are not those its totals were "
