@@ -47,10 +47,10 @@ def check_options(resamples: int | None, stable: float) -> None:
 def prepare(counts):
     """The store's shard plan, checked before any work: an error for a store without shard rows or for
     full-minus-prompt languages; a one-line warning for groups of a single shard."""
-    from analysis.shards import shard_plan, weighted
+    from analysis.shards import check_recomputable, shard_plan
 
+    check_recomputable(counts)
     plan = shard_plan(counts.store, counts.attrs)
-    weighted(counts, plan, plan.ones())  # refuses what cannot be recomputed from shards
     groups = [str(g) for g in counts.dataset["group"].values]
     single = sorted({groups[g] for idx in counts.index for g in idx if plan.rows(g).size == 1})
     if single:

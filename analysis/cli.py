@@ -544,6 +544,45 @@ def import_mask(options: MaskImportOptions) -> None:
 
 
 @dataclass(kw_only=True)
+class StableOptions:
+    POSITIONAL: ClassVar[tuple[str, ...]] = ("mask", "out")
+    mask: str
+    """mask file written with lsn analyze ... --bootstrap N"""
+    out: str
+    """mask file to write, whose selection is the stable mask (.npz)"""
+    stable: float | None = None
+    """the stable threshold F: neurons selected in at least ceil(F * N) resamples (none: the mask's own)"""
+
+
+def stable_mask(options: StableOptions) -> None:
+    """Write the stable mask of a bootstrapped mask as a mask of its own, for intervene, finetune and report."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from analysis.bootstrap import check_options
+    from analysis.masks import Mask
+
+    base = Mask.load(options.mask)
+    if base.bootstrap is None:
+        raise HarvestError(f"mask {options.mask} holds no bootstrap results; write it with lsn analyze METHOD "
+                           "... --bootstrap N")
+    if Path(options.out).resolve() == Path(options.mask).resolve():
+        raise HarvestError(f"{options.out} is the bootstrapped mask itself; name another file")
+    check_options(None, base.bootstrap.stable if options.stable is None else options.stable)
+    boot = replace(base.bootstrap, stable=base.bootstrap.stable if options.stable is None else options.stable)
+    extra = {k: v for k, v in base.extra.items() if k != "appear"}  # appear[] was the full-data mask's
+    extra["stable_of"] = {"mask": str(Path(options.mask).resolve()), **boot.meta(),
+                          "full": [int(s.size) for s in base.selected]}
+    params = {**base.params, "selection": f"stable: selected in at least {boot.need} of {boot.resamples} "
+                                          f"bootstrap resamples (seed {boot.seed})"}
+    mask = Mask(base.languages, base.n_layers, base.width, boot.stable_selected(), base.method, params, base.source,
+                extra)
+    print(f"wrote {mask.save(options.out)}: stable {mask.method} (at least {boot.need} of {boot.resamples}), "
+          f"{_describe(mask)}")
+    _warn_empty_masks(mask)
+
+
+@dataclass(kw_only=True)
 class ImportOptions:
     format: Literal["rucaibox", "lna"]
     """rucaibox: LAPE's activation counts; lna: the alignment study's"""
@@ -603,9 +642,11 @@ METHODS = {
 
 COMMANDS = {
     "analyze": Group("select language neurons from a store with a published method", "method", METHODS),
-    "mask": Group("convert masks to and from the published format", "mask_command", {
+    "mask": Group("convert masks to and from the published format; take a bootstrapped mask's stable mask", "mask_command", {
         "export": Command("write a mask in the published format", ExportOptions, export_mask),
-        "import": Command("read a mask in the published format", MaskImportOptions, import_mask)}),
+        "import": Command("read a mask in the published format", MaskImportOptions, import_mask),
+        "stable": Command("write the stable mask of a mask made with --bootstrap, as a mask of its own",
+                          StableOptions, stable_mask)}),
     "import": Command("import published statistics (LAPE, alignment study) into a store", ImportOptions,
                       import_stats),
     "report": Command("tables and PNG plots of a mask", ReportOptions, report),

@@ -137,14 +137,19 @@ def weighted_rows(path: str, name: str, plan: ShardPlan, weights: np.ndarray, gr
     return total
 
 
+def check_recomputable(counts) -> None:
+    """Refuse languages that are not sums of store groups (full minus prompt, imported from two runs)."""
+    if any(counts.subtracted):
+        raise HarvestError("full-minus-prompt languages (imported from two runs) cannot be recomputed from "
+                           "shards; name groups harvested in one store")
+
+
 def weighted(counts, plan: ShardPlan, weights: np.ndarray):
     """``counts`` (its languages and groups) recomputed with each shard ``s`` counted ``weights[s, g]``
     times for store group ``g`` (``int [S, G]``)."""
     import dask.array as da
 
-    if any(counts.subtracted):
-        raise HarvestError("full-minus-prompt languages (imported from two runs) cannot be recomputed from "
-                           "shards; name groups harvested in one store")
+    check_recomputable(counts)
     weights = np.asarray(weights, np.int64)
     if weights.shape != plan.tokens.shape or (weights < 0).any():
         raise ValueError(f"weights must be non-negative [shards, groups] {plan.tokens.shape}, got {weights.shape}")
