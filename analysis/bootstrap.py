@@ -31,7 +31,7 @@ from analysis.masks import Bootstrap, Mask
 from harvester.errors import HarvestError
 
 HOLD_BYTES = 512 << 20
-"""A resample's activation counts (``K·L·I`` int64) are held in memory (``persist``) up to this size when
+"""A resample's activation counts (``K·L·I``, int32 where its tokens allow, else int64) are held in memory (``persist``) up to this size when
 its method reads them in several passes (LAPE's quantile search): read once from the shard rows
 instead of once per pass. Above it they are summed from the rows again at each pass."""
 
@@ -88,7 +88,10 @@ def resampled(counts, plan, weights, hold: bool):
     from analysis.shards import weighted
 
     again = weighted(counts, plan, weights)
-    return replace(again, numer=again.numer.persist()) if hold else again
+    if not hold:
+        return again
+    numer = again.numer.astype(np.int32) if int(again.tokens.max()) < 2**31 else again.numer  # active <= tokens
+    return replace(again, numer=numer.persist())
 
 
 def stability(options, counts, plan, full: Mask) -> Bootstrap:
