@@ -269,6 +269,8 @@ def _panels(path: Path, languages: list[str], title: str, draw) -> None:
 
 def write_stability(mask: Mask, out: Path, counts: np.ndarray) -> list[str]:
     """The bootstrap's CSVs and PNGs: selection frequencies, stable against full counts per layer, Jaccards."""
+    from matplotlib.ticker import MaxNLocator
+
     boot, langs = mask.bootstrap, mask.languages
     freq, stable, band = frequency_table(mask), stable_counts(mask), boot.band()
     _write_csv(out / "stability.csv", ["language", "full", "stable", "stable_in_full", "jaccard_mean", "jaccard_p5",
@@ -286,20 +288,25 @@ def write_stability(mask: Mask, out: Path, counts: np.ndarray) -> list[str]:
 
     def frequency(ax, k):
         ax.bar(share, freq[k], width=1 / boot.resamples, color="tab:blue")
-        ax.axvline(boot.need / boot.resamples, color="tab:red", linestyle="--", linewidth=1)
+        ax.axvline((boot.need - 0.5) / boot.resamples, color="tab:red", linestyle="--", linewidth=1)  # bars right:
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # stable
         ax.set_xlim(0, 1 + 0.5 / boot.resamples)
         ax.set_xlabel("share of resamples selecting it", fontsize=LABEL_PT)
         ax.set_ylabel("neurons", fontsize=LABEL_PT)
 
     def layers(ax, k):
-        ax.plot(range(mask.n_layers), counts[k], label="full", color="tab:blue")
-        ax.plot(range(mask.n_layers), stable[k], label="stable", color="tab:orange")
+        marker = "o" if mask.n_layers <= MAX_LAYER_TABLE else None
+        ax.plot(range(mask.n_layers), counts[k], label="full", color="tab:blue", marker=marker)
+        ax.plot(range(mask.n_layers), stable[k], label="stable", color="tab:orange", marker=marker)
+        ax.set_ylim(bottom=0, top=max(1, int(counts[k].max()), int(stable[k].max())) * 1.1)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("layer", fontsize=LABEL_PT)
         ax.set_ylabel("neurons", fontsize=LABEL_PT)
         ax.legend(fontsize=LABEL_PT)
 
     what = f"{describe(mask)}; {boot.resamples} bootstrap resamples (seed {boot.seed})"
-    _panels(out / "stability_frequency.png", langs, f"Selection frequency (dashed: stable, at least {boot.need}): "
+    _panels(out / "stability_frequency.png", langs, f"Selection frequency (right of the dashed line: stable, in at least {boot.need}): "
             f"{what}", frequency)
     _panels(out / "stability_layers.png", langs, f"Neurons per layer, full-data and stable mask: {what}", layers)
     return ["stability_frequency.png", "stability_layers.png"]

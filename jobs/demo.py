@@ -29,6 +29,9 @@ TRAIN = dict(docs=400, seed=11, seq_len=128, batch_size=32, steps=800, lr=3e-3, 
 HARVEST_CORPUS = "sample"
 EVAL_CORPUS = "sample:docs=40,seed=7"
 LAPE_TOP_RATE = 0.2
+DEMO_SHARD_TOKENS = 2048
+"""Shards of 2 batches (8 x 128 tokens each): 6 to 8 per language, the units the bootstrap resamples. The
+batches are those of larger shards (shards end at batch boundaries), so the counts are the same."""
 BOOTSTRAP = 20
 """LAPE's bootstrap resamples of the demo store (the stability section of the report)."""
 
@@ -136,7 +139,7 @@ def run_demo(out: str, actors: int = 2, progress: bool = True) -> Path:
     model, quiet = str(demo_model(progress)), not progress
     store, mask = str(root / "store"), str(root / "lape.npz")
     harvest(HarvestOptions(model=model, corpus=[HARVEST_CORPUS], store=store, seq_len=128, batch_size=8,
-                           shard_tokens=16384, actors=actors, stats="active,sum,sqsum,hist", no_progress=quiet))
+                           shard_tokens=DEMO_SHARD_TOKENS, actors=actors, stats="active,sum,sqsum,hist", no_progress=quiet))
     analyze(LapeOptions(store=store, out=mask, top_rate=LAPE_TOP_RATE, report=str(root / "lape-report"),
                         bootstrap=BOOTSTRAP, no_progress=quiet))
     export_mask(ExportOptions(mask=mask, out=str(root / "lape.pt")))
