@@ -54,14 +54,34 @@ class MethodOptions:
     """an existing Dask scheduler (tcp://host:8786)"""
     local_cluster: Positive | None = None
     """run on a dask.distributed LocalCluster of N workers (none: Dask's threaded scheduler)"""
+    bootstrap: Positive | None = None
+    """also select on N bootstrap resamples of the store's shards (each group's shards drawn with
+    replacement) and store in the mask how often each neuron was selected, the stable mask and each
+    resample's Jaccard to the full-data mask (see README); needs a harvested store's shard rows"""
+    seed: int = 0
+    """seed of the bootstrap's draws (numpy.random.default_rng): the same seed gives the same mask file"""
+    stable: float = 0.9
+    """with --bootstrap: the stable mask holds the neurons selected in at least ceil(F * N) resamples"""
+    no_progress: bool = False
+    """no progress bar over the bootstrap resamples"""
+
+    HOLD_ACTIVE: ClassVar[bool] = False
+    """The method reads the activation counts in several passes: a bootstrap resample computes them once
+    and holds them (analysis.bootstrap.HOLD_BYTES) instead of summing its shard rows again for each pass."""
 
     def select(self, counts):
-        """The mask of this method over ``counts`` (None: nothing to write)."""
+        """The mask of this method over ``counts`` (None: no mask). It prints nothing: a bootstrap runs it
+        once per resample (see :meth:`run`)."""
         raise NotImplementedError
 
     def summary(self, mask) -> list[str]:
         """Lines printed after ``wrote MASK`` (none by default)."""
         return []
+
+    def run(self, counts) -> tuple:
+        """The full-data selection as the command shows it: ``(mask or None, lines to print last)``; what
+        a method says about its result (a warning, λ) it prints here, once."""
+        return self.select(counts), []
 
 
 @dataclass(kw_only=True)
@@ -82,6 +102,8 @@ def _mask(options: MethodOptions, counts, params: dict, result: dict, extra: dic
 @dataclass(kw_only=True)
 class LapeFamilyOptions(ProbabilityOptions):
     """The two thresholds LAPE and its variant share."""
+
+    HOLD_ACTIVE: ClassVar[bool] = True
 
     filter_rate: float = _default(methods.lape, "filter_rate")
     """quantile of the activation probabilities a neuron must exceed in some language"""
@@ -117,6 +139,8 @@ class LapeVariantOptions(LapeFamilyOptions):
 class EntropyFamilyOptions(ProbabilityOptions):
     """What entropy-λ and its autosweep share."""
 
+    HOLD_ACTIVE: ClassVar[bool] = True
+
     METHOD: ClassVar[str] = "entropy-lambda"
     top_rate: float = _default(methods.EntropyLambda, "top_rate")
     """share of neurons with the highest activation probability considered"""
@@ -150,20 +174,26 @@ class AutosweepOptions(EntropyFamilyOptions):
     """last line: {"lambda": ..., "appear": [...]}"""
 
     def select(self, counts):
-        model = methods.EntropyLambda(counts.probabilities(), self.top_rate, self.bar_ratio)
-        lam, appear = model.autosweep(self.lo, self.hi, self.eps)
-        params = dict(top_rate=self.top_rate, bar_ratio=self.bar_ratio, lo=self.lo, hi=self.hi, eps=self.eps)
+        return self._search(counts)[0]
+
+    def run(self, counts):
+        mask, lam, appear = self._search(counts)
         if lam is None:
             print(f"no λ in [{self.lo}, {self.hi}] leaves appear[K] = 0 (appear at lo: {appear})")
         else:
             print(f"λ = {lam} (appear = {appear})")
-        if self.out and lam is not None:
-            mask = _mask(self, counts, {**params, "lambda": lam, "autosweep": True}, {"selected": model.masks(lam)},
-                         {"appear": appear, "beta": model.beta})
-            _write(self, mask)
-        if self.json:
-            print(json.dumps({"lambda": lam, "appear": appear}))
-        return None
+        return mask, [json.dumps({"lambda": lam, "appear": appear})] if self.json else []
+
+    def _search(self, counts) -> tuple:
+        """``(mask at the λ found or None, λ, appear)``."""
+        model = methods.EntropyLambda(counts.probabilities(), self.top_rate, self.bar_ratio)
+        lam, appear = model.autosweep(self.lo, self.hi, self.eps)
+        if lam is None:
+            return None, lam, appear
+        params = dict(top_rate=self.top_rate, bar_ratio=self.bar_ratio, lo=self.lo, hi=self.hi, eps=self.eps)
+        mask = _mask(self, counts, {**params, "lambda": lam, "autosweep": True}, {"selected": model.masks(lam)},
+                     {"appear": appear, "beta": model.beta})
+        return mask, lam, appear
 
 
 @dataclass(kw_only=True)
@@ -196,14 +226,17 @@ class ActProb90pOptions(ProbabilityOptions):
                       percentile=f"{PERCENTILE_OVER[self.percentile_of]}, interpolated linearly inside its "
                                  "histogram bin")
         hist = counts.variable("hist")  # a store without it: one line naming --stats
-        pool = counts.dataset["hist"].data.sum(axis=0) if self.percentile_of == "pooled" else None  # every
-        result = methods.act_prob_90p(hist, counts.tokens, self.percent, self.rate,  # harvested group pooled,
-                                      self.percentile_of, pool)  # whatever --langs picks
+        pool = counts.pooled("hist") if self.percentile_of == "pooled" else None  # every harvested group
+        result = methods.act_prob_90p(hist, counts.tokens, self.percent, self.rate,  # pooled, whatever
+                                      self.percentile_of, pool)  # --langs picks
+        return _mask(self, counts, params, result)
+
+    def run(self, counts):
         if self.percentile_of == "own":
             print("lsn: warning: --percentile-of own: each language's share above its own percentile is "
                   f"{100 - self.percent}% for every neuron with tokens; the mask is decided by ties (flat index)",
                   file=sys.stderr)
-        return _mask(self, counts, params, result)
+        return super().run(counts)
 
     def _batch_mean(self, counts):
         """The share of each language's tokens above its mean batch percentile, counted by the harvest."""
@@ -310,10 +343,9 @@ class DlnOptions(MethodOptions):
         if len(counts.names) < 2:
             raise HarvestError(f"DLN splits each neuron's languages in two sides; it needs at least 2 languages, "
                                f"got {len(counts.names)} ({', '.join(counts.names)})")
-        if "hist" not in counts.dataset:
+        if "hist" not in counts.attrs.settings.stats:
             raise HarvestError(f"DLN reads each language's activation histograms; store {counts.store} has none: "
                                "harvest with --stats ...,hist")
-        _dln_notes(counts)
         result = dln.dln(counts.variable("hist"), self.pct)
         extra = {"tau": result["tau"], "n": result["n"], "rank": result["rank"],
                  **dln.populations(result, counts.names)}
@@ -321,6 +353,10 @@ class DlnOptions(MethodOptions):
                       rule="per neuron the first two-sided split of least largest cross overlap; selected when "
                            "that is <= tau; listed under the languages of its smaller side")
         return _mask(self, counts, params, result, extra)
+
+    def run(self, counts) -> tuple:
+        _dln_notes(counts)
+        return self.select(counts), []
 
     def summary(self, mask) -> list[str]:
         e = mask.extra
@@ -422,13 +458,24 @@ def _describe(mask) -> str:
 
 
 def analyze(options: MethodOptions) -> None:
-    """Select with ``options``' method and write its mask (and report)."""
+    """Select with ``options``' method and write its mask (and report); with ``--bootstrap``, its
+    stability over shard resamples too."""
+    from analysis import bootstrap
+
+    bootstrap.check_options(options.bootstrap, options.stable)
+    if options.bootstrap and not options.out:
+        raise HarvestError("--bootstrap needs --out: the mask file holds the bootstrap's results")
     if options.out:
         output_file(options.out, make=False)
     with _opened(options) as counts:
-        mask = options.select(counts)
-        if mask is not None:
+        plan = bootstrap.prepare(counts) if options.bootstrap else None  # refused before any work
+        mask, last = options.run(counts)
+        if mask is not None and options.out:
+            if plan is not None:
+                mask.bootstrap = bootstrap.stability(options, counts, plan, mask)
             _write(options, mask)
+        for line in last:
+            print(line)
 
 
 @contextlib.contextmanager
@@ -471,6 +518,9 @@ def convergence(options) -> None:
     """Masks from growing prefixes of each group's shards against the full-data mask: CSV, PNG, a table."""
     from analysis.convergence import HOW_TO_READ, curve, table, write
 
+    if options.bootstrap:
+        raise HarvestError("lsn convergence takes no --bootstrap: it grows prefixes of the shards; "
+                           "resample them with lsn analyze ... --bootstrap N")
     output_dir(options.out, make=False)
     with _opened(options) as counts:
         rows, final = curve(counts, options.select, options.points, not options.no_progress)
@@ -516,6 +566,10 @@ def _write(args, mask) -> None:
     print(f"wrote {path}: {mask.method}, {_describe(mask)}")
     for line in args.summary(mask):
         print(line)
+    if mask.bootstrap is not None:
+        from analysis.bootstrap import summary
+
+        print("\n".join(summary(mask)))
     _warn_empty_masks(mask)
     if getattr(args, "report", None):
         from analysis.report import write_report
@@ -591,6 +645,45 @@ def import_mask(options: MaskImportOptions) -> None:
 
     mask = Mask.import_rucaibox(options.src, _langs(options.langs), options.width)
     print(f"wrote {mask.save(options.out)}: {_describe(mask)}")
+
+
+@dataclass(kw_only=True)
+class StableOptions:
+    POSITIONAL: ClassVar[tuple[str, ...]] = ("mask", "out")
+    mask: str
+    """mask file written with lsn analyze ... --bootstrap N"""
+    out: str
+    """mask file to write, whose selection is the stable mask (.npz)"""
+    stable: float | None = None
+    """the stable threshold F: neurons selected in at least ceil(F * N) resamples (none: the mask's own)"""
+
+
+def stable_mask(options: StableOptions) -> None:
+    """Write the stable mask of a bootstrapped mask as a mask of its own, for intervene, finetune and report."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from analysis.bootstrap import check_options
+    from analysis.masks import Mask
+
+    base = Mask.load(options.mask)
+    if base.bootstrap is None:
+        raise HarvestError(f"mask {options.mask} holds no bootstrap results; write it with lsn analyze METHOD "
+                           "... --bootstrap N")
+    if Path(options.out).resolve() == Path(options.mask).resolve():
+        raise HarvestError(f"{options.out} is the bootstrapped mask itself; name another file")
+    check_options(None, base.bootstrap.stable if options.stable is None else options.stable)
+    boot = replace(base.bootstrap, stable=base.bootstrap.stable if options.stable is None else options.stable)
+    extra = {k: v for k, v in base.extra.items() if k != "appear"}  # appear[] was the full-data mask's
+    extra["stable_of"] = {"mask": str(Path(options.mask).resolve()), **boot.meta(),
+                          "full": [int(s.size) for s in base.selected]}
+    params = {**base.params, "selection": f"stable: selected in at least {boot.need} of {boot.resamples} "
+                                          f"bootstrap resamples (seed {boot.seed})"}
+    mask = Mask(base.languages, base.n_layers, base.width, boot.stable_selected(), base.method, params, base.source,
+                extra)
+    print(f"wrote {mask.save(options.out)}: stable {mask.method} (at least {boot.need} of {boot.resamples}), "
+          f"{_describe(mask)}")
+    _warn_empty_masks(mask)
 
 
 @dataclass(kw_only=True)
@@ -671,9 +764,11 @@ COMMANDS = {
     "analyze": Group("select language neurons from a store with a published method", "method", METHODS),
     "convergence": Group("did the harvest count enough tokens? a method's masks from growing prefixes of the "
                          "store's shards against its full-data mask (CSV, PNG)", "method", CONVERGENCE),
-    "mask": Group("convert masks to and from the published format", "mask_command", {
+    "mask": Group("convert masks to and from the published format; take a bootstrapped mask's stable mask", "mask_command", {
         "export": Command("write a mask in the published format", ExportOptions, export_mask),
-        "import": Command("read a mask in the published format", MaskImportOptions, import_mask)}),
+        "import": Command("read a mask in the published format", MaskImportOptions, import_mask),
+        "stable": Command("write the stable mask of a mask made with --bootstrap, as a mask of its own",
+                          StableOptions, stable_mask)}),
     "import": Command("import published statistics (LAPE, alignment study) into a store", ImportOptions,
                       import_stats),
     "report": Command("tables and PNG plots of a mask", ReportOptions, report),

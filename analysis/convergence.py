@@ -120,7 +120,7 @@ def curve(counts, select, points: int = DEFAULT_POINTS, progress: bool = True) -
     ``counts``, and the final mask (the last point's: from the totals, as ``lsn analyze`` selects)."""
     from tqdm.auto import tqdm
 
-    plan = shard_plan(counts.store, counts.attrs)
+    plan = shard_plan(counts.store, counts.attrs, "lsn convergence")
     groups = sorted({g for idx in counts.index for g in idx})
     _check_points(plan, counts, groups)
     taken = prefix_shards(plan, groups, points)

@@ -104,6 +104,21 @@ class Counts:
             return da.stack([weighted_rows(self.store, name, plan, weights, idx) for idx in self.index])
         return _stack(self.dataset, name, self.index)
 
+    def pooled(self, name: str):
+        """Statistic ``name`` ``[L, I(, B)]`` summed over every group of the store, whatever the languages
+        are (act-prob-90p's pooled percentile); recomputed counts sum their weighted rows of every group,
+        so a resample never mixes the store's totals into its own counts."""
+        if self.shards is not None:
+            from analysis.shards import weighted_rows
+
+            if name not in self.dataset:
+                _stack(self.dataset, name, self.index)
+            plan, weights = self.shards
+            return weighted_rows(self.store, name, plan, weights, list(range(plan.tokens.shape[1])))
+        if name not in self.dataset:
+            _stack(self.dataset, name, self.index)
+        return self.dataset[name].data.sum(axis=0)
+
 
 BY = ("language", "direction", "group")
 """What the languages of an analysis are, without --langs (``--by``): ``language`` (the default) the

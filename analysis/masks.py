@@ -7,8 +7,14 @@ with ``allow_pickle=False``)::
     meta            a JSON string: format, format_version, method, params, languages, n_layers, width,
                     source {store (absolute path or URL), fingerprint_sha256,
                     model, site, groups used, subtracted: per language, full - prompt},
-                    extra (appear, tau, ...)
+                    extra (appear, tau, ...), and with ``lsn analyze --bootstrap`` bootstrap
+                    {resamples N, seed, stable F, need ⌈F·N⌉, draw, shards per store group}
     sel_{k}         int64, the sorted flat indices ``layer * width + neuron`` of language k
+    boot_units_{k}  (bootstrap) int64, the sorted flat indices selected for language k in at least
+                    one resample (sparse: a dense [K, L, I] is too large at 70B shape)
+    boot_times_{k}  (bootstrap) int64, in how many of the N resamples each of them was selected
+    boot_stable_{k} (bootstrap) int64, the stable mask: those selected in at least ⌈F·N⌉ resamples
+    boot_jaccard    (bootstrap) float64 [N, K], each resample's Jaccard to the full-data mask
 
 The published format (``lsn mask export --format rucaibox``) is a ``torch.save``d list over
 languages of lists over layers of sorted ``LongTensor`` neuron indices, ``mask[k][l]``, as the LAPE
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -100,6 +107,100 @@ def describe_model(identity: dict) -> str:
     return f"model {identity.get('id') or '(unnamed)'}" + (f" ({', '.join(extra)})" if extra else "")
 
 
+def set_jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """``|A ∩ B| / |A ∪ B|`` of two sorted unique index arrays; 1.0 when both are empty."""
+    shared = np.intersect1d(a, b, assume_unique=True).size
+    union = a.size + b.size - shared
+    return 1.0 if union == 0 else shared / union
+
+
+@dataclass
+class Bootstrap:
+    """How stable a mask is over bootstrap resamples of its store's shards (``lsn analyze METHOD
+    --bootstrap N``; docs/METHODS.md, "Bootstrap stability"). The mask's own selection stays the
+    full-data one; :meth:`stable_selected` is the stable mask beside it."""
+
+    resamples: int
+    """N: the resamples drawn."""
+    seed: int
+    """the seed of ``numpy.random.default_rng`` that drew them"""
+    stable: float
+    """F: a unit is stable for a language when selected in at least ⌈F·N⌉ resamples"""
+    units: list[np.ndarray]
+    """Per language: sorted flat indices of the units selected in at least one resample (int64)."""
+    times: list[np.ndarray]
+    """Per language: in how many resamples each of :attr:`units` was selected (int64, 1..N)."""
+    jaccard: np.ndarray
+    """float64 ``[N, K]``: each resample's mask against the full-data mask, per language."""
+    shards: dict = field(default_factory=dict)
+    """Store group -> the shards its resamples were drawn from (``--shard-tokens`` sets how many)."""
+
+    @property
+    def need(self) -> int:
+        """⌈F·N⌉: the resamples a stable unit is selected in (F·N rounded to 9 places first, so that
+        0.7 · 10 is 7)."""
+        return max(1, math.ceil(round(self.stable * self.resamples, 9)))
+
+    def stable_selected(self) -> list[np.ndarray]:
+        """Per language, the stable mask: the units selected in at least :attr:`need` resamples."""
+        return [u[t >= self.need] for u, t in zip(self.units, self.times)]
+
+    def band(self) -> np.ndarray:
+        """``[K, 3]``: per language the mean Jaccard and its 5th and 95th percentiles (NumPy's linear)."""
+        return np.column_stack([self.jaccard.mean(axis=0), *np.percentile(self.jaccard, [5, 95], axis=0)])
+
+    def meta(self) -> dict:
+        return {"resamples": self.resamples, "seed": self.seed, "stable": self.stable, "need": self.need,
+                "draw": DRAW, "shards": self.shards}
+
+    def arrays(self) -> dict:
+        out = {"boot_jaccard": np.asarray(self.jaccard, np.float64)}
+        for k, (units, times, stable) in enumerate(zip(self.units, self.times, self.stable_selected())):
+            out.update({f"boot_units_{k}": units, f"boot_times_{k}": times, f"boot_stable_{k}": stable})
+        return out
+
+    @classmethod
+    def read(cls, meta: dict, data, languages: list[str], total: int) -> "Bootstrap":
+        """From a mask file's ``bootstrap`` meta and arrays; an error naming what is wrong."""
+        K = len(languages)
+        ok = (isinstance(meta, dict) and isinstance(meta.get("resamples"), int) and meta["resamples"] >= 1
+              and isinstance(meta.get("seed"), int) and isinstance(meta.get("stable"), (int, float))
+              and 0 < meta["stable"] <= 1 and isinstance(meta.get("shards", {}), dict))
+        if not ok:
+            raise HarvestError("mask metadata 'bootstrap' needs resamples >= 1, an integer seed and stable in (0, 1]")
+        boot = cls(meta["resamples"], meta["seed"], float(meta["stable"]),
+                   [np.asarray(data[f"boot_units_{k}"]) for k in range(K)],
+                   [np.asarray(data[f"boot_times_{k}"]) for k in range(K)],
+                   np.asarray(data["boot_jaccard"]), meta.get("shards", {}))
+        boot.check(languages, total)
+        stored = [np.asarray(data[f"boot_stable_{k}"]) for k in range(K)]
+        if any(not np.array_equal(a, b) for a, b in zip(stored, boot.stable_selected())):
+            raise HarvestError("its bootstrap stable mask is not the units selected in at least "
+                               f"{boot.need} of {boot.resamples} resamples")
+        return boot
+
+    def check(self, languages: list[str], total: int) -> None:
+        N, K = self.resamples, len(languages)
+        if len(self.units) != K or len(self.times) != K or self.jaccard.shape != (N, K):
+            raise HarvestError(f"its bootstrap data are not {K} languages x {N} resamples")
+        if self.jaccard.dtype.kind != "f" or not np.all((self.jaccard >= 0) & (self.jaccard <= 1)):
+            raise HarvestError("its bootstrap Jaccards must be numbers in [0, 1]")
+        for lang, units, times in zip(languages, self.units, self.times):
+            if units.ndim != 1 or times.shape != units.shape or units.dtype.kind not in "iu" \
+                    or times.dtype.kind not in "iu":
+                raise HarvestError(f"its bootstrap frequencies of '{lang}' are not two equally long integer arrays")
+            if units.size and (units.min() < 0 or units.max() >= total or np.any(np.diff(units) <= 0)
+                               or times.min() < 1 or times.max() > N):
+                raise HarvestError(f"its bootstrap frequencies of '{lang}' are not sorted unique units below "
+                                   f"{total}, each selected 1 to {N} times")
+
+
+DRAW = ("each store group's shards (plan order) drawn n of n with replacement, group by group in store "
+        "order, by numpy.random.default_rng(seed).integers(0, n, size=n); groups holding exactly the same "
+        "shards share one draw")
+"""The bootstrap's drawing protocol, recorded in each mask it writes (analysis.bootstrap.draw_weights)."""
+
+
 @dataclass
 class Mask:
     languages: list[str]
@@ -111,6 +212,8 @@ class Mask:
     params: dict = field(default_factory=dict)
     source: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    bootstrap: Bootstrap | None = None
+    """How often each unit was selected over bootstrap resamples (``--bootstrap``), or None."""
 
     def __post_init__(self):
         for name in self.languages:
@@ -126,6 +229,8 @@ class Mask:
                 raise HarvestError(f"mask selection of '{self.languages[k]}' is not sorted unique indices "
                                    f"below {self.n_layers} x {self.width}")
             self.selected[k] = sel
+        if self.bootstrap is not None:
+            self.bootstrap.check(self.languages, total)
 
     # -- views ---------------------------------------------------------------------------------
     @classmethod
@@ -162,24 +267,18 @@ class Mask:
             out[k, sel] = True
         return out.reshape(len(self.languages), self.n_layers, self.width)
 
+    def jaccard(self, other: "Mask") -> np.ndarray:
+        """``[K]``: per language, ``|A ∩ B| / |A ∪ B|`` of this mask's and ``other``'s units (flat indices),
+        1.0 where both are empty; ``other`` must have the same languages, in order, and shape."""
+        if other.languages != self.languages or (other.n_layers, other.width) != (self.n_layers, self.width):
+            raise HarvestError(f"masks of different languages or shapes cannot be compared: {', '.join(self.languages)} "
+                               f"({self.n_layers} x {self.width}) and {', '.join(other.languages)} "
+                               f"({other.n_layers} x {other.width})")
+        return np.array([set_jaccard(a, b) for a, b in zip(self.selected, other.selected)], np.float64)
+
     def empty_languages(self) -> list[str]:
         """Languages with no selected unit: intervening on them changes nothing."""
         return [lang for lang, sel in zip(self.languages, self.selected) if sel.size == 0]
-
-    def jaccard(self, other: "Mask") -> np.ndarray:
-        """float64 ``[K]``: per language, ``|A ∩ B| / |A ∪ B|`` of this mask's and ``other``'s flat indices
-        (1.0 where both select nothing); the masks must have the same languages and shape."""
-        if (self.languages, self.n_layers, self.width) != (other.languages, other.n_layers, other.width):
-            raise HarvestError(f"masks of other languages or shape cannot be compared: {', '.join(self.languages)} "
-                               f"({self.n_layers} x {self.width}) and {', '.join(other.languages)} "
-                               f"({other.n_layers} x {other.width})")
-        out = np.ones(len(self.languages), np.float64)
-        for k, (a, b) in enumerate(zip(self.selected, other.selected)):
-            shared = np.intersect1d(a, b, assume_unique=True).size
-            union = a.size + b.size - shared
-            if union:
-                out[k] = shared / union
-        return out
 
     def index(self, language: str) -> int:
         if language not in self.languages:
@@ -256,9 +355,12 @@ class Mask:
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "method": self.method, "params": self.params,
                 "languages": self.languages, "n_layers": self.n_layers, "width": self.width,
                 "source": self.source, "extra": self.extra}
+        arrays = {f"sel_{k}": s for k, s in enumerate(self.selected)}
+        if self.bootstrap is not None:
+            meta["bootstrap"] = self.bootstrap.meta()
+            arrays.update(self.bootstrap.arrays())
         with fs.atomic_write(str(path)) as f:  # a full disk leaves no partial mask
-            np.savez_compressed(f, meta=np.array(json.dumps(meta)),
-                                **{f"sel_{k}": s for k, s in enumerate(self.selected)})
+            np.savez_compressed(f, meta=np.array(json.dumps(meta)), **arrays)
         return path
 
     @classmethod
@@ -274,6 +376,7 @@ class Mask:
                     raise _unreadable(path, "its meta names no lsn mask format")
                 _check_meta(meta, path)
                 selected = [data[f"sel_{k}"] for k in range(len(meta["languages"]))]
+                boot = _read_bootstrap(meta, data, path)
         except OSError as err:
             if err.errno in FAULTS:
                 raise  # a filesystem fault, not the file's: the CLI names it and what to do
@@ -285,7 +388,7 @@ class Mask:
                 raise HarvestError(f"{path}: sel_{k} must be a 1-d integer array, not {sel.dtype} of shape {sel.shape}")
         try:
             return cls(meta["languages"], meta["n_layers"], meta["width"], selected, meta["method"],
-                       meta.get("params", {}), meta.get("source", {}), meta.get("extra", {}))
+                       meta.get("params", {}), meta.get("source", {}), meta.get("extra", {}), boot)
         except HarvestError as err:
             raise HarvestError(f"{path}: {err}") from None
 
@@ -336,6 +439,16 @@ class Mask:
         layers = [[t.numpy() for t in per] for per in obj]
         return cls.from_layers(layers, languages, n_layers, width, "imported:rucaibox",
                                source={"file": str(path)})
+
+
+def _read_bootstrap(meta: dict, data, path: Path) -> Bootstrap | None:
+    """A mask file's bootstrap data (None in a mask without, as every mask before --bootstrap)."""
+    if "bootstrap" not in meta:
+        return None
+    try:
+        return Bootstrap.read(meta["bootstrap"], data, meta["languages"], meta["n_layers"] * meta["width"])
+    except HarvestError as err:
+        raise HarvestError(f"{path}: {err}") from None
 
 
 def _reason(err: Exception) -> str:

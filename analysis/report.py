@@ -230,6 +230,106 @@ def markdown(mask: Mask, title: str, counts: np.ndarray, shared: np.ndarray, app
     return "\n".join(lines) + "\n"
 
 
+# -- bootstrap stability ---------------------------------------------------------------------------
+PANEL_IN = (3.2, 2.4)
+"""Inches per language panel of the stability plots (small multiples, up to 6 per row)."""
+
+
+def frequency_table(mask: Mask) -> np.ndarray:
+    """``[K, N]`` int64: per language, how many units were selected in exactly ``c = 1 .. N`` resamples."""
+    boot = mask.bootstrap
+    return np.stack([np.bincount(t, minlength=boot.resamples + 1)[1:] for t in boot.times])
+
+
+def stable_counts(mask: Mask) -> np.ndarray:
+    """``[K, L]`` units of the stable mask per language and layer (as :meth:`Mask.counts` for the full one)."""
+    return np.stack([np.bincount(s // mask.width, minlength=mask.n_layers) for s in mask.bootstrap.stable_selected()])
+
+
+def _panels(path: Path, languages: list[str], title: str, draw) -> None:
+    """One small plot per language (``draw(ax, k)``), up to 6 in a row, written as a PNG."""
+    from matplotlib.figure import Figure
+
+    K = len(languages)
+    cols = min(K, 6)
+    rows = math.ceil(K / cols)
+    fig = Figure(figsize=(PANEL_IN[0] * cols, PANEL_IN[1] * rows + 0.6), dpi=100, layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    for k, ax in enumerate(axes):
+        if k >= K:
+            ax.set_axis_off()
+            continue
+        draw(ax, k)
+        ax.set_title(languages[k], fontsize=9)
+        ax.tick_params(labelsize=LABEL_PT)
+    fig.suptitle("\n".join(_wrap(title, int(PANEL_IN[0] * cols * 11))), fontsize=9)
+    with fs.atomic_write(str(path)) as f:
+        fig.savefig(f, format="png", backend="agg")
+
+
+def write_stability(mask: Mask, out: Path, counts: np.ndarray) -> list[str]:
+    """The bootstrap's CSVs and PNGs: selection frequencies, stable against full counts per layer, Jaccards."""
+    from matplotlib.ticker import MaxNLocator
+
+    boot, langs = mask.bootstrap, mask.languages
+    freq, stable, band = frequency_table(mask), stable_counts(mask), boot.band()
+    _write_csv(out / "stability.csv", ["language", "full", "stable", "stable_in_full", "jaccard_mean", "jaccard_p5",
+                                       "jaccard_p95"],
+               [[lang, full.size, st.size, np.intersect1d(full, st).size, *(repr(float(v)) for v in b)]
+                for lang, full, st, b in zip(langs, mask.selected, boot.stable_selected(), band)])
+    _write_csv(out / "stability_frequency.csv", ["language", *(f"in_{c}" for c in range(1, boot.resamples + 1))],
+               [[lang, *map(int, row)] for lang, row in zip(langs, freq)])
+    _write_csv(out / "stability_layers.csv", ["language", "mask", *(f"layer_{l}" for l in range(mask.n_layers))],
+               [[lang, kind, *map(int, row)] for lang, f, st in zip(langs, counts, stable)
+                for kind, row in (("full", f), ("stable", st))])
+    _write_csv(out / "stability_jaccard.csv", ["resample", *langs],
+               [[b, *(repr(float(v)) for v in row)] for b, row in enumerate(boot.jaccard)])
+    share = np.arange(1, boot.resamples + 1) / boot.resamples
+
+    def frequency(ax, k):
+        ax.bar(share, freq[k], width=1 / boot.resamples, color="tab:blue")
+        ax.axvline((boot.need - 0.5) / boot.resamples, color="tab:red", linestyle="--", linewidth=1)  # bars right:
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # stable
+        ax.set_xlim(0, 1 + 0.5 / boot.resamples)
+        ax.set_xlabel("share of resamples selecting it", fontsize=LABEL_PT)
+        ax.set_ylabel("neurons", fontsize=LABEL_PT)
+
+    def layers(ax, k):
+        marker = "o" if mask.n_layers <= MAX_LAYER_TABLE else None
+        ax.plot(range(mask.n_layers), counts[k], label="full", color="tab:blue", marker=marker)
+        ax.plot(range(mask.n_layers), stable[k], label="stable", color="tab:orange", marker=marker)
+        ax.set_ylim(bottom=0, top=max(1, int(counts[k].max()), int(stable[k].max())) * 1.1)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("layer", fontsize=LABEL_PT)
+        ax.set_ylabel("neurons", fontsize=LABEL_PT)
+        ax.legend(fontsize=LABEL_PT)
+
+    what = f"{describe(mask)}; {boot.resamples} bootstrap resamples (seed {boot.seed})"
+    _panels(out / "stability_frequency.png", langs, f"Selection frequency (right of the dashed line: stable, in at least {boot.need}): "
+            f"{what}", frequency)
+    _panels(out / "stability_layers.png", langs, f"Neurons per layer, full-data and stable mask: {what}", layers)
+    return ["stability_frequency.png", "stability_layers.png"]
+
+
+def stability_markdown(mask: Mask) -> list[str]:
+    boot = mask.bootstrap
+    lines = ["", "## Bootstrap stability", "",
+             f"{boot.resamples} resamples of the store's shards (seed {boot.seed}; {boot.meta()['draw']}). "
+             f"Stable: selected in at least {boot.need} of {boot.resamples} resamples (`--stable {boot.stable:g}`). "
+             "Jaccard: each resample's mask against the full-data mask (this mask's selection), per language. "
+             f"Shards drawn from, per store group: {_short(boot.shards)}.", ""]
+    lines += _table(["language", "full", "stable", "stable in full", "Jaccard mean", "Jaccard 5%", "Jaccard 95%"],
+                    [[lang, full.size, st.size, np.intersect1d(full, st).size, f"{m:.4f}", f"{lo:.4f}", f"{hi:.4f}"]
+                     for lang, full, st, (m, lo, hi) in zip(mask.languages, mask.selected, boot.stable_selected(),
+                                                            boot.band())])
+    lines += ["", "![selection frequency](stability_frequency.png)", "",
+              "![stable and full neurons per layer](stability_layers.png)", ""]
+    lines += [f"- [{name}]({name})" for name in ("stability.csv", "stability_frequency.csv", "stability_layers.csv",
+                                                 "stability_jaccard.csv")]
+    return lines
+
+
 def write_report(mask: Mask, out: str | Path, title: str | None = None) -> Path:
     """Write the CSVs, the PNGs (no overlap plot for one language) and ``report.md`` into directory ``out``; returns ``report.md``."""
     if not mask.languages:
@@ -240,6 +340,10 @@ def write_report(mask: Mask, out: str | Path, title: str | None = None) -> Path:
     shared = overlap(mask)  # [language, language]
     write_tables(mask, out, counts, shared, appear)
     plots = write_plots(mask, out, counts, shared)
+    text = markdown(mask, title or f"Mask report: {mask.method}", counts, shared, appear, plots)
+    if mask.bootstrap is not None:
+        write_stability(mask, out, counts)
+        text += "\n".join(stability_markdown(mask)) + "\n"
     path = out / "report.md"
-    fs.write_text(str(path), markdown(mask, title or f"Mask report: {mask.method}", counts, shared, appear, plots))
+    fs.write_text(str(path), text)
     return path

@@ -63,13 +63,24 @@ def _finished(path: str) -> list[int]:
     return [i for i in listed if int(done[i]) == 1]
 
 
-def shard_plan(path: str, attrs) -> ShardPlan:
-    """The shards the totals of the finished store at ``path`` were summed from; an error when the store
-    keeps none (an import) or its finished shards are not those (the store was changed since)."""
+def require_shard_rows(path: str, attrs, what: str) -> None:
+    """The one place that decides whether the store at ``path`` still keeps the shard rows its totals were
+    summed from (every reader of shard rows goes through :func:`shard_plan`, which calls it first): not an
+    import, and not compacted (``what`` names the command that needs them)."""
+    from harvester import store
+
+    store.require_shard_rows(attrs, path, what)
     totals = attrs.totals
     if totals is None or totals.shards == 0:
         raise HarvestError(f"store {path} keeps no shard rows (its totals were imported or written without "
                            "shards): resampling and prefixes need a harvested store")
+
+
+def shard_plan(path: str, attrs, what: str = "resampling or growing the shards") -> ShardPlan:
+    """The shards the totals of the finished store at ``path`` were summed from; an error when the store
+    keeps none (an import) or its finished shards are not those (the store was changed since)."""
+    require_shard_rows(path, attrs, what)
+    totals = attrs.totals
     indices = _finished(path)
     if hashlib.sha256(json.dumps(indices).encode()).hexdigest() != totals.shards_sha256:
         raise HarvestError(f"store {path}: its finished shards ({len(indices)}) are not those its totals were "
@@ -159,14 +170,19 @@ def weighted_rows(path: str, name: str, plan: ShardPlan, weights: np.ndarray, gr
     return total
 
 
+def check_recomputable(counts) -> None:
+    """Refuse languages that are not sums of store groups (full minus prompt, imported from two runs)."""
+    if any(counts.subtracted):
+        raise HarvestError("full-minus-prompt languages (imported from two runs) cannot be recomputed from "
+                           "shards; name groups harvested in one store")
+
+
 def weighted(counts, plan: ShardPlan, weights: np.ndarray):
     """``counts`` (its languages and groups) recomputed with each shard ``s`` counted ``weights[s, g]``
     times for store group ``g`` (``int [S, G]``)."""
     import dask.array as da
 
-    if any(counts.subtracted):
-        raise HarvestError("full-minus-prompt languages (imported from two runs) cannot be recomputed from "
-                           "shards; name groups harvested in one store")
+    check_recomputable(counts)
     weights = np.asarray(weights, np.int64)
     if weights.shape != plan.tokens.shape or (weights < 0).any():
         raise ValueError(f"weights must be non-negative [shards, groups] {plan.tokens.shape}, got {weights.shape}")

@@ -77,13 +77,18 @@ class Generator:
         self.contrast = rng.random((L, I)) < 0.02  # neurons whose mean differs between the halves
         self.tokens = rng.integers(1_000_000, 10_000_000, size=K, endpoint=True).astype(np.int64)
 
-    def group(self, g: int, hist: bool = False) -> dict:
-        rng = np.random.default_rng([self.seed, 1, g])
-        n = int(self.tokens[g])
+    def probability(self, g: int, rng) -> np.ndarray:
+        """Group ``g``'s activation probability ``[L, I]`` (drawn from ``rng``, the group's generator)."""
         p = np.clip(self.p * np.exp(rng.normal(0.0, 0.15, size=self.p.shape)), 0.0, 1.0)
         mine = (self.owner == g) | (self.second == g)
         p[self.specific] = np.where(mine[self.specific], rng.uniform(0.5, 0.95, size=mine.shape)[self.specific], 1e-4)
         p[self.shared] = rng.uniform(0.9, 0.99, size=p.shape)[self.shared]
+        return p
+
+    def group(self, g: int, hist: bool = False) -> dict:
+        rng = np.random.default_rng([self.seed, 1, g])
+        n = int(self.tokens[g])
+        p = self.probability(g, rng)
         active = rng.binomial(n, p)  # [L, I] int64
         mean = self.mu + np.where(self.contrast & (g < self.K // 2), 0.05, 0.0)
         sums = n * mean + np.sqrt(n) * self.sd * rng.standard_normal(size=mean.shape)

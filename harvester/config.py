@@ -40,7 +40,8 @@ class HarvestConfig:
     seq_len: int = 512
     batch_size: int = 8
     shard_tokens: int = 1 << 20
-    """Tokens per shard: the unit of work, of resume and of storage."""
+    """Tokens per shard: the unit of work, of resume and of storage, and the unit a bootstrap
+    (``lsn analyze --bootstrap``) resamples: a group of ``n`` tokens has about ``n / shard_tokens`` shards."""
     actors: int | None = None
     """Model actors (default: one per GPU, or 1 on CPU); one on this machine runs in this process, without Ray."""
     address: str | None = None
@@ -250,7 +251,8 @@ class HarvestOptions(DeviceOptions):
     batch_size: Positive = HarvestConfig.batch_size
     """windows per forward pass"""
     shard_tokens: Positive = HarvestConfig.shard_tokens
-    """tokens per shard: the unit of work, of resume and of storage"""
+    """tokens per shard: the unit of work, of resume and of storage, and the unit lsn analyze --bootstrap
+    resamples (a group of n tokens has about n / shard-tokens shards; one shard: no variability seen)"""
     actors: Positive | None = HarvestConfig.actors
     """model actors (none: one per GPU, 1 on CPU); one actor on this machine runs in this process, 2 or more
     on Ray"""

@@ -6,8 +6,8 @@ minutes on 2 CPU cores. The model is saved under the cache directory (``$LSN_CAC
 Training uses its own documents (``seed=11``); the harvest uses the default sample documents
 (``seed=0``) and the evaluation other ones (``seed=7``), so the three never share a document.
 
-``lsn demo --out DIR`` runs train or load → harvest → LAPE masks → perplexity matrix with random
-controls → generation table → ``DIR/report.md`` with the PNG plots.
+``lsn demo --out DIR`` runs train or load → harvest → LAPE masks (with their bootstrap stability) →
+perplexity matrix with random controls → generation table → ``DIR/report.md`` with the PNG plots.
 """
 
 from __future__ import annotations
@@ -29,6 +29,11 @@ TRAIN = dict(docs=400, seed=11, seq_len=128, batch_size=32, steps=800, lr=3e-3, 
 HARVEST_CORPUS = "sample"
 EVAL_CORPUS = "sample:docs=40,seed=7"
 LAPE_TOP_RATE = 0.2
+DEMO_SHARD_TOKENS = 2048
+"""Shards of 2 batches (8 x 128 tokens each): 6 to 8 per language, the units the bootstrap resamples. The
+batches are those of larger shards (shards end at batch boundaries), so the counts are the same."""
+BOOTSTRAP = 20
+"""LAPE's bootstrap resamples of the demo store (the stability section of the report)."""
 
 
 def demo_path() -> Path:
@@ -134,8 +139,9 @@ def run_demo(out: str, actors: int = 2, progress: bool = True) -> Path:
     model, quiet = str(demo_model(progress)), not progress
     store, mask = str(root / "store"), str(root / "lape.npz")
     harvest(HarvestOptions(model=model, corpus=[HARVEST_CORPUS], store=store, seq_len=128, batch_size=8,
-                           shard_tokens=16384, actors=actors, stats="active,sum,sqsum,hist", no_progress=quiet))
-    analyze(LapeOptions(store=store, out=mask, top_rate=LAPE_TOP_RATE, report=str(root / "lape-report")))
+                           shard_tokens=DEMO_SHARD_TOKENS, actors=actors, stats="active,sum,sqsum,hist", no_progress=quiet))
+    analyze(LapeOptions(store=store, out=mask, top_rate=LAPE_TOP_RATE, report=str(root / "lape-report"),
+                        bootstrap=BOOTSTRAP, no_progress=quiet))
     export_mask(ExportOptions(mask=mask, out=str(root / "lape.pt")))
     ppl(PPLOptions(model=model, mask=mask, corpus=[EVAL_CORPUS], out=str(root / "ppl"), seq_len=128, controls=1,
                    actors=actors, no_progress=quiet))
@@ -159,6 +165,36 @@ def known_answer(ppl_csv: Path) -> dict:
     below_half = {lang: control[lang] < 0.5 * own[lang] for lang in control}
     return {"own": own, "diagonal": diagonal, "control": control, "below_half": below_half,
             "diagonal_share": sum(diagonal.values()) / len(langs), "controls_below_half": all(below_half.values())}
+
+
+def stability_section(mask_path: Path) -> list[str]:
+    """The report's section on how stable the LAPE mask is over bootstrap resamples of the store's shards."""
+    import pandas as pd
+
+    from analysis.masks import Mask
+    from jobs.generate import markdown
+
+    mask = Mask.load(mask_path)
+    boot = mask.bootstrap
+    band = boot.band()
+    table = pd.DataFrame({"language": mask.languages, "full": [s.size for s in mask.selected],
+                          "stable": [s.size for s in boot.stable_selected()], "Jaccard mean": band[:, 0],
+                          "Jaccard 5%": band[:, 1], "Jaccard 95%": band[:, 2]})
+    shards = sorted(set(boot.shards.values()))
+    return [
+        "## Stability: LAPE over bootstrap resamples of the store's shards",
+        "",
+        f"{boot.resamples} resamples (seed {boot.seed}): each language's shards ({shards[0]} to {shards[-1]} per "
+        "language) drawn with replacement, LAPE run again on each. Stable: selected in at least "
+        f"{boot.need} of {boot.resamples} resamples. Jaccard: a resample's mask against the mask above "
+        "(`lape-report/report.md` has the whole section, `lape-report/stability*.csv` the numbers).",
+        "",
+        markdown(table),
+        "![selection frequency](lape-report/stability_frequency.png)",
+        "",
+        "![stable and full neurons per layer](lape-report/stability_layers.png)",
+        "",
+    ]
 
 
 def write_report(root: Path, model: str) -> Path:
@@ -208,6 +244,7 @@ def write_report(root: Path, model: str) -> Path:
         "",
         "`lape.npz` (this tool's format), `lape.pt` (the published list-of-LongTensor format), `lape-report/`.",
         "",
+        *stability_section(root / "lape.npz"),
     ]
     path = root / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")

@@ -267,7 +267,7 @@ def histogram_percentile(counts, percent=90):
     raise AssertionError("unreachable: the last bin holds the whole total")
 
 
-def act_prob_90p(hist, tokens, percent=90, percentile_of="pooled"):
+def act_prob_90p(hist, tokens, percent=90, percentile_of="pooled", pool=None):
     """Share of each language's tokens above the neuron's 90th percentile, interpolated inside its bin.
 
     ``hist [K, L, I, B]`` (bin 0: x < e[0]; bin j: e[j-1] <= x < e[j]; last bin: x >= e[-1]). The
@@ -276,14 +276,16 @@ def act_prob_90p(hist, tokens, percent=90, percentile_of="pooled"):
     ``g / (100 · inside)`` lies above it. Language k's tokens above it: its bins above ``j`` whole, and
     the same share of its tokens in bin ``j``:
     ``score[l, i, k] = (100 · above + hist[k, l, i, j] / inside · g) / (100 · max(tokens[k], 1))``
-    (float64, in this order). Returns ``score [L, I, K]``.
+    (float64, in this order). Returns ``score [L, I, K]``. ``pool [L, I, B]``: the histograms the pooled
+    percentile is taken of, when they are not those of the K languages (every group of a store).
     """
     hist = np.asarray(hist)
     K, L, I, B = hist.shape
     score = np.zeros((L, I, K), dtype=np.float64)
     for l in range(L):
         for i in range(I):
-            pooled = [sum(int(hist[k, l, i, j]) for k in range(K)) for j in range(B)]
+            pooled = [sum(int(hist[k, l, i, j]) for k in range(K)) if pool is None else int(pool[l, i, j])
+                      for j in range(B)]
             for k in range(K):
                 own = [int(hist[k, l, i, j]) for j in range(B)]
                 j_star, g, inside = histogram_percentile(pooled if percentile_of == "pooled" else own, percent)

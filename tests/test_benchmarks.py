@@ -69,3 +69,14 @@ def test_dln_scale():
                         r"neurons \(SLN\), \d+ multi-language \(MLN\)", lines[-3])
     assert re.fullmatch(r"dln: [\d.]+ s \([\d.]+ s CPU\), [\d.]+ GiB peak RSS, load average [\d.]+ "
                         r"\(4 x 2 x 128 x 12, pct 1\)", lines[-1])
+
+def test_bootstrap_scale():
+    """A store with shard rows written through the real Store, then LAPE with and without --bootstrap."""
+    run = subprocess.run([sys.executable, "benchmarks/bootstrap_scale.py", "--layers", "2", "--width", "64",
+                          "--groups", "3", "--shards", "3", "--resamples", "3"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.strip().splitlines()
+    assert any(line.startswith("wrote 2 layers x 64 neurons x 3 groups x 3 shards per group") for line in lines)
+    assert re.fullmatch(r"bootstrap: 3 resamples of LAPE in [\d.]+ s \([\d.-]+ s per resample; full-data LAPE "
+                        r"[\d.]+ s\), peak RSS [\d.]+ GiB", lines[-1])

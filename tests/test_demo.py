@@ -7,8 +7,9 @@ import json
 import pandas as pd
 import pytest
 
+from analysis.masks import Mask
 from lsn.cli import main
-from jobs.demo import demo_path, known_answer
+from jobs.demo import BOOTSTRAP, demo_path, known_answer
 
 
 @pytest.mark.ray
@@ -34,3 +35,10 @@ def test_demo_has_its_known_answer(tmp_path, capsys):
     assert set(generated["intervened"]) == set(table.index)
     assert (out / "lape.pt").is_file()
     assert "random controls under half of that: 12 of 12" in capsys.readouterr().out
+    # stability: LAPE over bootstrap resamples of the demo store's shards (several per language)
+    mask = Mask.load(out / "lape.npz")
+    assert mask.bootstrap.resamples == BOOTSTRAP and min(mask.bootstrap.shards.values()) >= 3
+    assert "## Stability: LAPE over bootstrap resamples" in report and "| language | full | stable |" in report
+    for png in ("lape-report/stability_frequency.png", "lape-report/stability_layers.png"):
+        assert f"]({png})" in report and (out / png).stat().st_size > 1000, png
+    assert all(0 <= j <= 1 for j in mask.bootstrap.jaccard.ravel())
