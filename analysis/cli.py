@@ -340,12 +340,7 @@ class DlnOptions(MethodOptions):
     split is at most tau (the study's default)"""
 
     def select(self, counts):
-        if len(counts.names) < 2:
-            raise HarvestError(f"DLN splits each neuron's languages in two sides; it needs at least 2 languages, "
-                               f"got {len(counts.names)} ({', '.join(counts.names)})")
-        if "hist" not in counts.attrs.settings.stats:
-            raise HarvestError(f"DLN reads each language's activation histograms; store {counts.store} has none: "
-                               "harvest with --stats ...,hist")
+        self._check(counts)
         result = dln.dln(counts.variable("hist"), self.pct)
         extra = {"tau": result["tau"], "n": result["n"], "rank": result["rank"],
                  **dln.populations(result, counts.names)}
@@ -354,7 +349,17 @@ class DlnOptions(MethodOptions):
                            "that is <= tau; listed under the languages of its smaller side")
         return _mask(self, counts, params, result, extra)
 
+    @staticmethod
+    def _check(counts) -> None:
+        if len(counts.names) < 2:
+            raise HarvestError(f"DLN splits each neuron's languages in two sides; it needs at least 2 languages, "
+                               f"got {len(counts.names)} ({', '.join(counts.names)})")
+        if "hist" not in counts.attrs.settings.stats:
+            raise HarvestError(f"DLN reads each language's activation histograms; store {counts.store} has none: "
+                               "harvest with --stats ...,hist")
+
     def run(self, counts) -> tuple:
+        self._check(counts)
         _dln_notes(counts)
         return self.select(counts), []
 

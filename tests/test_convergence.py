@@ -173,7 +173,7 @@ def test_mask_jaccard():
     b = Mask(["x", "y", "z"], 2, 4, [np.array([1, 5, 6, 7]), np.array([], np.int64), np.array([2])], "m")
     np.testing.assert_array_equal(a.jaccard(b), [2 / 5, 1.0, 0.0])
     np.testing.assert_array_equal(a.jaccard(a), [1.0, 1.0, 1.0])
-    with pytest.raises(HarvestError, match="other languages or shape"):
+    with pytest.raises(HarvestError, match="different languages or shapes"):
         a.jaccard(Mask(["x"], 2, 4, [np.array([0])], "m"))
 
 
