@@ -21,6 +21,7 @@ import zarr
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from harvester.backends.hf import resolve_model
+from harvester.errors import HarvestError
 from harvester.stats import NeuronStats, StatsSpec, dln_ranges
 from harvester.store import read_attrs
 from lsn.cli import main
@@ -335,3 +336,23 @@ def test_intervention_p90_on_per_neuron_ranges(stores):
     np.testing.assert_array_equal(p90, hist_quantile(ds["hist"].values[0], bin_edges(ds), 90))
     lo = ds["hist_range_lo"].values
     assert (p90 >= lo - 1e-6).all() or np.isnan(p90).any()
+
+
+def test_bins_no_machine_can_hold_are_refused_before_anything_is_allocated(tmp_path, capsys):
+    """BINS of 10^9 (a typo, or 1e9 meant as a count) is refused in one line before any accumulator,
+    edge list or store exists; so are counts no memory holds at the model's shape, and ranges that
+    overflow float32 (HI = 1e39: NaN and infinite widths would put every value in one bin)."""
+    from harvester.stats import MAX_HIST_BINS, check_hist_memory
+
+    first = tmp_path / "first"
+    assert main(["harvest", *FLAGS, "--corpus", "sample:docs=4,langs=en,de", "--store", str(first)]) == 0
+    base = ["harvest", *FLAGS, "--corpus", "sample:docs=4,langs=en,de", "--stats", "active,hist"]
+    for spec in (f"from-store:{first}:1000000000", f"from-store:{first}:{MAX_HIST_BINS + 1}", "-1:4:1000000000"):
+        assert f"at most {MAX_HIST_BINS}" in _error([*base, "--store", str(tmp_path / "x"), "--hist-edges", spec],
+                                                    capsys)
+    assert "not finite" in _error([*base, "--store", str(tmp_path / "x"), "--hist-edges",
+                                   f"from-store:{first}:8:1e39"], capsys)
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(HarvestError, match="more than this machine's"):
+        check_hist_memory(1 << 20, 1 << 20, 402)
+    check_hist_memory(32, 14336, 402)  # DLN's 400 bins at Llama-3-8B's shape: 1.5 GiB a group
