@@ -59,7 +59,7 @@ def harvest(cfg: HarvestConfig, on_shard=None) -> Store:
             _check_thresholds(cfg.thresholds_from, source[0], fingerprint)
         if ranges is not None:
             _check_same(f"--hist-edges from-store:{cfg.hist_from.store}", ranges[0], fingerprint, _SAME_FOR_RANGES,
-                        "the ranges must come from the same model's same unit")
+                        "the ranges must come from the same model's same unit, pooled the same way")
         settings = _token_settings(cfg, fingerprint, tokenizer, tokens)
         existing = read_attrs(cfg.store)
         if cfg.overwrite or existing is None or not existing.complete:
@@ -222,9 +222,11 @@ _SAME_FOR_THRESHOLDS = (("model", ("id", "revision", "weights", "architecture", 
 """What a ``--thresholds-from`` store shares with the harvest that counts above its thresholds: the same
 activations of the same tokens (a float32 threshold on bfloat16 activations moves counts both ways)."""
 
-_SAME_FOR_RANGES = (("model", ("id", "revision", "weights", "architecture", "unit", "site")),)
-"""What a ``--hist-edges from-store:`` store shares with the histogram harvest: the same model's same unit
-(its corpus, dtype and tokenization may differ: DLN's first pass is a calibration run)."""
+_SAME_FOR_RANGES = (("model", ("id", "revision", "weights", "architecture", "unit", "site")),
+                    ("settings", ("pooling",)))
+"""What a ``--hist-edges from-store:`` store shares with the histogram harvest: the same model's same unit,
+pooled the same way (a per-document mean's spread is not a token's); its corpus, dtype and tokenization may
+differ: DLN's first pass is a calibration run."""
 
 
 def _check_same(flag: str, attrs: StoreAttrs, fingerprint: dict, same: tuple, why: str) -> None:

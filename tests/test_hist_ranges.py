@@ -356,3 +356,18 @@ def test_bins_no_machine_can_hold_are_refused_before_anything_is_allocated(tmp_p
     with pytest.raises(HarvestError, match="more than this machine's"):
         check_hist_memory(1 << 20, 1 << 20, 402)
     check_hist_memory(32, 14336, 402)  # DLN's 400 bins at Llama-3-8B's shape: 1.5 GiB a group
+
+
+def test_a_first_store_pooled_otherwise_is_refused(tmp_path, capsys):
+    """The ranges of a --pooling mean first store are those of per-document means, far narrower than a token's
+    values (on tiny:llama 28% of the tokens fell in the open bins instead of 0.4%): refused for a token
+    histogram, in one line; a first store pooled the same way is taken."""
+    flags = [f if f != str(SEQ) else "256" for f in FLAGS]
+    corpus = ["--corpus", "sample:docs=4,langs=en,de"]
+    pooled = tmp_path / "pooled"
+    assert main(["harvest", *flags, *corpus, "--pooling", "mean", "--stats", "active,sum,sqsum", "--store",
+                 str(pooled)]) == 0
+    hist = ["harvest", *flags, *corpus, "--stats", "active,hist", "--hist-edges", f"from-store:{pooled}:8"]
+    err = _error([*hist, "--store", str(tmp_path / "x")], capsys)
+    assert "its settings pooling is 'mean', this harvest's 'token'" in err and not (tmp_path / "x").exists()
+    assert main([*hist, "--pooling", "mean", "--store", str(tmp_path / "y")]) == 0
