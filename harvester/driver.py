@@ -20,7 +20,7 @@ from harvester.config import HarvestConfig
 from harvester.corpus import parse_corpora
 from harvester.devices import start_line, wants_ray
 from harvester.errors import HarvestError
-from harvester.stats import StatsSpec, dln_ranges, ranges_sha256
+from harvester.stats import StatsSpec, check_hist_memory, dln_ranges, ranges_sha256
 from harvester.store import (Store, StoreAttrs, discard, fingerprint_sha256, read_attrs, read_moments, read_thresholds,
                              tokens_dir)
 from harvester.windows import (LEGACY, SHARDS_PER_STREAM, ShardInfo, TokenSettings, precheck, read_manifest,
@@ -59,7 +59,7 @@ def harvest(cfg: HarvestConfig, on_shard=None) -> Store:
             _check_thresholds(cfg.thresholds_from, source[0], fingerprint)
         if ranges is not None:
             _check_same(f"--hist-edges from-store:{cfg.hist_from.store}", ranges[0], fingerprint, _SAME_FOR_RANGES,
-                        "the ranges must come from the same model's same unit")
+                        "the ranges must come from the same model's same unit, pooled the same way")
         settings = _token_settings(cfg, fingerprint, tokenizer, tokens)
         existing = read_attrs(cfg.store)
         if cfg.overwrite or existing is None or not existing.complete:
@@ -178,7 +178,14 @@ def _hist_ranges(cfg: HarvestConfig) -> tuple:
     ``(attrs, lo, width)`` from its pooled moments (:func:`harvester.stats.dln_ranges`)."""
     source = cfg.hist_from
     attrs, mean, std = read_moments(source.store, f"--hist-edges from-store:{source.store}")
-    return (attrs, *dln_ranges(mean, std, source.bins, source.hi))
+    check_hist_memory(attrs.model.layers, attrs.model.width, source.bins + 2)
+    lo, width = dln_ranges(mean, std, source.bins, source.hi)
+    bad = int(np.sum(~np.isfinite(lo) | ~np.isfinite(width)))
+    if bad:
+        raise HarvestError(f"--hist-edges from-store:{source.store}:{source.bins}:{source.hi:g}: the ranges of {bad} "
+                           f"units are not finite in float32 (their upper end m + {source.hi:g}s overflows); take a "
+                           "smaller HI")
+    return attrs, lo, width
 
 
 def _source_record(path: str, attrs: StoreAttrs) -> dict:
@@ -200,7 +207,9 @@ def _ranges_source(cfg: HarvestConfig, ranges: tuple) -> dict:
 
 
 def _check_ranges_shape(cfg: HarvestConfig, spec: StatsSpec, shape: tuple[int, int]) -> None:
-    """The per-neuron ranges fit the loaded model's layers and units."""
+    """The per-neuron ranges fit the loaded model's layers and units; a group's histogram counts fit in memory."""
+    if "hist" in spec.stats:
+        check_hist_memory(*shape, spec.n_bins)
     if spec.hist_bins is not None and tuple(spec.hist_ranges[0].shape) != tuple(shape):
         raise HarvestError(f"--hist-edges from-store:{cfg.hist_from.store} has {spec.hist_ranges[0].shape[0]} layers "
                            f"x {spec.hist_ranges[0].shape[1]} units; this model has {shape[0]} x {shape[1]}")
@@ -213,9 +222,11 @@ _SAME_FOR_THRESHOLDS = (("model", ("id", "revision", "weights", "architecture", 
 """What a ``--thresholds-from`` store shares with the harvest that counts above its thresholds: the same
 activations of the same tokens (a float32 threshold on bfloat16 activations moves counts both ways)."""
 
-_SAME_FOR_RANGES = (("model", ("id", "revision", "weights", "architecture", "unit", "site")),)
-"""What a ``--hist-edges from-store:`` store shares with the histogram harvest: the same model's same unit
-(its corpus, dtype and tokenization may differ: DLN's first pass is a calibration run)."""
+_SAME_FOR_RANGES = (("model", ("id", "revision", "weights", "architecture", "unit", "site")),
+                    ("settings", ("pooling",)))
+"""What a ``--hist-edges from-store:`` store shares with the histogram harvest: the same model's same unit,
+pooled the same way (a per-document mean's spread is not a token's); its corpus, dtype and tokenization may
+differ: DLN's first pass is a calibration run."""
 
 
 def _check_same(flag: str, attrs: StoreAttrs, fingerprint: dict, same: tuple, why: str) -> None:

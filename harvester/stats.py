@@ -122,7 +122,34 @@ def parse_edges(text: str) -> tuple[float, ...]:
         raise HarvestError(f"--hist-edges must be LO:HI:BINS, e.g. -1:4:100, not '{text}'") from None
     if n <= 0 or not hi > lo:
         raise HarvestError(f"--hist-edges needs HI > LO and BINS > 0, got '{text}'")
+    _check_bins(text, n)
     return tuple(float(v) for v in np.round(np.linspace(lo, hi, n + 1), 9))
+
+
+MAX_HIST_BINS = 1 << 16
+"""The most histogram bins ``--hist-edges`` takes: each group of a shard counts ``layers x units x bins``
+int64 in memory (DLN's 400 bins: 1.5 GiB at Llama-3-8B's 32 x 14,336); :func:`check_hist_memory` then
+checks the model's shape."""
+
+
+def _check_bins(text: str, bins: int) -> None:
+    if bins > MAX_HIST_BINS:
+        raise HarvestError(f"--hist-edges {text}: BINS must be at most {MAX_HIST_BINS}, not {bins} (each group "
+                           "counts layers x units x BINS int64 in memory)")
+
+
+def check_hist_memory(layers: int, width: int, n_bins: int) -> None:
+    """Refuse histogram counts of ``n_bins`` bins (under- and overflow included) at ``layers x width``
+    when one group's alone (int64) would take more than this machine's memory."""
+    need = layers * width * n_bins * 8
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf: nothing to check against
+        return
+    if need > have:
+        raise HarvestError(f"--hist-edges: {n_bins} bins at {layers} layers x {width} units are "
+                           f"{need / 2**30:.1f} GiB of counts for each group, more than this machine's "
+                           f"{have / 2**30:.1f} GiB of memory; take fewer bins")
 
 
 RANGE_PREFIX = "from-store:"
@@ -162,6 +189,7 @@ def parse_hist_edges(text: str) -> tuple[float, ...] | RangeSource:
         raise HarvestError(usage)
     if bins <= 0:
         raise HarvestError(f"--hist-edges {text}: BINS must be a positive integer, not {bins}")
+    _check_bins(text, bins)
     if not (np.isfinite(hi) and hi > 0):
         raise HarvestError(f"--hist-edges {text}: HI (the range's upper end, in standard deviations above the "
                            f"mean) must be a positive number, not {hi:g}")
@@ -183,12 +211,13 @@ def dln_ranges(mean: np.ndarray, std: np.ndarray, bins: int, hi: float = 3.0) ->
     ``width = max((hi - lo) / bins, 1e-6)``."""
     f = np.float32
     m, s = np.asarray(mean, f), np.asarray(std, f)
-    lo = np.maximum(m - f(3.0) * s, f(RANGE_FLOOR))
-    top = m + f(hi) * s
-    flat = (top - lo) < f(RANGE_FLAT)
-    lo = np.where(flat, m - f(RANGE_HALF), lo)
-    top = np.where(flat, m + f(RANGE_HALF), top)
-    return lo.astype(f), np.maximum((top - lo) / f(bins), f(RANGE_MIN_WIDTH)).astype(f)
+    with np.errstate(over="ignore", invalid="ignore"):  # a huge HI overflows: the harvest refuses what is not finite
+        lo = np.maximum(m - f(3.0) * s, f(RANGE_FLOOR))
+        top = m + f(hi) * s
+        flat = (top - lo) < f(RANGE_FLAT)
+        lo = np.where(flat, m - f(RANGE_HALF), lo)
+        top = np.where(flat, m + f(RANGE_HALF), top)
+        return lo.astype(f), np.maximum((top - lo) / f(bins), f(RANGE_MIN_WIDTH)).astype(f)
 
 
 def ranges_sha256(lo: np.ndarray, width: np.ndarray) -> str:

@@ -21,6 +21,7 @@ import zarr
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from harvester.backends.hf import resolve_model
+from harvester.errors import HarvestError
 from harvester.stats import NeuronStats, StatsSpec, dln_ranges
 from harvester.store import read_attrs
 from lsn.cli import main
@@ -335,3 +336,38 @@ def test_intervention_p90_on_per_neuron_ranges(stores):
     np.testing.assert_array_equal(p90, hist_quantile(ds["hist"].values[0], bin_edges(ds), 90))
     lo = ds["hist_range_lo"].values
     assert (p90 >= lo - 1e-6).all() or np.isnan(p90).any()
+
+
+def test_bins_no_machine_can_hold_are_refused_before_anything_is_allocated(tmp_path, capsys):
+    """BINS of 10^9 (a typo, or 1e9 meant as a count) is refused in one line before any accumulator,
+    edge list or store exists; so are counts no memory holds at the model's shape, and ranges that
+    overflow float32 (HI = 1e39: NaN and infinite widths would put every value in one bin)."""
+    from harvester.stats import MAX_HIST_BINS, check_hist_memory
+
+    first = tmp_path / "first"
+    assert main(["harvest", *FLAGS, "--corpus", "sample:docs=4,langs=en,de", "--store", str(first)]) == 0
+    base = ["harvest", *FLAGS, "--corpus", "sample:docs=4,langs=en,de", "--stats", "active,hist"]
+    for spec in (f"from-store:{first}:1000000000", f"from-store:{first}:{MAX_HIST_BINS + 1}", "-1:4:1000000000"):
+        assert f"at most {MAX_HIST_BINS}" in _error([*base, "--store", str(tmp_path / "x"), "--hist-edges", spec],
+                                                    capsys)
+    assert "not finite" in _error([*base, "--store", str(tmp_path / "x"), "--hist-edges",
+                                   f"from-store:{first}:8:1e39"], capsys)
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(HarvestError, match="more than this machine's"):
+        check_hist_memory(1 << 20, 1 << 20, 402)
+    check_hist_memory(32, 14336, 402)  # DLN's 400 bins at Llama-3-8B's shape: 1.5 GiB a group
+
+
+def test_a_first_store_pooled_otherwise_is_refused(tmp_path, capsys):
+    """The ranges of a --pooling mean first store are those of per-document means, far narrower than a token's
+    values (on tiny:llama 28% of the tokens fell in the open bins instead of 0.4%): refused for a token
+    histogram, in one line; a first store pooled the same way is taken."""
+    flags = [f if f != str(SEQ) else "256" for f in FLAGS]
+    corpus = ["--corpus", "sample:docs=4,langs=en,de"]
+    pooled = tmp_path / "pooled"
+    assert main(["harvest", *flags, *corpus, "--pooling", "mean", "--stats", "active,sum,sqsum", "--store",
+                 str(pooled)]) == 0
+    hist = ["harvest", *flags, *corpus, "--stats", "active,hist", "--hist-edges", f"from-store:{pooled}:8"]
+    err = _error([*hist, "--store", str(tmp_path / "x")], capsys)
+    assert "its settings pooling is 'mean', this harvest's 'token'" in err and not (tmp_path / "x").exists()
+    assert main([*hist, "--pooling", "mean", "--store", str(tmp_path / "y")]) == 0
