@@ -36,10 +36,12 @@ its method reads them in several passes (LAPE's quantile search): read once from
 instead of once per pass. Above it they are summed from the rows again at each pass."""
 
 
-def check_options(resamples: int | None, stable: float) -> None:
-    """``--bootstrap N`` and ``--stable F``, each refused in one line."""
+def check_options(resamples: int | None, stable: float, seed: int = 0) -> None:
+    """``--bootstrap N``, ``--stable F`` and ``--seed S``, each refused in one line."""
     if resamples is not None and resamples < 1:
         raise HarvestError(f"--bootstrap must be 1 or more resamples, got {resamples}")
+    if seed < 0:
+        raise HarvestError(f"--seed must be 0 or more (numpy.random.default_rng), got {seed}")
     if not 0 < stable <= 1:
         raise HarvestError(f"--stable must lie in (0, 1], got {stable}")
 

@@ -467,7 +467,7 @@ def analyze(options: MethodOptions) -> None:
     stability over shard resamples too."""
     from analysis import bootstrap
 
-    bootstrap.check_options(options.bootstrap, options.stable)
+    bootstrap.check_options(options.bootstrap, options.stable, options.seed)
     if options.bootstrap and not options.out:
         raise HarvestError("--bootstrap needs --out: the mask file holds the bootstrap's results")
     if options.out:

@@ -248,6 +248,7 @@ def test_damaged_bootstrap_data_is_one_line(store, tmp_path, capsys):
     (["--bootstrap", "0"], "--bootstrap: must be a positive integer, not 0"),
     (["--bootstrap", "3", "--stable", "0"], "--stable must lie in (0, 1], got 0.0"),
     (["--bootstrap", "3", "--stable", "1.5"], "--stable must lie in (0, 1], got 1.5"),
+    (["--bootstrap", "3", "--seed", "-1"], "--seed must be 0 or more (numpy.random.default_rng), got -1"),
 ])
 def test_bad_bootstrap_options_leave_the_mask(store, tmp_path, capsys, flags, message):
     out = tmp_path / "m.npz"
