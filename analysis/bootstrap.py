@@ -78,10 +78,12 @@ def draw_weights(plan, rng) -> np.ndarray:
     return weights
 
 
-def draws(plan, resamples: int, seed: int) -> list[np.ndarray]:
-    """The weights of resamples ``0 .. N-1``, drawn in that order from ``default_rng(seed)``."""
+def draws(plan, resamples: int, seed: int):
+    """The weights of resamples ``0 .. N-1``, drawn in that order from ``default_rng(seed)``, one at a time
+    as they are used (never all N at once: ``S·G`` each)."""
     rng = np.random.default_rng(seed)
-    return [draw_weights(plan, rng) for _ in range(resamples)]
+    for _ in range(resamples):
+        yield draw_weights(plan, rng)
 
 
 def resampled(counts, plan, weights, hold: bool):
@@ -106,7 +108,7 @@ def stability(options, counts, plan, full: Mask) -> Bootstrap:
     units = [np.zeros(0, np.int64) for _ in range(K)]
     times = [np.zeros(0, np.int64) for _ in range(K)]
     jaccard = np.zeros((N, K), np.float64)
-    bar = tqdm(draws(plan, N, options.seed), desc=f"bootstrap {options.METHOD}", unit="resample",
+    bar = tqdm(draws(plan, N, options.seed), total=N, desc=f"bootstrap {options.METHOD}", unit="resample",
                disable=options.no_progress, file=sys.stderr)
     for b, weights in enumerate(bar):
         mask = options.select(resampled(counts, plan, weights, hold))

@@ -135,6 +135,14 @@ def test_the_draws_follow_the_documented_protocol(store):
         assert all(int(w[:, g].sum()) == plan.rows(g).size for g in range(plan.tokens.shape[1]))  # n of n
 
 
+def test_draws_come_one_resample_at_a_time(store):
+    """The weights ``[S, G]`` of each resample are drawn as it runs, not all N before the first: memory and
+    the wait before the progress bar do not grow with N (S · G · N int64 is gigabytes at EC40 shape)."""
+    counts, plan = plan_of(store)
+    first = next(iter(draws(plan, 10**12, 3)))
+    np.testing.assert_array_equal(first, np.array(reference_weights(plan.tokens, 1, 3)[0]))
+
+
 def test_lape_bootstrap_against_the_reference(store, tmp_path, capsys):
     N, seed, top = 12, 4, 0.05
     mask = analyze("lape", store, tmp_path / "l.npz", "--top-rate", str(top), "--bootstrap", str(N), "--seed",
