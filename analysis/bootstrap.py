@@ -36,10 +36,12 @@ its method reads them in several passes (LAPE's quantile search): read once from
 instead of once per pass. Above it they are summed from the rows again at each pass."""
 
 
-def check_options(resamples: int | None, stable: float) -> None:
-    """``--bootstrap N`` and ``--stable F``, each refused in one line."""
+def check_options(resamples: int | None, stable: float, seed: int = 0) -> None:
+    """``--bootstrap N``, ``--stable F`` and ``--seed S``, each refused in one line."""
     if resamples is not None and resamples < 1:
         raise HarvestError(f"--bootstrap must be 1 or more resamples, got {resamples}")
+    if seed < 0:
+        raise HarvestError(f"--seed must be 0 or more (numpy.random.default_rng), got {seed}")
     if not 0 < stable <= 1:
         raise HarvestError(f"--stable must lie in (0, 1], got {stable}")
 
@@ -76,10 +78,12 @@ def draw_weights(plan, rng) -> np.ndarray:
     return weights
 
 
-def draws(plan, resamples: int, seed: int) -> list[np.ndarray]:
-    """The weights of resamples ``0 .. N-1``, drawn in that order from ``default_rng(seed)``."""
+def draws(plan, resamples: int, seed: int):
+    """The weights of resamples ``0 .. N-1``, drawn in that order from ``default_rng(seed)``, one at a time
+    as they are used (never all N at once: ``S·G`` each)."""
     rng = np.random.default_rng(seed)
-    return [draw_weights(plan, rng) for _ in range(resamples)]
+    for _ in range(resamples):
+        yield draw_weights(plan, rng)
 
 
 def resampled(counts, plan, weights, hold: bool):
@@ -104,7 +108,7 @@ def stability(options, counts, plan, full: Mask) -> Bootstrap:
     units = [np.zeros(0, np.int64) for _ in range(K)]
     times = [np.zeros(0, np.int64) for _ in range(K)]
     jaccard = np.zeros((N, K), np.float64)
-    bar = tqdm(draws(plan, N, options.seed), desc=f"bootstrap {options.METHOD}", unit="resample",
+    bar = tqdm(draws(plan, N, options.seed), total=N, desc=f"bootstrap {options.METHOD}", unit="resample",
                disable=options.no_progress, file=sys.stderr)
     for b, weights in enumerate(bar):
         mask = options.select(resampled(counts, plan, weights, hold))

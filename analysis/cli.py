@@ -467,7 +467,7 @@ def analyze(options: MethodOptions) -> None:
     stability over shard resamples too."""
     from analysis import bootstrap
 
-    bootstrap.check_options(options.bootstrap, options.stable)
+    bootstrap.check_options(options.bootstrap, options.stable, options.seed)
     if options.bootstrap and not options.out:
         raise HarvestError("--bootstrap needs --out: the mask file holds the bootstrap's results")
     if options.out:
@@ -507,8 +507,8 @@ class ConvergenceOptions:
     out: str
     """directory for convergence.csv, convergence.png and the full-data mask (mask.npz)"""
     points: Positive = DEFAULT_POINTS
-    """points on the curve, J: at point j each store group takes its first ceil(j·n/J) of its n shards (in plan
-    order); at most the largest group's shard count; the last point is all the data"""
+    """points on the curve, J (2 or more): at point j each store group takes its first ceil(j·n/J) of its n
+    shards (in plan order); at most the largest group's shard count; the last point is all the data"""
     no_progress: bool = False
     """no progress bar"""
 
@@ -526,6 +526,8 @@ def convergence(options) -> None:
     if options.bootstrap:
         raise HarvestError("lsn convergence takes no --bootstrap: it grows prefixes of the shards; "
                            "resample them with lsn analyze ... --bootstrap N")
+    if options.points < 2:
+        raise HarvestError(f"--points must be 2 or more, got {options.points}: one point is the full-data mask only")
     output_dir(options.out, make=False)
     with _opened(options) as counts:
         rows, final = curve(counts, options.select, options.points, not options.no_progress)

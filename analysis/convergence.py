@@ -4,9 +4,9 @@ full-data mask (``lsn convergence``), and the partial look a running harvest giv
 
 A prefix is what the harvest had summed after each group's first shards, in plan order
 (:mod:`analysis.shards`). With ``J`` points, point ``j`` takes the first ``ceil(j · n_g / J)`` of the
-``n_g`` shards of every store group ``g`` the languages use, so that groups of different sizes grow in
-proportion; ``J`` is ``--points`` (default :data:`DEFAULT_POINTS`) but at most the largest group's shard
-count. The last point is the totals: its mask is the one ``lsn analyze`` writes (the final mask), and
+``n_g`` shards of every store group ``g`` (those the languages do not use too: act-prob-90p pools every
+group), so that groups of different sizes grow in proportion; ``J`` is ``--points`` (default
+:data:`DEFAULT_POINTS`) but at most the largest shard count of a group the languages use. The last point is the totals: its mask is the one ``lsn analyze`` writes (the final mask), and
 each point's Jaccard ``|A ∩ B| / |A ∪ B|`` to it, per language, against that language's tokens in the
 prefix, is the curve. A curve that flattens near 1 says that more tokens would hardly change the mask.
 """
@@ -50,9 +50,11 @@ class Point:
 
 def prefix_shards(plan: ShardPlan, groups: list[int], points: int) -> np.ndarray:
     """int64 ``[J, G]``: the shards of each store group taken at each point, ``ceil(j · n_g / J)`` of its
-    ``n_g`` (0 for a group not in ``groups``), ``J = min(points, max n_g)``."""
-    n = np.array([len(plan.rows(g)) if g in groups else 0 for g in range(plan.tokens.shape[1])], np.int64)
-    count = min(points, int(n.max(initial=0)))
+    ``n_g``, ``J = min(points, max n_g over groups)``. Every store group grows, those not in ``groups``
+    too: a method may read them (act-prob-90p's pooled percentile is over every group), and the last
+    point is the totals of every group."""
+    n = np.array([len(plan.rows(g)) for g in range(plan.tokens.shape[1])], np.int64)
+    count = min(points, int(n[groups].max(initial=0)))
     steps = np.arange(1, count + 1, dtype=np.int64)[:, None]
     return -(-steps * n[None, :] // max(count, 1))
 

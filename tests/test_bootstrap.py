@@ -135,6 +135,14 @@ def test_the_draws_follow_the_documented_protocol(store):
         assert all(int(w[:, g].sum()) == plan.rows(g).size for g in range(plan.tokens.shape[1]))  # n of n
 
 
+def test_draws_come_one_resample_at_a_time(store):
+    """The weights ``[S, G]`` of each resample are drawn as it runs, not all N before the first: memory and
+    the wait before the progress bar do not grow with N (S · G · N int64 is gigabytes at EC40 shape)."""
+    counts, plan = plan_of(store)
+    first = next(iter(draws(plan, 10**12, 3)))
+    np.testing.assert_array_equal(first, np.array(reference_weights(plan.tokens, 1, 3)[0]))
+
+
 def test_lape_bootstrap_against_the_reference(store, tmp_path, capsys):
     N, seed, top = 12, 4, 0.05
     mask = analyze("lape", store, tmp_path / "l.npz", "--top-rate", str(top), "--bootstrap", str(N), "--seed",
@@ -248,6 +256,7 @@ def test_damaged_bootstrap_data_is_one_line(store, tmp_path, capsys):
     (["--bootstrap", "0"], "--bootstrap: must be a positive integer, not 0"),
     (["--bootstrap", "3", "--stable", "0"], "--stable must lie in (0, 1], got 0.0"),
     (["--bootstrap", "3", "--stable", "1.5"], "--stable must lie in (0, 1], got 1.5"),
+    (["--bootstrap", "3", "--seed", "-1"], "--seed must be 0 or more (numpy.random.default_rng), got -1"),
 ])
 def test_bad_bootstrap_options_leave_the_mask(store, tmp_path, capsys, flags, message):
     out = tmp_path / "m.npz"

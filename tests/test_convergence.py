@@ -147,6 +147,9 @@ def test_refusals(store, tmp_path, capsys):
     err = _refused(["convergence", "lape", "--store", str(store), "--out", str(tmp_path / "o"), "--top-rate", "2"],
                    capsys)
     assert "--top-rate must lie in [0, 1]" in err
+    err = _refused(["convergence", "lape", "--store", str(store), "--out", str(tmp_path / "o"), "--points", "1"],
+                   capsys)
+    assert "--points must be 2 or more" in err
     assert not (tmp_path / "o").exists()
 
 
@@ -241,3 +244,35 @@ def test_report_every_on_ray(store, tmp_path, capsys):
     lines = _partial_lines(capsys.readouterr().out)
     assert lines and all(d >= 3 * (k // len(GROUPS) + 1) for k, (d, *_) in enumerate(lines))
     assert_same_totals(tmp_path / "R", store)
+
+
+# -- methods that read every store group ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def hist_store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("convergence-hist") / "S"
+    assert main([*HARVEST, "--stats", "active,hist", "--hist-edges", "-1:2:6", "--store", str(path)]) == 0
+    return path
+
+
+def test_a_pooled_percentile_grows_every_group(hist_store, tmp_path):
+    """act-prob-90p's pooled percentile is over every store group (en too, though --langs leaves it out):
+    each prefix pools every group's first shards, as the final point pools every group's totals."""
+    points, rate = 3, 0.05
+    out = tmp_path / "o"
+    assert main(["convergence", "act-prob-90p", "--store", str(hist_store), "--out", str(out), "--langs", "de,fr",
+                 "--rate", str(rate), "--points", str(points), "--no-progress"]) == 0
+    root = zarr.open_group(str(hist_store), mode="r")
+    done, tokens, hist = root["shards/done"], root["shards/tokens"], root["shards/hist"]
+    rows = [i for i in range(done.shape[0]) if i % SHARDS_PER_STREAM < 64 and done[i] == 1]
+    per_group = [[i for i in rows if tokens[i][g] > 0] for g in range(len(GROUPS))]
+    count = min(points, max(len(per_group[1]), len(per_group[2])))
+    masks = []
+    for j in range(1, count + 1):
+        taken = [p[:math.ceil(j * len(p) / count)] for p in per_group]
+        summed_hist = [sum(np.asarray(hist[i, g], np.int64) for i in taken[g]) for g in range(len(GROUPS))]
+        n = [sum(int(tokens[i][g]) for i in taken[g]) for g in (1, 2)]
+        score = ref.act_prob_90p(np.stack(summed_hist[1:]), n, pool=sum(summed_hist))
+        masks.append(flat_sets(ref.act_prob_90p_mask(score, rate), score.shape[1]))
+    got = read_csv(out / "convergence.csv")[1:]
+    want = [[str(len(m[k])), repr(jaccard(m[k], masks[-1][k]))] for m in masks for k in range(2)]
+    assert [r[4:6] for r in got] == want
