@@ -368,7 +368,18 @@ class DlnOptions(MethodOptions):
         return [f"tau {e['tau']:.6g} (the {e['rank']}-th smallest of {e['n']} pairwise overlaps, pct {mask.params['pct']:g}): "
                 f"{e['sln_total']} single-language neurons (SLN), {e['mln_total']} multi-language (MLN)",
                 "SLN: " + ", ".join(f"{k} {v}" for k, v in e["sln"].items()) + "; MLN: "
-                + ", ".join(f"{k} {v}" for k, v in e["mln"].items())]
+                + ", ".join(f"{k} {v}" for k, v in e["mln"].items()), *_even_splits(mask)]
+
+
+def _even_splits(mask) -> list[str]:
+    """A note on neurons whose best split halves an even number of languages: neither side is the smaller,
+    and (as in the study's code) they are listed under the side holding the first language only."""
+    K, even = len(mask.languages), mask.extra.get("even", 0)
+    if not even:
+        return []
+    return [f"lsn: note: {even} selected neuron(s) split the {K} languages evenly ({K // 2} against {K // 2}); as "
+            f"in the study's code they are listed under the side with {mask.languages[0]} (the first of --langs) "
+            "only, so the other side's languages get none of them; the mask's extra['sides'] counts each split"]
 
 
 def _dln_notes(counts) -> None:
@@ -572,7 +583,7 @@ def _write(args, mask) -> None:
     path = mask.save(args.out)
     print(f"wrote {path}: {mask.method}, {_describe(mask)}")
     for line in args.summary(mask):
-        print(line)
+        print(line, file=sys.stderr if line.startswith("lsn: ") else sys.stdout)
     if mask.bootstrap is not None:
         from analysis.bootstrap import summary
 

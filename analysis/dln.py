@@ -135,15 +135,17 @@ def dln(hist, pct: float = DEFAULT_PCT) -> dict:
 
 
 def populations(result: dict, names: list[str]) -> dict:
-    """SLN and MLN counts per language, their totals, and the count of each side ``A`` (``de+fr``), from
+    """SLN and MLN counts per language, their totals, the count of each side ``A`` (``de+fr``), and of the
+    neurons whose split halves an even number of languages (``even``: listed under language 0's side), from
     :func:`dln`'s result."""
     parts = result["parts"]
     out = {"sln": {name: 0 for name in names}, "mln": {name: 0 for name in names}, "sln_total": 0, "mln_total": 0,
-           "sides": {}}
+           "sides": {}, "even": 0}
     for p, count in zip(*np.unique(result["side"], return_counts=True)):
         A, kind = parts[int(p)][0], "sln" if len(parts[int(p)][0]) == 1 else "mln"
         for k in A:
             out[kind][names[k]] += int(count)
         out[f"{kind}_total"] += int(count)
+        out["even"] += int(count) if 2 * len(A) == len(names) else 0  # neither side the smaller
         out["sides"]["+".join(names[k] for k in A)] = int(count)
     return out

@@ -121,7 +121,7 @@ def test_flat_and_disjoint_neurons():
     assert high["tau"] == 1.0 and as_sides(high) == {0: (0,), 1: (0,)}
     assert dln.populations(high, list("abcd")) == {"sln": {"a": 2, "b": 0, "c": 0, "d": 0},
                                                   "mln": {"a": 0, "b": 0, "c": 0, "d": 0}, "sln_total": 2,
-                                                  "mln_total": 0, "sides": {"a": 2}}
+                                                  "mln_total": 0, "sides": {"a": 2}, "even": 0}
 
 
 def test_populations_count_sln_and_mln():
@@ -193,6 +193,22 @@ def test_cli_default_languages_and_pct(store, tmp_path, capsys):
     want, tau = ref_dln(xr.open_zarr(store)["hist"].values, 1.0)
     assert mask.languages == ["en", "de", "zh", "ru"] and mask.params["pct"] == 1.0 and mask.extra["tau"] == tau
     assert sum(mask.extra["sides"].values()) == len(want)
+
+
+def test_even_splits_are_said(store, tmp_path, capsys):
+    """Two languages: every split is 1 against 1 and lists its neuron under the first language only;
+    lsn says so, with the count, and records it."""
+    out = tmp_path / "d.npz"
+    assert main(["analyze", "dln", "--store", str(store), "--out", str(out), "--langs", "de,zh", "--pct", "10"]) == 0
+    err = capsys.readouterr().err
+    mask = Mask.load(out)
+    want, _ = ref_dln(xr.open_zarr(store)["hist"].sel(group=["de", "zh"]).values, 10.0)
+    assert mask.extra["even"] == len(want) > 0 and mask.selected[1].size == 0
+    assert (f"lsn: note: {len(want)} selected neuron(s) split the 2 languages evenly (1 against 1); as in the "
+            "study's code they are listed under the side with de (the first of --langs) only") in err
+    assert main(["analyze", "dln", "--store", str(store), "--out", str(out), "--langs", "de,zh,ru",
+                 "--pct", "10"]) == 0
+    assert "evenly" not in capsys.readouterr().err and Mask.load(out).extra["even"] == 0
 
 
 @pytest.mark.parametrize("args,message", [
