@@ -123,15 +123,15 @@ def partial_counts(path: str, langs: list[str] | None = None, by: str | None = N
     return weighted(counts, plan, plan.ones())
 
 
-class _Row:
-    """One shard's row of one group, ``[L, I(, B)]``, read chunk by chunk (Dask's ``from_array``)."""
-
-    def __init__(self, array, shard: int, group: int):
-        self.array, self.shard, self.group = array, shard, group
-        self.shape, self.dtype, self.ndim = array.shape[2:], array.dtype, array.ndim - 2
-
-    def __getitem__(self, key):
-        return self.array[(self.shard, self.group, *key)]
+def _summed_block(block, array=None, terms=(), block_info=None):
+    """One chunk of :func:`weighted_rows`: the chunk's slice of every ``(shard, group, weight)`` row of
+    ``array``, summed in the order of ``terms`` (``block`` only gives its shape and dtype)."""
+    where = tuple(slice(lo, hi) for lo, hi in block_info[None]["array-location"])
+    total = np.zeros(block.shape, block.dtype)
+    for shard, group, weight in terms:
+        row = np.asarray(array[(shard, group, *where)]).astype(block.dtype, copy=False)
+        total += row if weight == 1 else row * weight
+    return total
 
 
 def _shard_array(path: str, name: str):
@@ -147,27 +147,21 @@ def _shard_array(path: str, name: str):
 
 def weighted_rows(path: str, name: str, plan: ShardPlan, weights: np.ndarray, groups: list[int]):
     """Dask ``[L, I(, B)]``: the rows of statistic ``name`` of the store groups ``groups``, each shard
-    ``s`` counted ``weights[s, g]`` times, summed in plan order (group by group, as the reduce does)."""
+    ``s`` counted ``weights[s, g]`` times, summed in plan order (group by group, as the reduce does;
+    integer rows in int64). One task per chunk reads its slice of every row: the graph does not grow
+    with the shards."""
     import dask.array as da
+    from dask.base import tokenize
 
     array = _shard_array(path, name)
-    chunks = array.chunks[2:]
-    total = None
-    for g in groups:
-        for s in plan.rows(g):
-            w = int(weights[s, g])
-            if w == 0:
-                continue
-            index = int(plan.indices[s])
-            row = da.from_array(_Row(array, index, g), chunks=chunks, name=f"shard-{name}-{index}-{g}-{path}",
-                                asarray=True, lock=False, meta=np.empty((0,) * (array.ndim - 2), array.dtype))
-            row = row.astype(np.int64) if row.dtype.kind in "iu" else row
-            term = row if w == 1 else row * w
-            total = term if total is None else total + term
-    if total is None:
-        return da.zeros(array.shape[2:], dtype=np.int64 if array.dtype.kind in "iu" else array.dtype,
-                        chunks=chunks)
-    return total
+    terms = tuple((int(plan.indices[s]), int(g), int(weights[s, g])) for g in groups for s in plan.rows(g)
+                  if weights[s, g])
+    dtype = np.dtype(np.int64) if array.dtype.kind in "iu" else array.dtype
+    zeros = da.zeros(array.shape[2:], dtype=dtype, chunks=array.chunks[2:])
+    if not terms:
+        return zeros
+    return zeros.map_blocks(_summed_block, array=array, terms=terms, dtype=dtype,
+                            name=f"shards-{name}-{tokenize(path, terms)}")
 
 
 def check_recomputable(counts) -> None:
