@@ -26,10 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +36,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import fresh  # noqa: E402  (beside this file)
 
 GIB = 1 << 30
 LIMIT_GIB = 8.0
@@ -188,19 +189,13 @@ def child(method: str, store: str, work: str) -> None:
     start = time.perf_counter()
     result = run_method(method, store, work) if method != "compare" else compare(store, work)
     result["seconds"] = time.perf_counter() - start
-    result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # KiB on Linux
-    print("RESULT " + json.dumps(result), flush=True)
+    result["peak_rss_gib"] = fresh.peak_rss_gib()
+    fresh.report(result)
 
 
 def in_child(method: str, store: str, work: str) -> dict:
     """Run one method in a fresh interpreter; its last ``RESULT`` line, parsed."""
-    cmd = [sys.executable, __file__, "--child", method, "--store", store, "--work", work]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout + proc.stderr)
-        return {"error": f"exit {proc.returncode}: {(proc.stderr.strip().splitlines() or [''])[-1]}"}
-    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    return fresh.run(__file__, "--child", method, "--store", store, "--work", work, check=False)[0]
 
 
 # -- LAPE in memory, with torch (the cross-check) ----------------------------------------------
@@ -277,13 +272,9 @@ def ensure_store(path: str, L: int, I: int, K: int, seed: int, hist: bool, work:
     free = shutil.disk_usage(Path(path).parent if Path(path).parent.exists() else work).free / GIB
     if free < raw_gib(L, I, K, hist) + 2:
         raise SystemExit(f"{path}: needs up to {raw_gib(L, I, K, hist):.1f} GiB, {free:.1f} GiB free")
-    cmd = [sys.executable, __file__, "--write", path, "--layers", str(L), "--width", str(I),
-           "--groups", str(K), "--seed", str(seed)] + (["--hist"] if hist else [])
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(proc.stdout + proc.stderr)
-    info = json.loads([x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1][len("RESULT "):])
+    info, _ = fresh.run(__file__, "--write", path, "--layers", L, "--width", I, "--groups", K, "--seed", seed,
+                        *(["--hist"] if hist else []))
     info["seconds"] = time.perf_counter() - start
     info["disk_gib"] = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / GIB
     print(f"wrote {path}: {L} x {I} x {K}{' + hist' if hist else ''}, {info['seconds']:.1f} s, "
@@ -342,8 +333,7 @@ def main() -> None:
         return child(args.child, args.store, args.work)
     if args.write:
         write_store(args.write, args.layers, args.width, args.groups, args.seed, args.hist)
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
-        return print("RESULT " + json.dumps({"peak_rss_gib": rss}))
+        return fresh.report({"peak_rss_gib": fresh.peak_rss_gib()})
 
     wanted = args.methods.split(",")
     work = tempfile.mkdtemp(prefix="analysis_scale-", dir=os.environ.get("TMPDIR", "/tmp"))

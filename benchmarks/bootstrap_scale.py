@@ -20,11 +20,8 @@ store, the full-data mask, the resamples), checked against the 1 GiB target. The
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +31,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
+
+import fresh  # noqa: E402  (beside this file)
 
 GIB = 1 << 30
 LIMIT_GIB = 1.0
@@ -64,16 +63,13 @@ def child(store: str, out: str, resamples: int) -> None:
     start = time.perf_counter()
     flags = ["--bootstrap", str(resamples), "--no-progress"] if resamples else []
     code = main(["analyze", "lape", "--store", store, "--out", out, *flags])
-    print("RESULT " + json.dumps({"code": code, "seconds": time.perf_counter() - start,
-                                  "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB}))
+    fresh.report({"code": code, "seconds": time.perf_counter() - start, "peak_rss_gib": fresh.peak_rss_gib()})
 
 
 def in_child(*args: str) -> dict:
-    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(proc.stdout + proc.stderr)
-    sys.stdout.write("".join(f"  {line}\n" for line in proc.stdout.splitlines() if not line.startswith("RESULT ")))
-    return json.loads([x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1][len("RESULT "):])
+    result, lines = fresh.run(__file__, *args)
+    sys.stdout.write("".join(f"  {line}\n" for line in lines))
+    return result
 
 
 def main() -> None:
@@ -92,8 +88,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.write:
         write_store(args.write, args.layers, args.width, args.groups, args.shards, args.seed)
-        return print("RESULT " + json.dumps({"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                                             * 1024 / GIB}))
+        return fresh.report({"peak_rss_gib": fresh.peak_rss_gib()})
     if args.child:
         return child(args.child, args.out, args.resamples)
 

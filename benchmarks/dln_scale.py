@@ -21,11 +21,9 @@ histograms, the split and threshold, writing the mask) and CPU time (user + syst
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +33,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import fresh  # noqa: E402  (beside this file)
 
 GIB = 1 << 30
 TOKENS = 1_000_000
@@ -99,17 +99,8 @@ def child(store: str, out: str, pct: float) -> None:
     code = main(["analyze", "dln", "--store", store, "--out", out, "--pct", str(pct)])
     seconds = time.perf_counter() - start
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    print("RESULT " + json.dumps({"code": code, "seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime,
-                                  "peak_rss_gib": usage.ru_maxrss * 1024 / GIB}), flush=True)  # KiB on Linux
-
-
-def run(cmd: list[str]) -> tuple[dict, str]:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(proc.stdout + proc.stderr)
-    lines = proc.stdout.splitlines()
-    result = json.loads([x for x in lines if x.startswith("RESULT ")][-1][len("RESULT "):])
-    return result, "\n".join(x for x in lines if not x.startswith("RESULT "))
+    fresh.report({"code": code, "seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime,
+                  "peak_rss_gib": fresh.peak_rss_gib()})
 
 
 def main() -> None:
@@ -130,26 +121,25 @@ def main() -> None:
         return child(args.store, args.out, args.pct)
     if args.write:
         write_store(args.store, args.layers, args.width, args.langs, args.bins, args.seed)
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
-        return print("RESULT " + json.dumps({"peak_rss_gib": rss}))
+        return fresh.report({"peak_rss_gib": fresh.peak_rss_gib()})
 
     L, I, K, B = args.layers, args.width, args.langs, args.bins
     work = tempfile.mkdtemp(prefix="dln_scale-", dir=os.environ.get("TMPDIR", "/tmp"))
     store = args.store or str(Path(work) / "store")
     made = not Path(store).exists()
-    me = [sys.executable, __file__, "--store", store]
+    me = [__file__, "--store", store]
     print(f"machine: {os.cpu_count()} cores; {K} languages x {L} layers x {I} neurons x {B} bins "
           f"(hist int64, {K * L * I * B * 8 / GIB:.2f} GiB raw)", flush=True)
     try:
         if made:
             start = time.perf_counter()
-            info, _ = run(me + ["--write", "--layers", str(L), "--width", str(I), "--langs", str(K), "--bins", str(B),
-                                "--seed", str(args.seed)])
+            info, _ = fresh.run(*me, "--write", "--layers", L, "--width", I, "--langs", K, "--bins", B,
+                                "--seed", args.seed)
             disk = sum(f.stat().st_size for f in Path(store).rglob("*") if f.is_file()) / GIB
             print(f"wrote {store}: {time.perf_counter() - start:.1f} s, {disk:.2f} GiB on disk, "
                   f"writer peak RSS {info['peak_rss_gib']:.2f} GiB", flush=True)
-        result, printed = run(me + ["--child", "--out", str(Path(work) / "dln.npz"), "--pct", str(args.pct)])
-        print(printed, flush=True)
+        result, printed = fresh.run(*me, "--child", "--out", str(Path(work) / "dln.npz"), "--pct", str(args.pct))
+        print("\n".join(printed), flush=True)
         print(f"dln: {result['seconds']:.1f} s ({result['cpu_seconds']:.1f} s CPU), {result['peak_rss_gib']:.2f} GiB "
               f"peak RSS, load average "
               f"{os.getloadavg()[0]:.2f} ({K} x {L} x {I} x {B}, pct {args.pct:g})", flush=True)

@@ -20,12 +20,9 @@ cumulative). Peak RSS is checked against 2 GiB. The last line:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +30,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
+
+import fresh  # noqa: E402  (beside this file)
 
 GIB = 1 << 30
 LIMIT_GIB = 2.0
@@ -69,7 +68,7 @@ def measure(store: str) -> dict:
     stats = pstats.Stats(profile).stats
     steps = {fn: v[3] for (file, _, fn), v in stats.items()  # verify's own functions, by cumulative time
              if file.endswith("harvester/verify.py") and fn not in ("verify", "inspect") and not fn.startswith("<") and v[3] > 0.01 * seconds}
-    return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
+    return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss_gib": fresh.peak_rss_gib(),
             "chunks": int(re.search(r"(\d+) chunks", checked).group(1)), "read_gb": (_rchar() - rchar) / 1e9,
             "problems": problems, "checked": checked, "steps": steps}
 
@@ -80,10 +79,7 @@ def _rchar() -> int:
 
 
 def in_child(*args: str) -> dict:
-    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(proc.stdout + proc.stderr)
-    return json.loads([x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1][len("RESULT "):])
+    return fresh.run(__file__, *args)[0]
 
 
 def main() -> None:
@@ -99,10 +95,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.write:
         write_store(args.write, args.layers, args.width, args.groups, args.seed)
-        return print("RESULT " + json.dumps({"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                                             * 1024 / GIB}))
+        return fresh.report({"peak_rss_gib": fresh.peak_rss_gib()})
     if args.child:
-        return print("RESULT " + json.dumps(measure(args.child)))
+        return fresh.report(measure(args.child))
 
     work = tempfile.mkdtemp(prefix="verify_cost-", dir=os.environ.get("TMPDIR", "/tmp"))
     store = args.store or str(Path(work) / "store")
