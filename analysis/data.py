@@ -96,12 +96,7 @@ class Counts:
         if self.shards is not None:
             import dask.array as da
 
-            from analysis.shards import weighted_rows
-
-            if name not in self.dataset:
-                _stack(self.dataset, name, self.index)  # the one-line error for a statistic not harvested
-            plan, weights = self.shards
-            return da.stack([weighted_rows(self.store, name, plan, weights, idx) for idx in self.index])
+            return da.stack([self._weighted(name, idx) for idx in self.index])
         return _stack(self.dataset, name, self.index)
 
     def pooled(self, name: str):
@@ -109,15 +104,17 @@ class Counts:
         are (act-prob-90p's pooled percentile); recomputed counts sum their weighted rows of every group,
         so a resample never mixes the store's totals into its own counts."""
         if self.shards is not None:
-            from analysis.shards import weighted_rows
-
-            if name not in self.dataset:
-                _stack(self.dataset, name, self.index)
-            plan, weights = self.shards
-            return weighted_rows(self.store, name, plan, weights, list(range(plan.tokens.shape[1])))
-        if name not in self.dataset:
-            _stack(self.dataset, name, self.index)
+            return self._weighted(name, list(range(self.shards[0].tokens.shape[1])))
+        _require(self.dataset, name)
         return self.dataset[name].data.sum(axis=0)
+
+    def _weighted(self, name: str, groups: list[int]):
+        """Statistic ``name`` of the store groups ``groups``, summed from their weighted shard rows."""
+        from analysis.shards import weighted_rows
+
+        _require(self.dataset, name)
+        plan, weights = self.shards
+        return weighted_rows(self.store, name, plan, weights, groups)
 
 
 BY = ("language", "direction", "group")
@@ -268,11 +265,16 @@ def _response_only(store, attrs, ds, groups: list[str], langs: list[str] | None)
                   [[position[g] for g in b] for b in behind], subtracted)
 
 
+def _require(ds, name: str) -> None:
+    """The one-line error for a statistic the store was not harvested with."""
+    if name not in ds:
+        raise HarvestError(f"the store has no '{name}' statistic; harvest with --stats including it")
+
+
 def _stack(ds, name: str, index: list[list[int]]):
     import dask.array as da
 
-    if name not in ds:
-        raise HarvestError(f"the store has no '{name}' statistic; harvest with --stats including it")
+    _require(ds, name)
     data = ds[name].data
     rows = []
     for idx in index:

@@ -52,14 +52,12 @@ def _finished(path: str) -> list[int]:
     """Indices of the shards whose ``done`` chunk says 1 (listing the chunk files: the dimension has
     room for far more shards than are written)."""
     from harvester import fs
-    from harvester.checked import checked
-    from harvester.store import _zarr, zarr_store
 
     fsys, root = fs.filesystem(path)
     prefix = f"{root.rstrip('/')}/shards/done/c"
     names = [f.rpartition("/")[2] for f in (fsys.find(prefix) if fsys.exists(prefix) else [])]
     listed = sorted(int(n) for n in names if n.isdigit())
-    done = _zarr().open_array(store=checked(zarr_store(path, read_only=True), path), path="shards/done", mode="r")
+    done = _shard_array(path, "done")
     return [i for i in listed if int(done[i]) == 1]
 
 
@@ -94,11 +92,7 @@ def shard_plan(path: str, attrs, what: str = "resampling or growing the shards")
 
 def _plan(path: str, indices: list[int], n_groups: int) -> ShardPlan:
     """The plan of the shards ``indices`` (in that order), their tokens read from the store."""
-    from harvester.checked import checked
-    from harvester.store import _zarr, zarr_store
-
-    array = _zarr().open_array(store=checked(zarr_store(path, read_only=True), path), path="shards/tokens",
-                               mode="r")
+    array = _shard_array(path, "tokens")
     tokens = [np.asarray(array[i], np.int64) for i in indices]
     return ShardPlan(np.asarray(indices, np.int64),
                      np.stack(tokens) if tokens else np.zeros((0, n_groups), np.int64))
@@ -135,6 +129,7 @@ def _summed_block(block, array=None, terms=(), block_info=None):
 
 
 def _shard_array(path: str, name: str):
+    """The store's array ``shards/<name>``, every chunk read checked."""
     from harvester.checked import checked
     from harvester.store import _zarr, zarr_store
 
